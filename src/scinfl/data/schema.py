@@ -1,0 +1,220 @@
+"""The federation schema: which features, in which order, and which label categories.
+
+Agreed from metadata only (var names, category names), never from expression values, so building it
+reveals nothing a site would not publish in a data dictionary.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+__all__ = ["FederationSchema", "SiteFields", "build_schema", "feature_source", "site_fields"]
+
+Join = Literal["inner", "outer"]
+
+
+@dataclass(frozen=True)
+class SiteFields:
+    """Where one site's features and labels live in its AnnData."""
+
+    label_key: str | None = None
+    layer: str | None = None
+    use_raw: bool = False
+
+
+def site_fields(
+    adata: AnnData,
+    site: str,
+    *,
+    label_key: str | None = None,
+    layer: str | None = None,
+    use_raw: bool | None = None,
+    registration_key: str = "scinfl",
+) -> SiteFields:
+    """Explicit arguments, else the site's registration (``pp.register_site``), else the defaults."""
+    registered = adata.uns.get(registration_key, {}).get("registration", {})
+    fields = SiteFields(
+        label_key=label_key if label_key is not None else registered.get("label_key"),
+        layer=layer if layer is not None else registered.get("layer"),
+        use_raw=bool(use_raw if use_raw is not None else registered.get("use_raw", False)),
+    )
+    if fields.use_raw and fields.layer is not None:
+        raise ValueError(f"Site {site!r}: use either layer={fields.layer!r} or use_raw=True, not both.")
+    if fields.use_raw and adata.raw is None:
+        raise ValueError(f"Site {site!r}: use_raw=True but the AnnData has no .raw.")
+    if fields.layer is not None and fields.layer not in adata.layers:
+        raise ValueError(
+            f"Site {site!r}: layer {fields.layer!r} not found; its layers are {list(adata.layers) or 'none'}."
+        )
+    if fields.label_key is not None and fields.label_key not in adata.obs:
+        raise ValueError(
+            f"Site {site!r}: label column {fields.label_key!r} is missing from .obs "
+            f"(columns: {', '.join(map(str, adata.obs.columns)) or 'none'})."
+        )
+    return fields
+
+
+def feature_source(adata: AnnData, fields: SiteFields):
+    """The matrix and the feature names that ``fields`` point at (``.X``, a layer, or ``.raw``)."""
+    if fields.use_raw:
+        return adata.raw.X, adata.raw.var_names
+    if fields.layer is not None:
+        return adata.layers[fields.layer], adata.var_names
+    return adata.X, adata.var_names
+
+
+@dataclass(frozen=True)
+class FederationSchema:
+    """What every site's data is aligned to: feature order, label categories, and where they came from."""
+
+    var_names: tuple[str, ...]
+    categories: tuple[str, ...]
+    label_key: str | None
+    layer: str | None
+    use_raw: bool
+    join: Join
+
+    @property
+    def n_features(self) -> int:
+        return len(self.var_names)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.categories)
+
+    @property
+    def fields(self) -> SiteFields:
+        return SiteFields(label_key=self.label_key, layer=self.layer, use_raw=self.use_raw)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["var_names"] = list(self.var_names)
+        out["categories"] = list(self.categories)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FederationSchema:
+        return cls(
+            var_names=tuple(str(v) for v in data["var_names"]),
+            categories=tuple(str(c) for c in data["categories"]),
+            label_key=data.get("label_key"),
+            layer=data.get("layer"),
+            use_raw=bool(data.get("use_raw", False)),
+            join=data.get("join", "inner"),
+        )
+
+
+def _site_categories(adata: AnnData, site: str, label_key: str) -> list[str]:
+    labels = adata.obs[label_key]
+    n_missing = int(labels.isna().sum())
+    if n_missing:
+        raise ValueError(
+            f"Site {site!r}: {n_missing} cells have no value in label column {label_key!r}; "
+            "label them or subset them away before training."
+        )
+    if isinstance(labels.dtype, pd.CategoricalDtype):
+        return [str(c) for c in labels.cat.categories]
+    return sorted({str(v) for v in labels.unique()})
+
+
+def build_schema(
+    sites: Mapping[str, AnnData],
+    fields: Mapping[str, SiteFields],
+    *,
+    join: Join = "inner",
+) -> FederationSchema:
+    """Agree a schema from the sites' var names and label categories.
+
+    Parameters
+    ----------
+    sites
+        Site name -> AnnData.
+    fields
+        Site name -> where its features and labels live (see :func:`site_fields`); the same label column,
+        layer and raw choice must be used by every site.
+    join
+        ``"inner"``: the features every site has (in the first site's order); ``"outer"``: all features,
+        zero-filled where a site lacks them.
+    """
+    if join not in ("inner", "outer"):
+        raise ValueError(f"join must be 'inner' or 'outer', got {join!r}.")
+    if not sites:
+        raise ValueError("No sites given.")
+    distinct = {(f.label_key, f.layer, f.use_raw) for f in fields.values()}
+    if len(distinct) > 1:
+        detail = "; ".join(f"{s}: {f}" for s, f in fields.items())
+        raise ValueError(f"Sites disagree on the label column, layer or use_raw: {detail}.")
+    first = next(iter(fields.values()))
+
+    ordered: list[str] = []
+    seen: set[str] = set()
+    shared: set[str] | None = None
+    for site, adata in sites.items():
+        names = pd.Index(feature_source(adata, fields[site])[1]).astype(str)
+        if names.has_duplicates:
+            dup = names[names.duplicated()].unique()[:5].tolist()
+            raise ValueError(
+                f"Site {site!r}: duplicate feature names ({', '.join(dup)}, ...) make alignment ambiguous; "
+                "call .var_names_make_unique() first."
+            )
+        shared = set(names) if shared is None else shared & set(names)
+        for name in names:
+            if name not in seen:
+                seen.add(name)
+                ordered.append(name)
+    if join == "inner":
+        var_names = [v for v in ordered if v in shared]
+        if not var_names:
+            raise ValueError(
+                "The sites share no feature names: check that they use the same gene identifiers "
+                "(symbols vs Ensembl IDs), or use join='outer'."
+            )
+        n_dropped = len(ordered) - len(var_names)
+        if n_dropped:
+            warnings.warn(
+                f"{n_dropped} features are not held by every site and are left out (join='inner'); "
+                f"{len(var_names)} shared features remain.",
+                UserWarning,
+                stacklevel=3,
+            )
+    else:
+        var_names = ordered
+
+    categories: list[str] = []
+    if first.label_key is not None:
+        union: set[str] = set()
+        for site, adata in sites.items():
+            union.update(_site_categories(adata, site, first.label_key))
+        categories = sorted(union)
+    return FederationSchema(
+        var_names=tuple(var_names),
+        categories=tuple(categories),
+        label_key=first.label_key,
+        layer=first.layer,
+        use_raw=first.use_raw,
+        join=join,
+    )
+
+
+def label_codes(adata: AnnData, schema: FederationSchema, site: str) -> np.ndarray:
+    """The label of every cell as its index in ``schema.categories``."""
+    if schema.label_key is None or schema.label_key not in adata.obs:
+        raise ValueError(f"Site {site!r}: label column {schema.label_key!r} is missing from .obs.")
+    labels = adata.obs[schema.label_key]
+    if labels.isna().any():
+        raise ValueError(f"Site {site!r}: {int(labels.isna().sum())} cells have no label in {schema.label_key!r}.")
+    codes = pd.Categorical(labels.astype(str), categories=list(schema.categories)).codes
+    if (codes < 0).any():
+        unknown = sorted(set(labels.astype(str)) - set(schema.categories))[:5]
+        raise ValueError(
+            f"Site {site!r}: labels {unknown} are not among the model's categories "
+            f"({', '.join(schema.categories)})."
+        )
+    return codes.astype(np.int64)

@@ -1,0 +1,148 @@
+"""Federation rounds, run in-process (``engine="local"``).
+
+The engine sees sites only through :class:`Site`: fit on global weights and return weights, a cell count
+and a key fingerprint; evaluate global weights. It knows nothing of tasks or keys beyond the fingerprint.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import pandas as pd
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..train import LocalFitResult, copy_state
+from .fedavg import fedavg
+
+__all__ = ["FederationResult", "KeyVersionError", "Site", "aggregate", "run_local", "sample_sites", "site_seed"]
+
+logger = logging.getLogger("scinfl")
+
+
+class KeyVersionError(RuntimeError):
+    """No update of a round was made under the federation's key version."""
+
+
+class Site(Protocol):
+    name: str
+
+    @property
+    def n_train(self) -> int: ...
+
+    def fit(self, global_state: Mapping[str, Tensor], *, seed: int) -> LocalFitResult: ...
+
+    def evaluate(self, global_state: Mapping[str, Tensor]) -> dict[str, float]: ...
+
+
+@dataclass
+class FederationResult:
+    """The selected global weights, the final ones, and the per-round, per-site history."""
+
+    best_state: dict[str, Tensor]
+    final_state: dict[str, Tensor]
+    best_round: int
+    history: pd.DataFrame
+
+
+def site_seed(seed: int, round_index: int, site_index: int) -> int:
+    """An independent seed for one site's local fit in one round."""
+    return int(np.random.SeedSequence([seed, round_index, site_index]).generate_state(1)[0])
+
+
+def sample_sites(names: list[str], fraction: float, rng: np.random.Generator) -> list[str]:
+    """The sites that train this round: ``max(1, round(fraction * n))`` of them, in their given order."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}.")
+    n = max(1, round(fraction * len(names)))
+    chosen = set(rng.choice(len(names), size=n, replace=False).tolist())
+    return [name for i, name in enumerate(names) if i in chosen]
+
+
+def aggregate(
+    updates: Mapping[str, LocalFitResult], expected_fingerprint: str | None, round_index: int
+) -> tuple[dict[str, Tensor], list[str]]:
+    """FedAvg of the updates made under the expected key version; returns it and the rejected sites."""
+    accepted = {s: u for s, u in updates.items() if u.key_fingerprint == expected_fingerprint}
+    rejected = [s for s in updates if s not in accepted]
+    for site in rejected:
+        logger.warning(
+            "Round %d: rejected the update of site %r, made under key version %s instead of %s.",
+            round_index,
+            site,
+            updates[site].key_fingerprint,
+            expected_fingerprint,
+        )
+    if not accepted:
+        raise KeyVersionError(
+            f"Round {round_index}: no site sent an update under key version {expected_fingerprint}; "
+            f"rejected: {', '.join(rejected)}."
+        )
+    state = fedavg([u.state for u in accepted.values()], [u.n_obs for u in accepted.values()])
+    return state, rejected
+
+
+def _selection_loss(evaluations: Mapping[str, dict[str, float]]) -> float:
+    n = sum(e.get("n", 0.0) for e in evaluations.values())
+    if n == 0:
+        return float("nan")
+    return sum(e["loss"] * e["n"] for e in evaluations.values() if e.get("n", 0.0) > 0) / n
+
+
+def run_local(
+    sites: Mapping[str, Site],
+    initial_state: Mapping[str, Tensor],
+    *,
+    rounds: int,
+    fraction: float = 1.0,
+    seed: int = 0,
+    expected_fingerprint: str | None,
+    progress: bool = True,
+) -> FederationResult:
+    """Run ``rounds`` rounds of FedAvg in this process.
+
+    Each round samples sites, fits them locally from the global weights, rejects updates made under
+    another key version, averages the rest weighted by training cell count, and evaluates the new global
+    weights on every site's validation cells. The returned ``best_state`` is the round with the lowest
+    validation loss (weighted by validation cells), or the last round where no site has validation cells.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}.")
+    names = list(sites)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xFEDA]))
+    state = copy_state(initial_state)
+    best_state, best_round, best_loss = state, 0, float("inf")
+    rows: list[dict] = []
+    bar = tqdm(range(1, rounds + 1), desc="federated rounds", unit="round", disable=not progress, leave=False)
+    for round_index in bar:
+        chosen = sample_sites(names, fraction, rng)
+        updates = {
+            name: sites[name].fit(state, seed=site_seed(seed, round_index, names.index(name))) for name in chosen
+        }
+        state, rejected = aggregate(updates, expected_fingerprint, round_index)
+        evaluations = {name: sites[name].evaluate(state) for name in names}
+        for name in names:
+            update = updates.get(name)
+            rows.append(
+                {
+                    "round": round_index,
+                    "site": name,
+                    "sampled": update is not None,
+                    "rejected": name in rejected,
+                    "n_train": sites[name].n_train,
+                    "train_loss": update.metrics.get("train_loss", np.nan) if update else np.nan,
+                    **{f"val_{k}" if k != "n" else "n_val": v for k, v in evaluations[name].items()},
+                }
+            )
+        loss = _selection_loss(evaluations)
+        if np.isnan(loss) or loss < best_loss:
+            best_state, best_round, best_loss = state, round_index, (loss if not np.isnan(loss) else best_loss)
+        if progress and not np.isnan(loss):
+            bar.set_postfix(val_loss=f"{loss:.3f}")
+    history = pd.DataFrame(rows)
+    history["n_val"] = history["n_val"].astype(int)
+    return FederationResult(best_state=best_state, final_state=state, best_round=best_round, history=history)

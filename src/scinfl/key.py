@@ -1,0 +1,185 @@
+"""The federation's secret key: generation, derivation, fingerprint, storage.
+
+Every secret quantity a model uses (for ``scheme="infl"``: the 128 coordinates that condition the keyed
+modules) is derived from the 32 key bytes through SHAKE-256 with a domain-separation label, so that two
+uses of the key never share bits and nothing is ever derived from a small integer seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+
+__all__ = ["SCHEMES", "FederationKey", "KeyFileError"]
+
+SCHEMES: Final = ("infl",)
+KEY_BYTES: Final = 32
+_FILE_FORMAT: Final = "scinfl-federation-key"
+_FILE_VERSION: Final = 1
+_DOMAIN: Final = b"scinfl/v1/"
+
+
+class KeyFileError(ValueError):
+    """A key file that cannot be read: missing fields, truncated, corrupt or of an unknown scheme."""
+
+
+class FederationKey:
+    """A consortium's 256-bit secret.
+
+    Only the authorised sites hold it; the server never does. The key itself is never stored on a model,
+    written by :meth:`scinfl.FederatedModel.save`, logged, or sent to the aggregator: what travels is its
+    :attr:`fingerprint`, a short hash that names the key version.
+
+    Parameters
+    ----------
+    secret
+        Exactly 32 bytes. Use :meth:`generate` rather than choosing them.
+    scheme
+        The keyed-module scheme the key conditions. ``"infl"`` reproduces the paper's modules.
+    """
+
+    __slots__ = ("_scheme", "_secret")
+
+    def __init__(self, secret: bytes, *, scheme: str = "infl") -> None:
+        if not isinstance(secret, bytes | bytearray):
+            raise TypeError(f"A FederationKey needs bytes, got {type(secret).__name__}.")
+        if len(secret) != KEY_BYTES:
+            raise ValueError(f"A FederationKey needs exactly {KEY_BYTES} secret bytes, got {len(secret)}.")
+        if scheme not in SCHEMES:
+            raise ValueError(f"Unknown key scheme {scheme!r}; known schemes: {', '.join(SCHEMES)}.")
+        self._secret = bytes(secret)
+        self._scheme = scheme
+
+    @classmethod
+    def generate(cls, *, scheme: str = "infl") -> FederationKey:
+        """Draw a new key from the operating system's cryptographic random source (:mod:`secrets`)."""
+        return cls(secrets.token_bytes(KEY_BYTES), scheme=scheme)
+
+    @property
+    def scheme(self) -> str:
+        """The keyed-module scheme this key is for."""
+        return self._scheme
+
+    @property
+    def fingerprint(self) -> str:
+        """A 16-hex-digit tag of the key version, safe to share and to store with a model."""
+        digest = hashlib.sha256(_DOMAIN + b"fingerprint/" + self._scheme.encode() + b"\x00" + self._secret)
+        return digest.hexdigest()[:16]
+
+    def derive(self, purpose: str, n_bytes: int) -> bytes:
+        """Derive ``n_bytes`` pseudo-random bytes for one named purpose.
+
+        SHAKE-256 over a domain label (package version, scheme, purpose) and the secret: outputs for
+        different purposes are independent, and the same key always gives the same bytes.
+        """
+        if not purpose or "\x00" in purpose:
+            raise ValueError("purpose must be a non-empty string without NUL characters.")
+        label = _DOMAIN + self._scheme.encode() + b"/" + purpose.encode() + b"\x00"
+        return hashlib.shake_256(label + self._secret).digest(n_bytes)
+
+    def uniform(self, purpose: str, shape: tuple[int, ...], *, low: float = -1.0, high: float = 1.0) -> np.ndarray:
+        """Derived numbers, uniform in ``[low, high)``, as float32 (53 bits of derived entropy per value)."""
+        n = int(np.prod(shape))
+        words = np.frombuffer(self.derive(purpose, 8 * n), dtype="<u8") >> np.uint64(11)
+        unit = words.astype(np.float64) / float(2**53)
+        return (low + (high - low) * unit).reshape(shape).astype(np.float32)
+
+    def coordinates(self, n_points: int = 128, dim: int = 2) -> np.ndarray:
+        """The secret coordinates that condition the ``"infl"`` keyed modules: ``(n_points, dim)`` in [-1, 1)."""
+        return self.uniform(f"coordinates/{n_points}x{dim}", (n_points, dim))
+
+    def with_bit_flipped(self, bit: int) -> FederationKey:
+        """A copy with one secret bit flipped (for the privacy audit: a near-miss key)."""
+        if not 0 <= bit < 8 * KEY_BYTES:
+            raise ValueError(f"bit must be in [0, {8 * KEY_BYTES}), got {bit}.")
+        flipped = bytearray(self._secret)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        return FederationKey(bytes(flipped), scheme=self._scheme)
+
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """Write the key to ``path``, readable by the owner only (mode 0600).
+
+        Refuses to replace an existing file unless ``overwrite=True``. The file carries the fingerprint so
+        that :meth:`load` detects corruption.
+        """
+        path = Path(path)
+        payload = {
+            "format": _FILE_FORMAT,
+            "version": _FILE_VERSION,
+            "scheme": self._scheme,
+            "secret": self._secret.hex(),
+            "fingerprint": self.fingerprint,
+        }
+        data = (json.dumps(payload, indent=1) + "\n").encode()
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
+        try:
+            fd = os.open(path, flags, 0o600)
+        except FileExistsError:
+            raise FileExistsError(
+                f"Key file {path} already exists; pass overwrite=True to replace it "
+                "(a replaced key cannot be recovered)."
+            ) from None
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(path, 0o600)  # O_TRUNC keeps an existing file's mode
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, scheme: str | None = None) -> FederationKey:
+        """Read a key written by :meth:`save`.
+
+        Parameters
+        ----------
+        path
+            The key file.
+        scheme
+            If given, the scheme the caller expects; a key of another scheme raises :class:`KeyFileError`.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"No key file at {path}.")
+        try:
+            payload = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise KeyFileError(f"Key file {path} is corrupt or truncated (not a scinfl key file).") from err
+        if not isinstance(payload, dict) or payload.get("format") != _FILE_FORMAT:
+            raise KeyFileError(f"{path} is not a scinfl key file.")
+        if payload.get("version") != _FILE_VERSION:
+            raise KeyFileError(f"Key file {path} has format version {payload.get('version')!r}; expected 1.")
+        file_scheme = payload.get("scheme")
+        if file_scheme not in SCHEMES:
+            raise KeyFileError(f"Key file {path} is for scheme {file_scheme!r}, which this scinfl does not know.")
+        if scheme is not None and file_scheme != scheme:
+            raise KeyFileError(f"Key file {path} holds a {file_scheme!r} key; a {scheme!r} key was expected.")
+        try:
+            secret = bytes.fromhex(payload["secret"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise KeyFileError(f"Key file {path} is corrupt: its secret is missing or not hex.") from err
+        if len(secret) != KEY_BYTES:
+            raise KeyFileError(f"Key file {path} is truncated: {len(secret)} secret bytes instead of {KEY_BYTES}.")
+        key = cls(secret, scheme=file_scheme)
+        if not hmac.compare_digest(key.fingerprint, str(payload.get("fingerprint", ""))):
+            raise KeyFileError(f"Key file {path} is corrupt: its fingerprint does not match its secret.")
+        return key
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, FederationKey):
+            return NotImplemented
+        return self._scheme == other._scheme and hmac.compare_digest(self._secret, other._secret)
+
+    def __hash__(self) -> int:
+        return hash(self.fingerprint)
+
+    def __repr__(self) -> str:
+        return f"FederationKey(scheme={self._scheme!r}, fingerprint={self.fingerprint!r})"
+
+    def __reduce__(self):
+        # Pickling would silently copy the secret into caches, multiprocessing payloads or saved objects.
+        raise TypeError("A FederationKey cannot be pickled; pass its file path and FederationKey.load it.")

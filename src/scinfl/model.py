@@ -1,0 +1,201 @@
+"""The trained federated model: schema + network + history; prediction on new AnnData; save and load."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from .data import AlignedMatrix, FederationSchema, SiteDataset, batch_loader, check_finite, site_fields
+from .key import FederationKey
+from .train import ModelConfig, build_network, get_task, infer, key_coordinates
+
+__all__ = ["FederatedModel", "KeyMismatchError", "Predictions"]
+
+_WEIGHTS = "weights.safetensors"
+_META = "model.json"
+_HISTORY = "history.csv"
+
+
+class KeyMismatchError(ValueError):
+    """The key given is not the version the model was trained under."""
+
+
+@dataclass
+class Predictions:
+    """Model outputs for every cell of an AnnData, in its obs order."""
+
+    probabilities: np.ndarray
+    embedding: np.ndarray
+    categories: tuple[str, ...]
+
+    @property
+    def labels(self) -> pd.Categorical:
+        return pd.Categorical.from_codes(self.probabilities.argmax(axis=1), categories=list(self.categories))
+
+    @property
+    def confidence(self) -> np.ndarray:
+        return self.probabilities.max(axis=1)
+
+
+class FederatedModel:
+    """A model trained by :func:`scinfl.tl.train_federated`.
+
+    It holds the aggregated weights, the federation schema, the architecture and the training history,
+    and the fingerprint of the key it was trained under, but never the key.
+
+    Attributes
+    ----------
+    network
+        The torch network (keyed unless ``config.scheme`` is None).
+    config
+        The architecture (:class:`scinfl.train.ModelConfig`).
+    schema
+        Feature order and label categories every input is aligned to.
+    key_fingerprint
+        Version tag of the key the model needs; None for a plain (keyless) model.
+    history
+        One row per round and site: training loss, validation loss and accuracy.
+    params
+        The training parameters (rounds, sites, seed, ...).
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        config: ModelConfig,
+        schema: FederationSchema,
+        *,
+        key_fingerprint: str | None,
+        history: pd.DataFrame | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> None:
+        self.network = network
+        self.config = config
+        self.schema = schema
+        self.key_fingerprint = key_fingerprint
+        self.history = history if history is not None else pd.DataFrame()
+        self.params = dict(params or {})
+
+    def __repr__(self) -> str:
+        key = f"key {self.key_fingerprint}" if self.key_fingerprint else "no key (plain FedAvg)"
+        return (
+            f"FederatedModel(task={self.config.task!r}, scheme={self.config.scheme!r}, {key}, "
+            f"{self.schema.n_features} features, {self.schema.n_classes} classes)"
+        )
+
+    def check_key(self, key: FederationKey | None) -> None:
+        """Raise :class:`KeyMismatchError` unless ``key`` is the version the model was trained under."""
+        given = None if key is None else key.fingerprint
+        if given != self.key_fingerprint:
+            expected = self.key_fingerprint or "no key"
+            raise KeyMismatchError(
+                f"This model was trained under key {expected}, but key {given or 'None'} was given. "
+                "Use the consortium's key (scinfl.FederationKey.load(path)); the privacy audit passes "
+                "check_key=False to evaluate other keys on purpose."
+            )
+
+    def predict(
+        self,
+        adata: AnnData,
+        *,
+        key: FederationKey | None,
+        check_key: bool = True,
+        batch_size: int = 1024,
+        min_overlap: float = 0.5,
+        site: str = "query",
+    ) -> Predictions:
+        """Class probabilities and embeddings for every cell of ``adata`` (aligned to the schema).
+
+        Features the model knows but ``adata`` lacks are zero-filled with a warning that counts them;
+        below ``min_overlap`` (a fraction of the model's features) it raises instead.
+        """
+        if check_key:
+            self.check_key(key)
+        # A plain model has no keyed modules: a key given with check_key=False changes nothing.
+        coordinates = key_coordinates(key, self.config) if self.config.scheme is not None else None
+        fields = site_fields(adata, site, layer=self.schema.layer, use_raw=self.schema.use_raw)
+        matrix = AlignedMatrix.from_adata(adata, self.schema, fields)
+        overlap = matrix.n_present / self.schema.n_features
+        if overlap < min_overlap:
+            raise ValueError(
+                f"Site {site!r} shares only {matrix.n_present} of the model's {self.schema.n_features} features "
+                f"({overlap:.0%} < min_overlap={min_overlap:.0%}): check the gene identifiers and the layer."
+            )
+        if matrix.n_present < self.schema.n_features:
+            warnings.warn(
+                f"Site {site!r} lacks {self.schema.n_features - matrix.n_present} of the model's "
+                f"{self.schema.n_features} features; they are filled with zeros.",
+                UserWarning,
+                stacklevel=2,
+            )
+        if adata.n_obs == 0:
+            raise ValueError(f"Site {site!r} has no cells.")
+        check_finite(matrix.matrix, site)
+        loader = batch_loader(SiteDataset(matrix, np.arange(adata.n_obs)), batch_size=batch_size, shuffle=False)
+        outputs, embedding = infer(self.network, loader, key_coordinates=coordinates)
+        task = get_task(self.config.task)
+        probabilities = task.probabilities(torch.from_numpy(outputs)).numpy()
+        return Predictions(probabilities=probabilities, embedding=embedding, categories=self.schema.categories)
+
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """Write weights (safetensors), architecture, schema and history to the directory ``path``.
+
+        Nothing derived from the key is written: only the shared weights and the key's fingerprint.
+        """
+        path = Path(path)
+        if path.exists() and any(path.iterdir()) and not overwrite:
+            raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace the model.")
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in self.network.state_dict().items()}
+        save_file(state, path / _WEIGHTS)
+        meta = {
+            "scinfl_version": __version__,
+            "config": self.config.to_dict(),
+            "schema": self.schema.to_dict(),
+            "key_fingerprint": self.key_fingerprint,
+            "params": self.params,
+        }
+        (path / _META).write_text(json.dumps(meta, indent=1, default=_json_default))
+        self.history.to_csv(path / _HISTORY, index=False)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> FederatedModel:
+        """Read a model written by :meth:`save` (no pickle: safetensors and JSON only)."""
+        path = Path(path)
+        for name in (_WEIGHTS, _META):
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"{path} is not a saved scinfl model: {name} is missing.")
+        meta = json.loads((path / _META).read_text())
+        config = ModelConfig.from_dict(meta["config"])
+        network = build_network(config)
+        network.load_state_dict(load_file(path / _WEIGHTS))
+        history = pd.read_csv(path / _HISTORY) if (path / _HISTORY).is_file() else None
+        return cls(
+            network,
+            config,
+            FederationSchema.from_dict(meta["schema"]),
+            key_fingerprint=meta["key_fingerprint"],
+            history=history,
+            params=meta.get("params"),
+        )
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, tuple | set):
+        return list(value)
+    raise TypeError(f"Cannot store {type(value).__name__} in model.json.")

@@ -1,0 +1,16 @@
+"""Pure-torch building blocks: keyed layers, the key encoder, task networks. No AnnData here."""
+
+from .key_encoder import CoordinateKeyEncoder
+from .keyed import KeyedLinear, KeyedNetwork, active_key_vector, keyify, use_key
+from .networks import ResidualBlock, ResidualMLPClassifier
+
+__all__ = [
+    "CoordinateKeyEncoder",
+    "KeyedLinear",
+    "KeyedNetwork",
+    "ResidualBlock",
+    "ResidualMLPClassifier",
+    "active_key_vector",
+    "keyify",
+    "use_key",
+]

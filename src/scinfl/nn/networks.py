@@ -1,0 +1,64 @@
+"""Task networks (pure torch). Each exposes ``features(x)`` (the embedding) and ``head(features)``."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+__all__ = ["ResidualBlock", "ResidualMLPClassifier"]
+
+
+class ResidualBlock(nn.Module):
+    """``BN(x + Linear-BN-ReLU-Dropout-Linear(x))``."""
+
+    def __init__(self, width: int, dropout: float) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Linear(width, width),
+            nn.BatchNorm1d(width),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(width, width),
+        )
+        self.norm = nn.BatchNorm1d(width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(x + self.body(x))
+
+
+class ResidualMLPClassifier(nn.Module):
+    """The paper's classifier: embedding layer, two residual blocks, a narrowing layer, a head.
+
+    The narrowing layer's activations (``hidden // 2`` units) are the cell embedding (``.obsm["X_scinfl"]``).
+
+    Parameters
+    ----------
+    n_features
+        Number of input features (genes or proteins).
+    n_classes
+        Number of label categories.
+    hidden
+        Width of the embedding layer and the residual blocks.
+    dropout
+        Dropout rate in the blocks and before the head.
+    """
+
+    def __init__(self, n_features: int, n_classes: int, *, hidden: int = 256, dropout: float = 0.1) -> None:
+        super().__init__()
+        if hidden < 2:
+            raise ValueError(f"hidden must be at least 2, got {hidden}.")
+        self.embedding = nn.Sequential(nn.Linear(n_features, hidden), nn.ReLU())
+        self.blocks = nn.Sequential(ResidualBlock(hidden, dropout), ResidualBlock(hidden, dropout))
+        self.narrow = nn.Sequential(nn.Linear(hidden, hidden // 2), nn.ReLU())
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(hidden // 2, n_classes)
+
+    def features(self, x: Tensor) -> Tensor:
+        """The embedding: activations of the narrowing layer."""
+        return self.narrow(self.blocks(self.embedding(x)))
+
+    def head(self, features: Tensor) -> Tensor:
+        """Class logits from the embedding."""
+        return self.classifier(self.dropout(features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))

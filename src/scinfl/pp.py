@@ -1,0 +1,117 @@
+"""Prepare sites: register each site's AnnData, split one AnnData into simulated sites or a held-out set."""
+
+from __future__ import annotations
+
+import numpy as np
+from anndata import AnnData
+
+from .data import dirichlet_partition, site_fields, stratified_split
+
+__all__ = ["register_site", "split_holdout", "split_sites"]
+
+
+def register_site(
+    adata: AnnData,
+    *,
+    site: str,
+    label_key: str | None = None,
+    layer: str | None = None,
+    use_raw: bool = False,
+    key_added: str = "scinfl",
+) -> None:
+    """Record which fields of a site's AnnData scinfl uses, after checking that they exist.
+
+    :func:`scinfl.tl.train_federated` reads the registration, so each site can declare its own fields
+    once. Only names are recorded; no data is copied.
+
+    Parameters
+    ----------
+    adata
+        The site's data.
+    site
+        The site's name, used in messages.
+    label_key
+        Column of ``.obs`` with the labels (classification).
+    layer
+        Layer holding the features; None uses ``.X``.
+    use_raw
+        Use ``.raw`` (its ``X`` and ``var_names``) instead of ``.X``.
+    key_added
+        ``.uns`` key under which the registration is written.
+
+    Returns
+    -------
+    None; sets ``adata.uns[key_added]["registration"]`` (``site``, and ``label_key``, ``layer``,
+    ``use_raw`` where given).
+    """
+    fields = site_fields(adata, site, label_key=label_key, layer=layer, use_raw=use_raw)
+    if adata.n_obs == 0:
+        raise ValueError(f"Site {site!r} has no cells.")
+    registration = {"site": site, "use_raw": fields.use_raw}
+    registration |= {k: v for k, v in (("label_key", fields.label_key), ("layer", fields.layer)) if v is not None}
+    adata.uns.setdefault(key_added, {})["registration"] = registration
+
+
+def split_sites(
+    adata: AnnData,
+    *,
+    site_key: str | None = None,
+    n_sites: int | None = None,
+    label_key: str | None = None,
+    alpha: float = 0.5,
+    seed: int = 0,
+    min_cells: int = 2,
+) -> dict[str, AnnData]:
+    """Split one AnnData into simulated sites (new AnnData objects; ``adata`` is unchanged).
+
+    Either by an existing ``.obs`` column (``site_key``, e.g. a batch or donor column), or into
+    ``n_sites`` label-skewed sites: every class of ``label_key`` is spread over the sites with
+    Dirichlet(``alpha``) proportions (smaller ``alpha``, stronger skew), as in federated benchmarks.
+
+    Parameters
+    ----------
+    adata
+        The data to split.
+    site_key
+        ``.obs`` column naming each cell's site.
+    n_sites
+        Number of label-skewed sites (with ``label_key``).
+    label_key
+        ``.obs`` column whose classes are skewed across sites.
+    alpha
+        Dirichlet concentration.
+    seed
+        Random seed of the split.
+    min_cells
+        Minimum cells per label-skewed site.
+
+    Returns
+    -------
+    Site name -> AnnData (``site_0``, ``site_1``, ... for label-skewed splits).
+    """
+    if (site_key is None) == (n_sites is None):
+        raise ValueError("Pass either site_key= (split by an .obs column) or n_sites= (label-skewed split).")
+    if site_key is not None:
+        if site_key not in adata.obs:
+            raise ValueError(f"site_key {site_key!r} is not a column of .obs.")
+        values = adata.obs[site_key].astype(str).to_numpy()
+        return {name: adata[values == name].copy() for name in dict.fromkeys(sorted(set(values)))}
+    if label_key is None or label_key not in adata.obs:
+        raise ValueError(f"A label-skewed split needs label_key= naming an .obs column; got {label_key!r}.")
+    labels = adata.obs[label_key].astype(str).to_numpy()
+    parts = dirichlet_partition(labels, n_sites, alpha, np.random.default_rng(seed), min_size=min_cells)
+    return {f"site_{i}": adata[idx].copy() for i, idx in enumerate(parts)}
+
+
+def split_holdout(
+    adata: AnnData, *, label_key: str, fraction: float = 0.2, seed: int = 0
+) -> tuple[AnnData, AnnData]:
+    """Split off a stratified held-out set: returns new ``(rest, held_out)`` AnnData objects.
+
+    Every class with at least two cells contributes ``fraction`` of its cells to the held-out set.
+    """
+    if label_key not in adata.obs:
+        raise ValueError(f"label_key {label_key!r} is not a column of .obs.")
+    labels = adata.obs[label_key].astype(str).to_numpy()
+    kept, held_out = stratified_split(labels, fraction, np.random.default_rng(seed))
+    return adata[kept].copy(), adata[held_out].copy()

@@ -1,0 +1,297 @@
+"""Compute: train a keyed model across sites, predict on new data. Results land in the AnnData."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from anndata import AnnData
+
+from ._settings import logger, settings, torch_threads
+from .data import (
+    AlignedMatrix,
+    SiteFields,
+    build_schema,
+    check_finite,
+    feature_source,
+    label_codes,
+    site_fields,
+)
+from .federation import ENGINES, run_local
+from .key import FederationKey
+from .model import FederatedModel, Predictions
+from .train import FitSettings, ModelConfig, SiteTrainer, build_network, get_task, site_datasets
+
+__all__ = ["predict", "train_federated"]
+
+
+def _as_site_dict(sites: Mapping[str, AnnData] | Sequence[AnnData]) -> dict[str, AnnData]:
+    if isinstance(sites, AnnData):
+        raise TypeError("train_federated needs several sites: a dict of name -> AnnData (or a list).")
+    items = sites.items() if isinstance(sites, Mapping) else ((f"site_{i}", a) for i, a in enumerate(sites))
+    out: dict[str, AnnData] = {}
+    for name, adata in items:
+        if not isinstance(adata, AnnData):
+            raise TypeError(f"Site {name!r} is a {type(adata).__name__}, not an AnnData.")
+        out[str(name)] = adata
+    if not out:
+        raise ValueError("No sites given.")
+    return out
+
+
+def _write_predictions(
+    adata: AnnData, predictions: Predictions, *, key_added: str, uns: Mapping[str, Any]
+) -> None:
+    adata.obs[f"{key_added}_prediction"] = predictions.labels  # categorical, positional
+    adata.obs[f"{key_added}_confidence"] = predictions.confidence.astype(np.float32)
+    adata.obsm[f"{key_added}_probabilities"] = predictions.probabilities.astype(np.float32)
+    adata.obsm[f"X_{key_added}"] = predictions.embedding.astype(np.float32)
+    entry = adata.uns.setdefault(key_added, {})
+    entry.update(uns)
+
+
+def _model_uns(model: FederatedModel) -> dict[str, Any]:
+    """What ``.uns[key_added]`` holds about the model (h5ad-writable: no None values)."""
+    out: dict[str, Any] = {
+        "params": {k: v for k, v in model.params.items() if v is not None},
+        "categories": list(model.schema.categories),
+        "n_features": model.schema.n_features,
+        "scheme": model.config.scheme or "plain",
+    }
+    if model.key_fingerprint is not None:
+        out["key_fingerprint"] = model.key_fingerprint
+    return out
+
+
+def train_federated(
+    sites: Mapping[str, AnnData] | Sequence[AnnData],
+    *,
+    key: FederationKey | None,
+    task: Literal["classification"] = "classification",
+    label_key: str | None = None,
+    layer: str | None = None,
+    use_raw: bool | None = None,
+    join: Literal["inner", "outer"] = "inner",
+    rounds: int = 20,
+    local_epochs: int = 1,
+    fraction: float = 1.0,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-5,
+    hidden: int = 256,
+    dropout: float = 0.1,
+    key_strength: float = 1.0,
+    validation_fraction: float = 0.1,
+    engine: Literal["local"] = "local",
+    seed: int = 0,
+    key_added: str = "scinfl",
+    progress: bool | None = None,
+    copy: bool = False,
+) -> FederatedModel | tuple[FederatedModel, dict[str, AnnData]]:
+    """Train one keyed model across sites with federated averaging; write its outputs into every site.
+
+    Each site trains locally from the global weights; only weights, cell counts and the key's fingerprint
+    reach the aggregator, which averages updates made under the expected key version (weighted by training
+    cells). Each site holds out ``validation_fraction`` of its cells (stratified) to select the best round.
+
+    Parameters
+    ----------
+    sites
+        Site name -> AnnData (a list is named ``site_0``, ``site_1``, ...).
+    key
+        The federation key, held by the sites only. ``None`` trains the same network without keyed modules
+        (plain FedAvg, the baseline). There is no default, so that an unkeyed run is always a choice.
+    task
+        What to learn. ``"classification"``: cell types or cohorts from ``label_key``.
+    label_key
+        ``.obs`` column with the labels; defaults to the site registration (:func:`scinfl.pp.register_site`).
+    layer
+        Layer with the features; None uses ``.X`` (or the registration).
+    use_raw
+        Use ``.raw``; None uses the registration, else False.
+    join
+        Features used: ``"inner"`` (shared by every site) or ``"outer"`` (all, zero-filled).
+    rounds, local_epochs, fraction
+        Federated rounds, local epochs per round, fraction of sites sampled per round.
+    batch_size, lr, weight_decay
+        Local optimisation (Adam).
+    hidden, dropout
+        Network width and dropout.
+    key_strength
+        Strength ``s`` of the key modulation.
+    validation_fraction
+        Fraction of each site's cells held out for model selection.
+    engine
+        ``"local"``: all sites in this process.
+    seed
+        Seed of initialisation, splits, sampling and local shuffling: the same seed gives the same model.
+    key_added
+        Prefix of the output keys.
+    progress
+        Progress bar over rounds; None follows ``scinfl.settings.progress``.
+    copy
+        Write into copies of the sites and return them with the model, instead of writing in place.
+
+    Returns
+    -------
+    The :class:`~scinfl.FederatedModel` (with ``copy=True``: ``(model, sites)`` with the written copies).
+    Every site gets
+
+    ``.obs[f"{key_added}_prediction"]``
+        Predicted label (categorical).
+    ``.obs[f"{key_added}_confidence"]``
+        Probability of the predicted label.
+    ``.obsm[f"{key_added}_probabilities"]``
+        Probability of every category, in the order of ``.uns[key_added]["categories"]``.
+    ``.obsm[f"X_{key_added}"]``
+        The cell embedding (use with ``sc.pp.neighbors(adata, use_rep=...)``).
+    ``.uns[key_added]``
+        ``params``, ``categories``, ``scheme``, ``key_fingerprint`` (keyed models), ``n_features``.
+    """
+    site_data = _as_site_dict(sites)
+    if engine not in ENGINES:
+        raise ValueError(f"Unknown engine {engine!r}; available: {', '.join(ENGINES)}.")
+    if key is not None and not isinstance(key, FederationKey):
+        raise TypeError(f"key must be a scinfl.FederationKey or None, got {type(key).__name__}.")
+    for name, value in (("rounds", rounds), ("local_epochs", local_epochs), ("batch_size", batch_size)):
+        if int(value) != value or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    task_def = get_task(task)
+    if copy:
+        site_data = {name: adata.copy() for name, adata in site_data.items()}
+
+    fields: dict[str, SiteFields] = {}
+    for name, adata in site_data.items():
+        fields[name] = site_fields(adata, name, label_key=label_key, layer=layer, use_raw=use_raw)
+        if adata.n_obs == 0:
+            raise ValueError(f"Site {name!r} has no cells.")
+        check_finite(feature_source(adata, fields[name])[0], name)
+    schema = build_schema(site_data, fields, join=join)
+    if task_def.needs_labels and schema.label_key is None:
+        raise ValueError(f"task={task!r} needs labels: pass label_key= or register it with pp.register_site.")
+
+    config = ModelConfig(
+        task=task,
+        n_features=schema.n_features,
+        n_classes=schema.n_classes,
+        hidden=hidden,
+        dropout=dropout,
+        scheme=None if key is None else key.scheme,
+        key_strength=key_strength,
+    )
+    fit_settings = FitSettings(local_epochs=local_epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay)
+    params = {
+        "task": task,
+        "sites": list(site_data),
+        "engine": engine,
+        "rounds": rounds,
+        "local_epochs": local_epochs,
+        "fraction": fraction,
+        "batch_size": batch_size,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "hidden": hidden,
+        "dropout": dropout,
+        "key_strength": key_strength,
+        "validation_fraction": validation_fraction,
+        "join": join,
+        "seed": seed,
+        "label_key": schema.label_key,
+        "layer": schema.layer,
+        "use_raw": schema.use_raw,
+    }
+
+    with torch_threads(settings.torch_threads):
+        torch.manual_seed(seed)
+        network = build_network(config)
+        trainers = {}
+        for index, (name, adata) in enumerate(site_data.items()):
+            matrix = AlignedMatrix.from_adata(adata, schema, fields[name])
+            labels = label_codes(adata, schema, name)
+            rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5EED, index]))
+            train, validation = site_datasets(matrix, labels, validation_fraction, rng)
+            trainers[name] = SiteTrainer(name, train, validation, network, config, key, fit_settings)
+        result = run_local(
+            trainers,
+            network.state_dict(),
+            rounds=rounds,
+            fraction=fraction,
+            seed=seed,
+            expected_fingerprint=None if key is None else key.fingerprint,
+            progress=settings.progress if progress is None else progress,
+        )
+        network.load_state_dict(result.best_state)
+        params["best_round"] = result.best_round
+        model = FederatedModel(
+            network,
+            config,
+            schema,
+            key_fingerprint=None if key is None else key.fingerprint,
+            history=result.history,
+            params=params,
+        )
+        for name, adata in site_data.items():
+            _write_predictions(
+                adata, model.predict(adata, key=key, site=name), key_added=key_added, uns=_model_uns(model)
+            )
+    best = result.history[result.history["round"] == result.best_round]
+    if "val_accuracy" in best and best["n_val"].sum() > 0:
+        accuracy = float(np.average(best["val_accuracy"].fillna(0), weights=best["n_val"]))
+        logger.info("Selected round %d of %d (validation accuracy %.3f).", result.best_round, rounds, accuracy)
+    return (model, site_data) if copy else model
+
+
+def predict(
+    adata: AnnData,
+    model: FederatedModel,
+    *,
+    key: FederationKey | None,
+    check_key: bool = True,
+    min_overlap: float = 0.5,
+    batch_size: int = 1024,
+    key_added: str = "scinfl",
+    copy: bool = False,
+) -> AnnData | None:
+    """Predict labels and embeddings for new cells with a trained model.
+
+    ``adata`` is aligned to the model's schema by feature name: features it lacks are zero-filled with a
+    warning that counts them, and fewer than ``min_overlap`` of the model's features is an error.
+
+    Parameters
+    ----------
+    adata
+        New data, with the same kind of values (``.X``, layer or ``.raw``) the model was trained on.
+    model
+        A trained :class:`~scinfl.FederatedModel`.
+    key
+        The federation key (None for a plain model).
+    check_key
+        Refuse a key of another version than the model's. The privacy audit passes False to measure what
+        a wrong key gives.
+    min_overlap
+        Minimum fraction of the model's features ``adata`` must have.
+    batch_size
+        Cells per inference batch.
+    key_added
+        Prefix of the output keys.
+    copy
+        Return a new AnnData with the outputs instead of writing in place.
+
+    Returns
+    -------
+    None, or the new AnnData with ``copy=True``. Sets the same ``.obs``/``.obsm``/``.uns`` keys as
+    :func:`train_federated`.
+    """
+    if not isinstance(model, FederatedModel):
+        raise TypeError(f"model must be a scinfl.FederatedModel, got {type(model).__name__}.")
+    if copy:
+        adata = adata.copy()
+    with torch_threads(settings.torch_threads):
+        predictions = model.predict(
+            adata, key=key, check_key=check_key, batch_size=batch_size, min_overlap=min_overlap
+        )
+    _write_predictions(adata, predictions, key_added=key_added, uns=_model_uns(model))
+    return adata if copy else None
+

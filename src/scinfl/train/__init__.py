@@ -1,0 +1,25 @@
+"""Tasks, the Lightning training plan, and plain local fit/evaluate functions shared by all engines."""
+
+from .config import ModelConfig, build_network, key_coordinates
+from .local import LocalFitResult, TrainingPlan, copy_state, evaluate, fit_local, infer
+from .site import FitSettings, SiteTrainer, site_datasets
+from .tasks import TASKS, ClassificationTask, Task, get_task
+
+__all__ = [
+    "TASKS",
+    "ClassificationTask",
+    "FitSettings",
+    "LocalFitResult",
+    "ModelConfig",
+    "SiteTrainer",
+    "Task",
+    "TrainingPlan",
+    "build_network",
+    "copy_state",
+    "evaluate",
+    "fit_local",
+    "get_task",
+    "infer",
+    "key_coordinates",
+    "site_datasets",
+]

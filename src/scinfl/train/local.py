@@ -1,0 +1,134 @@
+"""Local training at one site: a Lightning training plan and plain functions any engine can call.
+
+The key enters only through :func:`scinfl.nn.use_key` around the call; neither the plan nor the network
+stores it.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..nn import KeyedNetwork, use_key
+from .tasks import Task
+
+__all__ = ["LocalFitResult", "TrainingPlan", "evaluate", "fit_local", "infer"]
+
+for _name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+
+
+@dataclass
+class LocalFitResult:
+    """What a site returns after local training: its weights, its training size, metrics, key version."""
+
+    state: dict[str, Tensor]
+    n_obs: int
+    key_fingerprint: str | None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class TrainingPlan(pl.LightningModule):
+    """Loss and optimiser around a task network (Adam; a fresh optimiser each local fit)."""
+
+    def __init__(self, network: nn.Module, task: Task, *, lr: float, weight_decay: float) -> None:
+        super().__init__()
+        self.network = network
+        self.task = task
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.loss_sum = 0.0
+        self.n_seen = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.network(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = self.task.loss(self.network(x), y)
+        self.loss_sum += float(loss.detach()) * len(y)
+        self.n_seen += len(y)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.network.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+
+def fit_local(
+    network: nn.Module,
+    batches: Iterable,
+    task: Task,
+    *,
+    epochs: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+    key_coordinates: Tensor | None,
+) -> float:
+    """Train ``network`` in place on ``batches`` for ``epochs`` epochs; return the mean training loss."""
+    torch.manual_seed(seed)
+    network.train()
+    plan = TrainingPlan(network, task, lr=lr, weight_decay=weight_decay)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    with warnings.catch_warnings(), use_key(key_coordinates):
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # Lightning 2.6 on torch >= 2.10
+        trainer.fit(plan, train_dataloaders=batches)
+    return plan.loss_sum / max(plan.n_seen, 1)
+
+
+@torch.no_grad()
+def evaluate(
+    network: nn.Module, batches: Iterable, task: Task, *, key_coordinates: Tensor | None
+) -> dict[str, float]:
+    """Mean of each task metric over ``batches`` (evaluation mode), plus the cell count ``n``."""
+    network.eval()
+    sums: dict[str, float] = {}
+    n = 0
+    with use_key(key_coordinates):
+        for x, y in batches:
+            for name, value in task.metric_sums(network(x), y).items():
+                sums[name] = sums.get(name, 0.0) + value
+            n += len(y)
+    return {name: value / n for name, value in sums.items()} | {"n": float(n)} if n else {"n": 0.0}
+
+
+@torch.no_grad()
+def infer(network: nn.Module, batches: Iterable, *, key_coordinates: Tensor | None) -> tuple[np.ndarray, np.ndarray]:
+    """Network outputs and embeddings (``features``) for every batch, in order."""
+    network.eval()
+    outputs, embeddings = [], []
+    with use_key(key_coordinates):
+        for x, _ in batches:
+            if isinstance(network, KeyedNetwork):
+                features = network.call("features", x)
+                out = network.call("head", features)
+            else:
+                features = network.features(x)
+                out = network.head(features)
+            outputs.append(out.numpy())
+            embeddings.append(features.numpy())
+    return np.concatenate(outputs), np.concatenate(embeddings)
+
+
+def copy_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A detached copy of a state dict, so a site's later training cannot change what it sent."""
+    return {name: tensor.detach().clone() for name, tensor in state.items()}

@@ -2,10 +2,10 @@
 
 __version__ = "0.1.0"
 
-from . import data, federation, nn, pl, pp, tl, train  # noqa: E402
-from ._settings import settings  # noqa: E402
-from .key import FederationKey  # noqa: E402
-from .model import FederatedModel  # noqa: E402
+from . import data, federation, nn, pl, pp, tl, train
+from ._settings import settings
+from .key import FederationKey
+from .model import FederatedModel
 
 __all__ = [
     "FederatedModel",

@@ -84,7 +84,9 @@ class FederationKey:
         label = _DOMAIN + self._scheme.encode() + b"/" + purpose.encode() + b"\x00"
         return hashlib.shake_256(label + self._secret).digest(n_bytes)
 
-    def uniform(self, purpose: str, shape: tuple[int, ...], *, low: float = -1.0, high: float = 1.0) -> np.ndarray:
+    def uniform(
+        self, purpose: str, shape: tuple[int, ...], *, low: float = -1.0, high: float = 1.0
+    ) -> np.ndarray:
         """Derived numbers, uniform in ``[low, high)``, as float32 (53 bits of derived entropy per value)."""
         n = int(np.prod(shape))
         words = np.frombuffer(self.derive(purpose, 8 * n), dtype="<u8") >> np.uint64(11)
@@ -155,7 +157,9 @@ class FederationKey:
             raise KeyFileError(f"Key file {path} has format version {payload.get('version')!r}; expected 1.")
         file_scheme = payload.get("scheme")
         if file_scheme not in SCHEMES:
-            raise KeyFileError(f"Key file {path} is for scheme {file_scheme!r}, which this scinfl does not know.")
+            raise KeyFileError(
+                f"Key file {path} is for scheme {file_scheme!r}, which this scinfl does not know."
+            )
         if scheme is not None and file_scheme != scheme:
             raise KeyFileError(f"Key file {path} holds a {file_scheme!r} key; a {scheme!r} key was expected.")
         try:
@@ -163,7 +167,9 @@ class FederationKey:
         except (KeyError, TypeError, ValueError) as err:
             raise KeyFileError(f"Key file {path} is corrupt: its secret is missing or not hex.") from err
         if len(secret) != KEY_BYTES:
-            raise KeyFileError(f"Key file {path} is truncated: {len(secret)} secret bytes instead of {KEY_BYTES}.")
+            raise KeyFileError(
+                f"Key file {path} is truncated: {len(secret)} secret bytes instead of {KEY_BYTES}."
+            )
         key = cls(secret, scheme=file_scheme)
         if not hmac.compare_digest(key.fingerprint, str(payload.get("fingerprint", ""))):
             raise KeyFileError(f"Key file {path} is corrupt: its fingerprint does not match its secret.")

@@ -143,11 +143,15 @@ class FederatedModel:
         if adata.n_obs == 0:
             raise ValueError(f"Site {site!r} has no cells.")
         check_finite(matrix.matrix, site)
-        loader = batch_loader(SiteDataset(matrix, np.arange(adata.n_obs)), batch_size=batch_size, shuffle=False)
+        loader = batch_loader(
+            SiteDataset(matrix, np.arange(adata.n_obs)), batch_size=batch_size, shuffle=False
+        )
         outputs, embedding = infer(self.network, loader, key_coordinates=coordinates)
         task = get_task(self.config.task)
         probabilities = task.probabilities(torch.from_numpy(outputs)).numpy()
-        return Predictions(probabilities=probabilities, embedding=embedding, categories=self.schema.categories)
+        return Predictions(
+            probabilities=probabilities, embedding=embedding, categories=self.schema.categories
+        )
 
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
         """Write weights (safetensors), architecture, schema and history to the directory ``path``.
@@ -156,7 +160,9 @@ class FederatedModel:
         """
         path = Path(path)
         if path.exists() and any(path.iterdir()) and not overwrite:
-            raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace the model.")
+            raise FileExistsError(
+                f"{path} exists and is not empty; pass overwrite=True to replace the model."
+            )
         path.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous() for k, v in self.network.state_dict().items()}
         save_file(state, path / _WEIGHTS)

@@ -48,7 +48,9 @@ def register_site(
     if adata.n_obs == 0:
         raise ValueError(f"Site {site!r} has no cells.")
     registration = {"site": site, "use_raw": fields.use_raw}
-    registration |= {k: v for k, v in (("label_key", fields.label_key), ("layer", fields.layer)) if v is not None}
+    registration |= {
+        k: v for k, v in (("label_key", fields.label_key), ("layer", fields.layer)) if v is not None
+    }
     adata.uns.setdefault(key_added, {})["registration"] = registration
 
 

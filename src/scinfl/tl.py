@@ -181,7 +181,9 @@ def train_federated(
         scheme=None if key is None else key.scheme,
         key_strength=key_strength,
     )
-    fit_settings = FitSettings(local_epochs=local_epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay)
+    fit_settings = FitSettings(
+        local_epochs=local_epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay
+    )
     params = {
         "task": task,
         "sites": list(site_data),
@@ -239,7 +241,9 @@ def train_federated(
     best = result.history[result.history["round"] == result.best_round]
     if "val_accuracy" in best and best["n_val"].sum() > 0:
         accuracy = float(np.average(best["val_accuracy"].fillna(0), weights=best["n_val"]))
-        logger.info("Selected round %d of %d (validation accuracy %.3f).", result.best_round, rounds, accuracy)
+        logger.info(
+            "Selected round %d of %d (validation accuracy %.3f).", result.best_round, rounds, accuracy
+        )
     return (model, site_data) if copy else model
 
 
@@ -294,4 +298,3 @@ def predict(
         )
     _write_predictions(adata, predictions, key_added=key_added, uns=_model_uns(model))
     return adata if copy else None
-

@@ -209,7 +209,9 @@ def label_codes(adata: AnnData, schema: FederationSchema, site: str) -> np.ndarr
         raise ValueError(f"Site {site!r}: label column {schema.label_key!r} is missing from .obs.")
     labels = adata.obs[schema.label_key]
     if labels.isna().any():
-        raise ValueError(f"Site {site!r}: {int(labels.isna().sum())} cells have no label in {schema.label_key!r}.")
+        raise ValueError(
+            f"Site {site!r}: {int(labels.isna().sum())} cells have no label in {schema.label_key!r}."
+        )
     codes = pd.Categorical(labels.astype(str), categories=list(schema.categories)).codes
     if (codes < 0).any():
         unknown = sorted(set(labels.astype(str)) - set(schema.categories))[:5]

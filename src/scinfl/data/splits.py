@@ -7,7 +7,9 @@ import numpy as np
 __all__ = ["dirichlet_partition", "stratified_split"]
 
 
-def stratified_split(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(
+    labels: np.ndarray, fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Split indices into (kept, held out), holding out ``fraction`` of every class that has >= 2 members.
 
     A class with a single member stays in the kept part, so a site with rare classes still trains on them.

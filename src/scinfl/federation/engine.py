@@ -19,7 +19,15 @@ from tqdm.auto import tqdm
 from ..train import LocalFitResult, copy_state
 from .fedavg import fedavg
 
-__all__ = ["FederationResult", "KeyVersionError", "Site", "aggregate", "run_local", "sample_sites", "site_seed"]
+__all__ = [
+    "FederationResult",
+    "KeyVersionError",
+    "Site",
+    "aggregate",
+    "run_local",
+    "sample_sites",
+    "site_seed",
+]
 
 logger = logging.getLogger("scinfl")
 
@@ -121,7 +129,8 @@ def run_local(
     for round_index in bar:
         chosen = sample_sites(names, fraction, rng)
         updates = {
-            name: sites[name].fit(state, seed=site_seed(seed, round_index, names.index(name))) for name in chosen
+            name: sites[name].fit(state, seed=site_seed(seed, round_index, names.index(name)))
+            for name in chosen
         }
         state, rejected = aggregate(updates, expected_fingerprint, round_index)
         evaluations = {name: sites[name].evaluate(state) for name in names}
@@ -140,7 +149,11 @@ def run_local(
             )
         loss = _selection_loss(evaluations)
         if np.isnan(loss) or loss < best_loss:
-            best_state, best_round, best_loss = state, round_index, (loss if not np.isnan(loss) else best_loss)
+            best_state, best_round, best_loss = (
+                state,
+                round_index,
+                (loss if not np.isnan(loss) else best_loss),
+            )
         if progress and not np.isnan(loss):
             bar.set_postfix(val_loss=f"{loss:.3f}")
     history = pd.DataFrame(rows)

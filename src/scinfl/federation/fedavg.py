@@ -27,7 +27,9 @@ def fedavg(states: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) -> 
     names = list(states[0])
     for i, state in enumerate(states[1:], start=1):
         if list(state) != names:
-            raise ValueError(f"Update {i} has other parameters than update 0: the sites run different models.")
+            raise ValueError(
+                f"Update {i} has other parameters than update 0: the sites run different models."
+            )
     averaged: dict[str, Tensor] = {}
     for name in names:
         tensors = [state[name] for state in states]

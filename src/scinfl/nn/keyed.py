@@ -7,10 +7,10 @@ pass, and every :class:`KeyedLinear` inside reads ``k`` from the same context. P
 
 For a keyed linear with strength ``s`` (Zhang et al., arXiv 2603.28334; ../shared/DESIGN.md)::
 
-    W_eff = W * (1 + s*tanh(a(k)))        # one factor per output row
-    b_eff = b + s*tanh(c(k))
-    y     = x @ W_eff.T + b_eff
-    y     = y * (1 + s*tanh(g(k))) + s*tanh(beta(k))   # FiLM, on layers followed by an activation
+    W_eff = W * (1 + s * tanh(a(k)))  # one factor per output row
+    b_eff = b + s * tanh(c(k))
+    y = x @ W_eff.T + b_eff
+    y = y * (1 + s * tanh(g(k))) + s * tanh(beta(k))  # FiLM, on layers followed by an activation
 
 ``x @ (W * r[:, None]).T == (x @ W.T) * r``, so the row scaling is applied to the output: the same
 function and gradients without materialising ``W_eff`` (one matmul, as in the plain layer).

@@ -112,7 +112,9 @@ def evaluate(
 
 
 @torch.no_grad()
-def infer(network: nn.Module, batches: Iterable, *, key_coordinates: Tensor | None) -> tuple[np.ndarray, np.ndarray]:
+def infer(
+    network: nn.Module, batches: Iterable, *, key_coordinates: Tensor | None
+) -> tuple[np.ndarray, np.ndarray]:
     """Network outputs and embeddings (``features``) for every batch, in order."""
     network.eval()
     outputs, embeddings = [], []

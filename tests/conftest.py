@@ -1,0 +1,54 @@
+"""Shared fixtures: real PBMC data (scanpy's bundled pbmc68k_reduced) and small sites built from it."""
+
+from __future__ import annotations
+
+import logging
+
+import anndata as ad
+import pytest
+import scanpy as sc
+import torch
+
+import scinfl as si
+
+# Tests run on one thread: faster for these small networks on 2 cores, and deterministic.
+torch.set_num_threads(1)
+si.settings.progress = False
+
+
+@pytest.fixture(scope="session")
+def _pbmc() -> ad.AnnData:
+    return sc.datasets.pbmc68k_reduced()
+
+
+@pytest.fixture
+def pbmc(_pbmc) -> ad.AnnData:
+    """pbmc68k_reduced: 700 PBMCs x 765 genes, log-normalised counts in .raw, 10 bulk_labels classes."""
+    return _pbmc.copy()
+
+
+@pytest.fixture
+def pbmc_sites(pbmc) -> dict[str, ad.AnnData]:
+    """Three label-skewed sites from pbmc68k_reduced (Dirichlet alpha 0.5)."""
+    return si.pp.split_sites(pbmc, n_sites=3, label_key="bulk_labels", alpha=0.5, seed=0)
+
+
+@pytest.fixture(scope="session")
+def key() -> si.FederationKey:
+    return si.FederationKey.generate()
+
+
+# Small but real training settings shared by the end-to-end tests.
+FAST = {"label_key": "bulk_labels", "use_raw": True, "rounds": 4, "hidden": 64, "seed": 0}
+
+
+@pytest.fixture
+def scinfl_log(caplog):
+    """caplog for the package logger, which does not propagate to the root logger."""
+    logger = logging.getLogger("scinfl")
+    logger.addHandler(caplog.handler)
+    caplog.handler.setLevel(logging.DEBUG)
+    try:
+        yield caplog
+    finally:
+        logger.removeHandler(caplog.handler)

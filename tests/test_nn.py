@@ -1,0 +1,183 @@
+"""Keyed modules: golden tests against the paper's formulas, computed independently here."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import scanpy as sc
+import torch
+from torch import nn
+
+import scinfl as si
+from scinfl.nn import CoordinateKeyEncoder, KeyedLinear, KeyedNetwork, keyify, use_key
+
+
+@pytest.fixture(scope="module")
+def cells() -> torch.Tensor:
+    """16 real PBMC profiles (log-normalised, 765 genes)."""
+    adata = sc.datasets.pbmc68k_reduced()
+    return torch.from_numpy(adata.raw.X[:16].toarray().astype(np.float32))
+
+
+def _coords(key: si.FederationKey) -> torch.Tensor:
+    return torch.from_numpy(key.coordinates())
+
+
+def _encode_by_hand(encoder: CoordinateKeyEncoder, coords: torch.Tensor) -> torch.Tensor:
+    """Linear - SiLU - Linear - SiLU - LayerNorm per point, then the mean over points."""
+    lin1, _, lin2, _, norm = encoder.point_mlp
+    h = coords @ lin1.weight.T + lin1.bias
+    h = h * torch.sigmoid(h)
+    h = h @ lin2.weight.T + lin2.bias
+    h = h * torch.sigmoid(h)
+    mu = h.mean(dim=1, keepdim=True)
+    var = ((h - mu) ** 2).mean(dim=1, keepdim=True)
+    h = (h - mu) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
+    return h.mean(dim=0)
+
+
+def _keyed_linear_by_hand(layer: KeyedLinear, k: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    s = layer.strength
+    out = layer.out_features
+    heads = k @ layer.key_heads.weight.T + layer.key_heads.bias
+    a, c = heads[:out], heads[out : 2 * out]
+    w_eff = layer.weight * (1 + s * torch.tanh(a))[:, None]
+    b_eff = layer.bias + s * torch.tanh(c)
+    y = x @ w_eff.T + b_eff
+    if layer.film:
+        g, beta = heads[2 * out : 3 * out], heads[3 * out :]
+        y = y * (1 + s * torch.tanh(g)) + s * torch.tanh(beta)
+    return y
+
+
+def test_key_encoder_matches_formula(key):
+    torch.manual_seed(0)
+    encoder = CoordinateKeyEncoder(coordinate_dim=2, hidden=64, key_dim=16)
+    coords = _coords(key)
+    assert coords.shape == (128, 2)
+    torch.testing.assert_close(encoder(coords), _encode_by_hand(encoder, coords), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("film", [True, False])
+@pytest.mark.parametrize("strength", [0.5, 1.0, 5.0])
+def test_keyed_linear_matches_formula(cells, key, film, strength):
+    torch.manual_seed(1)
+    keyed = keyify(nn.Sequential(nn.Linear(765, 32)), strength=strength, film=lambda *_: film)
+    layer = keyed.network[0]
+    assert isinstance(layer, KeyedLinear)
+    assert layer.film is film
+    # heads initialised small; make them large so that every term of the formula matters
+    with torch.no_grad():
+        layer.key_heads.weight.normal_(0, 1.0)
+    coords = _coords(key)
+    k = _encode_by_hand(keyed.key_encoder, coords)
+    expected = _keyed_linear_by_hand(layer, k, cells)
+    with torch.no_grad():
+        got = keyed(cells, key=coords)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    # the modulation really changes the output (the test would pass vacuously otherwise)
+    assert (got - nn.functional.linear(cells, layer.weight, layer.bias)).abs().max() > 1e-2
+
+
+def test_gradients_match_materialised_weights(cells, key):
+    """Scaling the output equals scaling W's rows: the same gradients for W and the key heads."""
+    torch.manual_seed(2)
+    keyed = keyify(nn.Sequential(nn.Linear(765, 8)), strength=2.0, film=lambda *_: False)
+    layer = keyed.network[0]
+    coords = _coords(key)
+    keyed(cells, key=coords).square().sum().backward()
+    ours = (layer.weight.grad.clone(), layer.key_heads.weight.grad.clone())
+    keyed.zero_grad()
+    k = keyed.key_encoder(coords)
+    _keyed_linear_by_hand(layer, k, cells).square().sum().backward()
+    torch.testing.assert_close(ours[0], layer.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours[1], layer.key_heads.weight.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_keyify_copies_weights_and_leaves_original(cells):
+    torch.manual_seed(3)
+    plain = si.nn.ResidualMLPClassifier(765, 10, hidden=32).eval()
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    keyed = keyify(plain).eval()
+    assert all(type(m) is not KeyedLinear for m in plain.modules())  # the original is untouched
+    for name, tensor in before.items():
+        torch.testing.assert_close(plain.state_dict()[name], tensor)
+    keyed_layers = [m for m in keyed.network.modules() if isinstance(m, KeyedLinear)]
+    assert len(keyed_layers) == 7  # embedding, 2 x 2 in blocks, narrowing, head
+    # FiLM on every keyed layer but the output head
+    assert [layer.film for layer in keyed_layers] == [True] * 6 + [False]
+    # without a key, the keyed network computes exactly what the original does
+    with torch.no_grad():
+        torch.testing.assert_close(keyed(cells), plain(cells))
+
+
+def test_keyify_select_and_errors():
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    keyed = keyify(net, select=lambda name, _: name == "2")
+    assert type(keyed.network[0]) is nn.Linear
+    assert isinstance(keyed.network[2], KeyedLinear)
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        keyify(nn.Sequential(nn.ReLU()))
+
+
+def test_keys_change_outputs_and_context_restores(cells, key):
+    torch.manual_seed(4)
+    keyed = keyify(si.nn.ResidualMLPClassifier(765, 10, hidden=32)).eval()
+    for layer in keyed.modules():
+        if isinstance(layer, KeyedLinear):
+            nn.init.normal_(layer.key_heads.weight, 0, 1.0)
+    with torch.no_grad():
+        right = keyed(cells, key=_coords(key))
+        flipped = keyed(cells, key=_coords(key.with_bit_flipped(0)))
+        none = keyed(cells)
+        with use_key(_coords(key)):
+            inside = keyed(cells)
+            with use_key(None):
+                nested_none = keyed(cells)
+            assert si.nn.active_key_vector() is None  # k exists only during a forward pass
+        after = keyed(cells)
+    torch.testing.assert_close(inside, right)
+    torch.testing.assert_close(nested_none, none)
+    torch.testing.assert_close(after, none)
+    assert (right - flipped).abs().max() > 1e-4
+    assert (right - none).abs().max() > 1e-2
+
+
+def test_use_key_rejects_malformed_coordinates():
+    with pytest.raises(ValueError, match="shape"), use_key(torch.zeros(128)):
+        pass
+    encoder = CoordinateKeyEncoder(coordinate_dim=2)
+    with pytest.raises(ValueError, match="another scheme"):
+        encoder(torch.zeros(128, 3))
+
+
+def _serialised(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def key_material(key: si.FederationKey) -> list[bytes]:
+    """Byte strings that would betray the key: its secret and its coordinates (float32 and float64)."""
+    coords = key.coordinates()
+    return [
+        key._secret,
+        key._secret.hex().encode(),
+        coords.tobytes(),
+        coords[:2].tobytes(),  # any two points
+        coords[-2:].astype(np.float64).tobytes(),
+    ]
+
+
+def test_no_key_material_in_state_dict_or_module(cells, key):
+    torch.manual_seed(5)
+    keyed = keyify(si.nn.ResidualMLPClassifier(765, 10, hidden=32))
+    with use_key(_coords(key)):
+        keyed(cells).sum().backward()  # a full keyed forward/backward leaves nothing behind
+    assert not any("coord" in name for name in keyed.state_dict())
+    for blob in (_serialised(keyed.state_dict()), _serialised(keyed)):
+        for secret in key_material(key):
+            assert secret not in blob
+    assert isinstance(keyed, KeyedNetwork)

@@ -87,10 +87,13 @@ class FederationKey:
     def uniform(
         self, purpose: str, shape: tuple[int, ...], *, low: float = -1.0, high: float = 1.0
     ) -> np.ndarray:
-        """Derived numbers, uniform in ``[low, high)``, as float32 (53 bits of derived entropy per value)."""
+        """Derived numbers, uniform in ``[low, high)``, as float32.
+
+        Each value takes 24 derived bits, the float32 mantissa, so that no value rounds up to ``high``.
+        """
         n = int(np.prod(shape))
-        words = np.frombuffer(self.derive(purpose, 8 * n), dtype="<u8") >> np.uint64(11)
-        unit = words.astype(np.float64) / float(2**53)
+        words = np.frombuffer(self.derive(purpose, 4 * n), dtype="<u4") >> np.uint32(8)
+        unit = words.astype(np.float64) / float(2**24)
         return (low + (high - low) * unit).reshape(shape).astype(np.float32)
 
     def coordinates(self, n_points: int = 128, dim: int = 2) -> np.ndarray:
@@ -120,17 +123,24 @@ class FederationKey:
             "fingerprint": self.fingerprint,
         }
         data = (json.dumps(payload, indent=1) + "\n").encode()
-        flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
-        try:
-            fd = os.open(path, flags, 0o600)
-        except FileExistsError:
+        if path.exists() and not overwrite:
             raise FileExistsError(
                 f"Key file {path} already exists; pass overwrite=True to replace it "
                 "(a replaced key cannot be recovered)."
-            ) from None
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(path, 0o600)  # O_TRUNC keeps an existing file's mode
+            )
+        # Written to a new 0600 file first, then moved into place: the secret is never readable by others,
+        # not even for a moment when replacing a file that had wider permissions.
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            if overwrite:
+                os.replace(tmp, path)
+            else:
+                os.link(tmp, path)  # fails, rather than overwrites, if the file appeared meanwhile
+        finally:
+            tmp.unlink(missing_ok=True)
         return path
 
     @classmethod
@@ -171,7 +181,8 @@ class FederationKey:
                 f"Key file {path} is truncated: {len(secret)} secret bytes instead of {KEY_BYTES}."
             )
         key = cls(secret, scheme=file_scheme)
-        if not hmac.compare_digest(key.fingerprint, str(payload.get("fingerprint", ""))):
+        stored = str(payload.get("fingerprint", "")).encode("utf-8", "replace")
+        if not hmac.compare_digest(key.fingerprint.encode(), stored):
             raise KeyFileError(f"Key file {path} is corrupt: its fingerprint does not match its secret.")
         return key
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from anndata import AnnData
 
-from .data import dirichlet_partition, site_fields, stratified_split
+from .data import SiteFields, dirichlet_partition, stratified_split, validate_fields
 
 __all__ = ["register_site", "split_holdout", "split_sites"]
 
@@ -17,7 +17,6 @@ def register_site(
     label_key: str | None = None,
     layer: str | None = None,
     use_raw: bool = False,
-    key_added: str = "scinfl",
 ) -> None:
     """Record which fields of a site's AnnData scinfl uses, after checking that they exist.
 
@@ -36,22 +35,20 @@ def register_site(
         Layer holding the features; None uses ``.X``.
     use_raw
         Use ``.raw`` (its ``X`` and ``var_names``) instead of ``.X``.
-    key_added
-        ``.uns`` key under which the registration is written.
 
     Returns
     -------
-    None; sets ``adata.uns[key_added]["registration"]`` (``site``, and ``label_key``, ``layer``,
-    ``use_raw`` where given).
+    None; sets ``adata.uns["scinfl"]["registration"]`` (``site``, ``use_raw``, and ``label_key`` and
+    ``layer`` where given), replacing any earlier registration.
     """
-    fields = site_fields(adata, site, label_key=label_key, layer=layer, use_raw=use_raw)
+    fields = validate_fields(adata, site, SiteFields(label_key=label_key, layer=layer, use_raw=use_raw))
     if adata.n_obs == 0:
         raise ValueError(f"Site {site!r} has no cells.")
     registration = {"site": site, "use_raw": fields.use_raw}
     registration |= {
         k: v for k, v in (("label_key", fields.label_key), ("layer", fields.layer)) if v is not None
     }
-    adata.uns.setdefault(key_added, {})["registration"] = registration
+    adata.uns.setdefault("scinfl", {})["registration"] = registration
 
 
 def split_sites(

@@ -1,7 +1,15 @@
 """Schema, alignment and sparse-aware batch loading. Knows AnnData; knows nothing of federation."""
 
 from .loader import AlignedMatrix, SiteDataset, batch_loader, check_finite
-from .schema import FederationSchema, SiteFields, build_schema, feature_source, label_codes, site_fields
+from .schema import (
+    FederationSchema,
+    SiteFields,
+    build_schema,
+    feature_source,
+    label_codes,
+    site_fields,
+    validate_fields,
+)
 from .splits import dirichlet_partition, stratified_split
 
 __all__ = [
@@ -17,4 +25,5 @@ __all__ = [
     "label_codes",
     "site_fields",
     "stratified_split",
+    "validate_fields",
 ]

@@ -15,7 +15,15 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-__all__ = ["FederationSchema", "SiteFields", "build_schema", "feature_source", "site_fields"]
+__all__ = [
+    "FederationSchema",
+    "SiteFields",
+    "build_schema",
+    "feature_source",
+    "label_codes",
+    "site_fields",
+    "validate_fields",
+]
 
 Join = Literal["inner", "outer"]
 
@@ -36,15 +44,19 @@ def site_fields(
     label_key: str | None = None,
     layer: str | None = None,
     use_raw: bool | None = None,
-    registration_key: str = "scinfl",
 ) -> SiteFields:
     """Explicit arguments, else the site's registration (``pp.register_site``), else the defaults."""
-    registered = adata.uns.get(registration_key, {}).get("registration", {})
+    registered = adata.uns.get("scinfl", {}).get("registration", {})
     fields = SiteFields(
         label_key=label_key if label_key is not None else registered.get("label_key"),
         layer=layer if layer is not None else registered.get("layer"),
         use_raw=bool(use_raw if use_raw is not None else registered.get("use_raw", False)),
     )
+    return validate_fields(adata, site, fields)
+
+
+def validate_fields(adata: AnnData, site: str, fields: SiteFields) -> SiteFields:
+    """Check that the label column, layer or ``.raw`` that ``fields`` name exist in the site's AnnData."""
     if fields.use_raw and fields.layer is not None:
         raise ValueError(f"Site {site!r}: use either layer={fields.layer!r} or use_raw=True, not both.")
     if fields.use_raw and adata.raw is None:
@@ -112,6 +124,8 @@ class FederationSchema:
 
 
 def _site_categories(adata: AnnData, site: str, label_key: str) -> list[str]:
+    if label_key not in adata.obs:
+        raise ValueError(f"Site {site!r}: label column {label_key!r} is missing from .obs.")
     labels = adata.obs[label_key]
     n_missing = int(labels.isna().sum())
     if n_missing:

@@ -30,30 +30,30 @@ def stratified_split(
 
 
 def dirichlet_partition(
-    labels: np.ndarray, n_parts: int, alpha: float, rng: np.random.Generator, *, min_size: int = 2
+    labels: np.ndarray, n_sites: int, alpha: float, rng: np.random.Generator, *, min_size: int = 2
 ) -> list[np.ndarray]:
-    """Label-skewed partition: each class is spread over the parts with Dirichlet(alpha) proportions.
+    """Label-skewed partition into sites: each class is spread with Dirichlet(alpha) proportions.
 
-    Small ``alpha`` gives strongly skewed parts; large ``alpha`` approaches an even split. Draws again
-    (up to 100 times) until every part has at least ``min_size`` members.
+    Small ``alpha`` gives strongly skewed sites; large ``alpha`` approaches an even split. Draws again
+    (up to 100 times) until every site has at least ``min_size`` members.
     """
-    if n_parts < 1:
-        raise ValueError(f"n_sites must be at least 1, got {n_parts}.")
+    if n_sites < 1:
+        raise ValueError(f"n_sites must be at least 1, got {n_sites}.")
     if alpha <= 0:
         raise ValueError(f"alpha must be positive, got {alpha}.")
-    if len(labels) < n_parts * min_size:
-        raise ValueError(f"{len(labels)} cells cannot make {n_parts} sites of at least {min_size} cells.")
+    if len(labels) < n_sites * min_size:
+        raise ValueError(f"{len(labels)} cells cannot make {n_sites} sites of at least {min_size} cells.")
     for _ in range(100):
-        parts: list[list[np.ndarray]] = [[] for _ in range(n_parts)]
+        parts: list[list[np.ndarray]] = [[] for _ in range(n_sites)]
         for cls in np.unique(labels):
             members = rng.permutation(np.flatnonzero(labels == cls))
-            cuts = (np.cumsum(rng.dirichlet(np.full(n_parts, alpha))) * len(members)).astype(int)[:-1]
+            cuts = (np.cumsum(rng.dirichlet(np.full(n_sites, alpha))) * len(members)).astype(int)[:-1]
             for part, chunk in zip(parts, np.split(members, cuts), strict=True):
                 part.append(chunk)
         merged = [np.sort(np.concatenate(p)) for p in parts]
         if min(len(p) for p in merged) >= min_size:
             return merged
     raise ValueError(
-        f"Could not draw {n_parts} label-skewed sites of at least {min_size} cells with alpha={alpha}; "
+        f"Could not draw {n_sites} label-skewed sites of at least {min_size} cells with alpha={alpha}; "
         "raise alpha or lower n_sites."
     )

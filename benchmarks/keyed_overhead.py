@@ -1,0 +1,285 @@
+"""Training-step cost of the keyed classifier (``scheme="infl"``) against the plain one.
+
+One training step is forward + cross-entropy + backward + ``Adam.step()`` of the paper's classifier
+(``ResidualMLPClassifier(2000, 10, hidden=256)``) at batch 128, in training mode (dropout and BatchNorm on).
+The keyed network gets its key as in real training: ``with scinfl.nn.use_key(coords): loss = ...``.
+
+Variants, timed in one run with their repeats interleaved (the order rotates every repeat) so that machine
+noise hits all of them:
+
+``plain``
+    ``build_network(ModelConfig(..., scheme=None))``: the FedAvg baseline.
+``keyed``
+    ``build_network(ModelConfig(..., scheme="infl"))``: scinfl's keyed network.
+``naive`` (with ``--reference``)
+    A per-layer implementation in the style of the authors' code, written below: every keyed layer owns a
+    small key MLP whose four heads a(k), c(k), g(k), beta(k) are separate ``nn.Linear`` calls, and it
+    materialises ``W_eff = W * (1 + s*tanh(a))`` as a new matrix every step. The coordinate encoder runs
+    once per forward, as in scinfl, so the difference lies in the per-layer modulation only.
+
+Input rows are cells of scanpy's bundled ``pbmc68k_reduced`` (``.raw.X``: 765 genes, log-normalised),
+widened to 2000 columns as described in :func:`pbmc_batches`. Batches are built before timing, so data
+loading is not timed. ``--profile`` adds a torch.profiler comparison of the operators of a keyed and a
+plain step (where the extra time goes).
+
+Run::
+
+    python benchmarks/keyed_overhead.py --reference --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import scanpy as sc
+import torch
+import torch.nn.functional as F
+from scipy import sparse
+from torch import Tensor, nn
+
+from scinfl import FederationKey
+from scinfl.nn import CoordinateKeyEncoder, use_key
+from scinfl.train import ModelConfig, build_network
+
+N_FEATURES = 2000
+N_CLASSES = 10
+GOAL = 1.10
+
+Step = Callable[[Tensor, Tensor], None]
+
+
+def pbmc_batches(n_batches: int, batch_size: int, seed: int) -> list[tuple[Tensor, Tensor]]:
+    """Dense training batches of real cells, 2000 features wide, with their ``bulk_labels`` codes.
+
+    The 765 genes of ``pbmc68k_reduced.raw.X`` are concatenated with themselves in three independently
+    permuted column orders (765 + 765 + the first 470 of the third order = 2000 columns), so every column
+    is a real log-normalised gene with its own sparsity and scale. Rows are cells resampled with
+    replacement.
+    """
+    adata = sc.datasets.pbmc68k_reduced()
+    raw = sparse.csr_matrix(adata.raw.X, dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    n_genes = raw.shape[1]
+    columns = np.concatenate([rng.permutation(n_genes) for _ in range(-(-N_FEATURES // n_genes))])
+    matrix = raw[:, columns[:N_FEATURES]].toarray()
+    labels = adata.obs["bulk_labels"].cat.codes.to_numpy().astype(np.int64)
+    if labels.max() + 1 != N_CLASSES:
+        raise RuntimeError(f"Expected {N_CLASSES} bulk_labels categories, found {labels.max() + 1}.")
+    rows = rng.integers(0, matrix.shape[0], size=(n_batches, batch_size))
+    return [(torch.from_numpy(matrix[r]), torch.from_numpy(labels[r])) for r in rows]
+
+
+# --- The naive reference (the authors' style), for comparison only --------------------------------------
+
+
+class NaiveKeyedLinear(nn.Module):
+    """A keyed linear layer with its own key MLP and separate head layers, materialising ``W_eff``."""
+
+    def __init__(
+        self, linear: nn.Linear, *, film: bool, key_dim: int = 16, key_hidden: int = 64, strength: float = 1.0
+    ) -> None:
+        super().__init__()
+        out_features = linear.out_features
+        self.weight = nn.Parameter(linear.weight.detach().clone())
+        self.bias = nn.Parameter(linear.bias.detach().clone())
+        self.strength = strength
+        self.film = film
+        self.key_mlp = nn.Sequential(nn.Linear(key_dim, key_hidden), nn.ReLU())
+        self.to_a = nn.Linear(key_hidden, out_features)
+        self.to_c = nn.Linear(key_hidden, out_features)
+        if film:
+            self.to_g = nn.Linear(key_hidden, out_features)
+            self.to_beta = nn.Linear(key_hidden, out_features)
+        self.key_vector: Tensor | None = None  # set by NaiveKeyedNetwork before every forward
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = self.strength
+        h = self.key_mlp(self.key_vector)
+        a = self.to_a(h)
+        c = self.to_c(h)
+        w_eff = self.weight * (1.0 + s * torch.tanh(a)).unsqueeze(1)  # a new (out, in) matrix every step
+        b_eff = self.bias + s * torch.tanh(c)
+        y = F.linear(x, w_eff, b_eff)
+        if self.film:
+            g = self.to_g(h)
+            beta = self.to_beta(h)
+            y = y * (1.0 + s * torch.tanh(g)) + s * torch.tanh(beta)
+        return y
+
+
+class NaiveKeyedNetwork(nn.Module):
+    """``network`` with every ``nn.Linear`` replaced by :class:`NaiveKeyedLinear` (FiLM on all but the last)."""
+
+    def __init__(self, network: nn.Module, *, key_dim: int = 16) -> None:
+        super().__init__()
+        self.network = copy.deepcopy(network)
+        names = [name for name, m in self.network.named_modules() if type(m) is nn.Linear]
+        self.keyed_layers: list[NaiveKeyedLinear] = []
+        for i, name in enumerate(names):
+            layer = NaiveKeyedLinear(
+                self.network.get_submodule(name), film=i < len(names) - 1, key_dim=key_dim
+            )
+            parent, _, child = name.rpartition(".")
+            setattr(self.network.get_submodule(parent) if parent else self.network, child, layer)
+            self.keyed_layers.append(layer)
+        self.key_encoder = CoordinateKeyEncoder(key_dim=key_dim)
+
+    def forward(self, x: Tensor, coordinates: Tensor) -> Tensor:
+        key_vector = self.key_encoder(coordinates)
+        for layer in self.keyed_layers:
+            layer.key_vector = key_vector
+        return self.network(x)
+
+
+# --- Timing ----------------------------------------------------------------------------------------------
+
+
+def config(scheme: str | None) -> ModelConfig:
+    return ModelConfig(
+        task="classification", n_features=N_FEATURES, n_classes=N_CLASSES, hidden=256, scheme=scheme
+    )
+
+
+def make_steps(coordinates: Tensor, reference: bool, seed: int) -> dict[str, Step]:
+    """One training-step function per variant, each with its own network and Adam optimiser."""
+    networks: dict[str, nn.Module] = {}
+    for name, scheme in (("plain", None), ("keyed", "infl")):
+        torch.manual_seed(seed)  # the same base weights for every variant
+        networks[name] = build_network(config(scheme))
+    if reference:
+        torch.manual_seed(seed)
+        networks["naive"] = NaiveKeyedNetwork(build_network(config(None)))
+
+    steps: dict[str, Step] = {}
+    for name, network in networks.items():
+        network.train()
+        optimizer = torch.optim.Adam(network.parameters(), lr=1e-3, weight_decay=1e-5)
+
+        def step(x: Tensor, y: Tensor, name=name, network=network, optimizer=optimizer) -> None:
+            optimizer.zero_grad(set_to_none=True)
+            if name == "plain":
+                loss = F.cross_entropy(network(x), y)
+            elif name == "keyed":
+                with use_key(coordinates):
+                    loss = F.cross_entropy(network(x), y)
+            else:
+                loss = F.cross_entropy(network(x, coordinates), y)
+            loss.backward()
+            optimizer.step()
+
+        steps[name] = step
+    return steps
+
+
+def time_steps(step: Step, batches: list[tuple[Tensor, Tensor]], n_steps: int, start: int) -> list[float]:
+    """Seconds taken by each of ``n_steps`` consecutive training steps."""
+    times = []
+    for i in range(n_steps):
+        x, y = batches[(start + i) % len(batches)]
+        t0 = time.perf_counter()
+        step(x, y)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    q1, median, q3 = np.percentile(values, [25, 50, 75])
+    return float(q1), float(median), float(q3)
+
+
+def run_timing(
+    steps: dict[str, Step], batches: list[tuple[Tensor, Tensor]], *, warmup: int, repeats: int, n_steps: int
+) -> None:
+    names = list(steps)
+    for name in names:
+        time_steps(steps[name], batches, warmup, 0)
+    per_step: dict[str, list[float]] = {name: [] for name in names}
+    per_repeat: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        order = names[r % len(names) :] + names[: r % len(names)]  # rotate so no variant always runs first
+        for name in order:
+            times = time_steps(steps[name], batches, n_steps, r * n_steps)
+            per_step[name].extend(times)
+            per_repeat[name].append(statistics.median(times))
+
+    plain_median = quartiles(per_step["plain"])[1]
+    print(f"\n{repeats} interleaved repeats x {n_steps} steps per variant (after {warmup} warm-up steps)")
+    print(f"{'variant':<8} {'median ms/step':>15} {'IQR ms':>14} {'ratio vs plain':>15} {'paired ratio':>20}")
+    for name in names:
+        q1, median, q3 = quartiles(per_step[name])
+        paired = [k / p for k, p in zip(per_repeat[name], per_repeat["plain"], strict=True)]
+        print(
+            f"{name:<8} {1e3 * median:>15.2f} {f'{1e3 * q1:.2f}-{1e3 * q3:.2f}':>14} "
+            f"{median / plain_median:>14.2f}x "
+            f"{f'{statistics.median(paired):.2f}x [{min(paired):.2f}-{max(paired):.2f}]':>20}"
+        )
+    keyed_ratio = quartiles(per_step["keyed"])[1] / plain_median
+    verdict = "met" if keyed_ratio <= GOAL else "MISSED"
+    print(f"\nGoal keyed/plain <= {GOAL:.2f}x: {verdict} ({keyed_ratio:.2f}x)")
+    print("(paired ratio: per-repeat median over per-repeat plain median; median [min-max] over repeats)")
+
+
+def run_profile(steps: dict[str, Step], batches: list[tuple[Tensor, Tensor]], n_steps: int, top: int) -> None:
+    """Self CPU time per operator and step, keyed (and naive) against plain, largest differences first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    self_us: dict[str, dict[str, float]] = {}
+    calls: dict[str, dict[str, float]] = {}
+    for name, step in steps.items():
+        time_steps(step, batches, 5, 0)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            time_steps(step, batches, n_steps, 0)
+        events = prof.key_averages()
+        self_us[name] = {e.key: e.self_cpu_time_total / n_steps for e in events}
+        calls[name] = {e.key: e.count / n_steps for e in events}
+    ops = set().union(*self_us.values())
+    plain_total = sum(self_us["plain"].values())
+    for name in (n for n in steps if n != "plain"):
+        total = sum(self_us[name].values())
+        extra = {op: self_us[name].get(op, 0.0) - self_us["plain"].get(op, 0.0) for op in ops}
+        print(
+            f"\nProfiler ({n_steps} steps): self CPU us/step by operator, {name} vs plain; profiled totals "
+            f"{total:.0f} vs {plain_total:.0f} us/step (+{total - plain_total:.0f})"
+        )
+        print(f"{'operator':<40} {'plain':>8} {name:>8} {'extra':>8} {'calls/step':>14}")
+        for op in sorted(ops, key=lambda o: -extra[o])[:top]:
+            n_calls = f"{calls['plain'].get(op, 0):.0f} -> {calls[name].get(op, 0):.0f}"
+            print(
+                f"{op[:40]:<40} {self_us['plain'].get(op, 0.0):>8.1f} {self_us[name].get(op, 0.0):>8.1f} "
+                f"{extra[op]:>8.1f} {n_calls:>14}"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=20, help="untimed steps per variant first")
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved timed repeats per variant")
+    parser.add_argument("--steps", type=int, default=50, help="timed steps per repeat")
+    parser.add_argument("--reference", action="store_true", help="also time the naive per-layer version")
+    parser.add_argument("--profile", action="store_true", help="also compare operators with torch.profiler")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}"
+        f", batch {args.batch_size}, classifier {N_FEATURES}-256 (hidden) -> {N_CLASSES} classes"
+    )
+    batches = pbmc_batches(16, args.batch_size, args.seed)
+    coordinates = torch.from_numpy(FederationKey.generate().coordinates())
+    steps = make_steps(coordinates, args.reference, args.seed)
+    run_timing(steps, batches, warmup=args.warmup, repeats=args.repeats, n_steps=args.steps)
+    if args.profile:
+        run_profile(steps, batches, n_steps=args.steps, top=18)
+
+
+if __name__ == "__main__":
+    main()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import scanpy as sc
 import torch
 
 import scinfl as si
@@ -14,14 +15,16 @@ from test_nn import _serialised, key_material
 
 
 def _trained_states(n: int) -> list[dict[str, torch.Tensor]]:
-    """State dicts of a BatchNorm network after a few real steps, so running statistics differ."""
+    """State dicts of a BatchNorm network after forward passes on different real PBMC cells, so that
+    running statistics differ between the "sites"."""
+    cells = torch.from_numpy(sc.datasets.pbmc68k_reduced().raw.X.toarray().astype(np.float32))
     states = []
     for seed in range(n):
         torch.manual_seed(seed)
-        net = si.nn.ResidualMLPClassifier(20, 3, hidden=8)
+        net = si.nn.ResidualMLPClassifier(cells.shape[1], 3, hidden=8)
         net.train()
-        for _ in range(seed + 1):
-            net(torch.randn(16, 20) * (seed + 1))
+        for step in range(seed + 1):
+            net(cells[(seed * 100 + step * 16) : (seed * 100 + step * 16 + 16)])
         states.append({k: v.clone() for k, v in net.state_dict().items()})
     return states
 

@@ -1,4 +1,4 @@
-"""Compute: train a keyed model across sites, predict on new data. Results land in the AnnData."""
+"""Train a keyed model across sites and predict on new data; results land in the AnnData."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from anndata import AnnData
 
-from ._settings import logger, settings, torch_threads
-from .data import (
+from .._settings import logger, settings, torch_threads
+from ..data import (
     AlignedMatrix,
     SiteFields,
     build_schema,
@@ -19,10 +19,10 @@ from .data import (
     label_codes,
     site_fields,
 )
-from .federation import ENGINES, run_local
-from .key import FederationKey
-from .model import FederatedModel, Predictions
-from .train import FitSettings, ModelConfig, SiteTrainer, build_network, get_task, site_datasets
+from ..federation import ENGINES, run_local
+from ..key import FederationKey
+from ..model import FederatedModel, Predictions
+from ..train import FitSettings, ModelConfig, SiteTrainer, build_network, get_task, site_datasets
 
 __all__ = ["predict", "train_federated"]
 

@@ -38,17 +38,22 @@ def _encode_by_hand(encoder: CoordinateKeyEncoder, coords: torch.Tensor) -> torc
     return h.mean(dim=0)
 
 
-def _keyed_linear_by_hand(layer: KeyedLinear, k: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    s = layer.strength
-    out = layer.out_features
-    heads = k @ layer.key_heads.weight.T + layer.key_heads.bias
-    a, c = heads[:out], heads[out : 2 * out]
-    w_eff = layer.weight * (1 + s * torch.tanh(a))[:, None]
-    b_eff = layer.bias + s * torch.tanh(c)
+def _keyed_linear_by_hand(
+    keyed: KeyedNetwork, layer: KeyedLinear, k: torch.Tensor, x: torch.Tensor
+) -> torch.Tensor:
+    """W_eff = W (1 + s tanh a) per row, b_eff = b + s tanh c, then FiLM y (1 + s tanh g) + s tanh beta."""
+    s = keyed.strength
+    rows = keyed.head_rows(layer)
+    w_heads, b_heads = keyed.key_heads.weight, keyed.key_heads.bias
+
+    def head(name):
+        return k @ w_heads[rows[name]].T + b_heads[rows[name]]
+
+    w_eff = layer.weight * (1 + s * torch.tanh(head("a")))[:, None]
+    b_eff = layer.bias + s * torch.tanh(head("c"))
     y = x @ w_eff.T + b_eff
     if layer.film:
-        g, beta = heads[2 * out : 3 * out], heads[3 * out :]
-        y = y * (1 + s * torch.tanh(g)) + s * torch.tanh(beta)
+        y = y * (1 + s * torch.tanh(head("g"))) + s * torch.tanh(head("beta"))
     return y
 
 
@@ -70,15 +75,39 @@ def test_keyed_linear_matches_formula(cells, key, film, strength):
     assert layer.film is film
     # heads initialised small; make them large so that every term of the formula matters
     with torch.no_grad():
-        layer.key_heads.weight.normal_(0, 1.0)
+        keyed.key_heads.weight.normal_(0, 1.0)
     coords = _coords(key)
     k = _encode_by_hand(keyed.key_encoder, coords)
-    expected = _keyed_linear_by_hand(layer, k, cells)
+    expected = _keyed_linear_by_hand(keyed, layer, k, cells)
     with torch.no_grad():
         got = keyed(cells, key=coords)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     # the modulation really changes the output (the test would pass vacuously otherwise)
     assert (got - nn.functional.linear(cells, layer.weight, layer.bias)).abs().max() > 1e-2
+
+
+def test_multilayer_network_matches_formula_layer_by_layer(cells, key):
+    """Each layer reads its own rows of the fused key maps (offsets and FiLM positions are right)."""
+    torch.manual_seed(6)
+    net = nn.Sequential(nn.Linear(765, 32), nn.ReLU(), nn.Linear(32, 8), nn.ReLU(), nn.Linear(8, 3))
+    keyed = keyify(net, strength=2.0)
+    with torch.no_grad():
+        keyed.key_heads.weight.normal_(0, 1.0)
+    layers = keyed.keyed_layers()
+    assert [layer.film for layer in layers] == [True, True, False]
+    coords = _coords(key)
+    k = _encode_by_hand(keyed.key_encoder, coords)
+    h = torch.relu(_keyed_linear_by_hand(keyed, layers[0], k, cells))
+    h = torch.relu(_keyed_linear_by_hand(keyed, layers[1], k, h))
+    expected = _keyed_linear_by_hand(keyed, layers[2], k, h)
+    with torch.no_grad():
+        torch.testing.assert_close(keyed(cells, key=coords), expected, rtol=1e-4, atol=1e-5)
+    # every row of the fused map belongs to exactly one (layer, head)
+    covered = torch.zeros(keyed.key_heads.out_features, dtype=torch.int64)
+    for layer in layers:
+        for rows in keyed.head_rows(layer).values():
+            covered[rows] += 1
+    assert (covered == 1).all()
 
 
 def test_gradients_match_materialised_weights(cells, key):
@@ -88,12 +117,12 @@ def test_gradients_match_materialised_weights(cells, key):
     layer = keyed.network[0]
     coords = _coords(key)
     keyed(cells, key=coords).square().sum().backward()
-    ours = (layer.weight.grad.clone(), layer.key_heads.weight.grad.clone())
+    ours = (layer.weight.grad.clone(), keyed.key_heads.weight.grad.clone())
     keyed.zero_grad()
     k = keyed.key_encoder(coords)
-    _keyed_linear_by_hand(layer, k, cells).square().sum().backward()
+    _keyed_linear_by_hand(keyed, layer, k, cells).square().sum().backward()
     torch.testing.assert_close(ours[0], layer.weight.grad, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(ours[1], layer.key_heads.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours[1], keyed.key_heads.weight.grad, rtol=1e-4, atol=1e-4)
 
 
 def test_keyify_copies_weights_and_leaves_original(cells):
@@ -125,9 +154,7 @@ def test_keyify_select_and_errors():
 def test_keys_change_outputs_and_context_restores(cells, key):
     torch.manual_seed(4)
     keyed = keyify(si.nn.ResidualMLPClassifier(765, 10, hidden=32)).eval()
-    for layer in keyed.modules():
-        if isinstance(layer, KeyedLinear):
-            nn.init.normal_(layer.key_heads.weight, 0, 1.0)
+    nn.init.normal_(keyed.key_heads.weight, 0, 1.0)
     with torch.no_grad():
         right = keyed(cells, key=_coords(key))
         flipped = keyed(cells, key=_coords(key.with_bit_flipped(0)))
@@ -136,7 +163,7 @@ def test_keys_change_outputs_and_context_restores(cells, key):
             inside = keyed(cells)
             with use_key(None):
                 nested_none = keyed(cells)
-            assert si.nn.active_key_vector() is None  # k exists only during a forward pass
+            assert si.nn.active_modulation() is None  # the modulation exists only during a forward pass
         after = keyed(cells)
     torch.testing.assert_close(inside, right)
     torch.testing.assert_close(nested_none, none)

@@ -34,9 +34,10 @@ def fedavg(states: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) -> 
     for name in names:
         tensors = [state[name] for state in states]
         if tensors[0].is_floating_point():
-            stacked = torch.stack([t.to(torch.float64) for t in tensors])
-            mix = torch.tensor([w / total for w in weights], dtype=torch.float64)
-            averaged[name] = torch.tensordot(mix, stacked, dims=1).to(tensors[0].dtype)
+            mean = tensors[0] * (weights[0] / total)
+            for tensor, weight in zip(tensors[1:], weights[1:], strict=True):
+                mean.add_(tensor, alpha=weight / total)
+            averaged[name] = mean
         else:
             averaged[name] = torch.stack(tensors).amax(dim=0)
     return averaged

@@ -1,7 +1,7 @@
 """Pure-torch building blocks: keyed layers, the key encoder, task networks. No AnnData here."""
 
 from .key_encoder import CoordinateKeyEncoder
-from .keyed import KeyedLinear, KeyedNetwork, active_key_vector, keyify, use_key
+from .keyed import KeyedLinear, KeyedNetwork, active_modulation, keyify, use_key, use_key_vector
 from .networks import ResidualBlock, ResidualMLPClassifier
 
 __all__ = [
@@ -10,7 +10,8 @@ __all__ = [
     "KeyedNetwork",
     "ResidualBlock",
     "ResidualMLPClassifier",
-    "active_key_vector",
+    "active_modulation",
     "keyify",
     "use_key",
+    "use_key_vector",
 ]

@@ -1,9 +1,10 @@
-"""Keyed layers: the paper's coordinate-conditioned modulation of a linear layer (``scheme="infl"``).
+"""Keyed layers: the paper's coordinate-conditioned modulation of linear layers (``scheme="infl"``).
 
 The key never becomes module state. A :class:`KeyedNetwork` reads the secret coordinates from a
 :func:`use_key` context for the duration of a call, encodes them into the key vector ``k`` once per forward
-pass, and every :class:`KeyedLinear` inside reads ``k`` from the same context. Parameters, buffers and
-``state_dict`` hold only weights, which are shared with the server.
+pass, derives every keyed layer's modulation from ``k`` in one fused step, and each :class:`KeyedLinear`
+inside reads its own from the same context. Parameters, buffers and ``state_dict`` hold only weights,
+which are shared with the server.
 
 For a keyed linear with strength ``s`` (Zhang et al., arXiv 2603.28334; ../shared/DESIGN.md)::
 
@@ -12,8 +13,10 @@ For a keyed linear with strength ``s`` (Zhang et al., arXiv 2603.28334; ../share
     y = x @ W_eff.T + b_eff
     y = y * (1 + s * tanh(g(k))) + s * tanh(beta(k))  # FiLM, on layers followed by an activation
 
-``x @ (W * r[:, None]).T == (x @ W.T) * r``, so the row scaling is applied to the output: the same
-function and gradients without materialising ``W_eff`` (one matmul, as in the plain layer).
+``a, c, g, beta`` are linear maps of ``k``; all layers' maps are one ``Linear(key_dim, ...)``. Since
+``x @ (W * r[:, None]).T == (x @ W.T) * r``, a layer computes ``y = (x @ W.T) * scale + shift`` with
+``scale = (1 + s*tanh a) * (1 + s*tanh g)`` and ``shift = (b + s*tanh c) * (1 + s*tanh g) + s*tanh beta``:
+the same function and gradients as the formulas above, in one matmul and one fused multiply-add.
 """
 
 from __future__ import annotations
@@ -29,15 +32,19 @@ from torch import Tensor, nn
 
 from .key_encoder import CoordinateKeyEncoder
 
-__all__ = ["KeyedLinear", "KeyedNetwork", "active_key_vector", "keyify", "use_key"]
+__all__ = ["KeyedLinear", "KeyedNetwork", "active_modulation", "keyify", "use_key", "use_key_vector"]
 
 # Secret coordinates for the call in progress (None: keyless forward).
 _ACTIVE_COORDINATES: contextvars.ContextVar[Tensor | None] = contextvars.ContextVar(
     "scinfl_active_coordinates", default=None
 )
-# Key vector k encoded once per KeyedNetwork forward, read by every KeyedLinear inside it.
-_ACTIVE_KEY_VECTOR: contextvars.ContextVar[Tensor | None] = contextvars.ContextVar(
-    "scinfl_active_key_vector", default=None
+# A key vector chosen directly, bypassing the encoder (the audit's key-recovery attack fits one).
+_KEY_VECTOR_OVERRIDE: contextvars.ContextVar[Tensor | None] = contextvars.ContextVar(
+    "scinfl_key_vector_override", default=None
+)
+# Per-layer (scale, shift) of the keyed forward pass in progress, by id of the KeyedLinear.
+_ACTIVE_MODULATION: contextvars.ContextVar[dict[int, tuple[Tensor, Tensor]] | None] = contextvars.ContextVar(
+    "scinfl_active_modulation", default=None
 )
 
 
@@ -57,86 +64,154 @@ def use_key(coordinates: Tensor | None) -> Iterator[None]:
         _ACTIVE_COORDINATES.reset(token)
 
 
-def active_key_vector() -> Tensor | None:
-    """The key vector of the keyed forward pass in progress, or None outside one (or without a key)."""
-    return _ACTIVE_KEY_VECTOR.get()
+@contextmanager
+def use_key_vector(key_vector: Tensor) -> Iterator[None]:
+    """Run keyed networks with ``key_vector`` as ``k`` directly, bypassing the coordinate encoder.
+
+    An attacker's tool: the privacy audit fits ``k`` on labelled data with frozen weights to test whether
+    the secret can be recovered through this low-dimensional bottleneck.
+    """
+    if key_vector.ndim != 1:
+        raise ValueError("A key vector is one-dimensional.")
+    token = _KEY_VECTOR_OVERRIDE.set(key_vector)
+    try:
+        yield
+    finally:
+        _KEY_VECTOR_OVERRIDE.reset(token)
+
+
+def active_modulation() -> dict[int, tuple[Tensor, Tensor]] | None:
+    """The per-layer modulation of the keyed forward pass in progress; None outside one or without a key."""
+    return _ACTIVE_MODULATION.get()
 
 
 class KeyedLinear(nn.Linear):
-    """A linear layer whose effective weights depend on the key (see module docstring).
+    """A linear layer whose effective weights depend on the key (see the module docstring).
 
-    Without an active key it is exactly :class:`torch.nn.Linear`. Its key heads ``a, c`` (and ``g, beta``
-    with ``film=True``) are one fused linear map of the key vector; they are ordinary shared weights.
+    Outside a keyed forward pass, or without a key, it is exactly :class:`torch.nn.Linear`. Its key maps
+    live in the enclosing :class:`KeyedNetwork`, which computes all layers' modulations at once.
 
     Parameters
     ----------
     in_features, out_features, bias
         As for :class:`torch.nn.Linear`.
-    key_dim
-        Length of the key vector ``k``.
-    strength
-        The key strength ``s``.
     film
         Apply the FiLM modulation after the affine map (for layers followed by an activation).
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        *,
-        key_dim: int = 16,
-        strength: float = 1.0,
-        film: bool = True,
-    ) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, film: bool = True) -> None:
         super().__init__(in_features, out_features, bias=bias)
-        self.strength = float(strength)
         self.film = bool(film)
-        n_heads = 4 if film else 2
-        self.key_heads = nn.Linear(key_dim, n_heads * out_features)
-
-    def modulation(self, key_vector: Tensor) -> tuple[Tensor, ...]:
-        """The per-unit factors ``s*tanh(.)`` of heads a, c (and g, beta) for one key vector."""
-        return (self.strength * torch.tanh(self.key_heads(key_vector))).chunk(4 if self.film else 2)
 
     def forward(self, x: Tensor) -> Tensor:
-        key_vector = _ACTIVE_KEY_VECTOR.get()
-        if key_vector is None:
+        modulation = _ACTIVE_MODULATION.get()
+        if modulation is None or id(self) not in modulation:
             return F.linear(x, self.weight, self.bias)
-        mods = self.modulation(key_vector)
-        y = F.linear(x, self.weight) * (1.0 + mods[0])
-        y = y + mods[1] if self.bias is None else y + (self.bias + mods[1])
-        if self.film:
-            y = y * (1.0 + mods[2]) + mods[3]
-        return y
+        scale, shift = modulation[id(self)]
+        return torch.addcmul(shift, F.linear(x, self.weight), scale)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, strength={self.strength}, film={self.film}"
+        return f"{super().extra_repr()}, film={self.film}"
 
 
 class KeyedNetwork(nn.Module):
-    """A network whose linear layers are keyed, with the key encoder they share.
+    """A network whose linear layers are keyed, with the key encoder and key maps they share.
 
     Call it like the wrapped network; it encodes the coordinates of the active :func:`use_key` context
     once per call. ``forward(x, key=coords)`` is shorthand for ``with use_key(coords): forward(x)``.
     Other methods of the wrapped network run keyed through :meth:`call`.
+
+    Parameters
+    ----------
+    network
+        A module containing :class:`KeyedLinear` layers (see :func:`keyify`).
+    key_encoder
+        Maps the secret coordinates to the key vector ``k``.
+    strength
+        The key strength ``s``.
     """
 
-    def __init__(self, network: nn.Module, key_encoder: CoordinateKeyEncoder) -> None:
+    def __init__(
+        self, network: nn.Module, key_encoder: CoordinateKeyEncoder, *, strength: float = 1.0
+    ) -> None:
         super().__init__()
         self.network = network
         self.key_encoder = key_encoder
+        self.strength = float(strength)
+        layers = [m for m in network.modules() if isinstance(m, KeyedLinear)]
+        if not layers:
+            raise ValueError("KeyedNetwork needs at least one KeyedLinear layer in the network.")
+        widths = torch.tensor([layer.out_features for layer in layers])
+        self._n_units = int(widths.sum())
+        film_units = [
+            torch.arange(start, start + layer.out_features)
+            for start, layer in zip((widths.cumsum(0) - widths).tolist(), layers, strict=True)
+            if layer.film
+        ]
+        # Unit indices (into all keyed layers' outputs, concatenated) that get FiLM; not key material.
+        self._film_units = torch.cat(film_units) if film_units else torch.empty(0, dtype=torch.long)
+        # Rows: a (all units), c (all units), g (FiLM units), beta (FiLM units).
+        n_film = len(self._film_units)
+        self.key_heads = nn.Linear(key_encoder.key_dim, 2 * self._n_units + 2 * n_film)
+
+    def keyed_layers(self) -> list[KeyedLinear]:
+        return [m for m in self.network.modules() if isinstance(m, KeyedLinear)]
+
+    def head_rows(self, layer: KeyedLinear) -> dict[str, slice | Tensor]:
+        """Which rows of ``key_heads`` produce ``a, c`` (and ``g, beta`` with FiLM) for ``layer``."""
+        start = 0
+        for other in self.keyed_layers():
+            if other is layer:
+                break
+            start += other.out_features
+        else:
+            raise ValueError("That layer is not a keyed layer of this network.")
+        units = slice(start, start + layer.out_features)
+        rows: dict[str, slice | Tensor] = {
+            "a": units,
+            "c": slice(self._n_units + start, self._n_units + start + layer.out_features),
+        }
+        if layer.film:
+            position = torch.nonzero(self._film_units == start, as_tuple=True)[0].item()
+            base = 2 * self._n_units
+            n_film = len(self._film_units)
+            rows["g"] = slice(base + position, base + position + layer.out_features)
+            rows["beta"] = slice(base + n_film + position, base + n_film + position + layer.out_features)
+        return rows
+
+    def modulation(self, key_vector: Tensor) -> dict[int, tuple[Tensor, Tensor]]:
+        """Every keyed layer's ``(scale, shift)`` for key vector ``k``, computed in one fused step."""
+        layers = self.keyed_layers()
+        n, n_film = self._n_units, len(self._film_units)
+        heads = self.strength * torch.tanh(self.key_heads(key_vector))
+        a, c, g, beta = heads.split([n, n, n_film, n_film])
+        bias = torch.cat(
+            [
+                layer.bias if layer.bias is not None else layer.weight.new_zeros(layer.out_features)
+                for layer in layers
+            ]
+        )
+        film_scale = heads.new_ones(n).index_put((self._film_units,), 1.0 + g)
+        film_shift = heads.new_zeros(n).index_put((self._film_units,), beta)
+        scale = (1.0 + a) * film_scale
+        shift = (bias + c) * film_scale + film_shift
+        widths = [layer.out_features for layer in layers]
+        return {
+            id(layer): (s, t)
+            for layer, s, t in zip(layers, scale.split(widths), shift.split(widths), strict=True)
+        }
 
     @contextmanager
     def _keyed_pass(self) -> Iterator[None]:
-        coordinates = _ACTIVE_COORDINATES.get()
-        key_vector = None if coordinates is None else self.key_encoder(coordinates)
-        token = _ACTIVE_KEY_VECTOR.set(key_vector)
+        key_vector = _KEY_VECTOR_OVERRIDE.get()
+        if key_vector is None:
+            coordinates = _ACTIVE_COORDINATES.get()
+            key_vector = None if coordinates is None else self.key_encoder(coordinates)
+        token = _ACTIVE_MODULATION.set(None if key_vector is None else self.modulation(key_vector))
         try:
             yield
         finally:
-            _ACTIVE_KEY_VECTOR.reset(token)
+            _ACTIVE_MODULATION.reset(token)
 
     def call(self, method: str, *args, **kwargs):
         """Run ``self.network.<method>(*args, **kwargs)`` under the active key."""
@@ -148,6 +223,9 @@ class KeyedNetwork(nn.Module):
             with use_key(key):
                 return self.call("forward", x, *args, **kwargs)
         return self.call("forward", x, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"strength={self.strength}"
 
 
 def _default_film_layers(linears: list[tuple[str, nn.Linear]]) -> set[str]:
@@ -168,7 +246,7 @@ def keyify(
     """Make a copy of ``module`` with its ``nn.Linear`` layers keyed, plug-and-play.
 
     The original module is left unchanged. Each selected layer becomes a :class:`KeyedLinear` with the same
-    weights; the returned :class:`KeyedNetwork` owns the coordinate key encoder they share.
+    weights; the returned :class:`KeyedNetwork` owns the coordinate key encoder and the key maps.
 
     Parameters
     ----------
@@ -199,12 +277,7 @@ def keyify(
     )
     for name, layer in linears:
         keyed = KeyedLinear(
-            layer.in_features,
-            layer.out_features,
-            bias=layer.bias is not None,
-            key_dim=key_dim,
-            strength=strength,
-            film=name in film_layers,
+            layer.in_features, layer.out_features, bias=layer.bias is not None, film=name in film_layers
         )
         with torch.no_grad():
             keyed.weight.copy_(layer.weight)
@@ -214,4 +287,4 @@ def keyify(
         parent_name, _, child_name = name.rpartition(".")
         setattr(network.get_submodule(parent_name) if parent_name else network, child_name, keyed)
     encoder = CoordinateKeyEncoder(coordinate_dim=coordinate_dim, hidden=encoder_hidden, key_dim=key_dim)
-    return KeyedNetwork(network, encoder)
+    return KeyedNetwork(network, encoder, strength=strength)

@@ -1,11 +1,14 @@
 """Local training at one site: a Lightning training plan and plain functions any engine can call.
 
 The key enters only through :func:`scinfl.nn.use_key` around the call; neither the plan nor the network
-stores it.
+stores it. Local fits run the LightningModule through Lightning Fabric: a federation makes hundreds of
+short fits, and a new ``Trainer`` per fit cost more than the training itself on small sites
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Iterable, Mapping
@@ -14,6 +17,7 @@ from dataclasses import dataclass, field
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.fabric import Fabric
 from torch import Tensor, nn
 
 from ..nn import KeyedNetwork, use_key
@@ -58,7 +62,16 @@ class TrainingPlan(pl.LightningModule):
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.network.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        # The fused CPU kernel makes a step of the paper's classifier about a quarter faster.
+        return torch.optim.Adam(
+            self.network.parameters(), lr=self.lr, weight_decay=self.weight_decay, fused=True
+        )
+
+
+@functools.cache
+def _fabric() -> Fabric:
+    # Fabric keeps no per-fit state: one instance serves every local fit in the process.
+    return Fabric(accelerator="cpu", devices=1)
 
 
 def fit_local(
@@ -76,22 +89,17 @@ def fit_local(
     torch.manual_seed(seed)
     network.train()
     plan = TrainingPlan(network, task, lr=lr, weight_decay=weight_decay)
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    with warnings.catch_warnings(), use_key(key_coordinates):
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    fabric = _fabric()
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # Lightning 2.6 on torch >= 2.10
-        trainer.fit(plan, train_dataloaders=batches)
+        module, optimizer = fabric.setup(plan, plan.configure_optimizers())
+    with use_key(key_coordinates):
+        for _ in range(epochs):
+            for index, batch in enumerate(batches):
+                optimizer.zero_grad(set_to_none=True)
+                loss = module.training_step(batch, index)
+                fabric.backward(loss)
+                optimizer.step()
     return plan.loss_sum / max(plan.n_seen, 1)
 
 

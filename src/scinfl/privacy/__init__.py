@@ -1,0 +1,24 @@
+"""Measured attacks behind every privacy claim. Pure torch + numpy: no AnnData below ``scinfl.tl``.
+
+Threat model (Kerckhoffs): the attacker knows the code, the architecture, the key-generation procedure and
+every aggregated weight, and sees each client's gradient or update; only the key bytes are secret. A key
+holder is an insider: attacks run with the right key are positive controls that prove the attack works.
+
+Modules
+-------
+metrics
+    Reconstruction metrics (MSE, Pearson, Spearman, mean-subtracted Pearson, top-50 gene overlap,
+    re-identification) beside prior baselines; membership AUC and TPR at low FPR; bootstrap CIs.
+gradients
+    What a client sends: its gradient on a batch, or its update after several local steps.
+inversion
+    Gradient inversion (DLG-style L2, inverting-gradients cosine), label recovery (iDLG), unrolled updates.
+analytic
+    Analytic first-layer inversion, and calibration attacks against a fixed transform of the input.
+membership
+    Loss-threshold and reference-model (LiRA/RMIA-style) membership inference.
+utility
+    Accuracy under wrong keys, one-bit flips and no key; key recovery vs a fresh model on the same data.
+audit
+    Runs the attacks for every attacker view and returns a tidy DataFrame.
+"""

@@ -1,0 +1,151 @@
+"""What the aggregated weights are worth without the key: wrong keys, near-miss keys, no key, and key recovery.
+
+A key protects only if a model run without it (or with a guess of it) is no better than chance, and if an
+attacker holding the weights and a little labelled data gains nothing over training from scratch on that
+data alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from ..nn import KeyedNetwork, use_key, use_key_vector
+from ..train import ModelConfig, build_network, fit_local, get_task
+
+__all__ = [
+    "balanced_accuracy",
+    "fresh_model_accuracy",
+    "predict_labels",
+    "recover_coordinates",
+    "recover_key_vector",
+    "scores",
+]
+
+
+def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Mean recall over the classes present in ``y_true``."""
+    classes = np.unique(y_true)
+    return float(np.mean([(y_pred[y_true == c] == c).mean() for c in classes]))
+
+
+@torch.no_grad()
+def predict_labels(
+    network: nn.Module,
+    x: Tensor,
+    *,
+    key_coordinates: Tensor | None = None,
+    key_vector: Tensor | None = None,
+    batch_size: int = 2048,
+) -> np.ndarray:
+    """Predicted class of every row of ``x`` (evaluation mode), under coordinates, a key vector, or no key."""
+    network.eval()
+    out = []
+    for start in range(0, len(x), batch_size):
+        batch = x[start : start + batch_size]
+        with use_key(key_coordinates):
+            if key_vector is not None:
+                with use_key_vector(key_vector):
+                    logits = network(batch)
+            else:
+                logits = network(batch)
+        out.append(logits.argmax(dim=1).numpy())
+    return np.concatenate(out)
+
+
+def _fit_secret(
+    network: KeyedNetwork,
+    x: Tensor,
+    y: Tensor,
+    secret: Tensor,
+    context: Callable[[Tensor], object],
+    *,
+    steps: int,
+    lr: float,
+) -> Tensor:
+    """Fit ``secret`` (a key vector or coordinates) by cross-entropy on (x, y) with every weight frozen."""
+    network.eval()
+    frozen = [p.requires_grad for p in network.parameters()]
+    for p in network.parameters():
+        p.requires_grad_(False)
+    secret = secret.detach().clone().requires_grad_(True)
+    optimiser = torch.optim.Adam([secret], lr=lr)
+    try:
+        for _ in range(steps):
+            optimiser.zero_grad()
+            with context(secret):
+                loss = F.cross_entropy(network(x), y)
+            loss.backward()
+            optimiser.step()
+    finally:
+        for p, flag in zip(network.parameters(), frozen, strict=True):
+            p.requires_grad_(flag)
+    return secret.detach()
+
+
+def recover_key_vector(
+    network: KeyedNetwork, x: Tensor, y: Tensor, *, init: Tensor, steps: int = 300, lr: float = 0.05
+) -> Tensor:
+    """The attacker fits the key vector ``k`` itself (16 numbers for ``scheme="infl"``) on labelled data."""
+    return _fit_secret(network, x, y, init, use_key_vector, steps=steps, lr=lr)
+
+
+def recover_coordinates(
+    network: KeyedNetwork, x: Tensor, y: Tensor, *, init: Tensor, steps: int = 300, lr: float = 0.02
+) -> Tensor:
+    """The attacker fits the secret coordinates through the (frozen, public) key encoder."""
+    return _fit_secret(network, x, y, init, use_key, steps=steps, lr=lr)
+
+
+def fresh_model_accuracy(
+    config: ModelConfig,
+    x_train: Tensor,
+    y_train: Tensor,
+    x_test: Tensor,
+    y_test: np.ndarray,
+    *,
+    epochs: int = 60,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Accuracy and balanced accuracy on the test set of a plain network trained on (x_train, y_train) alone.
+
+    The fair comparison for key recovery: what the attacker's labelled data is worth without the weights.
+    """
+    plain = ModelConfig(**{**config.to_dict(), "scheme": None})
+    torch.manual_seed(seed)
+    network = build_network(plain)
+    drop_last = len(x_train) % batch_size == 1  # BatchNorm cannot train on a batch of one
+    loader = DataLoader(
+        TensorDataset(x_train, y_train),
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=drop_last,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    fit_local(
+        network,
+        loader,
+        get_task(config.task),
+        epochs=epochs,
+        lr=lr,
+        weight_decay=1e-5,
+        seed=seed,
+        key_coordinates=None,
+    )
+    predicted = predict_labels(network, x_test)
+    return float((predicted == y_test).mean()), balanced_accuracy(y_test, predicted)
+
+
+def scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+    """Accuracy and balanced accuracy of predicted labels."""
+    return {
+        "accuracy": float((y_true == y_pred).mean()),
+        "balanced_accuracy": balanced_accuracy(y_true, y_pred),
+    }

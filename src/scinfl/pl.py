@@ -1,17 +1,18 @@
-"""Draw: training history (and, later, privacy audits)."""
+"""Draw: training history, privacy audits, reconstructions."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 from matplotlib.axes import Axes
 
 from .model import FederatedModel
 
-__all__ = ["history"]
+__all__ = ["history", "privacy", "reconstruction"]
 
 _LABELS = {
     "train_loss": "local training loss",
@@ -72,9 +73,150 @@ def history(
         axis.set_ylabel(_LABELS.get(metric, metric))
         axis.grid(alpha=0.3)
     axes[-1].legend(fontsize="small", frameon=False)
+    _finish(fig, axes, show, save, ax is not None)
+    return axes
+
+
+# What each family's panel shows: the metric, and the reference line an attack must beat to mean anything.
+_PRIVACY_PANELS = {
+    "utility": ("accuracy", "accuracy on never-trained cells"),
+    "key recovery": ("accuracy", "accuracy on never-trained cells"),
+    "analytic": ("pearson_minus_mean", "Pearson (minus public mean) with the victim"),
+    "inversion": ("pearson_minus_mean", "Pearson (minus public mean) with the victim"),
+    "membership": ("auc", "membership AUC"),
+}
+
+
+def _finish(fig, axes, show: bool | None, save: str | Path | None, ax_given: bool) -> None:
     fig.tight_layout()
     if save is not None:
         fig.savefig(save, dpi=150, bbox_inches="tight")
-    if show or (show is None and ax is None and save is None and plt.isinteractive()):
+    if show or (show is None and not ax_given and save is None and plt.isinteractive()):
         plt.show()
+
+
+def privacy(
+    audit: pd.DataFrame,
+    *,
+    families: Sequence[str] | None = None,
+    ax: Axes | Sequence[Axes] | None = None,
+    show: bool | None = None,
+    save: str | Path | None = None,
+) -> list[Axes]:
+    """Draw a privacy audit (:func:`scinfl.tl.privacy_audit`): one panel per attack family.
+
+    Each bar is an attack under one attacker view, with its 95% confidence interval. Utility panels show
+    chance as a dashed line; reconstruction panels show what the public and cell-type mean profiles give
+    for free (dotted lines): an attack leaks only what it adds above those.
+
+    Parameters
+    ----------
+    audit
+        The audit table.
+    families
+        Families to draw, in order; default: those present.
+    ax
+        Axes to draw into, one per family.
+    show, save
+        As in scanpy.
+
+    Returns
+    -------
+    The Axes, one per family.
+    """
+    present = [f for f in _PRIVACY_PANELS if f in set(audit["family"])]
+    families = list(families) if families is not None else present
+    missing = [f for f in families if f not in present]
+    if missing or not families:
+        raise ValueError(f"The audit has no family {missing or families}; it has {', '.join(present)}.")
+    if ax is None:
+        fig, axes = plt.subplots(1, len(families), figsize=(5.0 * len(families), 4.2), squeeze=False)
+        axes = list(axes[0])
+    else:
+        axes = [ax] if isinstance(ax, Axes) else list(ax)
+        if len(axes) != len(families):
+            raise ValueError(f"Got {len(axes)} Axes for {len(families)} families.")
+        fig = axes[0].figure
+    for axis, family in zip(axes, families, strict=True):
+        metric, label = _PRIVACY_PANELS[family]
+        rows = audit[(audit["family"] == family) & (audit["metric"] == metric)]
+        if family == "utility":
+            chance = rows[rows["view"] == "chance"]
+            rows = rows[rows["view"] != "chance"]
+        names = [
+            f"{a}\n[{v}]" if family != "utility" else v
+            for a, v in zip(rows["attack"], rows["view"], strict=True)
+        ]
+        position = np.arange(len(rows))
+        error = np.vstack([rows["mean"] - rows["ci_low"], rows["ci_high"] - rows["mean"]])
+        axis.barh(position, rows["mean"], xerr=np.clip(error, 0, None), color="0.6", capsize=3)
+        axis.set_yticks(position, names, fontsize="x-small")
+        axis.invert_yaxis()
+        axis.set_xlabel(label)
+        axis.set_title(family)
+        if family == "utility" and len(chance):
+            axis.axvline(float(chance["mean"].iloc[0]), color="C3", linestyle="--", label="chance")
+        if family in ("analytic", "inversion"):
+            priors = audit[(audit["family"] == "prior") & (audit["metric"] == metric)]
+            for style, (_, prior) in zip((":", "-."), priors.iterrows(), strict=False):
+                axis.axvline(prior["mean"], color="C0", linestyle=style, label=f"{prior['attack']} (free)")
+        if family == "membership":
+            axis.axvline(0.5, color="C3", linestyle="--", label="guessing")
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize="x-small", frameon=False)
+        axis.grid(axis="x", alpha=0.3)
+    _finish(fig, axes, show, save, ax is not None)
+    return axes
+
+
+def reconstruction(
+    examples: Mapping[str, np.ndarray],
+    *,
+    attacks: Sequence[str] | None = None,
+    var_names: Sequence[str] | None = None,
+    n_genes: int = 5,
+    show: bool | None = None,
+    save: str | Path | None = None,
+) -> list[Axes]:
+    """Reconstructed vs true expression of one victim, one panel per ``"attack | view"``.
+
+    Parameters
+    ----------
+    examples
+        ``adata.uns["scinfl_privacy_examples"]`` from :func:`scinfl.tl.privacy_audit`.
+    attacks
+        Which ``"attack | view"`` entries to draw; default: all.
+    var_names
+        Gene names (the model's ``schema.var_names``) to label the victim's ``n_genes`` top genes.
+    n_genes
+        How many top genes to label.
+    show, save
+        As in scanpy.
+
+    Returns
+    -------
+    The Axes, one per entry.
+    """
+    if "truth" not in examples:
+        raise ValueError("No reconstruction examples: pass adata.uns['scinfl_privacy_examples'].")
+    truth = np.asarray(examples["truth"])
+    names = list(attacks) if attacks is not None else [k for k in examples if k != "truth"]
+    if not names:
+        raise ValueError("The examples hold no reconstruction.")
+    fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.6), squeeze=False)
+    axes = list(axes[0])
+    top = np.argsort(truth)[::-1][:n_genes]
+    for axis, name in zip(axes, names, strict=True):
+        rec = np.asarray(examples[name])
+        axis.scatter(truth, rec, s=6, alpha=0.5, color="0.4")
+        axis.scatter(truth[top], rec[top], s=14, color="C3")
+        if var_names is not None:
+            for i in top:
+                axis.annotate(str(var_names[i]), (truth[i], rec[i]), fontsize="xx-small")
+        lim = [min(truth.min(), rec.min()), max(truth.max(), rec.max())]
+        axis.plot(lim, lim, color="C0", linewidth=0.8, linestyle="--")
+        axis.set_xlabel("true expression")
+        axis.set_ylabel("reconstructed")
+        axis.set_title(name, fontsize="x-small")
+    _finish(fig, axes, show, save, False)
     return axes

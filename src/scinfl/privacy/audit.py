@@ -1,0 +1,480 @@
+"""The privacy audit: every attack, for every attacker view, on one trained network, as a tidy table.
+
+The auditor is an insider who holds the key and simulates the attackers of the threat model (see the
+package docstring): the keyless server, a server that guesses a key from the same generator, and, as the
+positive control that proves each attack works, a key holder. Every figure is a mean over items (victims,
+keys) and seeds with a percentile-bootstrap 95% confidence interval.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+
+from ..key import FederationKey
+from ..nn import KeyedNetwork
+from ..train import ModelConfig
+from .analytic import (
+    calibrate_gain_offset,
+    calibrate_principal_axes,
+    invert_first_layer,
+    invert_first_layer_no_bias,
+)
+from .gradients import client_gradient, client_update
+from .inversion import invert_gradient, invert_update, recover_labels
+from .metrics import bootstrap_ci, pearson, prior_baselines, reconstruction_metrics
+from .utility import (
+    fresh_model_accuracy,
+    predict_labels,
+    recover_coordinates,
+    recover_key_vector,
+    scores,
+)
+
+__all__ = ["ATTACKS", "AuditData", "AuditSettings", "run_audit", "wrong_key"]
+
+logger = logging.getLogger("scinfl")
+
+ATTACKS = ("utility", "key_recovery", "analytic", "inversion", "membership")
+COLUMNS = ["family", "attack", "view", "metric", "mean", "ci_low", "ci_high", "n"]
+
+
+@dataclass(frozen=True)
+class AuditData:
+    """The cells of an audit, as tensors over the model's features (aligned by the caller).
+
+    Attributes
+    ----------
+    members_x, members_y
+        Cells the model was trained on (at the audited site): the victims of reconstruction attacks and the
+        members of membership inference.
+    public_x, public_y
+        Cells never used in training, of the same tissue: the attacker's public reference cohort (mean
+        profiles, calibration), its labelled auxiliary data (key recovery), the non-members of membership
+        inference, and the test set of utility.
+    """
+
+    members_x: Tensor
+    members_y: Tensor
+    public_x: Tensor
+    public_y: Tensor
+
+    @property
+    def n_features(self) -> int:
+        return self.members_x.shape[1]
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """Sizes of the audit. The defaults make a full audit; tests use small ones."""
+
+    n_victims: int = 32
+    seeds: Sequence[int] = (0, 1, 2)
+    n_wrong_keys: int = 10
+    inversion_victims: int = 8
+    inversion_batches: Sequence[int] = (8,)
+    inversion_steps: int = 300
+    inversion_restarts: int = 2
+    update_batch: int = 4
+    update_local_steps: int = 3
+    update_lr: float = 0.1
+    aux_fraction: float = 0.1
+    key_recovery_steps: int = 300
+    fresh_model_epochs: int = 60
+    membership_reference_models: int = 4
+    membership_reference_epochs: int = 30
+    n_boot: int = 1000
+
+
+def wrong_key(key: FederationKey | None, seed: int, index: int) -> FederationKey:
+    """A key from the same distribution as ``FederationKey.generate()``, reproducible from (seed, index).
+
+    SHA-256 output is uniformly distributed, as are the bytes of ``secrets``: this is a wrong key drawn
+    from the same generator, only named so that the audit can be repeated.
+    """
+    scheme = "infl" if key is None else key.scheme
+    secret = hashlib.sha256(f"scinfl/audit/wrong-key/{seed}/{index}".encode()).digest()
+    return FederationKey(secret, scheme=scheme)
+
+
+def _coordinates(key: FederationKey | None, config: ModelConfig) -> Tensor | None:
+    if key is None or config.scheme is None:
+        return None
+    return torch.from_numpy(key.coordinates(config.n_key_points, config.coordinate_dim))
+
+
+def _views(
+    network: nn.Module, key: FederationKey | None, config: ModelConfig, seed: int
+) -> dict[str, Tensor | None]:
+    """Attacker views: what each attacker runs the keyed network with."""
+    if not isinstance(network, KeyedNetwork):
+        return {"server": None}
+    return {
+        "server (no key)": None,
+        "server (wrong key)": _coordinates(wrong_key(key, seed, 10_000), config),
+        "right key (positive control)": _coordinates(key, config),
+    }
+
+
+def _task_linear_names(network: nn.Module) -> tuple[str, str]:
+    """Parameter-name prefixes of the first and the last linear layer of the task network."""
+    inner, prefix = (network.network, "network.") if isinstance(network, KeyedNetwork) else (network, "")
+    names = [name for name, module in inner.named_modules() if isinstance(module, nn.Linear)]
+    return prefix + names[0], prefix + names[-1]
+
+
+class _Collector:
+    """Per-item values by (family, attack, view, metric), summarised with bootstrap CIs at the end.
+
+    Also keeps one example reconstruction per (attack, view): the first victim of the first seed, so that
+    a plot can show a reconstruction against the truth.
+    """
+
+    def __init__(self) -> None:
+        self.values: dict[tuple[str, str, str, str], list[float]] = defaultdict(list)
+        self.examples: dict[str, np.ndarray] = {}
+
+    def example(self, attack: str, view: str, victim_profile: np.ndarray, reconstruction: np.ndarray) -> None:
+        self.examples.setdefault("truth", victim_profile)
+        if np.array_equal(self.examples["truth"], victim_profile):
+            self.examples.setdefault(f"{attack} | {view}", reconstruction)
+
+    def add(self, family: str, attack: str, view: str, metrics: dict[str, float]) -> None:
+        for metric, value in metrics.items():
+            self.values[(family, attack, view, metric)].append(float(value))
+
+    def table(self, n_boot: int) -> pd.DataFrame:
+        rows = []
+        for (family, attack, view, metric), values in self.values.items():
+            mean, low, high = bootstrap_ci(values, n_boot=n_boot)
+            n = int(np.count_nonzero(~np.isnan(values)))
+            rows.append((family, attack, view, metric, mean, low, high, n))
+        table = pd.DataFrame(rows, columns=COLUMNS)
+        table.attrs["examples"] = dict(self.examples)
+        return table
+
+
+_RECONSTRUCTION_METRICS = (
+    "nmse",
+    "pearson",
+    "spearman",
+    "pearson_minus_mean",
+    "top50_overlap",
+    "reidentified",
+)
+
+
+def _keep(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if k in _RECONSTRUCTION_METRICS}
+
+
+class _Context:
+    """Everything an attack needs, computed once per audit."""
+
+    def __init__(self, network, config, data: AuditData, key: FederationKey | None, settings: AuditSettings):
+        self.network = network
+        self.config = config
+        self.data = data
+        self.key = key
+        self.settings = settings
+        self.right = _coordinates(key, config)
+        self.public_mean = data.public_x.mean(0).numpy()
+        public_y = data.public_y.numpy()
+        self.celltype_means = {
+            int(c): data.public_x[torch.from_numpy(public_y == c)].mean(0).numpy()
+            for c in np.unique(public_y)
+        }
+        self.reference = torch.cat([data.members_x, data.public_x]).numpy()
+        self.first_layer, self.last_layer = _task_linear_names(network)
+
+    def metrics(
+        self, reconstructed: np.ndarray, victim: int, *, scale_invariant: bool = False
+    ) -> dict[str, float]:
+        label = int(self.data.members_y[victim])
+        return _keep(
+            reconstruction_metrics(
+                reconstructed,
+                self.data.members_x[victim].numpy(),
+                public_mean=self.public_mean,
+                celltype_mean=self.celltype_means.get(label),
+                reference=self.reference,
+                victim_index=victim,
+                scale_invariant=scale_invariant,
+            )
+        )
+
+
+def _utility(ctx: _Context, out: _Collector, seed: int) -> None:
+    x, y = ctx.data.public_x, ctx.data.public_y.numpy()
+    net, config = ctx.network, ctx.config
+    if not isinstance(net, KeyedNetwork):
+        out.add("utility", "accuracy", "server", scores(y, predict_labels(net, x)))
+    else:
+        out.add(
+            "utility", "accuracy", "right key", scores(y, predict_labels(net, x, key_coordinates=ctx.right))
+        )
+        out.add("utility", "accuracy", "no key", scores(y, predict_labels(net, x)))
+        for i in range(ctx.settings.n_wrong_keys):
+            guess = _coordinates(wrong_key(ctx.key, seed, i), config)
+            out.add(
+                "utility", "accuracy", "wrong key", scores(y, predict_labels(net, x, key_coordinates=guess))
+            )
+            bit = int(np.random.default_rng([seed, i]).integers(0, 256))
+            flipped = _coordinates(ctx.key.with_bit_flipped(bit), config)
+            out.add(
+                "utility",
+                "accuracy",
+                "one-bit flip",
+                scores(y, predict_labels(net, x, key_coordinates=flipped)),
+            )
+    counts = np.bincount(y)
+    out.add(
+        "utility",
+        "accuracy",
+        "chance",
+        {"accuracy": counts.max() / counts.sum(), "balanced_accuracy": 1.0 / np.count_nonzero(counts)},
+    )
+
+
+def _key_recovery(ctx: _Context, out: _Collector, seed: int) -> None:
+    if not isinstance(ctx.network, KeyedNetwork):
+        return
+    rng = np.random.default_rng([seed, 0xA0C])
+    x, y = ctx.data.public_x, ctx.data.public_y
+    n_total = len(ctx.data.members_x) + len(x)
+    n_aux = max(2, min(len(x) // 2, round(ctx.settings.aux_fraction * n_total)))
+    order = rng.permutation(len(x))
+    aux, test = order[:n_aux], order[n_aux:]
+    y_test = y[test].numpy()
+    steps = ctx.settings.key_recovery_steps
+    key_dim = ctx.network.key_encoder.key_dim
+    k = recover_key_vector(ctx.network, x[aux], y[aux], init=torch.zeros(key_dim), steps=steps)
+    out.add(
+        "key recovery",
+        f"fit key vector ({n_aux} labelled cells)",
+        "server",
+        scores(y_test, predict_labels(ctx.network, x[test], key_vector=k)),
+    )
+    start = _coordinates(wrong_key(ctx.key, seed, 20_000), ctx.config)
+    coords = recover_coordinates(ctx.network, x[aux], y[aux], init=start, steps=steps)
+    out.add(
+        "key recovery",
+        f"fit coordinates ({n_aux} labelled cells)",
+        "server",
+        scores(y_test, predict_labels(ctx.network, x[test], key_coordinates=coords)),
+    )
+    acc, bal = fresh_model_accuracy(
+        ctx.config, x[aux], y[aux], x[test], y_test, epochs=ctx.settings.fresh_model_epochs, seed=seed
+    )
+    out.add(
+        "key recovery",
+        f"fresh model on the same {n_aux} cells",
+        "no weights",
+        {"accuracy": acc, "balanced_accuracy": bal},
+    )
+    out.add(
+        "key recovery",
+        "right key (reference)",
+        "right key (positive control)",
+        scores(y_test, predict_labels(ctx.network, x[test], key_coordinates=ctx.right)),
+    )
+
+
+def _victims(ctx: _Context, seed: int, n: int) -> np.ndarray:
+    """The first ``n`` victims of this seed's order: every attack of a seed starts with the same victims."""
+    order = np.random.default_rng([seed, 0x71C]).permutation(len(ctx.data.members_x))
+    return order[:n]
+
+
+def _analytic(ctx: _Context, out: _Collector, seed: int) -> None:
+    victims = _victims(ctx, seed, ctx.settings.n_victims)
+    weight, bias = f"{ctx.first_layer}.weight", f"{ctx.first_layer}.bias"
+    leaked = []
+    for victim in victims:
+        x = ctx.data.members_x[victim : victim + 1]
+        y = ctx.data.members_y[victim : victim + 1]
+        grads = client_gradient(ctx.network, x, y, key_coordinates=ctx.right)
+        # The server needs no key: it reads the first layer's gradient (what the client sent).
+        if not torch.any(grads[bias]):
+            continue  # no unit of the first layer was active: nothing leaks from it for this cell
+        estimate = invert_first_layer(grads[weight], grads[bias])
+        leaked.append((victim, estimate))
+        out.example("first layer (dW / db)", "server", x[0].numpy(), _fit_scale(estimate, x[0].numpy()))
+        out.add(
+            "analytic", "first layer (dW / db)", "server", ctx.metrics(estimate, victim, scale_invariant=True)
+        )
+        no_bias = invert_first_layer_no_bias(grads[weight])
+        out.add(
+            "analytic", "first layer, no bias", "server", ctx.metrics(no_bias, victim, scale_invariant=True)
+        )
+        label = int(ctx.data.members_y[victim])
+        priors = prior_baselines(
+            ctx.data.members_x[victim].numpy(),
+            public_mean=ctx.public_mean,
+            celltype_mean=ctx.celltype_means.get(label),
+            reference=ctx.reference,
+            victim_index=int(victim),
+        )
+        out.add("prior", "public mean profile", "free", _keep(priors["public_mean"]))
+        out.add("prior", "cell-type mean profile", "free", _keep(priors["celltype_mean"]))
+    if len(leaked) >= 3:
+        matrix = np.stack([estimate for _, estimate in leaked])
+        public = ctx.data.public_x.numpy()
+        for name, calibrated in (
+            ("first layer + gain/offset calibration", calibrate_gain_offset(matrix, public)),
+            ("first layer + principal-axes calibration", calibrate_principal_axes(matrix, public)),
+        ):
+            for (victim, _), row in zip(leaked, calibrated, strict=True):
+                out.add("analytic", name, "server", ctx.metrics(row, victim))
+
+
+def _fit_scale(estimate: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """An estimate known up to scale, scaled by least squares for display next to the truth."""
+    norm = float(estimate @ estimate)
+    return estimate * (float(estimate @ truth) / norm) if norm > 0 else estimate
+
+
+def _matched(ctx: _Context, reconstructed: Tensor, victims: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """Pair each reconstruction with a victim (Hungarian assignment on Pearson), as an attacker can't know which."""
+    rec = reconstructed.numpy()
+    truth = ctx.data.members_x[victims].numpy()
+    similarity = np.array([[np.nan_to_num(pearson(r, t)) for t in truth] for r in rec])
+    rows, cols = linear_sum_assignment(-similarity)
+    return [(int(victims[c]), rec[r]) for r, c in zip(rows, cols, strict=True)]
+
+
+def _inversion(ctx: _Context, out: _Collector, seed: int) -> None:
+    s = ctx.settings
+    common = {
+        "n_features": ctx.data.n_features,
+        "steps": s.inversion_steps,
+        "restarts": s.inversion_restarts,
+        "prior_mean": torch.from_numpy(ctx.public_mean),
+        "seed": seed,
+    }
+    last_bias = f"{ctx.last_layer}.bias"
+    victims = _victims(ctx, seed, max([s.inversion_victims, s.update_batch, *s.inversion_batches]))
+    for view, guess in _views(ctx.network, ctx.key, ctx.config, seed).items():
+        for victim in victims[: s.inversion_victims]:
+            x, y = ctx.data.members_x[victim : victim + 1], ctx.data.members_y[victim : victim + 1]
+            grads = client_gradient(ctx.network, x, y, key_coordinates=ctx.right)
+            labels = recover_labels(grads[last_bias], 1)
+            out.add(
+                "inversion",
+                "label from last bias (iDLG)",
+                view,
+                {"label_recovered": float(labels[0] == y[0])},
+            )
+            rec = invert_gradient(
+                ctx.network, grads, n_samples=1, labels=labels, key_coordinates=guess, **common
+            )
+            out.add("inversion", "gradient, 1 cell", view, ctx.metrics(rec[0].numpy(), int(victim)))
+            out.example("gradient, 1 cell", view, x[0].numpy(), rec[0].numpy())
+        for size in s.inversion_batches:
+            batch = victims[:size]
+            x, y = ctx.data.members_x[batch], ctx.data.members_y[batch]
+            grads = client_gradient(ctx.network, x, y, key_coordinates=ctx.right)
+            labels = recover_labels(grads[last_bias], size)
+            rec = invert_gradient(
+                ctx.network, grads, n_samples=size, labels=labels, key_coordinates=guess, **common
+            )
+            for victim, row in _matched(ctx, rec, batch):
+                out.add("inversion", f"gradient, batch of {size}", view, ctx.metrics(row, victim))
+        batch = victims[: s.update_batch]
+        x, y = ctx.data.members_x[batch], ctx.data.members_y[batch]
+        update = client_update(
+            ctx.network, x, y, key_coordinates=ctx.right, steps=s.update_local_steps, lr=s.update_lr
+        )
+        mean_gradient = -update[last_bias] / (s.update_local_steps * s.update_lr)
+        labels = recover_labels(mean_gradient, len(batch))
+        rec = invert_update(
+            ctx.network,
+            update,
+            n_samples=len(batch),
+            labels=labels,
+            key_coordinates=guess,
+            steps_local=s.update_local_steps,
+            lr_local=s.update_lr,
+            **common,
+        )
+        attack = f"update, {s.update_local_steps} local steps, batch of {len(batch)}"
+        for victim, row in _matched(ctx, rec, batch):
+            out.add("inversion", attack, view, ctx.metrics(row, victim))
+
+
+_FAMILIES: dict[str, Callable[[_Context, _Collector, int], None]] = {
+    "utility": _utility,
+    "key_recovery": _key_recovery,
+    "analytic": _analytic,
+    "inversion": _inversion,
+}
+
+
+def run_audit(
+    network: nn.Module,
+    config: ModelConfig,
+    data: AuditData,
+    *,
+    key: FederationKey | None,
+    attacks: Sequence[str] = ATTACKS,
+    settings: AuditSettings | None = None,
+) -> pd.DataFrame:
+    """Run the attacks on a trained network and return one row per (attack, view, metric).
+
+    Parameters
+    ----------
+    network
+        The aggregated network (plain or keyed), as the server holds it.
+    config
+        Its architecture.
+    data
+        Training cells (victims, members) and never-trained cells (public cohort, non-members, test set).
+    key
+        The federation key (None for a plain model): used to compute what the clients send, and as the
+        positive-control view. Attackers other than the positive control never see it.
+    attacks
+        Attack families to run, among :data:`ATTACKS`.
+    settings
+        Sizes of the audit.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``family, attack, view, metric, mean, ci_low, ci_high, n`` (95% percentile bootstrap over
+        items and seeds).
+    """
+    unknown = set(attacks) - set(ATTACKS)
+    if unknown:
+        raise ValueError(f"Unknown attacks {sorted(unknown)}; available: {', '.join(ATTACKS)}.")
+    if (key is None) != (config.scheme is None):
+        raise ValueError("Pass the model's key for a keyed model and key=None for a plain one.")
+    settings = settings or AuditSettings()
+    ctx = _Context(network, config, data, key, settings)
+    out = _Collector()
+    was_training = network.training
+    network.eval()
+    try:
+        for seed in settings.seeds:
+            for family in attacks:
+                if family in _FAMILIES:
+                    _FAMILIES[family](ctx, out, seed)
+                else:
+                    _membership(ctx, out, seed)
+    finally:
+        network.train(was_training)
+    return out.table(settings.n_boot)
+
+
+def _membership(
+    ctx: _Context, out: _Collector, seed: int
+) -> None:  # filled in with scinfl.privacy.membership
+    raise NotImplementedError

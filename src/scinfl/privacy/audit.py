@@ -9,7 +9,6 @@ keys) and seeds with a percentile-bootstrap 95% confidence interval.
 from __future__ import annotations
 
 import hashlib
-import logging
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from ..key import FederationKey
-from ..nn import KeyedNetwork
+from ..nn import KeyedNetwork, use_key
 from ..train import ModelConfig
 from .analytic import (
     calibrate_gain_offset,
@@ -31,18 +30,18 @@ from .analytic import (
 )
 from .gradients import client_gradient, client_update
 from .inversion import invert_gradient, invert_update, recover_labels
-from .metrics import bootstrap_ci, pearson, prior_baselines, reconstruction_metrics
+from .membership import reference_model_scores, split_inclusion, true_label_confidence
+from .metrics import bootstrap_ci, membership_metrics, pearson, prior_baselines, reconstruction_metrics
 from .utility import (
     fresh_model_accuracy,
     predict_labels,
     recover_coordinates,
     recover_key_vector,
     scores,
+    train_fresh_model,
 )
 
 __all__ = ["ATTACKS", "AuditData", "AuditSettings", "run_audit", "wrong_key"]
-
-logger = logging.getLogger("scinfl")
 
 ATTACKS = ("utility", "key_recovery", "analytic", "inversion", "membership")
 COLUMNS = ["family", "attack", "view", "metric", "mean", "ci_low", "ci_high", "n"]
@@ -411,11 +410,54 @@ def _inversion(ctx: _Context, out: _Collector, seed: int) -> None:
             out.add("inversion", attack, view, ctx.metrics(row, victim))
 
 
+def _probabilities(network: nn.Module, key_coordinates: Tensor | None) -> Callable[[Tensor], Tensor]:
+    def predict_proba(x: Tensor) -> Tensor:
+        network.eval()
+        with use_key(key_coordinates):
+            return torch.softmax(network(x), dim=1)
+
+    return predict_proba
+
+
+def _membership(ctx: _Context, out: _Collector, seed: int) -> None:
+    """Loss threshold and reference-model attacks (LiRA, RMIA) on the released global model.
+
+    Candidates: as many trained-on cells as never-trained ones (at most 250 each). Reference models are
+    plain networks of the same architecture trained by the attacker on random halves of the candidates;
+    the attacker cannot train keyed ones under the right key, so this is the strongest attack it can run.
+    """
+    s = ctx.settings
+    rng = np.random.default_rng([seed, 0x313])
+    n = min(len(ctx.data.members_x), len(ctx.data.public_x), 250)
+    members = rng.choice(len(ctx.data.members_x), size=n, replace=False)
+    nonmembers = rng.choice(len(ctx.data.public_x), size=n, replace=False)
+    x = torch.cat([ctx.data.members_x[members], ctx.data.public_x[nonmembers]])
+    y = torch.cat([ctx.data.members_y[members], ctx.data.public_y[nonmembers]])
+    is_member = np.r_[np.ones(n, bool), np.zeros(n, bool)]
+    included = split_inclusion(s.membership_reference_models, len(x), seed=seed)
+    reference = []
+    for k in range(s.membership_reference_models):
+        chosen = torch.from_numpy(included[k])
+        model = train_fresh_model(
+            ctx.config, x[chosen], y[chosen], epochs=s.membership_reference_epochs, seed=seed * 1000 + k
+        )
+        reference.append(true_label_confidence(_probabilities(model, None), x, y))
+    reference = np.stack(reference)
+    names = {"lira_online": "LiRA (online)", "lira_offline": "LiRA (offline)", "rmia": "RMIA"}
+    for view, guess in _views(ctx.network, ctx.key, ctx.config, seed).items():
+        target = true_label_confidence(_probabilities(ctx.network, guess), x, y)
+        scored = {"loss threshold": np.log(np.maximum(target, np.finfo(np.float64).tiny))}
+        scored |= {names[k]: v for k, v in reference_model_scores(target, reference, included).items()}
+        for attack, values in scored.items():
+            out.add("membership", attack, view, membership_metrics(values[is_member], values[~is_member]))
+
+
 _FAMILIES: dict[str, Callable[[_Context, _Collector, int], None]] = {
     "utility": _utility,
     "key_recovery": _key_recovery,
     "analytic": _analytic,
     "inversion": _inversion,
+    "membership": _membership,
 }
 
 
@@ -465,16 +507,7 @@ def run_audit(
     try:
         for seed in settings.seeds:
             for family in attacks:
-                if family in _FAMILIES:
-                    _FAMILIES[family](ctx, out, seed)
-                else:
-                    _membership(ctx, out, seed)
+                _FAMILIES[family](ctx, out, seed)
     finally:
         network.train(was_training)
     return out.table(settings.n_boot)
-
-
-def _membership(
-    ctx: _Context, out: _Collector, seed: int
-) -> None:  # filled in with scinfl.privacy.membership
-    raise NotImplementedError

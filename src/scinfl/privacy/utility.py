@@ -25,6 +25,7 @@ __all__ = [
     "recover_coordinates",
     "recover_key_vector",
     "scores",
+    "train_fresh_model",
 ]
 
 
@@ -102,6 +103,45 @@ def recover_coordinates(
     return _fit_secret(network, x, y, init, use_key, steps=steps, lr=lr)
 
 
+def train_fresh_model(
+    config: ModelConfig,
+    x: Tensor,
+    y: Tensor,
+    *,
+    epochs: int = 60,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> nn.Module:
+    """A plain network of ``config``'s architecture trained from scratch on (x, y) alone.
+
+    What an attacker can build without the federation's weights: the key-recovery baseline and the
+    reference models of membership inference.
+    """
+    plain = ModelConfig(**{**config.to_dict(), "scheme": None})
+    torch.manual_seed(seed)
+    network = build_network(plain)
+    drop_last = len(x) % batch_size == 1  # BatchNorm cannot train on a batch of one
+    loader = DataLoader(
+        TensorDataset(x, y),
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=drop_last,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    fit_local(
+        network,
+        loader,
+        get_task(config.task),
+        epochs=epochs,
+        lr=lr,
+        weight_decay=1e-5,
+        seed=seed,
+        key_coordinates=None,
+    )
+    return network.eval()
+
+
 def fresh_model_accuracy(
     config: ModelConfig,
     x_train: Tensor,
@@ -118,26 +158,8 @@ def fresh_model_accuracy(
 
     The fair comparison for key recovery: what the attacker's labelled data is worth without the weights.
     """
-    plain = ModelConfig(**{**config.to_dict(), "scheme": None})
-    torch.manual_seed(seed)
-    network = build_network(plain)
-    drop_last = len(x_train) % batch_size == 1  # BatchNorm cannot train on a batch of one
-    loader = DataLoader(
-        TensorDataset(x_train, y_train),
-        batch_size=batch_size,
-        shuffle=True,
-        drop_last=drop_last,
-        generator=torch.Generator().manual_seed(seed),
-    )
-    fit_local(
-        network,
-        loader,
-        get_task(config.task),
-        epochs=epochs,
-        lr=lr,
-        weight_decay=1e-5,
-        seed=seed,
-        key_coordinates=None,
+    network = train_fresh_model(
+        config, x_train, y_train, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed
     )
     predicted = predict_labels(network, x_test)
     return float((predicted == y_test).mean()), balanced_accuracy(y_test, predicted)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import anndata as ad
@@ -38,7 +39,8 @@ def pbmc_sites(pbmc) -> dict[str, ad.AnnData]:
 
 @pytest.fixture(scope="session")
 def key() -> si.FederationKey:
-    return si.FederationKey.generate()
+    """A fixed key, so that every run of the suite is the same run (tests of random keys make their own)."""
+    return si.FederationKey(hashlib.sha256(b"scinfl test suite key").digest())
 
 
 # Small but real training settings shared by the end-to-end tests.

@@ -24,7 +24,7 @@ _LABELS = {
 def history(
     model: FederatedModel,
     *,
-    metrics: Sequence[str] = ("train_loss", "val_accuracy"),
+    metrics: Sequence[str] | None = None,
     ax: Axes | Sequence[Axes] | None = None,
     show: bool | None = None,
     save: str | Path | None = None,
@@ -36,7 +36,8 @@ def history(
     model
         A trained model (its ``history``).
     metrics
-        History columns to draw, one panel each.
+        History columns to draw, one panel each; default: ``train_loss`` (absent for DP-SGD sites, which
+        do not report it) and ``val_accuracy``.
     ax
         Axes to draw into, one per metric; new ones by default.
     show
@@ -51,6 +52,8 @@ def history(
     frame = model.history
     if frame.empty:
         raise ValueError("This model has no training history to draw.")
+    if metrics is None:
+        metrics = [m for m in ("train_loss", "val_accuracy") if m in frame and frame[m].notna().any()]
     missing = [m for m in metrics if m not in frame]
     if missing:
         raise ValueError(f"History has no column {missing}; available: {', '.join(frame.columns)}.")

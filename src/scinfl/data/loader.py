@@ -91,7 +91,8 @@ class SiteDataset(Dataset):
         return len(self.indices)
 
     def __getitem__(self, positions) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = np.sort(self.indices[np.asarray(positions)])  # row order within a batch changes nothing
+        # Row order within a batch changes nothing; int64 keeps an empty batch an (empty) index array.
+        rows = np.sort(self.indices[np.asarray(positions, dtype=np.int64)])
         x = torch.from_numpy(self.matrix.rows(rows))
         y = torch.from_numpy(self.labels[rows]) if self.labels is not None else torch.empty(0)
         return x, y

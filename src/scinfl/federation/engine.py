@@ -143,7 +143,7 @@ def run_local(
                     "sampled": update is not None,
                     "rejected": name in rejected,
                     "n_train": sites[name].n_train,
-                    "train_loss": update.metrics.get("train_loss", np.nan) if update else np.nan,
+                    **(update.metrics if update else {}),  # what the site reports of its fit
                     **{f"val_{k}" if k != "n" else "n_val": v for k, v in evaluations[name].items()},
                 }
             )

@@ -2,24 +2,41 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from torch import Tensor, nn
 
-__all__ = ["ResidualBlock", "ResidualMLPClassifier"]
+__all__ = ["NORMS", "ResidualBlock", "ResidualMLPClassifier", "normalization"]
+
+NORMS = ("batch", "layer")
+
+
+def normalization(norm: Literal["batch", "layer"], width: int) -> nn.Module:
+    """``BatchNorm1d`` (``"batch"``) or ``LayerNorm`` (``"layer"``) over ``width`` features.
+
+    LayerNorm normalises each cell on its own, so a cell's output does not depend on the other cells of
+    its batch: what DP-SGD's per-sample gradients require (Opacus rejects BatchNorm).
+    """
+    if norm == "batch":
+        return nn.BatchNorm1d(width)
+    if norm == "layer":
+        return nn.LayerNorm(width)
+    raise ValueError(f"norm must be one of {', '.join(map(repr, NORMS))}, got {norm!r}.")
 
 
 class ResidualBlock(nn.Module):
-    """``BN(x + Linear-BN-ReLU-Dropout-Linear(x))``."""
+    """``Norm(x + Linear-Norm-ReLU-Dropout-Linear(x))``, with BatchNorm or LayerNorm as ``Norm``."""
 
-    def __init__(self, width: int, dropout: float) -> None:
+    def __init__(self, width: int, dropout: float, norm: Literal["batch", "layer"] = "batch") -> None:
         super().__init__()
         self.body = nn.Sequential(
             nn.Linear(width, width),
-            nn.BatchNorm1d(width),
+            normalization(norm, width),
             nn.ReLU(),
             nn.Dropout(dropout),
             nn.Linear(width, width),
         )
-        self.norm = nn.BatchNorm1d(width)
+        self.norm = normalization(norm, width)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.norm(x + self.body(x))
@@ -40,14 +57,27 @@ class ResidualMLPClassifier(nn.Module):
         Width of the embedding layer and the residual blocks.
     dropout
         Dropout rate in the blocks and before the head.
+    norm
+        Normalisation in the residual blocks: ``"batch"`` (BatchNorm, the paper's) or ``"layer"``
+        (LayerNorm, in the same places; needed for DP-SGD, whose per-sample gradients BatchNorm breaks).
     """
 
-    def __init__(self, n_features: int, n_classes: int, *, hidden: int = 256, dropout: float = 0.1) -> None:
+    def __init__(
+        self,
+        n_features: int,
+        n_classes: int,
+        *,
+        hidden: int = 256,
+        dropout: float = 0.1,
+        norm: Literal["batch", "layer"] = "batch",
+    ) -> None:
         super().__init__()
         if hidden < 2:
             raise ValueError(f"hidden must be at least 2, got {hidden}.")
         self.embedding = nn.Sequential(nn.Linear(n_features, hidden), nn.ReLU())
-        self.blocks = nn.Sequential(ResidualBlock(hidden, dropout), ResidualBlock(hidden, dropout))
+        self.blocks = nn.Sequential(
+            ResidualBlock(hidden, dropout, norm), ResidualBlock(hidden, dropout, norm)
+        )
         self.narrow = nn.Sequential(nn.Linear(hidden, hidden // 2), nn.ReLU())
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(hidden // 2, n_classes)

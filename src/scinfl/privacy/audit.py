@@ -85,7 +85,9 @@ class AuditSettings:
     inversion_restarts: int = 2
     update_batch: int = 4
     update_local_steps: int = 3
-    update_lr: float = 0.1
+    # Plain SGD steps of the simulated client: at 0.1 its local training diverges (the update then carries
+    # nothing and the positive control fails); 0.001 is stable for plain and keyed networks.
+    update_lr: float = 0.001
     aux_fraction: float = 0.1
     key_recovery_steps: int = 300
     fresh_model_epochs: int = 60

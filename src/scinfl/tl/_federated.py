@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+import pandas as pd
 import torch
 from anndata import AnnData
 
@@ -23,6 +24,9 @@ from ..federation import ENGINES, run_local
 from ..key import FederationKey
 from ..model import FederatedModel, Predictions
 from ..train import FitSettings, ModelConfig, SiteTrainer, build_network, get_task, site_datasets
+
+if TYPE_CHECKING:
+    from ..train.dp import DPSettings
 
 __all__ = ["predict", "train_federated"]
 
@@ -62,7 +66,32 @@ def _model_uns(model: FederatedModel) -> dict[str, Any]:
     }
     if model.key_fingerprint is not None:
         out["key_fingerprint"] = model.key_fingerprint
+    if model.params.get("dp") is not None:
+        out["params"].pop("dp")
+        out["dp"] = model.params["dp"]
     return out
+
+
+def _dp_history(history: pd.DataFrame) -> pd.DataFrame:
+    """``dp_steps`` 0 and ``dp_epsilon`` carried forward in rounds a site sat out (nothing was spent)."""
+    history = history.copy()
+    history["dp_steps"] = history["dp_steps"].fillna(0).astype(int)
+    history["dp_epsilon"] = history.groupby("site", sort=False)["dp_epsilon"].ffill().fillna(0.0)
+    return history
+
+
+def _dp_report(settings: DPSettings, trainers: Mapping[str, SiteTrainer]) -> dict[str, Any]:
+    """Target and per-site spent privacy (h5ad-writable: numbers and dicts of numbers only)."""
+    reports = {name: trainer.private.report() for name, trainer in trainers.items()}
+    return {
+        **settings.to_dict(),
+        "accountant": "rdp",
+        **{
+            field: {name: report[field] for name, report in reports.items()}
+            for field in ("noise_multiplier", "sample_rate", "planned_steps", "steps")
+        },
+        "spent_epsilon": {name: report["epsilon"] for name, report in reports.items()},
+    }
 
 
 def train_federated(
@@ -85,6 +114,7 @@ def train_federated(
     key_strength: float = 1.0,
     validation_fraction: float = 0.1,
     engine: Literal["local"] = "local",
+    dp: Mapping[str, float] | None = None,
     seed: int = 0,
     key_added: str = "scinfl",
     progress: bool | None = None,
@@ -125,6 +155,22 @@ def train_federated(
         Fraction of each site's cells held out for model selection.
     engine
         ``"local"``: all sites in this process.
+    dp
+        Train with differential privacy instead of a key (DP-SGD with Opacus; ``pip install 'scinfl[dp]'``):
+        ``{"epsilon": 8.0, "delta": 1e-5, "max_grad_norm": 1.0}`` (``epsilon`` required; the others
+        default to these values). Each site runs DP-SGD on its training cells -- Poisson batches with
+        sample rate ``q = batch_size / n_train``, per-cell gradients clipped to ``max_grad_norm``, Gaussian
+        noise -- with the unfused Adam. Its noise multiplier is calibrated before training with Opacus's
+        RDP accountant so that ``rounds * local_epochs * ceil(1/q)`` steps (a site sampled every round)
+        spend ``(epsilon, delta)``; the site's accountant records the steps it actually takes, so with
+        ``fraction < 1`` the spent epsilon is below the target, which is an upper bound. Empty Poisson
+        batches are skipped. The guarantee is per site and per training cell; the validation cells select
+        the round without noise. The network uses LayerNorm instead of BatchNorm (``norm="layer"``), and
+        a private site does not report its training loss. Plain models only: ``dp`` with a ``key`` raises,
+        because Opacus's per-sample gradient rules assume layers ``y = x W^T + b`` while keyed layers
+        compute ``(x W^T) * scale + shift`` with a scale and shift shared by the batch, so their
+        per-sample gradients would be wrong. The spent epsilon is reported in the history (``dp_epsilon``,
+        with ``dp_steps``), in ``model.params["dp"]`` and in ``.uns[key_added]["dp"]``.
     seed
         Seed of initialisation, splits, sampling and local shuffling: the same seed gives the same model.
     key_added
@@ -148,13 +194,27 @@ def train_federated(
     ``.obsm[f"X_{key_added}"]``
         The cell embedding (use with ``sc.pp.neighbors(adata, use_rep=...)``).
     ``.uns[key_added]``
-        ``params``, ``categories``, ``scheme``, ``key_fingerprint`` (keyed models), ``n_features``.
+        ``params``, ``categories``, ``scheme``, ``key_fingerprint`` (keyed models), ``n_features``,
+        ``dp`` (with ``dp=``: target ``epsilon``, ``delta``, ``max_grad_norm``, and per site
+        ``noise_multiplier``, ``sample_rate``, ``planned_steps``, ``steps`` and ``spent_epsilon``).
     """
     site_data = _as_site_dict(sites)
     if engine not in ENGINES:
         raise ValueError(f"Unknown engine {engine!r}; available: {', '.join(ENGINES)}.")
     if key is not None and not isinstance(key, FederationKey):
         raise TypeError(f"key must be a scinfl.FederationKey or None, got {type(key).__name__}.")
+    dp_settings = None
+    if dp is not None:
+        from ..train.dp import DPSettings, PrivateTraining
+
+        dp_settings = DPSettings.from_mapping(dp)
+        if key is not None:
+            raise ValueError(
+                "dp= is available for plain models only: pass key=None. Opacus computes per-sample "
+                "gradients with rules that assume layers y = x W^T + b; keyed layers compute "
+                "(x W^T) * scale + shift with a key-dependent scale and shift shared by the batch, so "
+                "their per-sample gradients (and the privacy guarantee) would be wrong."
+            )
     for name, value in (("rounds", rounds), ("local_epochs", local_epochs), ("batch_size", batch_size)):
         if int(value) != value or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
@@ -180,6 +240,7 @@ def train_federated(
         dropout=dropout,
         scheme=None if key is None else key.scheme,
         key_strength=key_strength,
+        norm="batch" if dp_settings is None else "layer",  # DP-SGD needs per-cell gradients
     )
     fit_settings = FitSettings(
         local_epochs=local_epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay
@@ -200,6 +261,7 @@ def train_federated(
         "validation_fraction": validation_fraction,
         "join": join,
         "seed": seed,
+        "norm": config.norm,
         "label_key": schema.label_key,
         "layer": schema.layer,
         "use_raw": schema.use_raw,
@@ -214,7 +276,22 @@ def train_federated(
             labels = label_codes(adata, schema, name)
             rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5EED, index]))
             train, validation = site_datasets(matrix, labels, validation_fraction, rng)
-            trainers[name] = SiteTrainer(name, train, validation, network, config, key, fit_settings)
+            private = None
+            if dp_settings is not None:
+                private = PrivateTraining(
+                    dp_settings, n_train=len(train), batch_size=batch_size, epochs=rounds * local_epochs
+                )
+                if dp_settings.delta * len(train) > 1:
+                    logger.warning(
+                        "Site %r: delta=%g is not below 1/n_train (%d training cells); a meaningful "
+                        "guarantee needs delta << 1/n.",
+                        name,
+                        dp_settings.delta,
+                        len(train),
+                    )
+            trainers[name] = SiteTrainer(
+                name, train, validation, network, config, key, fit_settings, private=private
+            )
         result = run_local(
             trainers,
             network.state_dict(),
@@ -226,18 +303,30 @@ def train_federated(
         )
         network.load_state_dict(result.best_state)
         params["best_round"] = result.best_round
+        history = result.history
+        if dp_settings is not None:
+            history = _dp_history(history)
+            params["dp"] = _dp_report(dp_settings, trainers)
         model = FederatedModel(
             network,
             config,
             schema,
             key_fingerprint=None if key is None else key.fingerprint,
-            history=result.history,
+            history=history,
             params=params,
         )
         for name, adata in site_data.items():
             _write_predictions(
                 adata, model.predict(adata, key=key, site=name), key_added=key_added, uns=_model_uns(model)
             )
+    if dp_settings is not None:
+        spent = params["dp"]["spent_epsilon"]
+        logger.info(
+            "DP-SGD: spent epsilon %s at delta=%g (target %g).",
+            ", ".join(f"{name} {eps:.3g}" for name, eps in spent.items()),
+            dp_settings.delta,
+            dp_settings.epsilon,
+        )
     best = result.history[result.history["round"] == result.best_round]
     if "val_accuracy" in best and best["n_val"].sum() > 0:
         accuracy = float(np.average(best["val_accuracy"].fillna(0), weights=best["n_val"]))

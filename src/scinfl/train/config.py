@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -19,7 +19,9 @@ __all__ = ["ModelConfig", "build_network", "key_coordinates"]
 class ModelConfig:
     """The architecture, enough to rebuild the network from saved weights. Holds no key material.
 
-    ``scheme=None`` is the plain network (no keyed modules): the FedAvg baseline.
+    ``scheme=None`` is the plain network (no keyed modules): the FedAvg baseline. ``norm`` is the
+    normalisation in the residual blocks: ``"batch"`` (the paper's BatchNorm) or ``"layer"`` (LayerNorm,
+    which DP-SGD needs). Configs saved before ``norm`` existed load as ``"batch"``.
     """
 
     task: str
@@ -33,6 +35,7 @@ class ModelConfig:
     encoder_hidden: int = 64
     n_key_points: int = 128
     coordinate_dim: int = 2
+    norm: Literal["batch", "layer"] = "batch"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

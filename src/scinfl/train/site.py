@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from torch import Tensor, nn
@@ -14,6 +15,9 @@ from ..key import FederationKey
 from .config import ModelConfig, key_coordinates
 from .local import LocalFitResult, copy_state, evaluate, fit_local
 from .tasks import get_task
+
+if TYPE_CHECKING:
+    from .dp import PrivateTraining
 
 __all__ = ["FitSettings", "SiteTrainer"]
 
@@ -48,6 +52,10 @@ class SiteTrainer:
         The federation key, or None for plain FedAvg.
     settings
         Local optimisation settings.
+    private
+        This site's DP-SGD state (:class:`~scinfl.train.dp.PrivateTraining`, built for its training cells),
+        or None for ordinary training. It lives as long as the site, so its accountant spans all rounds.
+        A private site does not report its training loss: that is a noiseless statistic of its cells.
     """
 
     def __init__(
@@ -59,6 +67,8 @@ class SiteTrainer:
         config: ModelConfig,
         key: FederationKey | None,
         settings: FitSettings,
+        *,
+        private: PrivateTraining | None = None,
     ) -> None:
         if len(train) < 2:
             raise ValueError(
@@ -73,6 +83,18 @@ class SiteTrainer:
         self.settings = settings
         self._coordinates = key_coordinates(key, config)
         self._fingerprint = None if key is None else key.fingerprint
+        if private is not None:
+            from .dp import check_private_network
+
+            if self._coordinates is not None:
+                raise ValueError(f"Site {name!r}: DP-SGD is available for plain models only (key=None).")
+            check_private_network(self.network)
+            if private.n_train != len(train):
+                raise ValueError(
+                    f"Site {name!r}: the private-training state was built for {private.n_train} cells, "
+                    f"the site trains on {len(train)}."
+                )
+        self.private = private
 
     @property
     def n_train(self) -> int:
@@ -83,11 +105,19 @@ class SiteTrainer:
         return len(self.validation)
 
     def fit(self, global_state: Mapping[str, Tensor], *, seed: int) -> LocalFitResult:
-        """Load the global weights, train locally, return the new weights."""
+        """Load the global weights, train locally, return the new weights.
+
+        Its metrics: ``train_loss``, or with DP-SGD ``dp_steps`` (steps of this fit) and ``dp_epsilon``
+        (spent so far, all rounds).
+        """
         self.network.load_state_dict(global_state)
-        loader = batch_loader(
-            self.train, batch_size=self.settings.batch_size, shuffle=True, seed=seed, drop_singleton=True
-        )
+        if self.private is None:
+            loader = batch_loader(
+                self.train, batch_size=self.settings.batch_size, shuffle=True, seed=seed, drop_singleton=True
+            )
+        else:
+            loader = self.private.loader(self.train, seed=seed)
+            steps_before = self.private.steps_taken
         train_loss = fit_local(
             self.network,
             loader,
@@ -97,12 +127,20 @@ class SiteTrainer:
             weight_decay=self.settings.weight_decay,
             seed=seed,
             key_coordinates=self._coordinates,
+            private=self.private,
         )
+        if self.private is None:
+            metrics = {"train_loss": train_loss}
+        else:
+            metrics = {
+                "dp_steps": float(self.private.steps_taken - steps_before),
+                "dp_epsilon": self.private.epsilon,
+            }
         return LocalFitResult(
             state=copy_state(self.network.state_dict()),
             n_obs=self.n_train,
             key_fingerprint=self._fingerprint,
-            metrics={"train_loss": train_loss},
+            metrics=metrics,
         )
 
     def evaluate(self, global_state: Mapping[str, Tensor]) -> dict[str, float]:

@@ -41,7 +41,11 @@ class ClassificationTask:
                 f"Classification needs at least 2 label categories across the sites, found {config.n_classes}."
             )
         return ResidualMLPClassifier(
-            config.n_features, config.n_classes, hidden=config.hidden, dropout=config.dropout
+            config.n_features,
+            config.n_classes,
+            hidden=config.hidden,
+            dropout=config.dropout,
+            norm=config.norm,
         )
 
     def loss(self, output: Tensor, target: Tensor) -> Tensor:

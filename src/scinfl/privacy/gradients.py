@@ -1,0 +1,215 @@
+"""What a client sends to the server: its gradient on a batch, or its update after a few local SGD steps.
+
+The server that attacks a client sees exactly these payloads, so the inversion attacks
+(:mod:`scinfl.privacy.inversion`) reproduce them with the same code: :func:`loss_gradients` and
+:func:`sgd_update` are the one implementation of "the gradient of the loss" and "K local steps", used both
+for the client's true payload and, differentiably, for the attacker's dummy data.
+
+Evaluation mode
+---------------
+Every payload here is computed with the network in evaluation mode: BatchNorm normalises with its running
+statistics and dropout is off. This is a deliberate choice of the *most favourable* setting for the
+attacker, so that a measured failure of an attack is not an artefact of our simulation:
+
+- in training mode BatchNorm normalises each sample by statistics of its batch, so a single-sample gradient
+  does not even exist (``BatchNorm1d`` refuses a batch of one), and in a batch every sample's gradient
+  depends on all the others, which hides each sample behind its batch mates;
+- dropout masks are drawn at random by the client and are unknown to the server, which would otherwise
+  have to guess them;
+- in evaluation mode the network is a fixed, per-sample function, known exactly to the attacker (who holds
+  the global weights and running statistics), and a batch gradient is the plain mean of per-sample
+  gradients.
+
+Key views
+---------
+The ``key_coordinates`` argument of each function says who computes: the client passes its right key (the
+true payload); an attacker passes ``None`` (the keyless server, which runs the keyed network on its
+unmodulated weights), a wrong key, or the right key (an insider, the positive control). A network without
+keyed modules (plain FedAvg) ignores the key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ..nn import use_key
+
+__all__ = [
+    "client_gradient",
+    "client_update",
+    "evaluation_mode",
+    "loss_gradients",
+    "sgd_update",
+    "trainable_parameters",
+]
+
+
+def trainable_parameters(network: nn.Module) -> dict[str, Tensor]:
+    """Every parameter the clients train (``requires_grad``), by name, as in ``named_parameters()``."""
+    return {name: p for name, p in network.named_parameters() if p.requires_grad}
+
+
+@contextmanager
+def evaluation_mode(network: nn.Module) -> Iterator[None]:
+    """Run the block with every submodule in evaluation mode, restoring each module's own flag after."""
+    flags = [(module, module.training) for module in network.modules()]
+    network.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+def loss_gradients(
+    network: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    parameters: Mapping[str, Tensor],
+    *,
+    key_coordinates: Tensor | None,
+    create_graph: bool = False,
+) -> dict[str, Tensor]:
+    """Gradient of the mean cross-entropy on ``(x, y)`` at ``parameters``, under one key view.
+
+    The network runs with ``parameters`` substituted for its own (:func:`torch.func.functional_call`), in
+    whatever mode it is in (callers use :func:`evaluation_mode`). Parameters the loss does not reach (the
+    key heads and key encoder when ``key_coordinates`` is None) get an all-zero gradient, so the result
+    always has every name of ``parameters``.
+
+    Parameters
+    ----------
+    network
+        The (plain or keyed) network.
+    x
+        Inputs, shape ``(n_samples, n_features)``.
+    y
+        Integer labels ``(n_samples,)`` or class probabilities ``(n_samples, n_classes)``.
+    parameters
+        Name to tensor, each requiring grad; names as in ``network.named_parameters()``.
+    key_coordinates
+        The key view: the client's key, or an attacker's (None: keyless; wrong key; right key).
+    create_graph
+        Keep the graph so that the gradients can be differentiated again (gradient matching).
+    """
+    with use_key(key_coordinates):
+        logits = functional_call(network, dict(parameters), (x,))
+    # Integer labels, or class probabilities (the attacker's soft labels when it optimises them too).
+    loss = F.cross_entropy(logits, y)
+    names = list(parameters)
+    grads = torch.autograd.grad(
+        loss, [parameters[name] for name in names], create_graph=create_graph, allow_unused=True
+    )
+    return {
+        name: torch.zeros_like(parameters[name]) if grad is None else grad
+        for name, grad in zip(names, grads, strict=True)
+    }
+
+
+def sgd_update(
+    network: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    parameters: Mapping[str, Tensor],
+    *,
+    key_coordinates: Tensor | None,
+    steps: int,
+    lr: float,
+    create_graph: bool = False,
+) -> dict[str, Tensor]:
+    """``theta_K - theta_0`` after ``steps`` plain SGD steps on the full batch ``(x, y)``, from ``parameters``.
+
+    The network's own weights are never touched: each step is computed functionally from the previous
+    parameters. With ``create_graph=True`` the whole unrolled trajectory stays differentiable with respect
+    to ``x`` (and soft ``y``), which is what :func:`scinfl.privacy.inversion.invert_update` needs.
+
+    Parameters are as for :func:`loss_gradients`, plus the number of local ``steps`` and learning rate
+    ``lr``.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}.")
+    start = dict(parameters)
+    current = dict(parameters)
+    for _ in range(steps):
+        grads = loss_gradients(
+            network, x, y, current, key_coordinates=key_coordinates, create_graph=create_graph
+        )
+        current = {name: current[name] - lr * grads[name] for name in current}
+        if not create_graph:
+            # Nothing will differentiate through the trajectory: cut it so the graph does not grow.
+            current = {name: p.detach().requires_grad_(True) for name, p in current.items()}
+    return {name: current[name] - start[name] for name in start}
+
+
+def _detached_leaves(network: nn.Module) -> dict[str, Tensor]:
+    # Fresh leaves that share storage with the weights but not their autograd history or .grad.
+    return {name: p.detach().requires_grad_(True) for name, p in trainable_parameters(network).items()}
+
+
+def client_gradient(
+    network: nn.Module, x: Tensor, y: Tensor, *, key_coordinates: Tensor | None
+) -> dict[str, Tensor]:
+    """The gradient a client sends: mean cross-entropy on its batch, w.r.t. every trainable parameter.
+
+    Computed in evaluation mode (see the module docstring: the setting most favourable to the attacker)
+    and inside ``use_key(key_coordinates)``. The network's weights and ``.grad`` fields are left unchanged.
+
+    Parameters
+    ----------
+    network
+        The global network the client received (plain or keyed).
+    x
+        The client's batch, ``(n_samples, n_features)``.
+    y
+        Its integer labels, ``(n_samples,)``.
+    key_coordinates
+        The client's key (the right key). Passing another view here computes what that view would send,
+        which is how an attacker simulates a gradient.
+
+    Returns
+    -------
+    Name (as in ``named_parameters()``) to the detached gradient.
+    """
+    with evaluation_mode(network):
+        grads = loss_gradients(network, x, y, _detached_leaves(network), key_coordinates=key_coordinates)
+    return {name: g.detach() for name, g in grads.items()}
+
+
+def client_update(
+    network: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    key_coordinates: Tensor | None,
+    steps: int,
+    lr: float,
+) -> dict[str, Tensor]:
+    """The update a client sends after ``steps`` plain SGD steps on its whole batch: ``theta_K - theta_0``.
+
+    Evaluation mode and ``use_key(key_coordinates)`` as in :func:`client_gradient`; the network's own
+    weights are left unchanged (the steps run on functional copies).
+
+    Parameters
+    ----------
+    network, x, y, key_coordinates
+        As for :func:`client_gradient`.
+    steps
+        Local SGD steps (each on the full batch).
+    lr
+        Local learning rate.
+
+    Returns
+    -------
+    Name (as in ``named_parameters()``) to the detached change of that parameter.
+    """
+    with evaluation_mode(network):
+        update = sgd_update(
+            network, x, y, _detached_leaves(network), key_coordinates=key_coordinates, steps=steps, lr=lr
+        )
+    return {name: u.detach() for name, u in update.items()}

@@ -31,10 +31,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import platform
 import statistics
 import time
+from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import scanpy as sc
@@ -50,8 +53,6 @@ from scinfl.train import ModelConfig, build_network
 N_FEATURES = 2000
 N_CLASSES = 10
 GOAL = 1.10
-
-Step = Callable[[Tensor, Tensor], None]
 
 
 def pbmc_batches(n_batches: int, batch_size: int, seed: int) -> list[tuple[Tensor, Tensor]]:
@@ -114,7 +115,7 @@ class NaiveKeyedLinear(nn.Module):
 
 
 class NaiveKeyedNetwork(nn.Module):
-    """``network`` with every ``nn.Linear`` replaced by :class:`NaiveKeyedLinear` (FiLM on all but the last)."""
+    """``network`` with each ``nn.Linear`` made a :class:`NaiveKeyedLinear` (FiLM on all but the last)."""
 
     def __init__(self, network: nn.Module, *, key_dim: int = 16) -> None:
         super().__init__()
@@ -146,46 +147,63 @@ def config(scheme: str | None) -> ModelConfig:
     )
 
 
-def make_steps(coordinates: Tensor, reference: bool, seed: int) -> dict[str, Step]:
-    """One training-step function per variant, each with its own network and Adam optimiser."""
-    networks: dict[str, nn.Module] = {}
-    for name, scheme in (("plain", None), ("keyed", "infl")):
-        torch.manual_seed(seed)  # the same base weights for every variant
-        networks[name] = build_network(config(scheme))
+@dataclass
+class Variant:
+    """A network, its Adam optimiser, and how to compute its loss on a batch (with its key, if any)."""
+
+    network: nn.Module
+    loss: Callable[[Tensor, Tensor], Tensor]
+    optimizer: torch.optim.Optimizer = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.network.train()
+        # Fused Adam, as scinfl.train.TrainingPlan uses.
+        self.optimizer = torch.optim.Adam(self.network.parameters(), lr=1e-3, weight_decay=1e-5, fused=True)
+
+    def step(self, x: Tensor, y: Tensor) -> tuple[float, float, float]:
+        """One training step; seconds spent in zero_grad + forward, backward, and the Adam step."""
+        t0 = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(x, y)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        self.optimizer.step()
+        t3 = time.perf_counter()
+        return t1 - t0, t2 - t1, t3 - t2
+
+
+def make_variants(coordinates: Tensor, reference: bool, seed: int) -> dict[str, Variant]:
+    """The variants, each with its own network (the same base weights) and optimiser."""
+    torch.manual_seed(seed)
+    plain = build_network(config(None))
+    torch.manual_seed(seed)
+    keyed = build_network(config("infl"))
+
+    def keyed_loss(x: Tensor, y: Tensor) -> Tensor:
+        with use_key(coordinates):  # as in scinfl.train.fit_local
+            return F.cross_entropy(keyed(x), y)
+
+    variants = {
+        "plain": Variant(plain, lambda x, y: F.cross_entropy(plain(x), y)),
+        "keyed": Variant(keyed, keyed_loss),
+    }
     if reference:
         torch.manual_seed(seed)
-        networks["naive"] = NaiveKeyedNetwork(build_network(config(None)))
-
-    steps: dict[str, Step] = {}
-    for name, network in networks.items():
-        network.train()
-        optimizer = torch.optim.Adam(network.parameters(), lr=1e-3, weight_decay=1e-5)
-
-        def step(x: Tensor, y: Tensor, name=name, network=network, optimizer=optimizer) -> None:
-            optimizer.zero_grad(set_to_none=True)
-            if name == "plain":
-                loss = F.cross_entropy(network(x), y)
-            elif name == "keyed":
-                with use_key(coordinates):
-                    loss = F.cross_entropy(network(x), y)
-            else:
-                loss = F.cross_entropy(network(x, coordinates), y)
-            loss.backward()
-            optimizer.step()
-
-        steps[name] = step
-    return steps
+        naive = NaiveKeyedNetwork(build_network(config(None)))
+        variants["naive"] = Variant(naive, lambda x, y: F.cross_entropy(naive(x, coordinates), y))
+    return variants
 
 
-def time_steps(step: Step, batches: list[tuple[Tensor, Tensor]], n_steps: int, start: int) -> list[float]:
-    """Seconds taken by each of ``n_steps`` consecutive training steps."""
-    times = []
-    for i in range(n_steps):
-        x, y = batches[(start + i) % len(batches)]
-        t0 = time.perf_counter()
-        step(x, y)
-        times.append(time.perf_counter() - t0)
-    return times
+def time_steps(
+    variant: Variant, batches: list[tuple[Tensor, Tensor]], n_steps: int, start: int
+) -> list[tuple[float, float, float]]:
+    """(forward, backward, Adam) seconds of each of ``n_steps`` consecutive training steps."""
+    return [variant.step(*batches[(start + i) % len(batches)]) for i in range(n_steps)]
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -194,61 +212,97 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
 
 
 def run_timing(
-    steps: dict[str, Step], batches: list[tuple[Tensor, Tensor]], *, warmup: int, repeats: int, n_steps: int
+    variants: dict[str, Variant],
+    batches: list[tuple[Tensor, Tensor]],
+    *,
+    warmup: int,
+    repeats: int,
+    n_steps: int,
 ) -> None:
-    names = list(steps)
+    names = list(variants)
     for name in names:
-        time_steps(steps[name], batches, warmup, 0)
-    per_step: dict[str, list[float]] = {name: [] for name in names}
+        time_steps(variants[name], batches, warmup, 0)
+    parts: dict[str, list[tuple[float, float, float]]] = {name: [] for name in names}
     per_repeat: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
         order = names[r % len(names) :] + names[: r % len(names)]  # rotate so no variant always runs first
         for name in order:
-            times = time_steps(steps[name], batches, n_steps, r * n_steps)
-            per_step[name].extend(times)
-            per_repeat[name].append(statistics.median(times))
+            times = time_steps(variants[name], batches, n_steps, r * n_steps)
+            parts[name].extend(times)
+            per_repeat[name].append(statistics.median(sum(t) for t in times))
 
-    plain_median = quartiles(per_step["plain"])[1]
+    totals = {name: [sum(t) for t in parts[name]] for name in names}
+    plain_median = statistics.median(totals["plain"])
     print(f"\n{repeats} interleaved repeats x {n_steps} steps per variant (after {warmup} warm-up steps)")
-    print(f"{'variant':<8} {'median ms/step':>15} {'IQR ms':>14} {'ratio vs plain':>15} {'paired ratio':>20}")
+    print(
+        f"{'variant':<8} {'median ms/step':>15} {'IQR ms':>13} {'ratio vs plain':>15} {'paired ratio':>20}"
+        f" | {'forward':>8} {'backward':>8} {'Adam':>6}"
+    )
     for name in names:
-        q1, median, q3 = quartiles(per_step[name])
+        q1, median, q3 = quartiles(totals[name])
         paired = [k / p for k, p in zip(per_repeat[name], per_repeat["plain"], strict=True)]
+        forward, backward, adam = (1e3 * statistics.median(t[i] for t in parts[name]) for i in range(3))
         print(
-            f"{name:<8} {1e3 * median:>15.2f} {f'{1e3 * q1:.2f}-{1e3 * q3:.2f}':>14} "
+            f"{name:<8} {1e3 * median:>15.2f} {f'{1e3 * q1:.2f}-{1e3 * q3:.2f}':>13} "
             f"{median / plain_median:>14.2f}x "
             f"{f'{statistics.median(paired):.2f}x [{min(paired):.2f}-{max(paired):.2f}]':>20}"
+            f" | {forward:>8.2f} {backward:>8.2f} {adam:>6.2f}"
         )
-    keyed_ratio = quartiles(per_step["keyed"])[1] / plain_median
+    keyed_ratio = statistics.median(totals["keyed"]) / plain_median
     verdict = "met" if keyed_ratio <= GOAL else "MISSED"
     print(f"\nGoal keyed/plain <= {GOAL:.2f}x: {verdict} ({keyed_ratio:.2f}x)")
-    print("(paired ratio: per-repeat median over per-repeat plain median; median [min-max] over repeats)")
+    print(
+        "paired ratio: median [min-max] over repeats of (the repeat's median / plain's in that repeat);\n"
+        "forward (with zero_grad), backward, Adam: median ms of each part of the step"
+    )
 
 
-def run_profile(steps: dict[str, Step], batches: list[tuple[Tensor, Tensor]], n_steps: int, top: int) -> None:
-    """Self CPU time per operator and step, keyed (and naive) against plain, largest differences first."""
+def run_profile(
+    variants: dict[str, Variant],
+    batches: list[tuple[Tensor, Tensor]],
+    *,
+    segments: int,
+    n_steps: int,
+    top: int,
+) -> None:
+    """Self CPU time per operator and step, keyed (and naive) against plain, largest differences first.
+
+    Each variant is profiled in ``segments`` interleaved segments of ``n_steps`` steps.
+    """
     from torch.profiler import ProfilerActivity, profile
 
-    self_us: dict[str, dict[str, float]] = {}
-    calls: dict[str, dict[str, float]] = {}
-    for name, step in steps.items():
-        time_steps(step, batches, 5, 0)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            time_steps(step, batches, n_steps, 0)
-        events = prof.key_averages()
-        self_us[name] = {e.key: e.self_cpu_time_total / n_steps for e in events}
-        calls[name] = {e.key: e.count / n_steps for e in events}
+    names = list(variants)
+    self_us: dict[str, dict[str, float]] = {name: defaultdict(float) for name in names}
+    calls: dict[str, dict[str, float]] = {name: defaultdict(float) for name in names}
+    for name in names:
+        time_steps(variants[name], batches, 5, 0)
+    for segment in range(segments):  # interleaved, like the timing: drift and noise hit every variant
+        for name in names[segment % len(names) :] + names[: segment % len(names)]:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                time_steps(variants[name], batches, n_steps, segment * n_steps)
+            for event in prof.key_averages():
+                self_us[name][event.key] += event.self_cpu_time_total / (segments * n_steps)
+                calls[name][event.key] += event.count / (segments * n_steps)
     ops = set().union(*self_us.values())
     plain_total = sum(self_us["plain"].values())
-    for name in (n for n in steps if n != "plain"):
+    for name in (n for n in variants if n != "plain"):
         total = sum(self_us[name].values())
         extra = {op: self_us[name].get(op, 0.0) - self_us["plain"].get(op, 0.0) for op in ops}
         print(
-            f"\nProfiler ({n_steps} steps): self CPU us/step by operator, {name} vs plain; profiled totals "
-            f"{total:.0f} vs {plain_total:.0f} us/step (+{total - plain_total:.0f})"
+            f"\nProfiler, {segments} interleaved segments x {n_steps} steps: self CPU us/step by operator, "
+            f"{name} vs plain; profiled totals {total:.0f} vs {plain_total:.0f} us/step "
+            f"(+{total - plain_total:.0f})"
+        )
+        matmul = {
+            n: self_us[n].get("aten::mm", 0.0) + self_us[n].get("aten::addmm", 0.0) for n in ("plain", name)
+        }
+        print(
+            f"(aten::mm + aten::addmm together: {matmul['plain']:.0f} vs {matmul[name]:.0f} us/step: a keyed "
+            "layer calls mm and adds its bias later,\n a plain one calls addmm; the profiler inflates the "
+            "cost of small operators)"
         )
         print(f"{'operator':<40} {'plain':>8} {name:>8} {'extra':>8} {'calls/step':>14}")
-        for op in sorted(ops, key=lambda o: -extra[o])[:top]:
+        for op in sorted(ops, key=lambda o: -abs(extra[o]))[:top]:
             n_calls = f"{calls['plain'].get(op, 0):.0f} -> {calls[name].get(op, 0):.0f}"
             print(
                 f"{op[:40]:<40} {self_us['plain'].get(op, 0.0):>8.1f} {self_us[name].get(op, 0.0):>8.1f} "
@@ -261,24 +315,27 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps per variant first")
-    parser.add_argument("--repeats", type=int, default=7, help="interleaved timed repeats per variant")
-    parser.add_argument("--steps", type=int, default=50, help="timed steps per repeat")
+    parser.add_argument("--repeats", type=int, default=15, help="interleaved timed repeats per variant")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per repeat")
     parser.add_argument("--reference", action="store_true", help="also time the naive per-layer version")
     parser.add_argument("--profile", action="store_true", help="also compare operators with torch.profiler")
+    parser.add_argument("--top", type=int, default=20, help="operators listed by --profile")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     print(
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}"
-        f", batch {args.batch_size}, classifier {N_FEATURES}-256 (hidden) -> {N_CLASSES} classes"
+        f"torch {torch.__version__}, torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs "
+        f"({platform.machine()}), load average {load_average()}\n"
+        f"classifier {N_FEATURES} -> 256 (hidden) -> {N_CLASSES} classes, batch {args.batch_size}, Adam"
     )
     batches = pbmc_batches(16, args.batch_size, args.seed)
     coordinates = torch.from_numpy(FederationKey.generate().coordinates())
-    steps = make_steps(coordinates, args.reference, args.seed)
-    run_timing(steps, batches, warmup=args.warmup, repeats=args.repeats, n_steps=args.steps)
+    variants = make_variants(coordinates, args.reference, args.seed)
+    run_timing(variants, batches, warmup=args.warmup, repeats=args.repeats, n_steps=args.steps)
     if args.profile:
-        run_profile(steps, batches, n_steps=args.steps, top=18)
+        run_profile(variants, batches, segments=args.repeats, n_steps=max(1, args.steps // 4), top=args.top)
+    print(f"\nload average at end {load_average()}")
 
 
 if __name__ == "__main__":

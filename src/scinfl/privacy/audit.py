@@ -28,7 +28,7 @@ from .analytic import (
     invert_first_layer,
     invert_first_layer_no_bias,
 )
-from .gradients import client_gradient, client_update
+from .gradients import PrivateGradient, client_gradient, client_update
 from .inversion import invert_gradient, invert_update, recover_labels
 from .membership import reference_model_scores, split_inclusion, true_label_confidence
 from .metrics import bootstrap_ci, membership_metrics, pearson, prior_baselines, reconstruction_metrics
@@ -94,6 +94,8 @@ class AuditSettings:
     membership_reference_models: int = 4
     membership_reference_epochs: int = 30
     n_boot: int = 1000
+    # For a model trained with DP-SGD: what its clients do to every gradient they send.
+    private: PrivateGradient | None = None
 
 
 def wrong_key(key: FederationKey | None, seed: int, index: int) -> FederationKey:
@@ -303,7 +305,7 @@ def _analytic(ctx: _Context, out: _Collector, seed: int) -> None:
     for victim in victims:
         x = ctx.data.members_x[victim : victim + 1]
         y = ctx.data.members_y[victim : victim + 1]
-        grads = client_gradient(ctx.network, x, y, key_coordinates=ctx.right)
+        grads = client_gradient(ctx.network, x, y, key_coordinates=ctx.right, private=ctx.settings.private)
         # The server needs no key: it reads the first layer's gradient (what the client sent).
         if not torch.any(grads[bias]):
             continue  # no unit of the first layer was active: nothing leaks from it for this cell
@@ -367,7 +369,9 @@ def _inversion(ctx: _Context, out: _Collector, seed: int) -> None:
     for view, guess in _views(ctx.network, ctx.key, ctx.config, seed).items():
         for victim in victims[: s.inversion_victims]:
             x, y = ctx.data.members_x[victim : victim + 1], ctx.data.members_y[victim : victim + 1]
-            grads = client_gradient(ctx.network, x, y, key_coordinates=ctx.right)
+            grads = client_gradient(
+                ctx.network, x, y, key_coordinates=ctx.right, private=ctx.settings.private
+            )
             labels = recover_labels(grads[last_bias], 1)
             out.add(
                 "inversion",
@@ -383,7 +387,9 @@ def _inversion(ctx: _Context, out: _Collector, seed: int) -> None:
         for size in s.inversion_batches:
             batch = victims[:size]
             x, y = ctx.data.members_x[batch], ctx.data.members_y[batch]
-            grads = client_gradient(ctx.network, x, y, key_coordinates=ctx.right)
+            grads = client_gradient(
+                ctx.network, x, y, key_coordinates=ctx.right, private=ctx.settings.private
+            )
             labels = recover_labels(grads[last_bias], size)
             rec = invert_gradient(
                 ctx.network, grads, n_samples=size, labels=labels, key_coordinates=guess, **common
@@ -393,7 +399,13 @@ def _inversion(ctx: _Context, out: _Collector, seed: int) -> None:
         batch = victims[: s.update_batch]
         x, y = ctx.data.members_x[batch], ctx.data.members_y[batch]
         update = client_update(
-            ctx.network, x, y, key_coordinates=ctx.right, steps=s.update_local_steps, lr=s.update_lr
+            ctx.network,
+            x,
+            y,
+            key_coordinates=ctx.right,
+            steps=s.update_local_steps,
+            lr=s.update_lr,
+            private=s.private,
         )
         mean_gradient = -update[last_bias] / (s.update_local_steps * s.update_lr)
         labels = recover_labels(mean_gradient, len(batch))

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,7 @@ from torch.func import functional_call
 from ..nn import use_key
 
 __all__ = [
+    "PrivateGradient",
     "client_gradient",
     "client_update",
     "evaluation_mode",
@@ -147,13 +149,58 @@ def sgd_update(
     return {name: current[name] - start[name] for name in start}
 
 
+@dataclass(frozen=True)
+class PrivateGradient:
+    """What a DP-SGD client (``tl.train_federated(dp=...)``) does to a gradient before it leaves the site.
+
+    Each cell's gradient is clipped to ``max_grad_norm`` (over all parameters), the clipped gradients are
+    summed, Gaussian noise of standard deviation ``noise_multiplier * max_grad_norm`` is added to every
+    coordinate, and the sum is divided by the batch size (Opacus with ``loss_reduction="mean"``).
+    """
+
+    max_grad_norm: float
+    noise_multiplier: float
+    seed: int = 0
+
+
+def _private_gradient(
+    network: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    parameters: Mapping[str, Tensor],
+    *,
+    key_coordinates: Tensor | None,
+    private: PrivateGradient,
+    generator: torch.Generator,
+) -> dict[str, Tensor]:
+    total = {name: torch.zeros_like(p) for name, p in parameters.items()}
+    for i in range(len(x)):  # per-cell gradients, as Opacus computes them
+        grads = loss_gradients(
+            network, x[i : i + 1], y[i : i + 1], parameters, key_coordinates=key_coordinates
+        )
+        norm = torch.sqrt(sum(g.detach().pow(2).sum() for g in grads.values()))
+        factor = min(1.0, private.max_grad_norm / (float(norm) + 1e-6))
+        for name, g in grads.items():
+            total[name] += g.detach() * factor
+    std = private.noise_multiplier * private.max_grad_norm
+    return {
+        name: (t + std * torch.randn(t.shape, generator=generator, dtype=t.dtype)) / len(x)
+        for name, t in total.items()
+    }
+
+
 def _detached_leaves(network: nn.Module) -> dict[str, Tensor]:
     # Fresh leaves that share storage with the weights but not their autograd history or .grad.
     return {name: p.detach().requires_grad_(True) for name, p in trainable_parameters(network).items()}
 
 
 def client_gradient(
-    network: nn.Module, x: Tensor, y: Tensor, *, key_coordinates: Tensor | None
+    network: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    key_coordinates: Tensor | None,
+    private: PrivateGradient | None = None,
 ) -> dict[str, Tensor]:
     """The gradient a client sends: mean cross-entropy on its batch, w.r.t. every trainable parameter.
 
@@ -171,13 +218,27 @@ def client_gradient(
     key_coordinates
         The client's key (the right key). Passing another view here computes what that view would send,
         which is how an attacker simulates a gradient.
+    private
+        For a DP-SGD client: clip each cell's gradient and add noise (:class:`PrivateGradient`).
 
     Returns
     -------
     Name (as in ``named_parameters()``) to the detached gradient.
     """
     with evaluation_mode(network):
-        grads = loss_gradients(network, x, y, _detached_leaves(network), key_coordinates=key_coordinates)
+        if private is not None:
+            generator = torch.Generator().manual_seed(private.seed)
+            grads = _private_gradient(
+                network,
+                x,
+                y,
+                _detached_leaves(network),
+                key_coordinates=key_coordinates,
+                private=private,
+                generator=generator,
+            )
+        else:
+            grads = loss_gradients(network, x, y, _detached_leaves(network), key_coordinates=key_coordinates)
     return {name: g.detach() for name, g in grads.items()}
 
 
@@ -189,6 +250,7 @@ def client_update(
     key_coordinates: Tensor | None,
     steps: int,
     lr: float,
+    private: PrivateGradient | None = None,
 ) -> dict[str, Tensor]:
     """The update a client sends after ``steps`` plain SGD steps on its whole batch: ``theta_K - theta_0``.
 
@@ -203,13 +265,32 @@ def client_update(
         Local SGD steps (each on the full batch).
     lr
         Local learning rate.
+    private
+        For a DP-SGD client: every step's gradient is clipped per cell and noised (:class:`PrivateGradient`).
 
     Returns
     -------
     Name (as in ``named_parameters()``) to the detached change of that parameter.
     """
     with evaluation_mode(network):
-        update = sgd_update(
-            network, x, y, _detached_leaves(network), key_coordinates=key_coordinates, steps=steps, lr=lr
-        )
+        if private is None:
+            update = sgd_update(
+                network, x, y, _detached_leaves(network), key_coordinates=key_coordinates, steps=steps, lr=lr
+            )
+        else:
+            generator = torch.Generator().manual_seed(private.seed)
+            start = _detached_leaves(network)
+            current = dict(start)
+            for _ in range(steps):
+                grads = _private_gradient(
+                    network,
+                    x,
+                    y,
+                    current,
+                    key_coordinates=key_coordinates,
+                    private=private,
+                    generator=generator,
+                )
+                current = {n: (current[n] - lr * grads[n]).detach().requires_grad_(True) for n in current}
+            update = {name: current[name] - start[name] for name in start}
     return {name: u.detach() for name, u in update.items()}

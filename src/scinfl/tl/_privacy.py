@@ -14,6 +14,7 @@ from ..data import AlignedMatrix, check_finite, label_codes, site_fields
 from ..key import FederationKey
 from ..model import FederatedModel
 from ..privacy.audit import ATTACKS, AuditData, AuditSettings, run_audit
+from ..privacy.gradients import PrivateGradient
 
 __all__ = ["privacy_audit"]
 
@@ -56,6 +57,8 @@ def privacy_audit(
     Simulates the threat model of :mod:`scinfl.privacy`: a server (or eavesdropper) that knows the code,
     the architecture, the key-generation procedure and every aggregated weight, and sees each client's
     gradient or update, but not the key. Each attack also runs with the right key as a positive control.
+    For a model trained with ``dp=``, the simulated clients clip and noise what they send as DP-SGD does
+    (with the smallest noise multiplier of any site).
 
     Parameters
     ----------
@@ -99,7 +102,15 @@ def privacy_audit(
     rng = np.random.default_rng(0)
     members_x, members_y = _cells(model, adata, "trained-on", rng)
     public_x, public_y = _cells(model, public, "public", rng)
+    dp = model.params.get("dp")
+    # A DP-SGD model's clients clip and noise what they send; the least noisy site is the attacker's best.
+    private = (
+        PrivateGradient(float(dp["max_grad_norm"]), float(min(dp["noise_multiplier"].values())))
+        if dp
+        else None
+    )
     audit_settings = AuditSettings(
+        private=private,
         n_victims=n_victims,
         seeds=tuple(seeds),
         n_wrong_keys=n_wrong_keys,

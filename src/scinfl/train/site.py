@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 from torch import Tensor, nn
 
 from ..data import SiteDataset, batch_loader, stratified_split
@@ -95,6 +96,21 @@ class SiteTrainer:
                     f"the site trains on {len(train)}."
                 )
         self.private = private
+        # The network's own tensors, to receive global weights by in-place copies: a federation loads
+        # weights twice per site and round, and load_state_dict's module walk cost more than the copies.
+        self._tensors = self.network.state_dict(keep_vars=True)
+
+    @torch.no_grad()
+    def _load(self, state: Mapping[str, Tensor]) -> None:
+        if state.keys() != self._tensors.keys():
+            missing = sorted(self._tensors.keys() - state.keys())[:3]
+            unexpected = sorted(state.keys() - self._tensors.keys())[:3]
+            raise ValueError(
+                f"Site {self.name!r}: the global weights do not fit this site's network "
+                f"(missing {missing}, unexpected {unexpected})."
+            )
+        for name, tensor in self._tensors.items():
+            tensor.copy_(state[name])
 
     @property
     def n_train(self) -> int:
@@ -110,7 +126,7 @@ class SiteTrainer:
         Its metrics: ``train_loss``, or with DP-SGD ``dp_steps`` (steps of this fit) and ``dp_epsilon``
         (spent so far, all rounds).
         """
-        self.network.load_state_dict(global_state)
+        self._load(global_state)
         if self.private is None:
             loader = batch_loader(
                 self.train, batch_size=self.settings.batch_size, shuffle=True, seed=seed, drop_singleton=True
@@ -147,7 +163,7 @@ class SiteTrainer:
         """Validation metrics of the global weights on this site (empty validation: ``{"n": 0}``)."""
         if not len(self.validation):
             return {"n": 0.0}
-        self.network.load_state_dict(global_state)
+        self._load(global_state)
         loader = batch_loader(self.validation, batch_size=max(self.settings.batch_size, 512), shuffle=False)
         return evaluate(self.network, loader, self.task, key_coordinates=self._coordinates)
 

@@ -16,6 +16,7 @@ __all__ = [
     "nn",
     "pl",
     "pp",
+    "privacy",
     "settings",
     "tl",
     "train",

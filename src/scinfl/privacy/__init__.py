@@ -22,3 +22,7 @@ utility
 audit
     Runs the attacks for every attacker view and returns a tidy DataFrame.
 """
+
+from . import analytic, audit, gradients, inversion, membership, metrics, utility
+
+__all__ = ["analytic", "audit", "gradients", "inversion", "membership", "metrics", "utility"]

@@ -82,6 +82,7 @@ def audit_one(name: str, settings: dict, args: argparse.Namespace) -> tuple[str,
         seeds=tuple(range(args.seeds)),
         n_wrong_keys=args.wrong_keys,
         inversion_victims=args.inversion_victims,
+        inversion_batches=tuple(args.inversion_batches),
         inversion_steps=args.inversion_steps,
     )
     info = {"audited site": f"{audited} ({sites[audited].n_obs} cells)", "dp": model.params.get("dp")}
@@ -134,6 +135,7 @@ def main() -> int:
     parser.add_argument("--wrong-keys", type=int, default=20, help="wrong keys and one-bit flips per seed")
     parser.add_argument("--inversion-victims", type=int, default=8, help="victims per seed (inversion)")
     parser.add_argument("--inversion-steps", type=int, default=300)
+    parser.add_argument("--inversion-batches", type=int, nargs="+", default=[8, 32], help="batch sizes")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--output", default=str(Path(__file__).resolve().parents[1] / "docs" / "privacy.md"))
     args = parser.parse_args()
@@ -167,7 +169,8 @@ def main() -> int:
         f"{os.cpu_count()} CPU cores ({platform.machine()}), {args.workers} worker processes. "
         f"{args.seeds} seeds; {args.victims} victims per seed for the analytic attacks, "
         f"{args.inversion_victims} per seed and view for single-cell inversion ({args.inversion_steps} "
-        f"Adam steps, 2 restarts); {args.wrong_keys} wrong keys and one-bit flips per seed; "
+        f"Adam steps, 2 restarts), one batch of each of {args.inversion_batches} cells per seed and view for "
+        f"batch inversion; {args.wrong_keys} wrong keys and one-bit flips per seed; "
         f"{args.rounds} federated rounds. Audited site: "
         + "; ".join(f"{k}: {v['audited site']}" for k, v in infos.items())
         + ". Cells: mean [95% bootstrap CI]."

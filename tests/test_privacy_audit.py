@@ -19,7 +19,14 @@ from conftest import FAST
 from scinfl.privacy.audit import COLUMNS
 from scinfl.privacy.gradients import PrivateGradient, client_gradient
 
-SMALL = {"seeds": (0,), "n_victims": 6, "n_wrong_keys": 4, "inversion_victims": 2, "inversion_steps": 150}
+SMALL = {
+    "seeds": (0,),
+    "n_victims": 6,
+    "n_wrong_keys": 4,
+    "inversion_victims": 2,
+    "inversion_batches": (8,),
+    "inversion_steps": 150,
+}
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,17 @@ _LABELS = {
 }
 
 
+def _panels(ax: Axes | Sequence[Axes] | None, n: int, what: str, size: tuple[float, float]):
+    """The given Axes (checked: one per panel), or a new row of ``n`` panels of ``size`` inches each."""
+    if ax is None:
+        fig, axes = plt.subplots(1, n, figsize=(size[0] * n, size[1]), squeeze=False)
+        return fig, list(axes[0])
+    axes = [ax] if isinstance(ax, Axes) else list(ax)
+    if len(axes) != n:
+        raise ValueError(f"Got {len(axes)} Axes for {n} {what}.")
+    return axes[0].figure, axes
+
+
 def history(
     model: FederatedModel,
     *,
@@ -57,14 +68,7 @@ def history(
     missing = [m for m in metrics if m not in frame]
     if missing:
         raise ValueError(f"History has no column {missing}; available: {', '.join(frame.columns)}.")
-    if ax is None:
-        fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
-        axes = list(axes[0])
-    else:
-        axes = [ax] if isinstance(ax, Axes) else list(ax)
-        if len(axes) != len(metrics):
-            raise ValueError(f"Got {len(axes)} Axes for {len(metrics)} metrics.")
-        fig = axes[0].figure
+    fig, axes = _panels(ax, len(metrics), "metrics", (4.2, 3.4))
     best_round = model.params.get("best_round")
     for axis, metric in zip(axes, metrics, strict=True):
         for site, rows in frame.groupby("site", sort=False):
@@ -132,14 +136,7 @@ def privacy(
     missing = [f for f in families if f not in present]
     if missing or not families:
         raise ValueError(f"The audit has no family {missing or families}; it has {', '.join(present)}.")
-    if ax is None:
-        fig, axes = plt.subplots(1, len(families), figsize=(5.0 * len(families), 4.2), squeeze=False)
-        axes = list(axes[0])
-    else:
-        axes = [ax] if isinstance(ax, Axes) else list(ax)
-        if len(axes) != len(families):
-            raise ValueError(f"Got {len(axes)} Axes for {len(families)} families.")
-        fig = axes[0].figure
+    fig, axes = _panels(ax, len(families), "families", (5.0, 4.2))
     for axis, family in zip(axes, families, strict=True):
         metric, label = _PRIVACY_PANELS[family]
         rows = audit[(audit["family"] == family) & (audit["metric"] == metric)]

@@ -137,6 +137,14 @@ def invert_first_layer_no_bias(grad_weight) -> np.ndarray:
     return resolve_sign(right[0])
 
 
+def _leaked_and_public(leaked, public) -> tuple[np.ndarray, np.ndarray]:
+    leaked = _as_array(leaked, "leaked", 2)
+    public = _as_array(public, "public", 2)
+    if leaked.shape[1] != public.shape[1]:
+        raise ValueError(f"leaked has {leaked.shape[1]} genes but public has {public.shape[1]}.")
+    return leaked, public
+
+
 def _std(matrix: np.ndarray) -> np.ndarray:
     return matrix.std(axis=0, ddof=1) if matrix.shape[0] > 1 else np.zeros(matrix.shape[1])
 
@@ -163,10 +171,7 @@ def calibrate_gain_offset(leaked, public) -> np.ndarray:
     numpy.ndarray
         ``(n_leaked, n_genes)``: the calibrated estimates of the original cells.
     """
-    leaked = _as_array(leaked, "leaked", 2)
-    public = _as_array(public, "public", 2)
-    if leaked.shape[1] != public.shape[1]:
-        raise ValueError(f"leaked has {leaked.shape[1]} genes but public has {public.shape[1]}.")
+    leaked, public = _leaked_and_public(leaked, public)
     leaked_std = _std(leaked)
     # Spread at rounding level is no spread: compare with the gene's magnitude.
     informative = leaked_std > 1e-12 * np.maximum(np.abs(leaked).max(axis=0), 1.0)
@@ -291,10 +296,7 @@ def calibrate_principal_axes(leaked, public, *, n_components: int | None = None)
     numpy.ndarray
         ``(n_leaked, n_genes)``: the calibrated estimates of the original cells.
     """
-    leaked = _as_array(leaked, "leaked", 2)
-    public = _as_array(public, "public", 2)
-    if leaked.shape[1] != public.shape[1]:
-        raise ValueError(f"leaked has {leaked.shape[1]} genes but public has {public.shape[1]}.")
+    leaked, public = _leaked_and_public(leaked, public)
     limit = min(leaked.shape[0] - 1, public.shape[0] - 1, leaked.shape[1])
     if limit < 1:
         raise ValueError("Principal-axis calibration needs at least two leaked and two public vectors.")

@@ -80,7 +80,7 @@ class AuditSettings:
     seeds: Sequence[int] = (0, 1, 2)
     n_wrong_keys: int = 10
     inversion_victims: int = 8
-    inversion_batches: Sequence[int] = (8,)
+    inversion_batches: Sequence[int] = (8, 32)
     inversion_steps: int = 300
     inversion_restarts: int = 2
     update_batch: int = 4

@@ -49,6 +49,7 @@ def privacy_audit(
     seeds: Sequence[int] = (0, 1, 2),
     n_wrong_keys: int = 10,
     inversion_victims: int = 8,
+    inversion_batches: Sequence[int] = (8, 32),
     inversion_steps: int = 300,
     key_added: str = "scinfl",
 ) -> pd.DataFrame:
@@ -83,6 +84,8 @@ def privacy_audit(
         Wrong keys (and one-bit flips) per seed.
     inversion_victims, inversion_steps
         Victims per seed and optimisation steps of the (slower) gradient-inversion attacks.
+    inversion_batches
+        Batch sizes of the batch-gradient inversions (one batch of each size per seed and view).
     key_added
         Prefix of the ``.uns`` keys written.
 
@@ -115,6 +118,7 @@ def privacy_audit(
         seeds=tuple(seeds),
         n_wrong_keys=n_wrong_keys,
         inversion_victims=inversion_victims,
+        inversion_batches=tuple(inversion_batches),
         inversion_steps=inversion_steps,
     )
     with torch_threads(settings.torch_threads):

@@ -38,6 +38,17 @@ def pbmc_sites(pbmc) -> dict[str, ad.AnnData]:
 
 
 @pytest.fixture(scope="session")
+def pbmc_split() -> tuple[dict[str, ad.AnnData], ad.AnnData]:
+    """Three label-skewed sites from 80% of pbmc68k_reduced, and the stratified 20% held out (142 cells).
+
+    Shared by several test modules: read it, or copy before writing into it.
+    """
+    adata = sc.datasets.pbmc68k_reduced()
+    train, held_out = si.pp.split_holdout(adata, label_key="bulk_labels", fraction=0.2, seed=0)
+    return si.pp.split_sites(train, n_sites=3, label_key="bulk_labels", alpha=0.5, seed=0), held_out
+
+
+@pytest.fixture(scope="session")
 def key() -> si.FederationKey:
     """A fixed key, so that every run of the suite is the same run (tests of random keys make their own)."""
     return si.FederationKey(hashlib.sha256(b"scinfl test suite key").digest())

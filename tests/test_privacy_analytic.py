@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from threadpoolctl import threadpool_limits
 from torch import nn
 
 import scinfl as si
@@ -29,14 +28,6 @@ from scinfl.privacy.metrics import pearson, reconstruction_metrics
 VICTIMS = (0, 123, 456)
 # A fixed key, so that the transforms below are the same in every run (any key behaves alike).
 FIXED_KEY = si.FederationKey(bytes(range(32)))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_blas_thread():
-    # As conftest.py does for torch: one thread. On 2 cores shared with other processes, multithreaded
-    # OpenBLAS spins, and a QR of 765 x 765 took up to 18 s instead of 0.1 s.
-    with threadpool_limits(1):
-        yield
 
 
 def _cells(adata) -> tuple[np.ndarray, np.ndarray]:

@@ -11,7 +11,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
-import scanpy as sc
 import torch
 
 import scinfl as si
@@ -30,15 +29,8 @@ SMALL = {
 
 
 @pytest.fixture(scope="module")
-def split():
-    adata = sc.datasets.pbmc68k_reduced()
-    train, public = si.pp.split_holdout(adata, label_key="bulk_labels", fraction=0.2, seed=0)
-    return si.pp.split_sites(train, n_sites=3, label_key="bulk_labels", alpha=0.5, seed=0), public
-
-
-@pytest.fixture(scope="module")
-def keyed_audit(split, key):
-    sites, public = split
+def keyed_audit(pbmc_split, key):
+    sites, public = pbmc_split
     model, written = si.tl.train_federated(sites, key=key, copy=True, **{**FAST, "rounds": 10})
     site = written["site_1"]
     table = si.tl.privacy_audit(
@@ -110,18 +102,18 @@ def test_privacy_plot_draws_every_family(keyed_audit, tmp_path):
     plt.close("all")
 
 
-def test_audit_needs_the_models_key(keyed_audit, split, key):
+def test_audit_needs_the_models_key(keyed_audit, pbmc_split, key):
     model, site, _ = keyed_audit
-    _, public = split
+    _, public = pbmc_split
     with pytest.raises(ValueError, match="trained under key"):
         si.tl.privacy_audit(model, site, key=si.FederationKey.generate(), public=public, **SMALL)
     with pytest.raises(ValueError, match="Unknown attacks"):
         si.tl.privacy_audit(model, site, key=key, public=public, attacks=("telepathy",), **SMALL)
 
 
-def test_dp_client_payload_is_clipped_and_noised(split):
+def test_dp_client_payload_is_clipped_and_noised(pbmc_split):
     """What a DP-SGD client sends: no per-cell gradient above the clip, plus noise that hides the input."""
-    sites, _ = split
+    sites, _ = pbmc_split
     adata = sites["site_0"]
     x = torch.from_numpy(adata.raw.X[:1].toarray().astype(np.float32))
     y = torch.zeros(1, dtype=torch.long)

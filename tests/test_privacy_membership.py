@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from scipy.special import expit
-from threadpoolctl import threadpool_limits
 
 from scinfl.privacy.membership import (
     lira_scores,
@@ -19,14 +18,6 @@ from scinfl.privacy.membership import (
     true_label_confidence,
 )
 from scinfl.privacy.metrics import membership_metrics
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_blas_thread():
-    # As conftest.py does for torch: one thread. On 2 cores shared with other processes, multithreaded
-    # OpenBLAS spins, and a QR of 765 x 765 took up to 18 s instead of 0.1 s.
-    with threadpool_limits(1):
-        yield
 
 
 def _auc(scores: np.ndarray, member: np.ndarray) -> float:

@@ -6,7 +6,6 @@ import warnings
 
 import numpy as np
 import pytest
-from threadpoolctl import threadpool_limits
 
 from scinfl.privacy.metrics import (
     bootstrap_ci,
@@ -16,14 +15,6 @@ from scinfl.privacy.metrics import (
     reconstruction_metrics,
     spearman,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_blas_thread():
-    # As conftest.py does for torch: one thread. On 2 cores shared with other processes, multithreaded
-    # OpenBLAS spins, and a QR of 765 x 765 took up to 18 s instead of 0.1 s.
-    with threadpool_limits(1):
-        yield
 
 
 def _cells(adata) -> tuple[np.ndarray, np.ndarray]:

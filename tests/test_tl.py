@@ -17,18 +17,9 @@ from test_nn import _serialised, key_material
 
 
 @pytest.fixture(scope="module")
-def split():
-    import scanpy as sc
-
-    adata = sc.datasets.pbmc68k_reduced()
-    train, test = si.pp.split_holdout(adata, label_key="bulk_labels", fraction=0.2, seed=0)
-    return si.pp.split_sites(train, n_sites=3, label_key="bulk_labels", alpha=0.5, seed=0), test
-
-
-@pytest.fixture(scope="module")
-def trained(split, key):
+def trained(pbmc_split, key):
     """A keyed model trained on three label-skewed sites, and the sites it wrote into."""
-    sites, _ = split
+    sites, _ = pbmc_split
     model, written = si.tl.train_federated(sites, key=key, copy=True, **{**FAST, "rounds": 8})
     return model, written
 
@@ -37,9 +28,9 @@ def _accuracy(adata, column="scinfl_prediction") -> float:
     return float((adata.obs[column].astype(str) == adata.obs["bulk_labels"].astype(str)).mean())
 
 
-def test_keyed_model_learns_cell_types(trained, split, key):
+def test_keyed_model_learns_cell_types(trained, pbmc_split, key):
     model, _ = trained
-    _, test = split
+    _, test = pbmc_split
     test = test.copy()
     si.tl.predict(test, model, key=key)
     majority = test.obs["bulk_labels"].value_counts(normalize=True).max()
@@ -129,9 +120,9 @@ def test_plain_fedavg_baseline_has_no_keyed_modules(pbmc_sites):
     assert "key_fingerprint" not in written["site_0"].uns["scinfl"]
 
 
-def test_predict_checks_the_key_version(trained, split, key):
+def test_predict_checks_the_key_version(trained, pbmc_split, key):
     model, _ = trained
-    _, test = split
+    _, test = pbmc_split
     wrong = si.FederationKey.generate()
     for bad in (wrong, None):
         with pytest.raises(KeyMismatchError, match=key.fingerprint):
@@ -145,9 +136,9 @@ def test_predict_checks_the_key_version(trained, split, key):
     assert np.abs(p - unkeyed.obsm["scinfl_probabilities"]).max() > 1e-3
 
 
-def test_predict_aligns_genes_by_name(trained, split, key):
+def test_predict_aligns_genes_by_name(trained, pbmc_split, key):
     model, _ = trained
-    _, test = split
+    _, test = pbmc_split
     full = si.tl.predict(test, model, key=key, copy=True)
     # the same cells with genes in reverse order give the same predictions
     raw = test.raw.to_adata()
@@ -170,9 +161,9 @@ def test_predict_aligns_genes_by_name(trained, split, key):
         si.tl.predict(sparse_panel, model, key=key)
 
 
-def test_save_load_round_trip_without_key_material(trained, split, key, tmp_path):
+def test_save_load_round_trip_without_key_material(trained, pbmc_split, key, tmp_path):
     model, _ = trained
-    _, test = split
+    _, test = pbmc_split
     path = model.save(tmp_path / "model")
     loaded = si.FederatedModel.load(path)
     assert loaded.key_fingerprint == key.fingerprint

@@ -167,6 +167,7 @@ class _Collector:
 
 
 _RECONSTRUCTION_METRICS = (
+    "mse",
     "nmse",
     "pearson",
     "spearman",

@@ -205,13 +205,7 @@ def train_federated(
         raise TypeError(f"key must be a scinfl.FederationKey or None, got {type(key).__name__}.")
     dp_settings = None
     if dp is not None:
-        try:
-            from ..train.dp import DPSettings, PrivateTraining
-        except ModuleNotFoundError as err:
-            raise ModuleNotFoundError(
-                f"dp= trains with DP-SGD through Opacus, which is not installed ({err}); "
-                "install it with: pip install 'scinfl[dp]'"
-            ) from err
+        from ..train.dp import DPSettings, PrivateTraining
 
         dp_settings = DPSettings.from_mapping(dp)
         if key is not None:

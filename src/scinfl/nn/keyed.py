@@ -141,7 +141,10 @@ class KeyedNetwork(nn.Module):
         layers = [m for m in network.modules() if isinstance(m, KeyedLinear)]
         if not layers:
             raise ValueError("KeyedNetwork needs at least one KeyedLinear layer in the network.")
-        widths = torch.tensor([layer.out_features for layer in layers])
+        # The layer structure is fixed here; every forward pass reuses it (a plain list: not registered).
+        self._layers = layers
+        self._widths = [layer.out_features for layer in layers]
+        widths = torch.tensor(self._widths)
         self._n_units = int(widths.sum())
         film_units = [
             torch.arange(start, start + layer.out_features)
@@ -155,12 +158,13 @@ class KeyedNetwork(nn.Module):
         self.key_heads = nn.Linear(key_encoder.key_dim, 2 * self._n_units + 2 * n_film)
 
     def keyed_layers(self) -> list[KeyedLinear]:
-        return [m for m in self.network.modules() if isinstance(m, KeyedLinear)]
+        """The keyed layers, in module order (the order of the rows of ``key_heads``)."""
+        return list(self._layers)
 
     def head_rows(self, layer: KeyedLinear) -> dict[str, slice | Tensor]:
         """Which rows of ``key_heads`` produce ``a, c`` (and ``g, beta`` with FiLM) for ``layer``."""
         start = 0
-        for other in self.keyed_layers():
+        for other in self._layers:
             if other is layer:
                 break
             start += other.out_features
@@ -181,7 +185,7 @@ class KeyedNetwork(nn.Module):
 
     def modulation(self, key_vector: Tensor) -> dict[int, tuple[Tensor, Tensor]]:
         """Every keyed layer's ``(scale, shift)`` for key vector ``k``, computed in one fused step."""
-        layers = self.keyed_layers()
+        layers = self._layers
         n, n_film = self._n_units, len(self._film_units)
         heads = self.strength * torch.tanh(self.key_heads(key_vector))
         a, c, g, beta = heads.split([n, n, n_film, n_film])
@@ -195,10 +199,9 @@ class KeyedNetwork(nn.Module):
         film_shift = heads.new_zeros(n).index_put((self._film_units,), beta)
         scale = (1.0 + a) * film_scale
         shift = (bias + c) * film_scale + film_shift
-        widths = [layer.out_features for layer in layers]
         return {
             id(layer): (s, t)
-            for layer, s, t in zip(layers, scale.split(widths), shift.split(widths), strict=True)
+            for layer, s, t in zip(layers, scale.split(self._widths), shift.split(self._widths), strict=True)
         }
 
     @contextmanager

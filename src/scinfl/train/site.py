@@ -116,10 +116,6 @@ class SiteTrainer:
     def n_train(self) -> int:
         return len(self.train)
 
-    @property
-    def n_validation(self) -> int:
-        return len(self.validation)
-
     def fit(self, global_state: Mapping[str, Tensor], *, seed: int) -> LocalFitResult:
         """Load the global weights, train locally, return the new weights.
 

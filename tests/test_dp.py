@@ -199,7 +199,7 @@ def test_empty_poisson_batches_are_skipped_and_not_accounted(pbmc):
     )
     loss = fit_local(
         network, private.loader(data, seed=5), get_task("classification"),
-        epochs=1, lr=1e-2, weight_decay=0.0, seed=5, key_coordinates=None, private=private,
+        epochs=1, lr=1e-2, weight_decay=0.0, seed=5, key_material=None, private=private,
     )  # fmt: skip
     assert np.isfinite(loss)
     assert private.steps_taken == private.planned_steps - empty == 40 - empty

@@ -119,16 +119,16 @@ def test_dp_client_payload_is_clipped_and_noised(pbmc_split):
     y = torch.zeros(1, dtype=torch.long)
     torch.manual_seed(0)
     network = si.nn.ResidualMLPClassifier(x.shape[1], 10, hidden=32, norm="layer")
-    raw = client_gradient(network, x, y, key_coordinates=None)
-    clipped = client_gradient(network, x, y, key_coordinates=None, private=PrivateGradient(0.1, 0.0))
+    raw = client_gradient(network, x, y, key_material=None)
+    clipped = client_gradient(network, x, y, key_material=None, private=PrivateGradient(0.1, 0.0))
     norm = torch.sqrt(sum(g.pow(2).sum() for g in clipped.values()))
     assert norm == pytest.approx(0.1, rel=1e-3)
     cos = sum((a * b).sum() for a, b in zip(raw.values(), clipped.values(), strict=True)) / (
         norm * torch.sqrt(sum(g.pow(2).sum() for g in raw.values()))
     )
     assert cos == pytest.approx(1.0, abs=1e-4)  # clipping only rescales a single cell's gradient
-    noised = client_gradient(network, x, y, key_coordinates=None, private=PrivateGradient(1.0, 2.0, seed=3))
-    again = client_gradient(network, x, y, key_coordinates=None, private=PrivateGradient(1.0, 2.0, seed=3))
+    noised = client_gradient(network, x, y, key_material=None, private=PrivateGradient(1.0, 2.0, seed=3))
+    again = client_gradient(network, x, y, key_material=None, private=PrivateGradient(1.0, 2.0, seed=3))
     for name in noised:
         torch.testing.assert_close(noised[name], again[name])  # seeded
     first = "embedding.0"

@@ -96,7 +96,7 @@ def _output_layer_names(network: torch.nn.Module) -> tuple[str, str]:
     return names[id(layer.weight)], names[id(layer.bias)]
 
 
-def _pretrain(network: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, key_coordinates) -> None:
+def _pretrain(network: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, key_material) -> None:
     """A few Adam epochs on real cells, in training mode, so that gradients and BatchNorm are realistic."""
     generator = torch.Generator().manual_seed(0)
     optimiser = torch.optim.Adam(network.parameters(), lr=1e-3)
@@ -104,7 +104,7 @@ def _pretrain(network: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, key
     for _ in range(5):
         for batch in torch.randperm(len(x), generator=generator).split(32):
             optimiser.zero_grad()
-            with use_key(key_coordinates):
+            with use_key(key_material):
                 F.cross_entropy(network(x[batch]), y[batch]).backward()
             optimiser.step()
     optimiser.zero_grad()  # the global model a client receives carries no .grad
@@ -125,7 +125,7 @@ def plain_network(cells):
     x, y, pretrain, held_out = cells
     torch.manual_seed(0)
     network = ResidualMLPClassifier(N_GENES, N_CLASSES, hidden=64)
-    _pretrain(network, x[pretrain], y[pretrain], key_coordinates=None)
+    _pretrain(network, x[pretrain], y[pretrain], key_material=None)
     with torch.no_grad():
         accuracy = (network(x[held_out]).argmax(1) == y[held_out]).float().mean()
     assert accuracy > 0.6  # a trained global model, not random weights
@@ -137,7 +137,7 @@ def keyed_network(cells):
     x, y, pretrain, held_out = cells
     torch.manual_seed(0)
     network = keyify(ResidualMLPClassifier(N_GENES, N_CLASSES, hidden=64))
-    _pretrain(network, x[pretrain], y[pretrain], key_coordinates=_coordinates(RIGHT_KEY))
+    _pretrain(network, x[pretrain], y[pretrain], key_material=_coordinates(RIGHT_KEY))
     with torch.no_grad():
         accuracy = (network(x[held_out], key=_coordinates(RIGHT_KEY)).argmax(1) == y[held_out]).float().mean()
     assert accuracy > 0.6
@@ -161,7 +161,7 @@ def _attack_single_cells(network, cells, victims, *, client_key, attacker_key, r
     _, bias_name = _output_layer_names(network)
     results = []
     for victim in victims:
-        gradient = client_gradient(network, x[[victim]], y[[victim]], key_coordinates=client_key)
+        gradient = client_gradient(network, x[[victim]], y[[victim]], key_material=client_key)
         labels = recover_labels(gradient[bias_name], 1)
         reconstruction = invert_gradient(
             network,
@@ -169,7 +169,7 @@ def _attack_single_cells(network, cells, victims, *, client_key, attacker_key, r
             n_samples=1,
             n_features=N_GENES,
             labels=labels,
-            key_coordinates=attacker_key,
+            key_material=attacker_key,
             steps=STEPS,
             restarts=restarts,
             prior_mean=torch.from_numpy(public_mean),
@@ -257,7 +257,7 @@ def test_client_gradient_is_the_evaluation_mode_gradient_under_the_key(which, re
     x, y = cells[0][:5], cells[1][:5]
     before = {name: p.detach().clone() for name, p in network.named_parameters()}
 
-    gradient = client_gradient(network, x, y, key_coordinates=coordinates)
+    gradient = client_gradient(network, x, y, key_material=coordinates)
 
     # the network is left as it was: mode, weights, .grad
     assert all(module.training for module in network.modules())
@@ -274,7 +274,7 @@ def test_client_gradient_is_the_evaluation_mode_gradient_under_the_key(which, re
         torch.testing.assert_close(gradient[name], expected)
     if which == "keyed_network":
         # without the key, the key heads and encoder receive no gradient: zeros, not missing entries
-        keyless = client_gradient(network, x, y, key_coordinates=None)
+        keyless = client_gradient(network, x, y, key_material=None)
         assert keyless.keys() == gradient.keys()
         unused = [name for name, g in keyless.items() if not g.any() and gradient[name].any()]
         assert unused
@@ -287,12 +287,12 @@ def test_client_update_is_plain_sgd_and_leaves_the_network_alone(which, request,
     x, y = cells[0][:4], cells[1][:4]
     before = {name: p.detach().clone() for name, p in network.named_parameters()}
 
-    one_step = client_update(network, x, y, key_coordinates=coordinates, steps=1, lr=0.05)
-    gradient = client_gradient(network, x, y, key_coordinates=coordinates)
+    one_step = client_update(network, x, y, key_material=coordinates, steps=1, lr=0.05)
+    gradient = client_gradient(network, x, y, key_material=coordinates)
     for name in gradient:
         torch.testing.assert_close(one_step[name], -0.05 * gradient[name])
 
-    three_steps = client_update(network, x, y, key_coordinates=coordinates, steps=3, lr=0.001)
+    three_steps = client_update(network, x, y, key_material=coordinates, steps=3, lr=0.001)
     reference = copy.deepcopy(network).eval()
     optimiser = torch.optim.SGD(reference.parameters(), lr=0.001)
     for _ in range(3):
@@ -311,12 +311,12 @@ def test_client_update_is_plain_sgd_and_leaves_the_network_alone(which, request,
 def test_restarts_keep_the_best_match_and_reconstructions_stay_nonnegative(plain_network, cells):
     x, y = cells[0], cells[1]
     victim = _victims(cells, 1, seed=11)[0]
-    gradient = client_gradient(plain_network, x[[victim]], y[[victim]], key_coordinates=None)
+    gradient = client_gradient(plain_network, x[[victim]], y[[victim]], key_material=None)
     settings = {
         "n_samples": 1,
         "n_features": N_GENES,
         "labels": y[[victim]],
-        "key_coordinates": None,
+        "key_material": None,
         "steps": 10,
         "lr": 0.01,
         "init_scale": 0.05,
@@ -421,14 +421,14 @@ def test_soft_labels_are_optimised_when_labels_are_unknown(plain_network, cells)
     x, y = cells[0], cells[1]
     victim = _victims(cells, 1, seed=3)[0]
     public_mean = _public_mean(cells, [victim])
-    gradient = client_gradient(plain_network, x[[victim]], y[[victim]], key_coordinates=None)
+    gradient = client_gradient(plain_network, x[[victim]], y[[victim]], key_material=None)
     reconstruction = invert_gradient(
         plain_network,
         gradient,
         n_samples=1,
         n_features=N_GENES,
         labels=None,
-        key_coordinates=None,
+        key_material=None,
         steps=STEPS,
         restarts=1,
         prior_mean=torch.from_numpy(public_mean),
@@ -454,7 +454,7 @@ def test_batch_of_eight_plain_fedavg(plain_network, cells):
     x, y = cells[0], cells[1]
     victims = _victims(cells, 8, seed=2)
     public_mean = _public_mean(cells, victims)
-    gradient = client_gradient(plain_network, x[victims], y[victims], key_coordinates=None)
+    gradient = client_gradient(plain_network, x[victims], y[victims], key_material=None)
     weight_name, bias_name = _output_layer_names(plain_network)
     labels = recover_labels(gradient[bias_name], 8, grad_last_weight=gradient[weight_name])
     reconstructions = invert_gradient(
@@ -463,7 +463,7 @@ def test_batch_of_eight_plain_fedavg(plain_network, cells):
         n_samples=8,
         n_features=N_GENES,
         labels=labels,
-        key_coordinates=None,
+        key_material=None,
         steps=STEPS,
         restarts=2,
         prior_mean=torch.from_numpy(public_mean),
@@ -493,7 +493,7 @@ def test_multi_step_update_plain_fedavg(plain_network, cells):
     public_mean = _public_mean(cells, victims)
     steps_local, lr_local = 3, 0.01
     update = client_update(
-        plain_network, x[victims], y[victims], key_coordinates=None, steps=steps_local, lr=lr_local
+        plain_network, x[victims], y[victims], key_material=None, steps=steps_local, lr=lr_local
     )
     # a realistic client: its local steps lower its loss
     trained = copy.deepcopy(plain_network)
@@ -513,7 +513,7 @@ def test_multi_step_update_plain_fedavg(plain_network, cells):
         n_samples=4,
         n_features=N_GENES,
         labels=labels,
-        key_coordinates=None,
+        key_material=None,
         steps_local=steps_local,
         lr_local=lr_local,
         steps=STEPS,

@@ -50,12 +50,12 @@ def test_balanced_accuracy_by_hand():
 def test_paper_scheme_wrong_keys_work_and_no_key_does_not(trained, key):
     """Reproduces the known weakness: mean-pooling makes same-generator keys interchangeable."""
     model, _, (x, y) = trained
-    right = (predict_labels(model.network, x, key_coordinates=_coords(key)) == y).mean()
+    right = (predict_labels(model.network, x, key_material=_coords(key)) == y).mean()
     wrong = [
-        (predict_labels(model.network, x, key_coordinates=_coords(si.FederationKey.generate())) == y).mean()
+        (predict_labels(model.network, x, key_material=_coords(si.FederationKey.generate())) == y).mean()
         for _ in range(5)
     ]
-    flipped = (predict_labels(model.network, x, key_coordinates=_coords(key.with_bit_flipped(7))) == y).mean()
+    flipped = (predict_labels(model.network, x, key_material=_coords(key.with_bit_flipped(7))) == y).mean()
     unkeyed = (predict_labels(model.network, x) == y).mean()
     majority = np.bincount(y).max() / len(y)
     assert right > majority + 0.25
@@ -82,13 +82,13 @@ def test_key_recovery_reaches_right_key_accuracy(trained, key):
     rng = np.random.default_rng(0)
     aux = rng.choice(len(x_train), size=len(x_train) // 10, replace=False)
     x_aux, y_aux = x_train[aux], torch.from_numpy(y_train[aux])
-    right = (predict_labels(model.network, x_test, key_coordinates=_coords(key)) == y_test).mean()
+    right = (predict_labels(model.network, x_test, key_material=_coords(key)) == y_test).mean()
     unkeyed = (predict_labels(model.network, x_test) == y_test).mean()
     k = recover_key_vector(model.network, x_aux, y_aux, init=torch.zeros(16), steps=200)
     recovered = (predict_labels(model.network, x_test, key_vector=k) == y_test).mean()
     start = _coords(si.FederationKey(hashlib.sha256(b"attacker's guess").digest()))
     coords = recover_coordinates(model.network, x_aux, y_aux, init=start, steps=100)
-    recovered_coords = (predict_labels(model.network, x_test, key_coordinates=coords) == y_test).mean()
+    recovered_coords = (predict_labels(model.network, x_test, key_material=coords) == y_test).mean()
     fresh, _ = fresh_model_accuracy(model.config, x_aux, y_aux, x_test, y_test, epochs=40)
     majority = np.bincount(y_test).max() / len(y_test)
     assert recovered_coords > right - 0.05

@@ -1,7 +1,7 @@
 """The federation's secret key: generation, derivation, fingerprint, storage.
 
 Every secret quantity a model uses (for ``scheme="infl"``: the 128 coordinates that condition the keyed
-modules) is derived from the 32 key bytes through SHAKE-256 with a domain-separation label, so that two
+modules; for ``scheme="hardened"``: its mixing, permutations and signs) is derived from the 32 key bytes through SHAKE-256 with a domain-separation label, so that two
 uses of the key never share bits and nothing is ever derived from a small integer seed.
 """
 
@@ -19,7 +19,7 @@ import numpy as np
 
 __all__ = ["SCHEMES", "FederationKey", "KeyFileError"]
 
-SCHEMES: Final = ("infl",)
+SCHEMES: Final = ("infl", "hardened")
 KEY_BYTES: Final = 32
 _FILE_FORMAT: Final = "scinfl-federation-key"
 _FILE_VERSION: Final = 1
@@ -42,7 +42,8 @@ class FederationKey:
     secret
         Exactly 32 bytes. Use :meth:`generate` rather than choosing them.
     scheme
-        The keyed-module scheme the key conditions. ``"infl"`` reproduces the paper's modules.
+        The keyed-module scheme the key conditions. ``"infl"`` reproduces the paper's modules;
+        ``"hardened"`` is scinfl's scheme without their measured weaknesses (see ``docs/privacy.md``).
     """
 
     __slots__ = ("_scheme", "_secret")

@@ -32,11 +32,29 @@ from torch import Tensor, nn
 
 from .key_encoder import CoordinateKeyEncoder
 
-__all__ = ["KeyedLinear", "KeyedNetwork", "active_modulation", "keyify", "use_key", "use_key_vector"]
+__all__ = [
+    "KeyMaterial",
+    "KeyedLinear",
+    "KeyedModule",
+    "KeyedNetwork",
+    "active_modulation",
+    "keyify",
+    "use_key",
+    "use_key_vector",
+]
 
-# Secret coordinates for the call in progress (None: keyless forward).
-_ACTIVE_COORDINATES: contextvars.ContextVar[Tensor | None] = contextvars.ContextVar(
-    "scinfl_active_coordinates", default=None
+
+class KeyMaterial:
+    """Base of the key material of schemes other than ``"infl"`` (whose material is a coordinate tensor).
+
+    Key material is what a keyed network needs from the key for one call; it lives only as long as the
+    caller holds it and is never stored on a module.
+    """
+
+
+# Key material for the call in progress: "infl" coordinates, a KeyMaterial, or None (keyless forward).
+_ACTIVE_KEY: contextvars.ContextVar[Tensor | KeyMaterial | None] = contextvars.ContextVar(
+    "scinfl_active_key", default=None
 )
 # A key vector chosen directly, bypassing the encoder (the audit's key-recovery attack fits one).
 _KEY_VECTOR_OVERRIDE: contextvars.ContextVar[Tensor | None] = contextvars.ContextVar(
@@ -49,19 +67,26 @@ _ACTIVE_MODULATION: contextvars.ContextVar[dict[int, tuple[Tensor, Tensor]] | No
 
 
 @contextmanager
-def use_key(coordinates: Tensor | None) -> Iterator[None]:
-    """Make ``coordinates`` the secret that keyed networks use inside the ``with`` block.
+def use_key(material: Tensor | KeyMaterial | None) -> Iterator[None]:
+    """Make ``material`` the secret that keyed networks use inside the ``with`` block.
 
-    ``None`` runs keyed networks without any key (their unmodulated weights), as an attacker who holds
-    only the aggregated weights would. Contexts nest; leaving the block restores the previous one.
+    ``material`` is what the model's scheme derives from the key: the secret coordinates for
+    ``scheme="infl"``, a :class:`KeyMaterial` for the others. ``None`` runs keyed networks without any key
+    (their unmodulated weights), as an attacker who holds only the aggregated weights would. Contexts nest;
+    leaving the block restores the previous one.
     """
-    if coordinates is not None and (coordinates.ndim != 2 or not coordinates.is_floating_point()):
-        raise ValueError("Key coordinates must be a floating-point tensor of shape (n_points, dim).")
-    token = _ACTIVE_COORDINATES.set(coordinates)
+    if isinstance(material, Tensor):
+        if material.ndim != 2 or not material.is_floating_point():
+            raise ValueError("Key coordinates must be a floating-point tensor of shape (n_points, dim).")
+    elif material is not None and not isinstance(material, KeyMaterial):
+        raise TypeError(
+            f"use_key needs key coordinates, a KeyMaterial or None, got {type(material).__name__}."
+        )
+    token = _ACTIVE_KEY.set(material)
     try:
         yield
     finally:
-        _ACTIVE_COORDINATES.reset(token)
+        _ACTIVE_KEY.reset(token)
 
 
 @contextmanager
@@ -114,7 +139,35 @@ class KeyedLinear(nn.Linear):
         return f"{super().extra_repr()}, film={self.film}"
 
 
-class KeyedNetwork(nn.Module):
+class KeyedModule(nn.Module):
+    """A task network that runs under the key of the active :func:`use_key` context (any scheme).
+
+    Call it like the wrapped network (``self.network``). ``forward(x, key=material)`` is shorthand for
+    ``with use_key(material): forward(x)``; other methods of the wrapped network run keyed through
+    :meth:`call`. Subclasses say how the key acts in :meth:`_keyed_pass`.
+    """
+
+    scheme: str = ""
+    network: nn.Module
+
+    @contextmanager
+    def _keyed_pass(self) -> Iterator[None]:  # pragma: no cover - abstract
+        raise NotImplementedError
+        yield
+
+    def call(self, method: str, *args, **kwargs):
+        """Run ``self.network.<method>(*args, **kwargs)`` under the active key."""
+        with self._keyed_pass():
+            return getattr(self.network, method)(*args, **kwargs)
+
+    def forward(self, x: Tensor, *args, key: Tensor | KeyMaterial | None = None, **kwargs):
+        if key is not None:
+            with use_key(key):
+                return self.call("forward", x, *args, **kwargs)
+        return self.call("forward", x, *args, **kwargs)
+
+
+class KeyedNetwork(KeyedModule):
     """A network whose linear layers are keyed, with the key encoder and key maps they share.
 
     Call it like the wrapped network; it encodes the coordinates of the active :func:`use_key` context
@@ -130,6 +183,8 @@ class KeyedNetwork(nn.Module):
     strength
         The key strength ``s``.
     """
+
+    scheme = "infl"
 
     def __init__(
         self, network: nn.Module, key_encoder: CoordinateKeyEncoder, *, strength: float = 1.0
@@ -208,24 +263,17 @@ class KeyedNetwork(nn.Module):
     def _keyed_pass(self) -> Iterator[None]:
         key_vector = _KEY_VECTOR_OVERRIDE.get()
         if key_vector is None:
-            coordinates = _ACTIVE_COORDINATES.get()
+            coordinates = _ACTIVE_KEY.get()
+            if coordinates is not None and not isinstance(coordinates, Tensor):
+                raise TypeError(
+                    f"This network uses scheme 'infl' (key coordinates); got {type(coordinates).__name__}."
+                )
             key_vector = None if coordinates is None else self.key_encoder(coordinates)
         token = _ACTIVE_MODULATION.set(None if key_vector is None else self.modulation(key_vector))
         try:
             yield
         finally:
             _ACTIVE_MODULATION.reset(token)
-
-    def call(self, method: str, *args, **kwargs):
-        """Run ``self.network.<method>(*args, **kwargs)`` under the active key."""
-        with self._keyed_pass():
-            return getattr(self.network, method)(*args, **kwargs)
-
-    def forward(self, x: Tensor, *args, key: Tensor | None = None, **kwargs):
-        if key is not None:
-            with use_key(key):
-                return self.call("forward", x, *args, **kwargs)
-        return self.call("forward", x, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"strength={self.strength}"

@@ -223,22 +223,18 @@ def _utility(ctx: _Context, out: _Collector, seed: int) -> None:
     if not isinstance(net, KeyedNetwork):
         out.add("utility", "accuracy", "server", scores(y, predict_labels(net, x)))
     else:
-        out.add(
-            "utility", "accuracy", "right key", scores(y, predict_labels(net, x, key_coordinates=ctx.right))
-        )
+        out.add("utility", "accuracy", "right key", scores(y, predict_labels(net, x, key_material=ctx.right)))
         out.add("utility", "accuracy", "no key", scores(y, predict_labels(net, x)))
         for i in range(ctx.settings.n_wrong_keys):
             guess = _coordinates(wrong_key(ctx.key, seed, i), config)
-            out.add(
-                "utility", "accuracy", "wrong key", scores(y, predict_labels(net, x, key_coordinates=guess))
-            )
+            out.add("utility", "accuracy", "wrong key", scores(y, predict_labels(net, x, key_material=guess)))
             bit = int(np.random.default_rng([seed, i]).integers(0, 256))
             flipped = _coordinates(ctx.key.with_bit_flipped(bit), config)
             out.add(
                 "utility",
                 "accuracy",
                 "one-bit flip",
-                scores(y, predict_labels(net, x, key_coordinates=flipped)),
+                scores(y, predict_labels(net, x, key_material=flipped)),
             )
     counts = np.bincount(y)
     out.add(
@@ -274,7 +270,7 @@ def _key_recovery(ctx: _Context, out: _Collector, seed: int) -> None:
         "key recovery",
         f"fit coordinates ({n_aux} labelled cells)",
         "server",
-        scores(y_test, predict_labels(ctx.network, x[test], key_coordinates=coords)),
+        scores(y_test, predict_labels(ctx.network, x[test], key_material=coords)),
     )
     acc, bal = fresh_model_accuracy(
         ctx.config, x[aux], y[aux], x[test], y_test, epochs=ctx.settings.fresh_model_epochs, seed=seed
@@ -289,7 +285,7 @@ def _key_recovery(ctx: _Context, out: _Collector, seed: int) -> None:
         "key recovery",
         "right key (reference)",
         "right key (positive control)",
-        scores(y_test, predict_labels(ctx.network, x[test], key_coordinates=ctx.right)),
+        scores(y_test, predict_labels(ctx.network, x[test], key_material=ctx.right)),
     )
 
 
@@ -306,7 +302,7 @@ def _analytic(ctx: _Context, out: _Collector, seed: int) -> None:
     for victim in victims:
         x = ctx.data.members_x[victim : victim + 1]
         y = ctx.data.members_y[victim : victim + 1]
-        grads = client_gradient(ctx.network, x, y, key_coordinates=ctx.right, private=ctx.settings.private)
+        grads = client_gradient(ctx.network, x, y, key_material=ctx.right, private=ctx.settings.private)
         # The server needs no key: it reads the first layer's gradient (what the client sent).
         if not torch.any(grads[bias]):
             continue  # no unit of the first layer was active: nothing leaks from it for this cell
@@ -370,9 +366,7 @@ def _inversion(ctx: _Context, out: _Collector, seed: int) -> None:
     for view, guess in _views(ctx.network, ctx.key, ctx.config, seed).items():
         for victim in victims[: s.inversion_victims]:
             x, y = ctx.data.members_x[victim : victim + 1], ctx.data.members_y[victim : victim + 1]
-            grads = client_gradient(
-                ctx.network, x, y, key_coordinates=ctx.right, private=ctx.settings.private
-            )
+            grads = client_gradient(ctx.network, x, y, key_material=ctx.right, private=ctx.settings.private)
             labels = recover_labels(grads[last_bias], 1)
             out.add(
                 "inversion",
@@ -381,19 +375,17 @@ def _inversion(ctx: _Context, out: _Collector, seed: int) -> None:
                 {"label_recovered": float(labels[0] == y[0])},
             )
             rec = invert_gradient(
-                ctx.network, grads, n_samples=1, labels=labels, key_coordinates=guess, **common
+                ctx.network, grads, n_samples=1, labels=labels, key_material=guess, **common
             )
             out.add("inversion", "gradient, 1 cell", view, ctx.metrics(rec[0].numpy(), int(victim)))
             out.example("gradient, 1 cell", view, x[0].numpy(), rec[0].numpy())
         for size in s.inversion_batches:
             batch = victims[:size]
             x, y = ctx.data.members_x[batch], ctx.data.members_y[batch]
-            grads = client_gradient(
-                ctx.network, x, y, key_coordinates=ctx.right, private=ctx.settings.private
-            )
+            grads = client_gradient(ctx.network, x, y, key_material=ctx.right, private=ctx.settings.private)
             labels = recover_labels(grads[last_bias], size)
             rec = invert_gradient(
-                ctx.network, grads, n_samples=size, labels=labels, key_coordinates=guess, **common
+                ctx.network, grads, n_samples=size, labels=labels, key_material=guess, **common
             )
             for victim, row in _matched(ctx, rec, batch):
                 out.add("inversion", f"gradient, batch of {size}", view, ctx.metrics(row, victim))
@@ -403,7 +395,7 @@ def _inversion(ctx: _Context, out: _Collector, seed: int) -> None:
             ctx.network,
             x,
             y,
-            key_coordinates=ctx.right,
+            key_material=ctx.right,
             steps=s.update_local_steps,
             lr=s.update_lr,
             private=s.private,
@@ -415,7 +407,7 @@ def _inversion(ctx: _Context, out: _Collector, seed: int) -> None:
             update,
             n_samples=len(batch),
             labels=labels,
-            key_coordinates=guess,
+            key_material=guess,
             steps_local=s.update_local_steps,
             lr_local=s.update_lr,
             **common,
@@ -425,10 +417,10 @@ def _inversion(ctx: _Context, out: _Collector, seed: int) -> None:
             out.add("inversion", attack, view, ctx.metrics(row, victim))
 
 
-def _probabilities(network: nn.Module, key_coordinates: Tensor | None) -> Callable[[Tensor], Tensor]:
+def _probabilities(network: nn.Module, key_material: Tensor | None) -> Callable[[Tensor], Tensor]:
     def predict_proba(x: Tensor) -> Tensor:
         network.eval()
-        with use_key(key_coordinates):
+        with use_key(key_material):
             return torch.softmax(network(x), dim=1)
 
     return predict_proba

@@ -22,7 +22,7 @@ attacker, so that a measured failure of an attack is not an artefact of our simu
 
 Key views
 ---------
-The ``key_coordinates`` argument of each function says who computes: the client passes its right key (the
+The ``key_material`` argument of each function says who computes: the client passes its right key (the
 true payload); an attacker passes ``None`` (the keyless server, which runs the keyed network on its
 unmodulated weights), a wrong key, or the right key (an insider, the positive control). A network without
 keyed modules (plain FedAvg) ignores the key.
@@ -75,14 +75,14 @@ def loss_gradients(
     y: Tensor,
     parameters: Mapping[str, Tensor],
     *,
-    key_coordinates: Tensor | None,
+    key_material: Tensor | None,
     create_graph: bool = False,
 ) -> dict[str, Tensor]:
     """Gradient of the mean cross-entropy on ``(x, y)`` at ``parameters``, under one key view.
 
     The network runs with ``parameters`` substituted for its own (:func:`torch.func.functional_call`), in
     whatever mode it is in (callers use :func:`evaluation_mode`). Parameters the loss does not reach (the
-    key heads and key encoder when ``key_coordinates`` is None) get an all-zero gradient, so the result
+    key heads and key encoder when ``key_material`` is None) get an all-zero gradient, so the result
     always has every name of ``parameters``.
 
     Parameters
@@ -95,12 +95,12 @@ def loss_gradients(
         Integer labels ``(n_samples,)`` or class probabilities ``(n_samples, n_classes)``.
     parameters
         Name to tensor, each requiring grad; names as in ``network.named_parameters()``.
-    key_coordinates
+    key_material
         The key view: the client's key, or an attacker's (None: keyless; wrong key; right key).
     create_graph
         Keep the graph so that the gradients can be differentiated again (gradient matching).
     """
-    with use_key(key_coordinates):
+    with use_key(key_material):
         logits = functional_call(network, dict(parameters), (x,))
     # Integer labels, or class probabilities (the attacker's soft labels when it optimises them too).
     loss = F.cross_entropy(logits, y)
@@ -120,7 +120,7 @@ def sgd_update(
     y: Tensor,
     parameters: Mapping[str, Tensor],
     *,
-    key_coordinates: Tensor | None,
+    key_material: Tensor | None,
     steps: int,
     lr: float,
     create_graph: bool = False,
@@ -139,9 +139,7 @@ def sgd_update(
     start = dict(parameters)
     current = dict(parameters)
     for _ in range(steps):
-        grads = loss_gradients(
-            network, x, y, current, key_coordinates=key_coordinates, create_graph=create_graph
-        )
+        grads = loss_gradients(network, x, y, current, key_material=key_material, create_graph=create_graph)
         current = {name: current[name] - lr * grads[name] for name in current}
         if not create_graph:
             # Nothing will differentiate through the trajectory: cut it so the graph does not grow.
@@ -169,15 +167,13 @@ def _private_gradient(
     y: Tensor,
     parameters: Mapping[str, Tensor],
     *,
-    key_coordinates: Tensor | None,
+    key_material: Tensor | None,
     private: PrivateGradient,
     generator: torch.Generator,
 ) -> dict[str, Tensor]:
     total = {name: torch.zeros_like(p) for name, p in parameters.items()}
     for i in range(len(x)):  # per-cell gradients, as Opacus computes them
-        grads = loss_gradients(
-            network, x[i : i + 1], y[i : i + 1], parameters, key_coordinates=key_coordinates
-        )
+        grads = loss_gradients(network, x[i : i + 1], y[i : i + 1], parameters, key_material=key_material)
         norm = torch.sqrt(sum(g.detach().pow(2).sum() for g in grads.values()))
         factor = min(1.0, private.max_grad_norm / (float(norm) + 1e-6))
         for name, g in grads.items():
@@ -199,13 +195,13 @@ def client_gradient(
     x: Tensor,
     y: Tensor,
     *,
-    key_coordinates: Tensor | None,
+    key_material: Tensor | None,
     private: PrivateGradient | None = None,
 ) -> dict[str, Tensor]:
     """The gradient a client sends: mean cross-entropy on its batch, w.r.t. every trainable parameter.
 
     Computed in evaluation mode (see the module docstring: the setting most favourable to the attacker)
-    and inside ``use_key(key_coordinates)``. The network's weights and ``.grad`` fields are left unchanged.
+    and inside ``use_key(key_material)``. The network's weights and ``.grad`` fields are left unchanged.
 
     Parameters
     ----------
@@ -215,7 +211,7 @@ def client_gradient(
         The client's batch, ``(n_samples, n_features)``.
     y
         Its integer labels, ``(n_samples,)``.
-    key_coordinates
+    key_material
         The client's key (the right key). Passing another view here computes what that view would send,
         which is how an attacker simulates a gradient.
     private
@@ -233,12 +229,12 @@ def client_gradient(
                 x,
                 y,
                 _detached_leaves(network),
-                key_coordinates=key_coordinates,
+                key_material=key_material,
                 private=private,
                 generator=generator,
             )
         else:
-            grads = loss_gradients(network, x, y, _detached_leaves(network), key_coordinates=key_coordinates)
+            grads = loss_gradients(network, x, y, _detached_leaves(network), key_material=key_material)
     return {name: g.detach() for name, g in grads.items()}
 
 
@@ -247,19 +243,19 @@ def client_update(
     x: Tensor,
     y: Tensor,
     *,
-    key_coordinates: Tensor | None,
+    key_material: Tensor | None,
     steps: int,
     lr: float,
     private: PrivateGradient | None = None,
 ) -> dict[str, Tensor]:
     """The update a client sends after ``steps`` plain SGD steps on its whole batch: ``theta_K - theta_0``.
 
-    Evaluation mode and ``use_key(key_coordinates)`` as in :func:`client_gradient`; the network's own
+    Evaluation mode and ``use_key(key_material)`` as in :func:`client_gradient`; the network's own
     weights are left unchanged (the steps run on functional copies).
 
     Parameters
     ----------
-    network, x, y, key_coordinates
+    network, x, y, key_material
         As for :func:`client_gradient`.
     steps
         Local SGD steps (each on the full batch).
@@ -275,7 +271,7 @@ def client_update(
     with evaluation_mode(network):
         if private is None:
             update = sgd_update(
-                network, x, y, _detached_leaves(network), key_coordinates=key_coordinates, steps=steps, lr=lr
+                network, x, y, _detached_leaves(network), key_material=key_material, steps=steps, lr=lr
             )
         else:
             generator = torch.Generator().manual_seed(private.seed)
@@ -287,7 +283,7 @@ def client_update(
                     x,
                     y,
                     current,
-                    key_coordinates=key_coordinates,
+                    key_material=key_material,
                     private=private,
                     generator=generator,
                 )

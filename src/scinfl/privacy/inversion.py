@@ -13,7 +13,7 @@ current global weights (including BatchNorm running statistics):
 
 The attacker's key view
 -----------------------
-Every attack takes ``key_coordinates``: the key the *attacker* runs the network with while simulating
+Every attack takes ``key_material``: the key the *attacker* runs the network with while simulating
 gradients. ``None`` is the keyless server (the keyed network on its unmodulated weights), a key drawn from
 the same generator (``FederationKey.generate()``) is the wrong-key attacker, and the client's own key is an
 insider: the positive control that shows the attack works at all. Against plain FedAvg (a network without
@@ -271,7 +271,7 @@ def invert_gradient(
     n_samples: int,
     n_features: int,
     labels: Tensor | None,
-    key_coordinates: Tensor | None,
+    key_material: Tensor | None,
     objective: Objective = "cosine",
     steps: int = 300,
     restarts: int = 2,
@@ -302,7 +302,7 @@ def invert_gradient(
         Number of input features.
     labels
         The batch's labels, e.g. from :func:`recover_labels`; None optimises soft labels jointly (DLG).
-    key_coordinates
+    key_material
         The attacker's key view: None for the keyless server, a wrong key (same generator), or the right
         key (an insider, the positive control). No effect on a network without keyed modules.
     objective
@@ -330,7 +330,7 @@ def invert_gradient(
     parameters = _attacked_parameters(network, target)
 
     def simulate(x: Tensor, y: Tensor) -> dict[str, Tensor]:
-        return loss_gradients(network, x, y, parameters, key_coordinates=key_coordinates, create_graph=True)
+        return loss_gradients(network, x, y, parameters, key_material=key_material, create_graph=True)
 
     with evaluation_mode(network):
         return _reconstruct(
@@ -359,7 +359,7 @@ def invert_update(
     n_samples: int,
     n_features: int,
     labels: Tensor | None,
-    key_coordinates: Tensor | None,
+    key_material: Tensor | None,
     steps_local: int,
     lr_local: float,
     objective: Objective = "cosine",
@@ -391,7 +391,7 @@ def invert_update(
     steps_local, lr_local
         The client's number of local SGD steps and learning rate (part of the protocol, known to the
         server).
-    key_coordinates
+    key_material
         The attacker's key view: None (keyless server), a wrong key, or the right key (positive control).
     n_samples, n_features, labels
         As for :func:`invert_gradient`. ``labels`` may come from :func:`recover_labels` applied to
@@ -412,7 +412,7 @@ def invert_update(
             x,
             y,
             parameters,
-            key_coordinates=key_coordinates,
+            key_material=key_material,
             steps=steps_local,
             lr=lr_local,
             create_graph=True,

@@ -40,7 +40,7 @@ def predict_labels(
     network: nn.Module,
     x: Tensor,
     *,
-    key_coordinates: Tensor | None = None,
+    key_material: Tensor | None = None,
     key_vector: Tensor | None = None,
     batch_size: int = 2048,
 ) -> np.ndarray:
@@ -49,7 +49,7 @@ def predict_labels(
     out = []
     for start in range(0, len(x), batch_size):
         batch = x[start : start + batch_size]
-        with use_key(key_coordinates):
+        with use_key(key_material):
             if key_vector is not None:
                 with use_key_vector(key_vector):
                     logits = network(batch)
@@ -137,7 +137,7 @@ def train_fresh_model(
         lr=lr,
         weight_decay=1e-5,
         seed=seed,
-        key_coordinates=None,
+        key_material=None,
     )
     return network.eval()
 

@@ -1,6 +1,6 @@
 """Tasks, the Lightning training plan, and plain local fit/evaluate functions shared by all engines."""
 
-from .config import ModelConfig, build_network, key_coordinates
+from .config import ModelConfig, build_network, key_material
 from .local import LocalFitResult, TrainingPlan, copy_state, evaluate, fit_local, infer
 from .site import FitSettings, SiteTrainer, site_datasets
 from .tasks import TASKS, ClassificationTask, Task, get_task
@@ -20,6 +20,6 @@ __all__ = [
     "fit_local",
     "get_task",
     "infer",
-    "key_coordinates",
+    "key_material",
     "site_datasets",
 ]

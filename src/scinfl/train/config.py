@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from ..key import FederationKey
-from ..nn import keyify
+from ..key import SCHEMES, FederationKey
+from ..nn import HardenedLayout, KeyMaterial, derive_hardened_key, harden, keyify
 from .tasks import get_task
 
-__all__ = ["ModelConfig", "build_network", "key_coordinates"]
+__all__ = ["ModelConfig", "build_network", "hardened_layout", "key_material"]
 
 
 @dataclass(frozen=True)
@@ -21,7 +22,9 @@ class ModelConfig:
 
     ``scheme=None`` is the plain network (no keyed modules): the FedAvg baseline. ``norm`` is the
     normalisation in the residual blocks: ``"batch"`` (the paper's BatchNorm) or ``"layer"`` (LayerNorm,
-    which DP-SGD needs). Configs saved before ``norm`` existed load as ``"batch"``.
+    which DP-SGD needs). ``key_strength`` and the encoder sizes belong to ``scheme="infl"``; the
+    ``mixing_*`` fields to ``scheme="hardened"`` (its input mixing's block size, rounds and gain range).
+    Configs saved before a field existed load with its default.
     """
 
     task: str
@@ -36,6 +39,9 @@ class ModelConfig:
     n_key_points: int = 128
     coordinate_dim: int = 2
     norm: Literal["batch", "layer"] = "batch"
+    mixing_block: int = 32
+    mixing_rounds: int = 2
+    mixing_gain: float = 4.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -50,8 +56,12 @@ def build_network(config: ModelConfig) -> nn.Module:
     network = get_task(config.task).build_network(config)
     if config.scheme is None:
         return network
+    if config.scheme == "hardened":
+        return harden(
+            network, block_size=config.mixing_block, rounds=config.mixing_rounds, gain=config.mixing_gain
+        )
     if config.scheme != "infl":
-        raise ValueError(f"Unknown key scheme {config.scheme!r}.")
+        raise ValueError(f"Unknown key scheme {config.scheme!r}; known schemes: {', '.join(SCHEMES)}.")
     return keyify(
         network,
         strength=config.key_strength,
@@ -61,10 +71,19 @@ def build_network(config: ModelConfig) -> nn.Module:
     )
 
 
-def key_coordinates(key: FederationKey | None, config: ModelConfig) -> torch.Tensor | None:
-    """The secret coordinates ``key`` gives for ``config``'s keyed modules (None for no key).
+@lru_cache(maxsize=32)
+def hardened_layout(config: ModelConfig) -> HardenedLayout:
+    """The public layout of ``config``'s hardened network (what its key material must fit)."""
+    return build_network(config).layout
 
-    Raises if the key is of another scheme than the model, or if a plain model is given a key.
+
+def key_material(key: FederationKey | None, config: ModelConfig) -> torch.Tensor | KeyMaterial | None:
+    """What ``key`` gives ``config``'s keyed modules (None for no key).
+
+    The secret coordinates for ``scheme="infl"``, a :class:`~scinfl.nn.HardenedKey` for
+    ``scheme="hardened"``. Derived afresh on every call and never cached: the caller holds it only as long
+    as it needs it. Raises if the key is of another scheme than the model, or if a plain model is given a
+    key.
     """
     if key is None:
         return None
@@ -74,4 +93,6 @@ def key_coordinates(key: FederationKey | None, config: ModelConfig) -> torch.Ten
         raise ValueError("This model was trained without a key (plain FedAvg); pass key=None.")
     if key.scheme != config.scheme:
         raise ValueError(f"The key is for scheme {key.scheme!r}, but the model uses {config.scheme!r}.")
+    if config.scheme == "hardened":
+        return derive_hardened_key(key.derive, hardened_layout(config))
     return torch.from_numpy(key.coordinates(config.n_key_points, config.coordinate_dim))

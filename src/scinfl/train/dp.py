@@ -47,7 +47,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..data import SiteDataset
-from ..nn import KeyedLinear, KeyedNetwork
+from ..nn import HardenedLinear, KeyedLinear, KeyedModule
 
 try:
     from opacus.accountants import RDPAccountant
@@ -120,7 +120,7 @@ class DPSettings:
 
 def check_private_network(network: nn.Module) -> None:
     """Raise a ValueError unless DP-SGD can compute exact per-sample gradients of ``network``."""
-    if isinstance(network, KeyedNetwork) or any(isinstance(m, KeyedLinear) for m in network.modules()):
+    if any(isinstance(m, KeyedModule | KeyedLinear | HardenedLinear) for m in network.modules()):
         raise ValueError(
             "DP-SGD (dp=...) is available for plain models only (key=None). Opacus computes per-sample "
             "gradients with per-layer rules that assume y = x W^T + b; keyed layers compute "

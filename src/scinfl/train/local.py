@@ -23,7 +23,7 @@ import torch
 from lightning.fabric import Fabric
 from torch import Tensor, nn
 
-from ..nn import KeyedNetwork, use_key
+from ..nn import KeyedModule, use_key
 from .tasks import Task
 
 if TYPE_CHECKING:
@@ -98,7 +98,7 @@ def fit_local(
     lr: float,
     weight_decay: float,
     seed: int,
-    key_coordinates: Tensor | None,
+    key_material: Tensor | None,
     private: PrivateTraining | None = None,
 ) -> float:
     """Train ``network`` in place on ``batches`` for ``epochs`` epochs; return the mean training loss.
@@ -121,7 +121,7 @@ def fit_local(
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # Lightning 2.6 on torch >= 2.10
             module, optimizer = fabric.setup(plan, optimizer)
-        stack.enter_context(use_key(key_coordinates))
+        stack.enter_context(use_key(key_material))
         for _ in range(epochs):
             for index, batch in enumerate(batches):
                 if len(batch[0]) == 0:  # an empty Poisson batch (DP-SGD): skipped, not accounted
@@ -138,13 +138,13 @@ def fit_local(
 
 @torch.no_grad()
 def evaluate(
-    network: nn.Module, batches: Iterable, task: Task, *, key_coordinates: Tensor | None
+    network: nn.Module, batches: Iterable, task: Task, *, key_material: Tensor | None
 ) -> dict[str, float]:
     """Mean of each task metric over ``batches`` (evaluation mode), plus the cell count ``n``."""
     network.eval()
     sums: dict[str, float] = {}
     n = 0
-    with use_key(key_coordinates):
+    with use_key(key_material):
         for x, y in batches:
             for name, value in task.metric_sums(network(x), y).items():
                 sums[name] = sums.get(name, 0.0) + value
@@ -154,14 +154,14 @@ def evaluate(
 
 @torch.no_grad()
 def infer(
-    network: nn.Module, batches: Iterable, *, key_coordinates: Tensor | None
+    network: nn.Module, batches: Iterable, *, key_material: Tensor | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Network outputs and embeddings (``features``) for every batch, in order."""
     network.eval()
     outputs, embeddings = [], []
-    with use_key(key_coordinates):
+    with use_key(key_material):
         for x, _ in batches:
-            if isinstance(network, KeyedNetwork):
+            if isinstance(network, KeyedModule):
                 features = network.call("features", x)
                 out = network.call("head", features)
             else:

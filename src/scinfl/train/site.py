@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ..data import SiteDataset, batch_loader, stratified_split
 from ..key import FederationKey
-from .config import ModelConfig, key_coordinates
+from .config import ModelConfig, key_material
 from .local import LocalFitResult, copy_state, evaluate, fit_local
 from .tasks import get_task
 
@@ -82,12 +82,12 @@ class SiteTrainer:
         self.network = copy.deepcopy(network)
         self.task = get_task(config.task)
         self.settings = settings
-        self._coordinates = key_coordinates(key, config)
+        self._key_material = key_material(key, config)
         self._fingerprint = None if key is None else key.fingerprint
         if private is not None:
             from .dp import check_private_network
 
-            if self._coordinates is not None:
+            if self._key_material is not None:
                 raise ValueError(f"Site {name!r}: DP-SGD is available for plain models only (key=None).")
             check_private_network(self.network)
             if private.n_train != len(train):
@@ -138,7 +138,7 @@ class SiteTrainer:
             lr=self.settings.lr,
             weight_decay=self.settings.weight_decay,
             seed=seed,
-            key_coordinates=self._coordinates,
+            key_material=self._key_material,
             private=self.private,
         )
         if self.private is None:
@@ -161,7 +161,7 @@ class SiteTrainer:
             return {"n": 0.0}
         self._load(global_state)
         loader = batch_loader(self.validation, batch_size=max(self.settings.batch_size, 512), shuffle=False)
-        return evaluate(self.network, loader, self.task, key_coordinates=self._coordinates)
+        return evaluate(self.network, loader, self.task, key_material=self._key_material)
 
 
 def site_datasets(matrix, labels: np.ndarray, validation_fraction: float, rng: np.random.Generator):

@@ -1,0 +1,312 @@
+"""The hardened key scheme (``scheme="hardened"``): key-derived transforms at every layer, no bottleneck.
+
+The paper's scheme (``"infl"``) squeezes the key through a 16-number vector, lets training learn to ignore
+it, and leaves the first layer's input in plain view of anyone holding its gradient. Here the key acts as
+fixed (never trained) transforms derived from the key bytes, as many secret degrees of freedom as the
+network has units:
+
+- **input mixing**, in front of the first shared layer: ``rounds`` times, a secret permutation of the
+  features followed by a block-diagonal mixing, each ``block_size x block_size`` block ``Q1 diag(g) Q2``
+  with Haar-random orthogonal ``Q1, Q2`` and gains ``g`` log-uniform in ``[1/gain, gain]``. It is
+  invertible, so no information is lost, but a first-layer gradient (``dW[i] / db[i]``) reveals only the
+  mixed input. The gains make the map non-orthogonal: an orthogonal mixing alone is undone by aligning the
+  principal axes of leaked vectors with those of a public reference.
+- **a secret signed permutation of every linear layer's inputs** (the first layer's included): the layer
+  computes ``W u + b`` with ``u = sign * x[order]``. It is an exact reparametrisation of a plain network
+  (Adam and weight decay are equivariant to it, so it costs no accuracy), yet without the key every layer
+  reads its inputs scrambled.
+- **a secret permutation of the output layer's units**, so that a class's logit comes from a secret row:
+  the label no longer sits at a known position of the last bias gradient.
+
+Every site applies the same transforms, so plain FedAvg of the weights is FedAvg of the equivalent plain
+networks. The transforms are derived from the key with a counter-mode generator (Philox, keyed by 128
+bits of SHAKE-256 output per purpose) and live only in a :class:`HardenedKey` that the caller holds for the
+duration of a call; modules hold only the public layout.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import copy
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .keyed import _ACTIVE_KEY, KeyedModule, KeyMaterial
+
+__all__ = [
+    "BlockMixing",
+    "HardenedKey",
+    "HardenedLayout",
+    "HardenedLinear",
+    "HardenedNetwork",
+    "derive_hardened_key",
+    "harden",
+]
+
+# The hardened key material of the forward pass in progress (set by HardenedNetwork, read by its layers).
+_ACTIVE_HARDENED: contextvars.ContextVar[KeyMaterial | None] = contextvars.ContextVar(
+    "scinfl_active_hardened", default=None
+)
+
+
+@dataclass(frozen=True)
+class HardenedLayout:
+    """The public shape of a hardened network: what its key material must fit. Holds no secret."""
+
+    in_features: tuple[int, ...]  # of every hardened linear layer, in module order
+    n_outputs: int  # of the last layer (the head)
+    block_size: int = 32
+    rounds: int = 2
+    gain: float = 4.0
+
+    @property
+    def n_features(self) -> int:
+        return self.in_features[0]
+
+
+def _generator(derive: Callable[[str, int], bytes], purpose: str) -> np.random.Generator:
+    # Philox is a counter-mode generator; its 128-bit key comes from the key's SHAKE-256 derivation.
+    return np.random.Generator(np.random.Philox(key=int.from_bytes(derive(purpose, 16), "little")))
+
+
+def _haar_orthogonal(rng: np.random.Generator, n: int, count: int) -> np.ndarray:
+    q, r = np.linalg.qr(rng.standard_normal((count, n, n)))
+    # Fixing the signs of R's diagonal makes Q Haar-distributed (Mezzadri 2007).
+    return q * np.sign(np.diagonal(r, axis1=-2, axis2=-1))[:, None, :]
+
+
+def _mixing_blocks(rng: np.random.Generator, n: int, count: int, gain: float) -> np.ndarray:
+    if count == 0 or n == 0:
+        return np.zeros((count, n, n), dtype=np.float32)
+    gains = np.exp(rng.uniform(-np.log(gain), np.log(gain), size=(count, n)))
+    gains /= np.sqrt(np.mean(gains**2, axis=1, keepdims=True))  # keeps the input's overall scale
+    left, right = _haar_orthogonal(rng, n, count), _haar_orthogonal(rng, n, count)
+    return ((left * gains[:, None, :]) @ right).astype(np.float32)
+
+
+@dataclass(frozen=True, eq=False)
+class BlockMixing:
+    """A key-derived invertible linear map of R^n: rounds of (permute, block-diagonal mixing).
+
+    Attributes
+    ----------
+    orders
+        Per round, the permutation applied to the features first.
+    blocks
+        Per round, the ``(n // b, b, b)`` mixing blocks of the first ``b * (n // b)`` permuted features.
+    tails
+        Per round, the ``(n % b, n % b)`` block of the remaining features.
+    """
+
+    orders: tuple[Tensor, ...]
+    blocks: tuple[Tensor, ...]
+    tails: tuple[Tensor, ...]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        for order, blocks, tail in zip(self.orders, self.blocks, self.tails, strict=True):
+            x = x.index_select(-1, order)
+            n_blocks, size = blocks.shape[0], blocks.shape[1]
+            cut = n_blocks * size
+            head = x[:, :cut].reshape(-1, n_blocks, size).transpose(0, 1)  # (blocks, batch, size)
+            mixed = torch.bmm(head, blocks.transpose(1, 2)).transpose(0, 1).reshape(-1, cut)
+            x = torch.cat([mixed, x[:, cut:] @ tail.T], dim=1) if tail.numel() else mixed
+        return x
+
+    def matrix(self) -> Tensor:
+        """The map as a dense ``(n, n)`` matrix ``M`` (``mixing(x) == x @ M.T``)."""
+        n = len(self.orders[0])
+        return self(torch.eye(n, dtype=self.blocks[0].dtype)).T
+
+
+@dataclass(frozen=True, eq=False)
+class HardenedKey(KeyMaterial):
+    """The transforms one key gives a hardened network (see the module docstring).
+
+    Attributes
+    ----------
+    mixing
+        The input mixing, applied before the first layer's signed permutation.
+    inverse_orders, signs
+        Per layer, ``u = x[:, inverse_orders[i]] * signs[i]`` is what the layer's weights read.
+    output_order
+        The head computes ``(W u + b)[:, output_order]``.
+    """
+
+    mixing: BlockMixing
+    inverse_orders: tuple[Tensor, ...]
+    signs: tuple[Tensor, ...]
+    output_order: Tensor
+
+    def layer_input(self, index: int, x: Tensor) -> Tensor:
+        if index == 0:
+            x = self.mixing(x)
+        return x.index_select(-1, self.inverse_orders[index]) * self.signs[index]
+
+    def layer_output(self, index: int, y: Tensor) -> Tensor:
+        if index == len(self.signs) - 1:
+            return y.index_select(-1, self.output_order)
+        return y
+
+    def check(self, layout: HardenedLayout) -> None:
+        widths = tuple(len(s) for s in self.signs)
+        if widths != layout.in_features or len(self.output_order) != layout.n_outputs:
+            raise ValueError(
+                "This key material was derived for another network layout "
+                f"(inputs {widths}, {len(self.output_order)} outputs); the network has inputs "
+                f"{layout.in_features} and {layout.n_outputs} outputs."
+            )
+
+    def __repr__(self) -> str:
+        return f"HardenedKey(layers={len(self.signs)})"  # never the material itself
+
+
+def derive_hardened_key(derive: Callable[[str, int], bytes], layout: HardenedLayout) -> HardenedKey:
+    """The hardened key material for ``layout``, derived from a key's ``derive(purpose, n_bytes)``.
+
+    Deterministic: the same key and layout always give the same material. Every transform has its own
+    derivation purpose, so that no two share generator output.
+    """
+    n, size = layout.n_features, layout.block_size
+    orders, blocks, tails = [], [], []
+    for r in range(layout.rounds):
+        rng = _generator(derive, f"hardened/mixing/{n}/{size}/{layout.gain}/round-{r}")
+        orders.append(torch.from_numpy(rng.permutation(n)))
+        blocks.append(torch.from_numpy(_mixing_blocks(rng, size, n // size, layout.gain)))
+        tails.append(torch.from_numpy(_mixing_blocks(rng, n % size, 1, layout.gain)[0]))
+    inverse_orders, signs = [], []
+    for i, width in enumerate(layout.in_features):
+        rng = _generator(derive, f"hardened/layer-{i}/{width}")
+        inverse_orders.append(torch.from_numpy(np.argsort(rng.permutation(width))))
+        signs.append(torch.from_numpy(rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=width)))
+    rng = _generator(derive, f"hardened/output/{layout.n_outputs}")
+    return HardenedKey(
+        mixing=BlockMixing(tuple(orders), tuple(blocks), tuple(tails)),
+        inverse_orders=tuple(inverse_orders),
+        signs=tuple(signs),
+        output_order=torch.from_numpy(rng.permutation(layout.n_outputs)),
+    )
+
+
+class HardenedLinear(nn.Linear):
+    """A linear layer that reads its input, and writes its output, through the active hardened key.
+
+    Without a hardened key in force it is exactly :class:`torch.nn.Linear`. ``key_index`` (its position
+    among the network's hardened layers) is set by :class:`HardenedNetwork`; it is public structure.
+    """
+
+    key_index: int = -1
+
+    def forward(self, x: Tensor) -> Tensor:
+        material = _ACTIVE_HARDENED.get()
+        if material is None:
+            return F.linear(x, self.weight, self.bias)
+        y = F.linear(material.layer_input(self.key_index, x), self.weight, self.bias)
+        return material.layer_output(self.key_index, y)
+
+
+class HardenedNetwork(KeyedModule):
+    """A task network whose every linear layer runs under the hardened key (see the module docstring).
+
+    It has no key-specific parameters: ``state_dict`` holds the task network's weights only.
+
+    Parameters
+    ----------
+    network
+        A module containing :class:`HardenedLinear` layers (see :func:`harden`).
+    block_size, rounds, gain
+        The input mixing's block size, number of rounds and gain range (see :class:`HardenedLayout`).
+    """
+
+    scheme = "hardened"
+
+    def __init__(
+        self, network: nn.Module, *, block_size: int = 32, rounds: int = 2, gain: float = 4.0
+    ) -> None:
+        super().__init__()
+        if block_size < 1 or rounds < 1 or gain < 1.0:
+            raise ValueError("block_size and rounds must be at least 1 and gain at least 1.")
+        self.network = network
+        layers = [m for m in network.modules() if isinstance(m, HardenedLinear)]
+        if not layers:
+            raise ValueError("HardenedNetwork needs at least one HardenedLinear layer in the network.")
+        for index, layer in enumerate(layers):
+            layer.key_index = index
+        self.layout = HardenedLayout(
+            in_features=tuple(layer.in_features for layer in layers),
+            n_outputs=layers[-1].out_features,
+            block_size=int(block_size),
+            rounds=int(rounds),
+            gain=float(gain),
+        )
+
+    def key_material(self, derive: Callable[[str, int], bytes]) -> HardenedKey:
+        """This network's key material, from a key's ``derive`` (e.g. ``FederationKey.derive``)."""
+        return derive_hardened_key(derive, self.layout)
+
+    @contextmanager
+    def _keyed_pass(self) -> Iterator[None]:
+        material = _ACTIVE_KEY.get()
+        if isinstance(material, HardenedKey):
+            material.check(self.layout)
+        elif material is not None and not isinstance(material, KeyMaterial):
+            raise TypeError(
+                f"This network uses scheme 'hardened'; got {type(material).__name__} (infl coordinates?)."
+            )
+        token = _ACTIVE_HARDENED.set(material)
+        try:
+            yield
+        finally:
+            _ACTIVE_HARDENED.reset(token)
+
+    def extra_repr(self) -> str:
+        layout = self.layout
+        return f"block_size={layout.block_size}, rounds={layout.rounds}, gain={layout.gain}"
+
+
+def harden(
+    module: nn.Module,
+    *,
+    select: Callable[[str, nn.Linear], bool] | None = None,
+    block_size: int = 32,
+    rounds: int = 2,
+    gain: float = 4.0,
+) -> HardenedNetwork:
+    """Make a copy of ``module`` whose linear layers run under the hardened key, plug-and-play.
+
+    The original is left unchanged; weights are copied. The first selected layer (in module order) gets
+    the input mixing and the last one the output permutation, so the first must be the input layer and
+    the last the output layer.
+
+    Parameters
+    ----------
+    module
+        Any torch module.
+    select
+        ``select(name, layer) -> bool`` picks the layers; default: every ``nn.Linear``.
+    block_size, rounds, gain
+        The input mixing (see :class:`HardenedLayout`).
+    """
+    network = copy.deepcopy(module)
+    linears = [
+        (name, layer)
+        for name, layer in network.named_modules()
+        if type(layer) is nn.Linear and (select is None or select(name, layer))
+    ]
+    if not linears:
+        raise ValueError("harden found no nn.Linear layer in this module (or `select` chose none).")
+    for name, layer in linears:
+        hardened = HardenedLinear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        with torch.no_grad():
+            hardened.weight.copy_(layer.weight)
+            if layer.bias is not None:
+                hardened.bias.copy_(layer.bias)
+        hardened.to(device=layer.weight.device, dtype=layer.weight.dtype)
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(network.get_submodule(parent_name) if parent_name else network, child_name, hardened)
+    return HardenedNetwork(network, block_size=block_size, rounds=rounds, gain=gain)

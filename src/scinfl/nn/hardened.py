@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import contextvars
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -113,9 +114,13 @@ class BlockMixing:
             x = x.index_select(-1, order)
             n_blocks, size = blocks.shape[0], blocks.shape[1]
             cut = n_blocks * size
-            head = x[:, :cut].reshape(-1, n_blocks, size).transpose(0, 1)  # (blocks, batch, size)
-            mixed = torch.bmm(head, blocks.transpose(1, 2)).transpose(0, 1).reshape(-1, cut)
-            x = torch.cat([mixed, x[:, cut:] @ tail.T], dim=1) if tail.numel() else mixed
+            parts = []
+            if n_blocks:
+                head = x[:, :cut].reshape(len(x), n_blocks, size).transpose(0, 1)  # (blocks, batch, size)
+                parts.append(torch.bmm(head, blocks.transpose(1, 2)).transpose(0, 1).reshape(len(x), cut))
+            if tail.numel():
+                parts.append(x[:, cut:] @ tail.T)
+            x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         return x
 
     def matrix(self) -> Tensor:
@@ -144,14 +149,66 @@ class HardenedKey(KeyMaterial):
     output_order: Tensor
 
     def layer_input(self, index: int, x: Tensor) -> Tensor:
+        """``u = T_i x``: what layer ``index``'s weights read (mixed first for the input layer)."""
         if index == 0:
             x = self.mixing(x)
-        return x.index_select(-1, self.inverse_orders[index]) * self.signs[index]
+        return self._signed_permutation(index, x)
+
+    def weight_gradient_input(self, index: int, x: Tensor) -> Tensor:
+        """``T_i^{-T} x``: the input whose outer product with the output gradient is the weight update sent.
+
+        Sites train the equivalent plain network and send ``W = V T^{-1}`` (see :meth:`weight_from_plain`),
+        so a gradient step ``dV = delta x^T`` reaches the server as ``delta (T^{-T} x)^T``. For a signed
+        permutation ``T^{-T} = T``; for the input layer the mixing is not orthogonal and the two differ.
+        """
+        if index == 0:
+            x = x @ self._mixing_inverse.to(x.dtype)
+        return self._signed_permutation(index, x)
 
     def layer_output(self, index: int, y: Tensor) -> Tensor:
         if index == len(self.signs) - 1:
             return y.index_select(-1, self.output_order)
         return y
+
+    def _signed_permutation(self, index: int, x: Tensor) -> Tensor:
+        return x.index_select(-1, self.inverse_orders[index]) * self.signs[index].to(x.dtype)
+
+    @cached_property
+    def _mixing_matrix(self) -> Tensor:
+        return self.mixing.matrix()
+
+    @cached_property
+    def _mixing_inverse(self) -> Tensor:
+        return torch.linalg.inv(self._mixing_matrix.double()).float()
+
+    @cached_property
+    def _orders(self) -> tuple[Tensor, ...]:
+        return tuple(torch.argsort(inverse) for inverse in self.inverse_orders)
+
+    def weight_to_plain(self, index: int, weight: Tensor) -> Tensor:
+        """``V = R W T``: the weights of the equivalent plain layer (``V x == layer under the key``)."""
+        plain = (weight * self.signs[index].to(weight.dtype)).index_select(1, self._orders[index])
+        if index == 0:
+            plain = plain @ self._mixing_matrix.to(weight.dtype)
+        if index == len(self.signs) - 1:
+            plain = plain.index_select(0, self.output_order)
+        return plain
+
+    def weight_from_plain(self, index: int, plain: Tensor) -> Tensor:
+        """``W = R^T V T^{-1}``: the shared weights that act as ``plain`` under this key."""
+        if index == len(self.signs) - 1:
+            plain = plain.index_select(0, torch.argsort(self.output_order))
+        if index == 0:
+            plain = plain @ self._mixing_inverse.to(plain.dtype)
+        return plain.index_select(1, self.inverse_orders[index]) * self.signs[index].to(plain.dtype)
+
+    def bias_to_plain(self, index: int, bias: Tensor) -> Tensor:
+        return bias.index_select(0, self.output_order) if index == len(self.signs) - 1 else bias
+
+    def bias_from_plain(self, index: int, plain: Tensor) -> Tensor:
+        if index == len(self.signs) - 1:
+            return plain.index_select(0, torch.argsort(self.output_order))
+        return plain
 
     def check(self, layout: HardenedLayout) -> None:
         widths = tuple(len(s) for s in self.signs)
@@ -206,7 +263,14 @@ class HardenedLinear(nn.Linear):
         material = _ACTIVE_HARDENED.get()
         if material is None:
             return F.linear(x, self.weight, self.bias)
-        y = F.linear(material.layer_input(self.key_index, x), self.weight, self.bias)
+        u = material.layer_input(self.key_index, x)
+        if self.key_index == 0 and torch.is_grad_enabled() and self.weight.requires_grad:
+            # Same value W u + b, but the weight's gradient is the one a site sends (delta u~^T, see
+            # HardenedKey.weight_gradient_input); gradients with respect to x are unchanged.
+            u_sent = material.weight_gradient_input(0, x)
+            y = F.linear(u_sent, self.weight, self.bias) + F.linear(u - u_sent, self.weight.detach())
+        else:
+            y = F.linear(u, self.weight, self.bias)
         return material.layer_output(self.key_index, y)
 
 
@@ -244,6 +308,39 @@ class HardenedNetwork(KeyedModule):
             rounds=int(rounds),
             gain=float(gain),
         )
+
+    def _hardened_layers(self) -> list[tuple[str, HardenedLinear]]:
+        return [(name, m) for name, m in self.named_modules() if isinstance(m, HardenedLinear)]
+
+    def to_plain(self, state: Mapping[str, Tensor], material: HardenedKey) -> dict[str, Tensor]:
+        """The equivalent plain network's weights: ``state`` run without a key acts as ``state`` under the key.
+
+        Sites train in this basis (so training is plain FedAvg's, optimiser included) and send back
+        :meth:`from_plain`. Entries other than hardened layers' weights and biases pass through.
+        """
+        return self._convert(state, material, to_plain=True)
+
+    def from_plain(self, state: Mapping[str, Tensor], material: HardenedKey) -> dict[str, Tensor]:
+        """The shared weights that act, under the key, as the plain weights ``state`` (inverse of :meth:`to_plain`)."""
+        return self._convert(state, material, to_plain=False)
+
+    def _convert(
+        self, state: Mapping[str, Tensor], material: HardenedKey, *, to_plain: bool
+    ) -> dict[str, Tensor]:
+        material.check(self.layout)
+        out = dict(state)
+        for name, layer in self._hardened_layers():
+            i = layer.key_index
+            weight, bias = f"{name}.weight", f"{name}.bias"
+            if to_plain:
+                out[weight] = material.weight_to_plain(i, state[weight])
+                if bias in state:
+                    out[bias] = material.bias_to_plain(i, state[bias])
+            else:
+                out[weight] = material.weight_from_plain(i, state[weight])
+                if bias in state:
+                    out[bias] = material.bias_from_plain(i, state[bias])
+        return out
 
     def key_material(self, derive: Callable[[str, int], bytes]) -> HardenedKey:
         """This network's key material, from a key's ``derive`` (e.g. ``FederationKey.derive``)."""

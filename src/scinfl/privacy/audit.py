@@ -20,8 +20,8 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from ..key import FederationKey
-from ..nn import KeyedNetwork, use_key
-from ..train import ModelConfig
+from ..nn import HardenedKey, HardenedNetwork, KeyedModule, use_key
+from ..train import ModelConfig, key_material
 from .analytic import (
     calibrate_gain_offset,
     calibrate_principal_axes,
@@ -29,6 +29,13 @@ from .analytic import (
     invert_first_layer_no_bias,
 )
 from .gradients import PrivateGradient, client_gradient, client_update
+from .hardened import (
+    RelaxedHardenedKey,
+    invert_gradient_joint,
+    known_plaintext,
+    labels_by_frequency,
+    recover_relaxed_key,
+)
 from .inversion import invert_gradient, invert_update, recover_labels
 from .membership import reference_model_scores, split_inclusion, true_label_confidence
 from .metrics import bootstrap_ci, membership_metrics, pearson, prior_baselines, reconstruction_metrics
@@ -109,28 +116,26 @@ def wrong_key(key: FederationKey | None, seed: int, index: int) -> FederationKey
     return FederationKey(secret, scheme=scheme)
 
 
-def _coordinates(key: FederationKey | None, config: ModelConfig) -> Tensor | None:
-    if key is None or config.scheme is None:
-        return None
-    return torch.from_numpy(key.coordinates(config.n_key_points, config.coordinate_dim))
+def _material(key: FederationKey | None, config: ModelConfig):
+    return None if key is None or config.scheme is None else key_material(key, config)
 
 
 def _views(
     network: nn.Module, key: FederationKey | None, config: ModelConfig, seed: int
 ) -> dict[str, Tensor | None]:
     """Attacker views: what each attacker runs the keyed network with."""
-    if not isinstance(network, KeyedNetwork):
+    if not isinstance(network, KeyedModule):
         return {"server": None}
     return {
         "server (no key)": None,
-        "server (wrong key)": _coordinates(wrong_key(key, seed, 10_000), config),
-        "right key (positive control)": _coordinates(key, config),
+        "server (wrong key)": _material(wrong_key(key, seed, 10_000), config),
+        "right key (positive control)": _material(key, config),
     }
 
 
 def _task_linear_names(network: nn.Module) -> tuple[str, str]:
     """Parameter-name prefixes of the first and the last linear layer of the task network."""
-    inner, prefix = (network.network, "network.") if isinstance(network, KeyedNetwork) else (network, "")
+    inner, prefix = (network.network, "network.") if isinstance(network, KeyedModule) else (network, "")
     names = [name for name, module in inner.named_modules() if isinstance(module, nn.Linear)]
     return prefix + names[0], prefix + names[-1]
 
@@ -190,7 +195,7 @@ class _Context:
         self.data = data
         self.key = key
         self.settings = settings
-        self.right = _coordinates(key, config)
+        self.right = _material(key, config)
         self.public_mean = data.public_x.mean(0).numpy()
         public_y = data.public_y.numpy()
         self.celltype_means = {
@@ -220,16 +225,16 @@ class _Context:
 def _utility(ctx: _Context, out: _Collector, seed: int) -> None:
     x, y = ctx.data.public_x, ctx.data.public_y.numpy()
     net, config = ctx.network, ctx.config
-    if not isinstance(net, KeyedNetwork):
+    if not isinstance(net, KeyedModule):
         out.add("utility", "accuracy", "server", scores(y, predict_labels(net, x)))
     else:
         out.add("utility", "accuracy", "right key", scores(y, predict_labels(net, x, key_material=ctx.right)))
         out.add("utility", "accuracy", "no key", scores(y, predict_labels(net, x)))
         for i in range(ctx.settings.n_wrong_keys):
-            guess = _coordinates(wrong_key(ctx.key, seed, i), config)
+            guess = _material(wrong_key(ctx.key, seed, i), config)
             out.add("utility", "accuracy", "wrong key", scores(y, predict_labels(net, x, key_material=guess)))
             bit = int(np.random.default_rng([seed, i]).integers(0, 256))
-            flipped = _coordinates(ctx.key.with_bit_flipped(bit), config)
+            flipped = _material(ctx.key.with_bit_flipped(bit), config)
             out.add(
                 "utility",
                 "accuracy",
@@ -246,7 +251,7 @@ def _utility(ctx: _Context, out: _Collector, seed: int) -> None:
 
 
 def _key_recovery(ctx: _Context, out: _Collector, seed: int) -> None:
-    if not isinstance(ctx.network, KeyedNetwork):
+    if not isinstance(ctx.network, KeyedModule):
         return
     rng = np.random.default_rng([seed, 0xA0C])
     x, y = ctx.data.public_x, ctx.data.public_y
@@ -256,22 +261,36 @@ def _key_recovery(ctx: _Context, out: _Collector, seed: int) -> None:
     aux, test = order[:n_aux], order[n_aux:]
     y_test = y[test].numpy()
     steps = ctx.settings.key_recovery_steps
-    key_dim = ctx.network.key_encoder.key_dim
-    k = recover_key_vector(ctx.network, x[aux], y[aux], init=torch.zeros(key_dim), steps=steps)
-    out.add(
-        "key recovery",
-        f"fit key vector ({n_aux} labelled cells)",
-        "server",
-        scores(y_test, predict_labels(ctx.network, x[test], key_vector=k)),
-    )
-    start = _coordinates(wrong_key(ctx.key, seed, 20_000), ctx.config)
-    coords = recover_coordinates(ctx.network, x[aux], y[aux], init=start, steps=steps)
-    out.add(
-        "key recovery",
-        f"fit coordinates ({n_aux} labelled cells)",
-        "server",
-        scores(y_test, predict_labels(ctx.network, x[test], key_material=coords)),
-    )
+    start = _material(wrong_key(ctx.key, seed, 20_000), ctx.config)
+    if isinstance(ctx.network, HardenedNetwork):
+        # The continuous relaxation holds the true key: a dense map before every layer and after the last.
+        for name, init in (
+            ("from identity", RelaxedHardenedKey.identity(ctx.network)),
+            ("from a wrong key", RelaxedHardenedKey.from_key(ctx.network, start)),
+        ):
+            relaxed = recover_relaxed_key(ctx.network, x[aux], y[aux], init=init, steps=steps)
+            out.add(
+                "key recovery",
+                f"fit dense key maps {name} ({n_aux} labelled cells)",
+                "server",
+                scores(y_test, predict_labels(ctx.network, x[test], key_material=relaxed)),
+            )
+    else:
+        key_dim = ctx.network.key_encoder.key_dim
+        k = recover_key_vector(ctx.network, x[aux], y[aux], init=torch.zeros(key_dim), steps=steps)
+        out.add(
+            "key recovery",
+            f"fit key vector ({n_aux} labelled cells)",
+            "server",
+            scores(y_test, predict_labels(ctx.network, x[test], key_vector=k)),
+        )
+        coords = recover_coordinates(ctx.network, x[aux], y[aux], init=start, steps=steps)
+        out.add(
+            "key recovery",
+            f"fit coordinates ({n_aux} labelled cells)",
+            "server",
+            scores(y_test, predict_labels(ctx.network, x[test], key_material=coords)),
+        )
     acc, bal = fresh_model_accuracy(
         ctx.config, x[aux], y[aux], x[test], y_test, epochs=ctx.settings.fresh_model_epochs, seed=seed
     )
@@ -326,15 +345,42 @@ def _analytic(ctx: _Context, out: _Collector, seed: int) -> None:
         )
         out.add("prior", "public mean profile", "free", _keep(priors["public_mean"]))
         out.add("prior", "cell-type mean profile", "free", _keep(priors["celltype_mean"]))
-    if len(leaked) >= 3:
-        matrix = np.stack([estimate for _, estimate in leaked])
-        public = ctx.data.public_x.numpy()
+    public = ctx.data.public_x.numpy()
+    # Calibration needs several leaked vectors: from the first 8 victims' updates, and from all of them.
+    for n_leaked in sorted({min(8, len(leaked)), len(leaked)}):
+        if n_leaked < 3:
+            continue
+        subset = leaked[:n_leaked]
+        matrix = np.stack([estimate for _, estimate in subset])
         for name, calibrated in (
-            ("first layer + gain/offset calibration", calibrate_gain_offset(matrix, public)),
-            ("first layer + principal-axes calibration", calibrate_principal_axes(matrix, public)),
+            (
+                f"first layer + gain/offset calibration ({n_leaked} leaked)",
+                calibrate_gain_offset(matrix, public),
+            ),
+            (
+                f"first layer + principal-axes calibration ({n_leaked} leaked)",
+                calibrate_principal_axes(matrix, public),
+            ),
         ):
-            for (victim, _), row in zip(leaked, calibrated, strict=True):
+            for (victim, _), row in zip(subset, calibrated, strict=True):
                 out.add("analytic", name, "server", ctx.metrics(row, victim))
+    n_known = 8
+    if len(leaked) > n_known:
+        # Known plaintext: the attacker knows the profiles of the first 8 victims (say, cells it planted)
+        # and reconstructs the others from their leaked vectors.
+        known = [victim for victim, _ in leaked[:n_known]]
+        rebuilt = known_plaintext(
+            np.stack([estimate for _, estimate in leaked[n_known:]]),
+            np.stack([estimate for _, estimate in leaked[:n_known]]),
+            ctx.data.members_x[known].numpy(),
+        )
+        for (victim, _), row in zip(leaked[n_known:], rebuilt, strict=True):
+            out.add(
+                "analytic",
+                f"first layer + {n_known} known plaintext cells",
+                "server",
+                ctx.metrics(row, victim),
+            )
 
 
 def _fit_scale(estimate: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -352,6 +398,47 @@ def _matched(ctx: _Context, reconstructed: Tensor, victims: np.ndarray) -> list[
     return [(int(victims[c]), rec[r]) for r, c in zip(rows, cols, strict=True)]
 
 
+def _labels_in_view(positions: Tensor, guess) -> Tensor:
+    """Labels from output positions as an attacker with key view ``guess`` reads them.
+
+    A hardened key relabels the output units; its holder (or a guesser) maps positions back through it.
+    """
+    if isinstance(guess, HardenedKey):
+        return torch.argsort(guess.output_order)[positions]
+    return positions
+
+
+def _hardened_inversion(
+    ctx: _Context, out: _Collector, seed: int, single: dict[int, dict[str, Tensor]]
+) -> None:
+    """Adaptive attacks on single-cell gradients that only make sense against ``scheme="hardened"``."""
+    s = ctx.settings
+    last_bias = f"{ctx.last_layer}.bias"
+    positions = np.array([int(recover_labels(g[last_bias], 1)[0]) for g in single.values()])
+    truth = ctx.data.members_y[list(single)].numpy()
+    # The output units are relabelled by the key: the attacker maps positions to labels by class frequency.
+    guessed = labels_by_frequency(positions, ctx.data.public_y.numpy(), ctx.network.layout.n_outputs)
+    for correct in guessed == truth:
+        out.add("inversion", "label by frequency analysis", "server", {"label_recovered": float(correct)})
+    init = RelaxedHardenedKey.identity(ctx.network)
+    for (victim, grads), position in zip(single.items(), positions, strict=True):
+        rec = invert_gradient_joint(
+            ctx.network,
+            grads,
+            labels=torch.tensor([position]),
+            init=init,
+            prior_mean=torch.from_numpy(ctx.public_mean),
+            steps=s.inversion_steps,
+            seed=seed,
+        )
+        out.add(
+            "inversion",
+            "gradient, 1 cell, joint with key maps",
+            "server",
+            ctx.metrics(rec[0].numpy(), victim),
+        )
+
+
 def _inversion(ctx: _Context, out: _Collector, seed: int) -> None:
     s = ctx.settings
     common = {
@@ -363,11 +450,17 @@ def _inversion(ctx: _Context, out: _Collector, seed: int) -> None:
     }
     last_bias = f"{ctx.last_layer}.bias"
     victims = _victims(ctx, seed, max([s.inversion_victims, s.update_batch, *s.inversion_batches]))
+    single = {}
+    for victim in victims[: s.inversion_victims]:
+        x, y = ctx.data.members_x[victim : victim + 1], ctx.data.members_y[victim : victim + 1]
+        single[int(victim)] = client_gradient(ctx.network, x, y, key_material=ctx.right, private=s.private)
+    if isinstance(ctx.network, HardenedNetwork):
+        _hardened_inversion(ctx, out, seed, single)
     for view, guess in _views(ctx.network, ctx.key, ctx.config, seed).items():
         for victim in victims[: s.inversion_victims]:
             x, y = ctx.data.members_x[victim : victim + 1], ctx.data.members_y[victim : victim + 1]
-            grads = client_gradient(ctx.network, x, y, key_material=ctx.right, private=ctx.settings.private)
-            labels = recover_labels(grads[last_bias], 1)
+            grads = single[int(victim)]
+            labels = _labels_in_view(recover_labels(grads[last_bias], 1), guess)
             out.add(
                 "inversion",
                 "label from last bias (iDLG)",
@@ -383,7 +476,7 @@ def _inversion(ctx: _Context, out: _Collector, seed: int) -> None:
             batch = victims[:size]
             x, y = ctx.data.members_x[batch], ctx.data.members_y[batch]
             grads = client_gradient(ctx.network, x, y, key_material=ctx.right, private=ctx.settings.private)
-            labels = recover_labels(grads[last_bias], size)
+            labels = _labels_in_view(recover_labels(grads[last_bias], size), guess)
             rec = invert_gradient(
                 ctx.network, grads, n_samples=size, labels=labels, key_material=guess, **common
             )
@@ -401,7 +494,7 @@ def _inversion(ctx: _Context, out: _Collector, seed: int) -> None:
             private=s.private,
         )
         mean_gradient = -update[last_bias] / (s.update_local_steps * s.update_lr)
-        labels = recover_labels(mean_gradient, len(batch))
+        labels = _labels_in_view(recover_labels(mean_gradient, len(batch)), guess)
         rec = invert_update(
             ctx.network,
             update,

@@ -145,7 +145,8 @@ def _matcher(
             differences = [s - o for s, o in zip(simulated_parts, observed_parts, strict=True)]
             return sum(d.dot(d) for d in differences)
         dot = sum(s.dot(o) for s, o in zip(simulated_parts, observed_parts, strict=True))
-        simulated_norm = torch.sqrt(sum(s.dot(s) for s in simulated_parts))
+        # The epsilon keeps the derivative finite when a dummy input makes every gradient vanish.
+        simulated_norm = torch.sqrt(sum(s.dot(s) for s in simulated_parts) + 1e-30)
         return 1.0 - dot / (simulated_norm * observed_norm + 1e-12)
 
     return distance

@@ -116,6 +116,7 @@ def train_federated(
     engine: Literal["local"] = "local",
     dp: Mapping[str, float] | None = None,
     seed: int = 0,
+    init: FederatedModel | None = None,
     key_added: str = "scinfl",
     progress: bool | None = None,
     copy: bool = False,
@@ -173,6 +174,10 @@ def train_federated(
         with ``dp_steps``), in ``model.params["dp"]`` and in ``.uns[key_added]["dp"]``.
     seed
         Seed of initialisation, splits, sampling and local shuffling: the same seed gives the same model.
+    init
+        Start from this model's weights instead of a random initialisation (its architecture is kept;
+        ``hidden``, ``dropout`` and ``key_strength`` are then ignored). The sites' data must give the same
+        features and label categories. :func:`scinfl.tl.rekey` uses it to move a model to a new key.
     key_added
         Prefix of the output keys.
     progress
@@ -242,6 +247,8 @@ def train_federated(
         key_strength=key_strength,
         norm="batch" if dp_settings is None else "layer",  # DP-SGD needs per-cell gradients
     )
+    if init is not None:
+        config = _init_config(init, schema, config)
     fit_settings = FitSettings(
         local_epochs=local_epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay
     )
@@ -266,10 +273,15 @@ def train_federated(
         "layer": schema.layer,
         "use_raw": schema.use_raw,
     }
+    if init is not None:  # the architecture came from the initial model
+        params |= {"hidden": config.hidden, "dropout": config.dropout, "key_strength": config.key_strength}
+        params["init_key_fingerprint"] = init.key_fingerprint
 
     with torch_threads(settings.torch_threads):
         torch.manual_seed(seed)
         network = build_network(config)
+        if init is not None:
+            network.load_state_dict(init.network.state_dict())
         trainers = {}
         for index, (name, adata) in enumerate(site_data.items()):
             matrix = AlignedMatrix.from_adata(adata, schema, fields[name])
@@ -334,6 +346,26 @@ def train_federated(
             "Selected round %d of %d (validation accuracy %.3f).", result.best_round, rounds, accuracy
         )
     return (model, site_data) if copy else model
+
+
+def _init_config(init: FederatedModel, schema, config: ModelConfig) -> ModelConfig:
+    """The architecture of a run that starts from ``init``'s weights (its own, with this run's scheme)."""
+    if not isinstance(init, FederatedModel):
+        raise TypeError(f"init must be a scinfl.FederatedModel, got {type(init).__name__}.")
+    if init.schema.var_names != schema.var_names or init.schema.categories != schema.categories:
+        raise ValueError(
+            "init: the sites give other features or label categories than the model was trained on "
+            f"({schema.n_features} features and {schema.n_classes} categories vs {init.schema.n_features} "
+            f"and {init.schema.n_classes})."
+        )
+    if init.config.task != config.task or init.config.norm != config.norm:
+        raise ValueError("init: the model was trained for another task or normalisation.")
+    if init.config.scheme != config.scheme:
+        raise ValueError(
+            f"init: the model uses scheme {init.config.scheme!r} and the key {config.scheme!r}; "
+            "a model keeps its scheme (tl.rekey moves it to a new key of the same scheme)."
+        )
+    return init.config
 
 
 def predict(

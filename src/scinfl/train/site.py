@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ..data import SiteDataset, batch_loader, stratified_split
 from ..key import FederationKey
+from ..nn import HardenedNetwork
 from .config import ModelConfig, key_material
 from .local import LocalFitResult, copy_state, evaluate, fit_local
 from .tasks import get_task
@@ -83,6 +84,9 @@ class SiteTrainer:
         self.task = get_task(config.task)
         self.settings = settings
         self._key_material = key_material(key, config)
+        # A hardened network trains as its equivalent plain network (so its optimisation is plain FedAvg's,
+        # Adam included) and converts weights from and to the shared basis at the site.
+        self._hardened = isinstance(self.network, HardenedNetwork) and self._key_material is not None
         self._fingerprint = None if key is None else key.fingerprint
         if private is not None:
             from .dp import check_private_network
@@ -100,8 +104,15 @@ class SiteTrainer:
         # weights twice per site and round, and load_state_dict's module walk cost more than the copies.
         self._tensors = self.network.state_dict(keep_vars=True)
 
+    @property
+    def _training_key(self):
+        """The key view of local training and evaluation (None: a hardened network in the plain basis)."""
+        return None if self._hardened else self._key_material
+
     @torch.no_grad()
     def _load(self, state: Mapping[str, Tensor]) -> None:
+        if self._hardened and state.keys() == self._tensors.keys():
+            state = self.network.to_plain(state, self._key_material)
         if state.keys() != self._tensors.keys():
             missing = sorted(self._tensors.keys() - state.keys())[:3]
             unexpected = sorted(state.keys() - self._tensors.keys())[:3]
@@ -138,7 +149,7 @@ class SiteTrainer:
             lr=self.settings.lr,
             weight_decay=self.settings.weight_decay,
             seed=seed,
-            key_material=self._key_material,
+            key_material=self._training_key,
             private=self.private,
         )
         if self.private is None:
@@ -148,8 +159,12 @@ class SiteTrainer:
                 "dp_steps": float(self.private.steps_taken - steps_before),
                 "dp_epsilon": self.private.epsilon,
             }
+        state = self.network.state_dict()
+        if self._hardened:
+            with torch.no_grad():
+                state = self.network.from_plain(state, self._key_material)
         return LocalFitResult(
-            state=copy_state(self.network.state_dict()),
+            state=copy_state(state),
             n_obs=self.n_train,
             key_fingerprint=self._fingerprint,
             metrics=metrics,
@@ -161,7 +176,7 @@ class SiteTrainer:
             return {"n": 0.0}
         self._load(global_state)
         loader = batch_loader(self.validation, batch_size=max(self.settings.batch_size, 512), shuffle=False)
-        return evaluate(self.network, loader, self.task, key_material=self._key_material)
+        return evaluate(self.network, loader, self.task, key_material=self._training_key)
 
 
 def site_datasets(matrix, labels: np.ndarray, validation_fraction: float, rng: np.random.Generator):

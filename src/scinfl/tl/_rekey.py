@@ -1,0 +1,101 @@
+"""Key rotation: move a trained model to a new key version."""
+
+from __future__ import annotations
+
+import copy as copy_module
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from anndata import AnnData
+
+from ..key import FederationKey
+from ..model import FederatedModel
+from ..nn import HardenedNetwork
+from ..train import key_material
+from ._federated import train_federated
+
+
+def rekey(
+    model: FederatedModel,
+    sites: Mapping[str, AnnData] | Sequence[AnnData] | None = None,
+    *,
+    old_key: FederationKey,
+    new_key: FederationKey,
+    method: Literal["finetune", "convert"] = "finetune",
+    rounds: int = 10,
+    **train_options: Any,
+) -> FederatedModel:
+    """A copy of ``model`` that works under ``new_key``; the aggregator then accepts only the new key version.
+
+    After a rotation, updates made under the old key's fingerprint are rejected by the aggregator
+    (:func:`scinfl.federation.aggregate`) and :meth:`FederatedModel.predict` refuses the old key.
+
+    Parameters
+    ----------
+    model
+        A keyed model trained under ``old_key``.
+    sites
+        The sites' AnnData, for ``method="finetune"`` (and for ``method="convert"`` with ``rounds > 0``).
+    old_key
+        The key the model was trained under (checked against the model's fingerprint).
+    new_key
+        The new key, of the same scheme.
+    method
+        ``"finetune"``: federated training under the new key for ``rounds`` rounds, starting from the old
+        weights (which, under the new key, compute nothing useful): the new weights are not a function of
+        the old ones and the new key alone. ``"convert"`` (``scheme="hardened"`` only): carry the weights
+        exactly to the new key's basis (no training needed; the model computes the same function under the
+        new key), optionally followed by ``rounds`` rounds of fine-tuning. Anyone holding the old key and
+        both versions of the weights can relate them, so use ``"convert"`` for routine rotation, and
+        ``"finetune"`` (or training from scratch) when the old key is compromised.
+    rounds
+        Federated rounds under the new key.
+    train_options
+        Passed to :func:`scinfl.tl.train_federated` (e.g. ``label_key``, ``use_raw``, ``seed``).
+
+    Returns
+    -------
+    The re-keyed :class:`~scinfl.FederatedModel` (the original is left unchanged); with ``copy=True`` in
+    ``train_options``, ``(model, sites)`` as :func:`~scinfl.tl.train_federated` returns it.
+    """
+    if model.config.scheme is None:
+        raise ValueError("This model has no key (plain FedAvg); there is nothing to re-key.")
+    for name, key in (("old_key", old_key), ("new_key", new_key)):
+        if not isinstance(key, FederationKey):
+            raise TypeError(f"{name} must be a scinfl.FederationKey, got {type(key).__name__}.")
+    if old_key.fingerprint != model.key_fingerprint:
+        raise ValueError(
+            f"old_key (fingerprint {old_key.fingerprint}) is not the key this model was trained under "
+            f"({model.key_fingerprint})."
+        )
+    if new_key.scheme != model.config.scheme:
+        raise ValueError(f"new_key is for scheme {new_key.scheme!r}; the model uses {model.config.scheme!r}.")
+    if new_key == old_key:
+        raise ValueError("new_key is the old key.")
+    if method not in ("finetune", "convert"):
+        raise ValueError(f"method must be 'finetune' or 'convert', got {method!r}.")
+    start = model
+    if method == "convert":
+        if not isinstance(model.network, HardenedNetwork):
+            raise ValueError("method='convert' needs a scheme='hardened' model; use method='finetune'.")
+        network = copy_module.deepcopy(model.network)
+        with torch.no_grad():
+            plain = network.to_plain(network.state_dict(), key_material(old_key, model.config))
+            network.load_state_dict(network.from_plain(plain, key_material(new_key, model.config)))
+        start = FederatedModel(
+            network,
+            model.config,
+            model.schema,
+            key_fingerprint=new_key.fingerprint,
+            history=model.history,
+            params={**model.params, "rekeyed_from": model.key_fingerprint},
+        )
+        if rounds == 0:
+            return start
+    if sites is None:
+        raise ValueError(f"method={method!r} with rounds > 0 needs the sites' data to train on.")
+    result = train_federated(sites, key=new_key, init=start, rounds=rounds, **train_options)
+    trained = result[0] if isinstance(result, tuple) else result  # copy=True returns the sites too
+    trained.params["rekeyed_from"] = model.key_fingerprint
+    return result

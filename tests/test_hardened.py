@@ -1,0 +1,300 @@
+"""The hardened key scheme: its transforms, their equivalence to a plain network, and what leaks without the key."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+import scinfl as si
+from conftest import FAST
+from scinfl.federation import KeyVersionError, aggregate
+from scinfl.model import KeyMismatchError
+from scinfl.nn import BlockMixing, HardenedKey, HardenedNetwork, harden
+from scinfl.privacy.analytic import invert_first_layer
+from scinfl.privacy.gradients import client_gradient, loss_gradients
+from scinfl.privacy.hardened import RelaxedHardenedKey, known_plaintext, labels_by_frequency
+from scinfl.privacy.inversion import recover_labels
+from scinfl.privacy.metrics import pearson
+from scinfl.train import LocalFitResult, ModelConfig, build_network, key_material
+from test_nn import _serialised
+
+
+@pytest.fixture(scope="module")
+def hardened_key() -> si.FederationKey:
+    return si.FederationKey(hashlib.sha256(b"scinfl hardened test key").digest(), scheme="hardened")
+
+
+@pytest.fixture(scope="module")
+def cells(_pbmc) -> torch.Tensor:
+    return torch.from_numpy(_pbmc.raw.X.toarray().astype(np.float32))
+
+
+def _config(n_features=765, n_classes=10, hidden=32, **kw) -> ModelConfig:
+    return ModelConfig(
+        task="classification",
+        n_features=n_features,
+        n_classes=n_classes,
+        hidden=hidden,
+        scheme="hardened",
+        **kw,
+    )
+
+
+def _network(config: ModelConfig, seed: int = 0) -> HardenedNetwork:
+    torch.manual_seed(seed)
+    return build_network(config).eval()
+
+
+def secret_bytes(material: HardenedKey) -> list[bytes]:
+    """Byte strings that would betray a hardened key: its mixing blocks, permutations and signs."""
+    blocks = material.mixing.blocks[0]
+    return [
+        blocks.numpy().tobytes()[:4096],
+        blocks[3].numpy().astype(np.float64).tobytes()[:512],
+        material.mixing.orders[0].numpy().tobytes()[:800],
+        material.inverse_orders[1].numpy().tobytes()[:800],
+        material.mixing.matrix()[:, 0].numpy().tobytes(),
+        material.output_order.numpy().tobytes(),
+    ]
+
+
+def test_material_is_deterministic_and_changes_with_any_bit(hardened_key):
+    config = _config(hidden=256)
+    a, b = key_material(hardened_key, config), key_material(hardened_key, config)
+    for x, y in zip(
+        a.mixing.blocks + a.inverse_orders + a.signs,
+        b.mixing.blocks + b.inverse_orders + b.signs,
+        strict=True,
+    ):
+        assert torch.equal(x, y)
+    other_key = si.FederationKey(hashlib.sha256(b"another hardened key").digest(), scheme="hardened")
+    for other in (hardened_key.with_bit_flipped(77), other_key):
+        c = key_material(other, config)
+        assert (c.mixing.orders[0] == a.mixing.orders[0]).float().mean() < 0.05
+        assert (c.inverse_orders[2] == a.inverse_orders[2]).float().mean() < 0.1
+        assert (c.signs[2] == a.signs[2]).float().mean() < 0.75
+        assert not torch.allclose(c.mixing.blocks[0], a.mixing.blocks[0])
+    assert "tensor" not in repr(a)  # the repr shows no material
+
+
+@pytest.mark.parametrize("n_features", [5, 70, 765])
+def test_block_mixing_is_an_invertible_non_orthogonal_map(hardened_key, n_features):
+    material = key_material(hardened_key, _config(n_features=n_features))
+    x = torch.randn(9, n_features)
+    matrix = material.mixing.matrix()
+    torch.testing.assert_close(material.mixing(x), x @ matrix.T, rtol=1e-4, atol=1e-4)
+    condition = torch.linalg.cond(matrix.double())
+    assert 5 < condition < 1e4  # gains make it non-orthogonal; still well inside float32 precision
+    back = material.mixing(x) @ torch.linalg.inv(matrix.double()).float().T
+    torch.testing.assert_close(back, x, rtol=1e-3, atol=1e-3)
+    assert isinstance(material.mixing, BlockMixing)
+
+
+def test_keyed_forward_is_the_plain_network_on_converted_weights(hardened_key, cells):
+    config = _config()
+    network = _network(config)
+    material = key_material(hardened_key, config)
+    shared = {k: v.clone() for k, v in network.state_dict().items()}
+    plain = network.to_plain(shared, material)
+    back = network.from_plain(plain, material)
+    for name, tensor in shared.items():
+        torch.testing.assert_close(back[name], tensor, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        keyed = network(cells[:50], key=material)
+        network.load_state_dict(plain)
+        unkeyed_on_plain = network(cells[:50])
+        network.load_state_dict(shared)
+        without_key = network(cells[:50])
+    torch.testing.assert_close(keyed, unkeyed_on_plain, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(keyed, without_key, atol=1e-2)
+
+
+def test_sent_gradient_is_the_plain_gradient_carried_to_the_shared_basis(hardened_key, cells):
+    config = _config()
+    network = _network(config)
+    material = key_material(hardened_key, config)
+    x, y = cells[:6], torch.tensor([0, 1, 2, 3, 4, 5])
+    shared = {n: p.detach().clone().requires_grad_(True) for n, p in network.named_parameters()}
+    sent = loss_gradients(network, x, y, shared, key_material=material)
+    plain = {
+        n: t.detach().clone().requires_grad_(True)
+        for n, t in network.to_plain({n: p.detach() for n, p in shared.items()}, material).items()
+    }
+    expected = network.from_plain(loss_gradients(network, x, y, plain, key_material=None), material)
+    for name in sent:
+        torch.testing.assert_close(sent[name], expected[name], rtol=1e-3, atol=1e-6)
+    # Plain autograd through the keyed forward (what the relaxed key computes) differs on the first layer:
+    # the sites train in the plain basis, and the mixing is not orthogonal.
+    naive = loss_gradients(network, x, y, shared, key_material=RelaxedHardenedKey.from_key(network, material))
+    first = "network.embedding.0.weight"
+    assert not torch.allclose(naive[first], sent[first], rtol=1e-2, atol=1e-6)
+    torch.testing.assert_close(
+        naive["network.blocks.0.body.0.weight"], sent["network.blocks.0.body.0.weight"]
+    )
+
+
+def test_harden_copies_and_checks(hardened_key):
+    module = si.nn.ResidualMLPClassifier(20, 3, hidden=8)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    hardened = harden(module)
+    for name, tensor in module.state_dict().items():
+        assert torch.equal(tensor, before[name])
+        assert torch.equal(hardened.state_dict()[f"network.{name}"], tensor)
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        harden(torch.nn.ReLU())
+    other_layout = key_material(hardened_key, _config(n_features=30))
+    with pytest.raises(ValueError, match="another network layout"):
+        hardened(torch.randn(2, 20), key=other_layout)
+    with pytest.raises(TypeError, match="scheme 'hardened'"):
+        hardened(torch.randn(2, 20), key=torch.zeros(128, 2))
+    infl = build_network(ModelConfig(task="classification", n_features=20, n_classes=3, hidden=8))
+    with pytest.raises(TypeError, match="scheme 'infl'"):
+        infl(
+            torch.randn(2, 20), key=key_material(hardened_key, _config(n_features=20, n_classes=3, hidden=8))
+        )
+
+
+def test_analytic_leak_is_the_mixed_input_only_the_key_holder_can_unmix(hardened_key, cells):
+    config = _config()
+    network = _network(config)
+    material = key_material(hardened_key, config)
+    public_mean = cells[:300].mean(0).numpy()
+    leaked_pearson, unmixed_pearson = [], []
+    for i in range(300, 316):
+        x = cells[i : i + 1]
+        grads = client_gradient(network, x, torch.tensor([i % 10]), key_material=material)
+        leaked = invert_first_layer(grads["network.embedding.0.weight"], grads["network.embedding.0.bias"])
+        leaked_pearson.append(pearson(leaked - leaked.mean(), x[0].numpy() - public_mean))
+        # The insider undoes the signed permutation and the mixing: u = sign * (x M^-1)[:, inverse order].
+        signed = torch.from_numpy(leaked).float() * material.signs[0]
+        unmixed = signed[torch.argsort(material.inverse_orders[0])] @ material.mixing.matrix()
+        unmixed_pearson.append(pearson(unmixed.numpy(), x[0].numpy()))
+    assert np.mean(unmixed_pearson) > 0.999  # positive control: the gradient does carry the cell
+    assert abs(np.mean(leaked_pearson)) < 0.1
+
+
+def test_output_units_are_relabelled_by_the_key(hardened_key, cells):
+    config = _config()
+    network = _network(config)
+    material = key_material(hardened_key, config)
+    labels = torch.arange(10)
+    positions = []
+    for i, label in enumerate(labels):
+        grads = client_gradient(network, cells[i : i + 1], label[None], key_material=material)
+        positions.append(int(recover_labels(grads["network.classifier.bias"], 1)[0]))
+    np.testing.assert_array_equal(positions, material.output_order.numpy())
+    assert not np.array_equal(positions, labels.numpy())
+
+
+def test_relaxed_key_holds_the_true_key(hardened_key, cells):
+    config = _config()
+    network = _network(config)
+    material = key_material(hardened_key, config)
+    relaxed = RelaxedHardenedKey.from_key(network, material)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            network(cells[:20], key=relaxed), network(cells[:20], key=material), rtol=1e-4, atol=1e-4
+        )
+        identity = network(cells[:20], key=RelaxedHardenedKey.identity(network))
+        torch.testing.assert_close(identity, network(cells[:20]), rtol=1e-5, atol=1e-5)
+
+
+def test_known_plaintext_and_frequency_attacks_on_a_known_linear_map():
+    rng = np.random.default_rng(0)
+    profiles = rng.normal(size=(6, 40))
+    mixing = rng.normal(size=(40, 40))
+    victims = np.array([[0.5, 0.2, 0.3], [0.1, 0.1, 0.8], [1.0, 0.0, 0.0]]) @ profiles[:3]
+    rebuilt = known_plaintext(victims @ mixing.T, profiles[:3] @ mixing.T, profiles[:3])
+    np.testing.assert_allclose(rebuilt, victims, atol=1e-8)  # in the span of the known cells: exact
+    outside = known_plaintext(profiles[3:] @ mixing.T, profiles[:3] @ mixing.T, profiles[:3])
+    assert np.abs(outside - profiles[3:]).mean() > 0.3  # outside it: not recovered
+    positions = np.array([4, 4, 4, 1, 1, 0])
+    public = np.array([2, 2, 2, 2, 7, 7, 3])
+    np.testing.assert_array_equal(labels_by_frequency(positions, public, 10), [2, 2, 2, 7, 7, 3])
+
+
+@pytest.fixture(scope="module")
+def federated(pbmc_split, hardened_key):
+    sites, test = pbmc_split
+    plain = si.tl.train_federated(sites, key=None, copy=True, **{**FAST, "rounds": 8})[0]
+    hardened = si.tl.train_federated(sites, key=hardened_key, copy=True, **{**FAST, "rounds": 8})[0]
+    return plain, hardened, test
+
+
+def _balanced(model, test, key) -> float:
+    predicted = model.predict(test, key=key, check_key=False).labels.astype(str)
+    truth = test.obs["bulk_labels"].astype(str).to_numpy()
+    return float(np.mean([(predicted[truth == c] == c).mean() for c in np.unique(truth)]))
+
+
+def test_hardened_federation_keeps_plain_fedavg_utility_and_is_useless_without_the_key(
+    federated, hardened_key
+):
+    plain, hardened, test = federated
+    assert isinstance(hardened.network, HardenedNetwork)
+    assert hardened.config.scheme == "hardened"
+    plain_score, hardened_score = _balanced(plain, test, None), _balanced(hardened, test, hardened_key)
+    assert hardened_score > 0.4
+    assert abs(hardened_score - plain_score) < 0.08
+    chance = 1.0 / test.obs["bulk_labels"].nunique()
+    wrong = [_balanced(hardened, test, si.FederationKey.generate(scheme="hardened")) for _ in range(4)]
+    assert np.mean(wrong) < chance + 0.08
+    assert _balanced(hardened, test, None) < chance + 0.08
+
+
+def test_no_hardened_key_material_in_weights_updates_or_saved_model(federated, hardened_key, tmp_path):
+    _, hardened, _ = federated
+    material = key_material(hardened_key, hardened.config)
+    secrets = [*secret_bytes(material), hardened_key._secret, hardened_key._secret.hex().encode()]
+    path = hardened.save(tmp_path / "model")
+    blobs = [_serialised(hardened.network.state_dict()), _serialised(hardened.network)]
+    blobs += [file.read_bytes() for file in path.iterdir()]
+    for blob in blobs:
+        for secret in secrets:
+            assert secret not in blob
+
+
+def test_rekey_convert_is_exact_and_the_old_key_is_refused(federated, hardened_key):
+    _, hardened, test = federated
+    new_key = si.FederationKey.generate(scheme="hardened")
+    rekeyed = si.tl.rekey(hardened, old_key=hardened_key, new_key=new_key, method="convert", rounds=0)
+    assert rekeyed.key_fingerprint == new_key.fingerprint
+    before = hardened.predict(test, key=hardened_key).probabilities
+    np.testing.assert_allclose(rekeyed.predict(test, key=new_key).probabilities, before, atol=1e-4)
+    with pytest.raises(KeyMismatchError):
+        rekeyed.predict(test, key=hardened_key)
+    # the weights changed: the old key on the new weights gives nothing useful
+    chance = 1.0 / test.obs["bulk_labels"].nunique()
+    assert _balanced(rekeyed, test, hardened_key) < chance + 0.08
+    with pytest.raises(ValueError, match="not the key this model was trained under"):
+        si.tl.rekey(hardened, old_key=new_key, new_key=hardened_key, method="convert", rounds=0)
+    with pytest.raises(ValueError, match="needs the sites"):
+        si.tl.rekey(hardened, old_key=hardened_key, new_key=new_key, method="finetune")
+
+
+def test_rekey_finetune_learns_under_the_new_key_and_old_updates_are_rejected(
+    federated, pbmc_split, hardened_key, scinfl_log
+):
+    sites, test = pbmc_split
+    _, hardened, _ = federated
+    new_key = si.FederationKey.generate(scheme="hardened")
+    rekeyed = si.tl.rekey(
+        hardened, sites, old_key=hardened_key, new_key=new_key, copy=True, **{**FAST, "rounds": 12}
+    )[0]
+    assert rekeyed.params["rekeyed_from"] == hardened_key.fingerprint
+    assert rekeyed.params["init_key_fingerprint"] == hardened_key.fingerprint
+    assert _balanced(rekeyed, test, new_key) > 0.4
+    # a site still on the old key sends updates under the old fingerprint: the aggregator drops them
+    stale = LocalFitResult(
+        state=rekeyed.network.state_dict(), n_obs=10, key_fingerprint=hardened_key.fingerprint, metrics={}
+    )
+    fresh = LocalFitResult(
+        state=rekeyed.network.state_dict(), n_obs=10, key_fingerprint=new_key.fingerprint, metrics={}
+    )
+    _, rejected = aggregate({"old": stale, "new": fresh}, new_key.fingerprint, round_index=0)
+    assert rejected == ["old"]
+    with pytest.raises(KeyVersionError):
+        aggregate({"old": stale}, new_key.fingerprint, round_index=0)

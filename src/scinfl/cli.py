@@ -1,4 +1,4 @@
-"""Command line: ``scinfl demo``."""
+"""Command line: ``scinfl demo``, ``scinfl flower-local``."""
 
 from __future__ import annotations
 
@@ -21,6 +21,25 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--wrong-keys", type=int, default=10, help="wrong keys per seed (default 10)")
     demo.add_argument("--hidden", type=int, default=256, help="network width (default 256)")
     demo.add_argument("--output-dir", default=".", help="where to write scinfl_demo.h5ad and the PNG")
+    flower = commands.add_parser(
+        "flower-local",
+        help="train across a local Flower deployment: a SuperLink and one SuperNode per .h5ad on 127.0.0.1",
+        description="Starts flower-superlink and one flower-supernode per site (named after its file) on "
+        "loopback, runs scinfl's Flower apps with `flwr run`, writes the model to OUTPUT_DIR/model, and "
+        "stops every process it started. Needs pip install 'scinfl[flower]'. See docs/across_sites.md.",
+    )
+    flower.add_argument("--sites", nargs="+", required=True, metavar="H5AD", help="one .h5ad per site")
+    flower.add_argument("--key", default=None, help="the consortium's key file (omit for plain FedAvg)")
+    flower.add_argument("--label-key", required=True, help=".obs column with the labels")
+    flower.add_argument("--layer", default="", help="layer with the features (default .X)")
+    flower.add_argument("--use-raw", action="store_true", help="use .raw")
+    flower.add_argument("--rounds", type=int, default=20, help="federated rounds (default 20)")
+    flower.add_argument("--hidden", type=int, default=256, help="network width (default 256)")
+    flower.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    flower.add_argument("--min-sites", type=int, default=0, help="sites that must answer each round (0: all)")
+    flower.add_argument("--round-timeout", type=float, default=600.0, help="seconds per round (default 600)")
+    flower.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR's checkpoint")
+    flower.add_argument("--output-dir", default="scinfl-flower", help="checkpoint, model and logs")
     args = parser.parse_args(argv)
 
     if args.command == "demo":
@@ -33,6 +52,24 @@ def main(argv: list[str] | None = None) -> int:
             hidden=args.hidden,
             output_dir=args.output_dir,
         )
+    elif args.command == "flower-local":
+        from .federation.flower.deployment import run_local_deployment
+
+        model = run_local_deployment(
+            args.sites,
+            key_path=args.key,
+            output_dir=args.output_dir,
+            label_key=args.label_key,
+            layer=args.layer,
+            use_raw=args.use_raw,
+            rounds=args.rounds,
+            hidden=args.hidden,
+            seed=args.seed,
+            min_sites=args.min_sites,
+            round_timeout=args.round_timeout,
+            resume=args.resume,
+        )
+        print(f"Model written to {model} (load it with scinfl.FederatedModel.load).")
     return 0
 
 

@@ -3,7 +3,7 @@
 from .engine import FederationResult, KeyVersionError, Site, aggregate, run_local, sample_sites, site_seed
 from .fedavg import fedavg
 
-ENGINES = ("local",)
+ENGINES = ("local", "flower")  # "flower": scinfl.federation.flower (pip install 'scinfl[flower]')
 
 __all__ = [
     "ENGINES",

@@ -23,7 +23,16 @@ from ..data import (
 from ..federation import ENGINES, run_local
 from ..key import FederationKey
 from ..model import FederatedModel, Predictions
-from ..train import FitSettings, ModelConfig, SiteTrainer, build_network, get_task, site_datasets
+from ..nn import HardenedNetwork
+from ..train import (
+    FitSettings,
+    ModelConfig,
+    SiteTrainer,
+    build_network,
+    get_task,
+    key_material,
+    site_datasets,
+)
 
 if TYPE_CHECKING:
     from ..train.dp import DPSettings
@@ -113,7 +122,7 @@ def train_federated(
     dropout: float = 0.1,
     key_strength: float = 1.0,
     validation_fraction: float = 0.1,
-    engine: Literal["local"] = "local",
+    engine: Literal["local", "flower"] = "local",
     dp: Mapping[str, float] | None = None,
     seed: int = 0,
     init: FederatedModel | None = None,
@@ -155,7 +164,12 @@ def train_federated(
     validation_fraction
         Fraction of each site's cells held out for model selection.
     engine
-        ``"local"``: all sites in this process.
+        ``"local"``: all sites in this process. ``"flower"``: the same rounds on Flower's simulation runtime
+        (``pip install 'scinfl[flower]'``): scinfl's ServerApp in this process, one ClientApp per site in
+        Ray workers, the key passed to each site through a private 0600 file, never through Flower. Same
+        seed, same result as ``"local"`` (docs/across_sites.md); Ray's start-up adds 20-30 s. For sites
+        on different machines, run scinfl's apps with Flower's deployment runtime (docs/across_sites.md).
+        Without ``dp``.
     dp
         Train with differential privacy instead of a key (DP-SGD with Opacus; ``pip install 'scinfl[dp]'``):
         ``{"epsilon": 8.0, "delta": 1e-5, "max_grad_norm": 1.0}`` (``epsilon`` required; the others
@@ -208,6 +222,16 @@ def train_federated(
         raise ValueError(f"Unknown engine {engine!r}; available: {', '.join(ENGINES)}.")
     if key is not None and not isinstance(key, FederationKey):
         raise TypeError(f"key must be a scinfl.FederationKey or None, got {type(key).__name__}.")
+    if engine == "flower":
+        if dp is not None:
+            raise ValueError(
+                "dp= runs with engine='local' only: each site's privacy accountant must span all rounds "
+                "in one process, and Flower's simulation may serve a site from different workers."
+            )
+        try:
+            import flwr  # noqa: F401
+        except ImportError as err:
+            raise ImportError("engine='flower' needs Flower: pip install 'scinfl[flower]'.") from err
     dp_settings = None
     if dp is not None:
         from ..train.dp import DPSettings, PrivateTraining
@@ -282,6 +306,11 @@ def train_federated(
         network = build_network(config)
         if init is not None:
             network.load_state_dict(init.network.state_dict())
+        elif isinstance(network, HardenedNetwork):
+            # The sites train in the plain basis: read the fresh initialisation as plain weights (it is the
+            # plain network's, draw for draw) so that training is plain FedAvg's from the same seed.
+            with torch.no_grad():
+                network.load_state_dict(network.from_plain(network.state_dict(), key_material(key, config)))
         trainers = {}
         for index, (name, adata) in enumerate(site_data.items()):
             matrix = AlignedMatrix.from_adata(adata, schema, fields[name])
@@ -304,15 +333,33 @@ def train_federated(
             trainers[name] = SiteTrainer(
                 name, train, validation, network, config, key, fit_settings, private=private
             )
-        result = run_local(
-            trainers,
-            network.state_dict(),
-            rounds=rounds,
-            fraction=fraction,
-            seed=seed,
-            expected_fingerprint=None if key is None else key.fingerprint,
-            progress=settings.progress if progress is None else progress,
-        )
+        if engine == "flower":
+            from ..federation.flower.simulation import run_federated
+
+            result = run_federated(
+                site_data,
+                fields,
+                key=key,
+                schema=schema,
+                config=config,
+                fit_settings=fit_settings,
+                rounds=rounds,
+                fraction=fraction,
+                validation_fraction=validation_fraction,
+                join=join,
+                seed=seed,
+                initial_state=network.state_dict(),
+            )
+        else:
+            result = run_local(
+                trainers,
+                network.state_dict(),
+                rounds=rounds,
+                fraction=fraction,
+                seed=seed,
+                expected_fingerprint=None if key is None else key.fingerprint,
+                progress=settings.progress if progress is None else progress,
+            )
         network.load_state_dict(result.best_state)
         params["best_round"] = result.best_round
         history = result.history

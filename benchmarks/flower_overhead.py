@@ -1,0 +1,140 @@
+"""What running the rounds on Flower costs, against the in-process engine.
+
+Sites: scanpy's bundled ``pbmc68k_reduced`` split into 3 label-skewed sites
+(``scinfl.pp.split_sites(adata, n_sites=3, label_key="bulk_labels", alpha=0.5, seed=0)``), trained with
+:func:`scinfl.tl.train_federated` (a key, ``use_raw=True``, ``label_key="bulk_labels"``, default network,
+R rounds x 1 local epoch):
+
+``in-process``
+    ``engine="local"``.
+``simulation``
+    ``engine="flower"``: Flower's simulation runtime (ServerApp in this process, ClientApps in Ray workers).
+    Its weights are checked to equal the in-process run's.
+``deployment``
+    A SuperLink and one SuperNode per site on 127.0.0.1 (:class:`scinfl.federation.flower.deployment.
+    LocalDeployment`), then ``flwr run``: the time of the whole ``flwr run``, and per round as the
+    ServerApp logs it (each round's exchange: the SuperNodes' poll, one ClientApp process per site and
+    message, the local fit, the reply).
+
+Each call's wall time includes setup and writing predictions; the simulation's includes Ray's start-up.
+
+Run::
+
+    python benchmarks/flower_overhead.py               # 3 sites x 5 rounds
+    python benchmarks/flower_overhead.py --rounds 10 --skip-deployment
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import re
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import scanpy as sc
+import torch
+
+import scinfl as si
+from scinfl.federation.flower.deployment import LocalDeployment
+from scinfl.federation.flower.protocol import RunSettings
+
+SIMULATION_GOAL = 1.5  # x the in-process wall time
+DEPLOYMENT_GOAL = 5.0  # seconds per round
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--sites", type=int, default=3)
+    parser.add_argument("--skip-deployment", action="store_true")
+    args = parser.parse_args()
+    logging.getLogger("scinfl").setLevel(logging.WARNING)
+    si.settings.progress = False
+    torch.set_num_threads(1)
+
+    adata = sc.datasets.pbmc68k_reduced()
+    sites = si.pp.split_sites(adata, n_sites=args.sites, label_key="bulk_labels", alpha=0.5, seed=0)
+    key = si.FederationKey(hashlib.sha256(b"flower overhead benchmark").digest())
+    common = {"key": key, "label_key": "bulk_labels", "use_raw": True, "rounds": args.rounds, "seed": 0}
+    print(
+        f"{args.sites} sites x {args.rounds} rounds, pbmc68k_reduced, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
+
+    times = {}
+    models = {}
+    # The 1-round simulation separates Flower's fixed cost (Ray, workers importing scinfl) from its
+    # cost per round.
+    for arm, engine, rounds in (
+        ("local", "local", args.rounds),
+        ("flower", "flower", args.rounds),
+        ("flower-1", "flower", 1),
+    ):
+        copies = {name: a.copy() for name, a in sites.items()}
+        started = time.perf_counter()
+        models[arm] = si.tl.train_federated(copies, engine=engine, **(common | {"rounds": rounds}))
+        times[arm] = time.perf_counter() - started
+    same = all(
+        torch.equal(t, models["flower"].network.state_dict()[n])
+        for n, t in models["local"].network.state_dict().items()
+    )
+    ratio = times["flower"] / times["local"]
+    per_round = (times["flower"] - times["flower-1"]) / max(args.rounds - 1, 1)
+    print(f"in-process            {times['local']:7.2f} s   ({times['local'] / args.rounds:.2f} s per round)")
+    print(
+        f"simulation            {times['flower']:7.2f} s   {ratio:.1f}x in-process "
+        f"(goal <= {SIMULATION_GOAL}x: {'met' if ratio <= SIMULATION_GOAL else 'missed'}); "
+        f"weights equal: {same}"
+    )
+    print(
+        f"  of which fixed (1-round run minus one round) {times['flower-1'] - per_round:.2f} s, "
+        f"per round {per_round:.2f} s"
+    )
+
+    if args.skip_deployment:
+        return
+    with tempfile.TemporaryDirectory(prefix="scinfl-flower-bench-") as tmp:
+        tmp = Path(tmp)
+        key_path = key.save(tmp / "consortium.key")
+        nodes = {}
+        for name, site in sites.items():
+            site.write_h5ad(tmp / f"{name}.h5ad")
+            nodes[name] = {"data-path": str(tmp / f"{name}.h5ad"), "key-path": str(key_path)}
+        settings = RunSettings(
+            sites=tuple(sites),
+            key_fingerprint=key.fingerprint,
+            scheme=key.scheme,
+            output_dir=str(tmp / "run"),
+            label_key="bulk_labels",
+            use_raw=True,
+            rounds=args.rounds,
+        )
+        with LocalDeployment(tmp / "flower", nodes) as deployment:
+            started = time.perf_counter()
+            completed = deployment.run(settings, timeout=1800)
+            total = time.perf_counter() - started
+        if completed.returncode != 0:
+            raise SystemExit(f"flwr run failed:\n{completed.stdout[-3000:]}")
+        per_round = [float(s) for s in re.findall(r"Round \d+ of \d+: .*\(([\d.]+) s\)", completed.stdout)]
+        deployed = si.FederatedModel.load(tmp / "run" / "model")
+    same = all(
+        torch.equal(t, deployed.network.state_dict()[n])
+        for n, t in models["local"].network.state_dict().items()
+    )
+    median = statistics.median(per_round)
+    print(
+        f"deployment (flwr run) {total:7.2f} s in all; per round median {median:.2f} s "
+        f"(min {min(per_round):.2f}, max {max(per_round):.2f}; goal < {DEPLOYMENT_GOAL} s: "
+        f"{'met' if median < DEPLOYMENT_GOAL else 'missed'}); "
+        f"submit, ServerApp start, connect and final evaluation: {total - sum(per_round):.2f} s; "
+        f"weights equal to in-process: {same}"
+    )
+
+
+if __name__ == "__main__":
+    main()

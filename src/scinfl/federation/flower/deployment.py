@@ -1,0 +1,360 @@
+"""A Flower deployment on one machine: a SuperLink and one SuperNode per site on 127.0.0.1, then ``flwr run``.
+
+For trying scinfl's apps out (``scinfl flower-local``), the tests and the benchmark. Real sites run the
+same commands on their own machines, with TLS and SuperNode authentication (``docs/across_sites.md``).
+Every process started here runs in its own process group and is stopped, group and all, on
+:meth:`LocalDeployment.close`; nothing is downloaded at run time (the SuperLink runs with
+``--disable-runtime-dependency-installation``, telemetry and update checks are off).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from .protocol import RunSettings
+
+__all__ = ["LocalDeployment", "app_pyproject", "flower_environment", "free_port", "log_tail"]
+
+logger = logging.getLogger("scinfl")
+
+CONNECTION = "scinfl-local"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def flower_environment(flwr_home: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for Flower's processes: a private ``FLWR_HOME``, no telemetry, no update check."""
+    env = dict(os.environ if base is None else base)
+    env.update(
+        FLWR_HOME=str(flwr_home),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        # The SuperExec looks for new ServerApp/ClientApp tasks every second by default; a shorter poll
+        # starts each round's ClientApp processes sooner.
+        FLWR_SUPEREXEC_TASK_POLL_INTERVAL=env.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2"),
+    )
+    return env
+
+
+def app_pyproject(
+    settings: RunSettings, *, name: str = "scinfl-consortium", publisher: str = "consortium"
+) -> str:
+    """A consortium's whole Flower App: a ``pyproject.toml`` pointing at scinfl's ServerApp and ClientApp.
+
+    ``[tool.flwr.app.config]`` lists every setting (``flwr run --run-config`` may only override keys
+    declared there); it holds the key's fingerprint, never the key.
+    """
+    document = {
+        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
+        "project": {
+            "name": name,
+            "version": "1.0.0",
+            "description": "A consortium's scinfl federation (the apps come from the scinfl package).",
+            "license": "BSD-3-Clause",
+            "dependencies": ["scinfl[flower]"],
+        },
+        "tool": {
+            "hatch": {"build": {"targets": {"wheel": {"packages": ["."]}}}},
+            "flwr": {
+                "app": {
+                    "publisher": publisher,
+                    "components": {
+                        "serverapp": "scinfl.federation.flower.server:app",
+                        "clientapp": "scinfl.federation.flower.client:app",
+                    },
+                    "config": settings.to_run_config(),
+                }
+            },
+        },
+    }
+    return tomli_w.dumps(document)
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {process.returncode} while starting.")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.settimeout(0.5)
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"{what} did not open port {port} within {timeout:g} s.")
+
+
+class LocalDeployment:
+    """A SuperLink and one SuperNode per site on 127.0.0.1, each in its own process group.
+
+    Parameters
+    ----------
+    workdir
+        Holds ``FLWR_HOME``, the Flower App (a ``pyproject.toml``) and every process's log.
+    nodes
+        Site name -> that SuperNode's ``--node-config`` (``data-path``, and ``key-path`` for a keyed run;
+        ``site`` is set from the name).
+    start_timeout
+        Seconds the SuperLink may take to open its port.
+
+    Use it as a context manager: leaving the block stops every process it started.
+    """
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike[str],
+        nodes: Mapping[str, Mapping[str, Any]],
+        *,
+        start_timeout: float = 60.0,
+    ) -> None:
+        self.workdir = Path(workdir).absolute()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.nodes = {site: {**config, "site": site} for site, config in nodes.items()}
+        self.start_timeout = start_timeout
+        self.env = flower_environment(self.workdir / "flwr_home")
+        self.port = 0
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def _spawn(self, name: str, command: Sequence[str]) -> subprocess.Popen:
+        log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 -- lives as long as the process
+        try:
+            process = subprocess.Popen(
+                list(command),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.workdir,
+                start_new_session=True,  # its own process group, so that close() stops its children too
+            )
+        finally:
+            log.close()
+        self.processes[name] = process
+        return process
+
+    def start(self) -> LocalDeployment:
+        """Start the SuperLink, wait for its port, then start one SuperNode per site."""
+        bin_dir = Path(sys.executable).parent
+        self.port = free_port()
+        home = Path(self.env["FLWR_HOME"])
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "config.toml").write_text(
+            tomli_w.dumps(
+                {
+                    "superlink": {
+                        "default": CONNECTION,
+                        CONNECTION: {"address": f"127.0.0.1:{self.port}", "insecure": True},
+                    }
+                }
+            )
+        )
+        superlink = self._spawn(
+            "superlink",
+            [
+                str(bin_dir / "flower-superlink"),
+                "--insecure",
+                "--disable-runtime-dependency-installation",  # else it installs the app's dependencies
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+        )
+        _wait_for_port(self.port, superlink, self.start_timeout, "flower-superlink")
+        for site in self.nodes:
+            self.start_supernode(site)
+        return self
+
+    def start_supernode(self, site: str) -> subprocess.Popen:
+        """Start (or restart) the SuperNode of ``site``."""
+        # The node config as a TOML file (which --node-config also takes): paths with spaces stay whole.
+        node_config = self.workdir / f"node-{site}.toml"
+        node_config.write_text(tomli_w.dumps({k: str(v) for k, v in self.nodes[site].items()}))
+        return self._spawn(
+            f"supernode-{site}",
+            [
+                str(Path(sys.executable).parent / "flower-supernode"),
+                "--insecure",
+                "--superlink",
+                f"127.0.0.1:{self.port}",
+                "--port",
+                str(free_port()),  # its ClientApp runtime API, on loopback
+                "--isolation",
+                "subprocess",
+                "--node-config",
+                str(node_config),
+            ],
+        )
+
+    def kill_supernode(self, site: str) -> None:
+        """Kill the SuperNode of ``site`` and its ClientApp processes at once (SIGKILL), as a crash would."""
+        self._stop(self.processes.pop(f"supernode-{site}"), signal.SIGKILL, grace=10)
+
+    def write_app(self, settings: RunSettings) -> Path:
+        app_dir = self.workdir / "app"
+        app_dir.mkdir(exist_ok=True)
+        (app_dir / "pyproject.toml").write_text(app_pyproject(settings))
+        return app_dir
+
+    def run(
+        self, settings: RunSettings, *, timeout: float = 900.0, echo: bool = False
+    ) -> subprocess.CompletedProcess:
+        """Submit a run of scinfl's apps with ``settings``; follow it until it ends (``flwr run --stream``).
+
+        The output is returned, written to ``flwr-run.log`` and, with ``echo``, printed as it comes.
+        Raises ``subprocess.TimeoutExpired`` (after stopping ``flwr run``) after ``timeout`` seconds.
+        """
+        app_dir = self.write_app(settings)
+        command = [str(Path(sys.executable).parent / "flwr"), "run", str(app_dir), CONNECTION, "--stream"]
+        logger.info("Running %s", shlex.join(command))
+        lines: list[str] = []
+        with open(self.workdir / "flwr-run.log", "a") as log:
+            process = subprocess.Popen(
+                command,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.workdir,
+                start_new_session=True,
+                text=True,
+                errors="replace",
+            )
+
+            def follow() -> None:  # in a thread, so that the deadline below holds while it reads
+                for line in process.stdout:
+                    lines.append(line)
+                    log.write(line)
+                    if echo:
+                        print(line, end="", flush=True)
+
+            reader = threading.Thread(target=follow, daemon=True)
+            reader.start()
+            try:
+                process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self._stop(process, signal.SIGTERM)
+                raise
+            finally:
+                reader.join(timeout=10)
+        return subprocess.CompletedProcess(command, process.returncode, "".join(lines))
+
+    @staticmethod
+    def _stop(process: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 10.0) -> None:
+        """Signal the process's whole group, reap the process, then SIGKILL whatever of the group is left."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=grace)
+        # Children that outlived their parent, or a parent that ignored the signal.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=grace)
+
+    def close(self) -> None:
+        """Stop every process this deployment started (SuperNodes first, then the SuperLink)."""
+        for name in sorted(self.processes, key=lambda n: n == "superlink"):
+            self._stop(self.processes[name])
+        self.processes.clear()
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.processes.values()]
+
+    def __enter__(self) -> LocalDeployment:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    """The last lines of a log, for error messages."""
+    if not path.is_file():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def run_local_deployment(
+    data_paths: Sequence[str | os.PathLike[str]],
+    *,
+    key_path: str | os.PathLike[str] | None,
+    output_dir: str | os.PathLike[str],
+    workdir: str | os.PathLike[str] | None = None,
+    timeout: float = 3600.0,
+    **settings: Any,
+) -> Path:
+    """Train scinfl's apps across a local deployment (one SuperNode per .h5ad); return the model's path.
+
+    Each site is named after its file (``a.h5ad`` -> ``a``) and reads the key file through its own node
+    config; the run config gets the key's fingerprint only. Every process started is stopped before
+    this returns, also on errors and Ctrl-C.
+
+    Parameters
+    ----------
+    data_paths
+        One .h5ad per site.
+    key_path
+        The consortium's key file (:meth:`scinfl.FederationKey.save`), or None for plain FedAvg.
+    output_dir
+        Where the ServerApp writes its checkpoint and the model (``<output_dir>/model``).
+    workdir
+        Logs, ``FLWR_HOME`` and the generated Flower App; None: ``<output_dir>/flower``.
+    timeout
+        Seconds the whole run may take.
+    **settings
+        :class:`~scinfl.federation.flower.RunSettings` fields (``rounds``, ``label_key``, ...).
+    """
+    from ...key import FederationKey
+
+    paths = [Path(p).expanduser().absolute() for p in data_paths]
+    names = [p.stem for p in paths]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Site files must have distinct names (a site is named after its file): {names}.")
+    key = None if key_path is None else FederationKey.load(key_path)
+    output_dir = Path(output_dir).expanduser().absolute()
+    run_settings = RunSettings(
+        sites=tuple(names),
+        key_fingerprint="" if key is None else key.fingerprint,
+        scheme="" if key is None else key.scheme,
+        output_dir=str(output_dir),
+        **settings,
+    )
+    del key  # only its public fingerprint and scheme go into the run
+    nodes = {
+        name: {"data-path": str(path)}
+        | ({} if key_path is None else {"key-path": str(Path(key_path).absolute())})
+        for name, path in zip(names, paths, strict=True)
+    }
+    workdir = Path(workdir) if workdir is not None else output_dir / "flower"
+    with LocalDeployment(workdir, nodes) as deployment:
+        logger.info(
+            "SuperLink on 127.0.0.1:%d, %d SuperNodes; logs in %s.", deployment.port, len(nodes), workdir
+        )
+        completed = deployment.run(run_settings, timeout=timeout, echo=True)
+    model = output_dir / "model"
+    if completed.returncode != 0 or not (model / "model.json").is_file():
+        raise RuntimeError(
+            f"The Flower run did not produce a model (flwr run exited with {completed.returncode}). "
+            f"Its output ends with:\n{log_tail(workdir / 'flwr-run.log')}"
+        )
+    return model

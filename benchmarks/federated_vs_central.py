@@ -215,7 +215,7 @@ def main() -> None:
         adata = adata[rows].copy()
         adata.obs_names_make_unique()
     arms = make_arms(adata)
-    key = si.FederationKey.generate()
+    key = si.FederationKey.generate(scheme="infl")
     sizes = ", ".join(str(a.n_obs) for a in arms["federated"].values())
     print(
         f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average at start "

@@ -50,8 +50,9 @@ def pbmc_split() -> tuple[dict[str, ad.AnnData], ad.AnnData]:
 
 @pytest.fixture(scope="session")
 def key() -> si.FederationKey:
-    """A fixed key, so that every run of the suite is the same run (tests of random keys make their own)."""
-    return si.FederationKey(hashlib.sha256(b"scinfl test suite key").digest())
+    """A fixed key of the paper's scheme, so that every run of the suite is the same run (tests of random keys
+    make their own; tests/test_hardened.py has the hardened scheme's)."""
+    return si.FederationKey(hashlib.sha256(b"scinfl test suite key").digest(), scheme="infl")
 
 
 # Small but real training settings shared by the end-to-end tests.

@@ -136,7 +136,7 @@ def test_updates_sent_to_the_aggregator_hold_no_key_material(pbmc_sites, key):
 
 
 def test_site_with_another_key_version_is_rejected_every_round(pbmc_sites, key, scinfl_log):
-    stale = si.FederationKey.generate()
+    stale = si.FederationKey.generate(scheme="infl")
     keys = {"site_0": key, "site_1": key, "site_2": stale}
     network, trainers = _site_trainers(pbmc_sites, keys)
     result = run_local(trainers, network.state_dict(), rounds=2, seed=0, expected_fingerprint=key.fingerprint)

@@ -14,6 +14,7 @@ from scinfl.federation import KeyVersionError, aggregate
 from scinfl.model import KeyMismatchError
 from scinfl.nn import BlockMixing, HardenedKey, HardenedNetwork, harden
 from scinfl.privacy.analytic import invert_first_layer
+from scinfl.privacy.audit import wrong_key
 from scinfl.privacy.gradients import client_gradient, loss_gradients
 from scinfl.privacy.hardened import RelaxedHardenedKey, known_plaintext, labels_by_frequency
 from scinfl.privacy.inversion import recover_labels
@@ -88,8 +89,10 @@ def test_block_mixing_is_an_invertible_non_orthogonal_map(hardened_key, n_featur
     torch.testing.assert_close(material.mixing(x), x @ matrix.T, rtol=1e-4, atol=1e-4)
     condition = torch.linalg.cond(matrix.double())
     assert 5 < condition < 1e4  # gains make it non-orthogonal; still well inside float32 precision
-    back = material.mixing(x) @ torch.linalg.inv(matrix.double()).float().T
-    torch.testing.assert_close(back, x, rtol=1e-3, atol=1e-3)
+    inverse = torch.linalg.inv(matrix.double()).float()
+    torch.testing.assert_close(material.mixing(x) @ inverse.T, x, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(material.mixing.right(x), x @ matrix, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(material.mixing.right_inverse(x), x @ inverse, rtol=1e-3, atol=1e-3)
     assert isinstance(material.mixing, BlockMixing)
 
 
@@ -238,9 +241,14 @@ def test_hardened_federation_keeps_plain_fedavg_utility_and_is_useless_without_t
     assert hardened.config.scheme == "hardened"
     plain_score, hardened_score = _balanced(plain, test, None), _balanced(hardened, test, hardened_key)
     assert hardened_score > 0.4
-    assert abs(hardened_score - plain_score) < 0.08
+    # Same seed: the sites trained the same plain network (up to rounding in the basis changes).
+    agreement = (
+        plain.predict(test, key=None).labels == hardened.predict(test, key=hardened_key).labels
+    ).mean()
+    assert agreement > 0.97
+    assert abs(hardened_score - plain_score) < 0.03
     chance = 1.0 / test.obs["bulk_labels"].nunique()
-    wrong = [_balanced(hardened, test, si.FederationKey.generate(scheme="hardened")) for _ in range(4)]
+    wrong = [_balanced(hardened, test, wrong_key(hardened_key, 0, i)) for i in range(4)]
     assert np.mean(wrong) < chance + 0.08
     assert _balanced(hardened, test, None) < chance + 0.08
 
@@ -259,16 +267,16 @@ def test_no_hardened_key_material_in_weights_updates_or_saved_model(federated, h
 
 def test_rekey_convert_is_exact_and_the_old_key_is_refused(federated, hardened_key):
     _, hardened, test = federated
-    new_key = si.FederationKey.generate(scheme="hardened")
+    new_key = wrong_key(hardened_key, 1, 0)  # a fixed stand-in for FederationKey.generate(scheme="hardened")
     rekeyed = si.tl.rekey(hardened, old_key=hardened_key, new_key=new_key, method="convert", rounds=0)
     assert rekeyed.key_fingerprint == new_key.fingerprint
     before = hardened.predict(test, key=hardened_key).probabilities
     np.testing.assert_allclose(rekeyed.predict(test, key=new_key).probabilities, before, atol=1e-4)
     with pytest.raises(KeyMismatchError):
         rekeyed.predict(test, key=hardened_key)
-    # the weights changed: the old key on the new weights gives nothing useful
-    chance = 1.0 / test.obs["bulk_labels"].nunique()
-    assert _balanced(rekeyed, test, hardened_key) < chance + 0.08
+    # the weights changed: the old key on the new weights is like any wrong key (one key can land a few
+    # classes by luck, hence the margin; the audit averages 20)
+    assert _balanced(rekeyed, test, hardened_key) < min(0.25, _balanced(hardened, test, hardened_key) - 0.15)
     with pytest.raises(ValueError, match="not the key this model was trained under"):
         si.tl.rekey(hardened, old_key=new_key, new_key=hardened_key, method="convert", rounds=0)
     with pytest.raises(ValueError, match="needs the sites"):
@@ -280,13 +288,15 @@ def test_rekey_finetune_learns_under_the_new_key_and_old_updates_are_rejected(
 ):
     sites, test = pbmc_split
     _, hardened, _ = federated
-    new_key = si.FederationKey.generate(scheme="hardened")
+    new_key = wrong_key(hardened_key, 2, 0)
     rekeyed = si.tl.rekey(
         hardened, sites, old_key=hardened_key, new_key=new_key, copy=True, **{**FAST, "rounds": 12}
     )[0]
     assert rekeyed.params["rekeyed_from"] == hardened_key.fingerprint
     assert rekeyed.params["init_key_fingerprint"] == hardened_key.fingerprint
-    assert _balanced(rekeyed, test, new_key) > 0.4
+    chance = 1.0 / test.obs["bulk_labels"].nunique()
+    assert _balanced(hardened, test, new_key) < chance + 0.08  # the old weights under the new key: nothing
+    assert _balanced(rekeyed, test, new_key) > chance + 0.2  # relearned (as fast as from scratch: docs)
     # a site still on the old key sends updates under the old fingerprint: the aggregator drops them
     stale = LocalFitResult(
         state=rekeyed.network.state_dict(), n_obs=10, key_fingerprint=hardened_key.fingerprint, metrics={}

@@ -27,7 +27,7 @@ from scinfl.privacy.metrics import pearson, reconstruction_metrics
 
 VICTIMS = (0, 123, 456)
 # A fixed key, so that the transforms below are the same in every run (any key behaves alike).
-FIXED_KEY = si.FederationKey(bytes(range(32)))
+FIXED_KEY = si.FederationKey(bytes(range(32)), scheme="infl")
 
 
 def _cells(adata) -> tuple[np.ndarray, np.ndarray]:

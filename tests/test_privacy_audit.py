@@ -106,7 +106,7 @@ def test_audit_needs_the_models_key(keyed_audit, pbmc_split, key):
     model, site, _ = keyed_audit
     _, public = pbmc_split
     with pytest.raises(ValueError, match="trained under key"):
-        si.tl.privacy_audit(model, site, key=si.FederationKey.generate(), public=public, **SMALL)
+        si.tl.privacy_audit(model, site, key=si.FederationKey.generate(scheme="infl"), public=public, **SMALL)
     with pytest.raises(ValueError, match="Unknown attacks"):
         si.tl.privacy_audit(model, site, key=key, public=public, attacks=("telepathy",), **SMALL)
 

@@ -40,7 +40,7 @@ STEPS = 300
 def _fixed_key(seed: int) -> si.FederationKey:
     # 32 uniform random bytes, the distribution FederationKey.generate() draws from; seeded so that the
     # measured thresholds below are reproducible.
-    return si.FederationKey(np.random.default_rng(seed).bytes(32))
+    return si.FederationKey(np.random.default_rng(seed).bytes(32), scheme="infl")
 
 
 RIGHT_KEY = _fixed_key(2024)

@@ -52,7 +52,10 @@ def test_paper_scheme_wrong_keys_work_and_no_key_does_not(trained, key):
     model, _, (x, y) = trained
     right = (predict_labels(model.network, x, key_material=_coords(key)) == y).mean()
     wrong = [
-        (predict_labels(model.network, x, key_material=_coords(si.FederationKey.generate())) == y).mean()
+        (
+            predict_labels(model.network, x, key_material=_coords(si.FederationKey.generate(scheme="infl")))
+            == y
+        ).mean()
         for _ in range(5)
     ]
     flipped = (predict_labels(model.network, x, key_material=_coords(key.with_bit_flipped(7))) == y).mean()
@@ -65,7 +68,7 @@ def test_paper_scheme_wrong_keys_work_and_no_key_does_not(trained, key):
     encoder = model.network.key_encoder
     with torch.no_grad():
         k_right = encoder(_coords(key))
-        k_wrong = encoder(_coords(si.FederationKey.generate()))
+        k_wrong = encoder(_coords(si.FederationKey.generate(scheme="infl")))
     assert torch.nn.functional.cosine_similarity(k_right, k_wrong, dim=0) > 0.95
     assert unkeyed < right  # only dropping the key altogether hurts
 
@@ -86,7 +89,7 @@ def test_key_recovery_reaches_right_key_accuracy(trained, key):
     unkeyed = (predict_labels(model.network, x_test) == y_test).mean()
     k = recover_key_vector(model.network, x_aux, y_aux, init=torch.zeros(16), steps=200)
     recovered = (predict_labels(model.network, x_test, key_vector=k) == y_test).mean()
-    start = _coords(si.FederationKey(hashlib.sha256(b"attacker's guess").digest()))
+    start = _coords(si.FederationKey(hashlib.sha256(b"attacker's guess").digest(), scheme="infl"))
     coords = recover_coordinates(model.network, x_aux, y_aux, init=start, steps=100)
     recovered_coords = (predict_labels(model.network, x_test, key_material=coords) == y_test).mean()
     fresh, _ = fresh_model_accuracy(model.config, x_aux, y_aux, x_test, y_test, epochs=40)

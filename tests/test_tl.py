@@ -123,7 +123,7 @@ def test_plain_fedavg_baseline_has_no_keyed_modules(pbmc_sites):
 def test_predict_checks_the_key_version(trained, pbmc_split, key):
     model, _ = trained
     _, test = pbmc_split
-    wrong = si.FederationKey.generate()
+    wrong = si.FederationKey.generate(scheme="infl")
     for bad in (wrong, None):
         with pytest.raises(KeyMismatchError, match=key.fingerprint):
             si.tl.predict(test.copy(), model, key=bad)

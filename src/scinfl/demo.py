@@ -2,8 +2,9 @@
 
 pbmc68k_reduced (scanpy's bundled real scRNA-seq: 700 PBMCs, log-normalised ``.raw``, 10 ``bulk_labels``)
 is split into a stratified 20% held-out test set and 3 label-skewed sites. Every model is scored on the
-same test set: centralised training, each site alone, plain FedAvg, INFL with the right key, and the INFL
-model evaluated with wrong keys from the same generator and with no key at all.
+same test set: centralised training, each site alone, plain FedAvg, and the two key schemes (the paper's
+``"infl"`` and scinfl's ``"hardened"``), each with the right key, with wrong keys from the same generator and
+with no key at all.
 """
 
 from __future__ import annotations
@@ -89,13 +90,20 @@ def _run_demo(rounds, seeds, n_wrong_keys, hidden, output_dir, say, start) -> De
         f"({', '.join(f'{k}: {v.n_obs}' for k, v in sites.items())}), {test.n_obs} held-out test cells."
     )
     common = {"label_key": LABEL_KEY, "use_raw": True, "rounds": rounds, "hidden": hidden, "progress": False}
+    schemes = ("infl", "hardened")
     rows: dict[str, list[tuple[float, float]]] = {
-        k: [] for k in ("centralised", "site alone", "fedavg", "infl", "wrong", "none")
+        k: []
+        for k in (
+            "centralised",
+            "site alone",
+            "fedavg",
+            *(f"{s} {v}" for s in schemes for v in ("right", "wrong", "none")),
+        )
     }
-    key = FederationKey.generate()
+    keys = {scheme: FederationKey.generate(scheme=scheme) for scheme in schemes}
     model = None
     for seed in range(seeds):
-        say(f"seed {seed}: centralised, each site alone, plain FedAvg, INFL ...")
+        say(f"seed {seed}: centralised, each site alone, plain FedAvg, INFL, hardened ...")
         central = tl.train_federated({"all": train}, key=None, seed=seed, copy=True, **common)[0]
         rows["centralised"].append(_scores(central, test, None))
         alone = [
@@ -105,12 +113,15 @@ def _run_demo(rounds, seeds, n_wrong_keys, hidden, output_dir, say, start) -> De
         rows["site alone"].append(tuple(np.mean(alone, axis=0)))
         fedavg = tl.train_federated(sites, key=None, seed=seed, copy=True, **common)[0]
         rows["fedavg"].append(_scores(fedavg, test, None))
-        infl = tl.train_federated(sites, key=key, seed=seed, copy=True, **common)[0]
-        rows["infl"].append(_scores(infl, test, key))
-        rows["wrong"].extend(_scores(infl, test, FederationKey.generate()) for _ in range(n_wrong_keys))
-        rows["none"].append(_scores(infl, test, None))
-        if seed == 0:
-            model, fedavg_model = infl, fedavg
+        for scheme, key in keys.items():
+            keyed = tl.train_federated(sites, key=key, seed=seed, copy=True, **common)[0]
+            rows[f"{scheme} right"].append(_scores(keyed, test, key))
+            rows[f"{scheme} wrong"].extend(
+                _scores(keyed, test, FederationKey.generate(scheme=scheme)) for _ in range(n_wrong_keys)
+            )
+            rows[f"{scheme} none"].append(_scores(keyed, test, None))
+            if seed == 0 and scheme == "hardened":
+                model, fedavg_model = keyed, fedavg
 
     majority = test.obs[LABEL_KEY].value_counts(normalize=True).max()
     n_classes = test.obs[LABEL_KEY].nunique()
@@ -119,13 +130,21 @@ def _run_demo(rounds, seeds, n_wrong_keys, hidden, output_dir, say, start) -> De
             _summarise("centralised (all training cells, no key)", rows["centralised"]),
             _summarise("each site alone (mean of 3)", rows["site alone"]),
             _summarise("plain FedAvg (same network, no key)", rows["fedavg"]),
-            _summarise("INFL, right key", rows["infl"]),
-            _summarise(
-                f"INFL model, wrong keys ({n_wrong_keys} per seed)",
-                rows["wrong"],
-                "keys drawn from the same generator",
+            *(
+                row
+                for scheme, label in (("infl", "INFL (paper)"), ("hardened", "hardened"))
+                for row in (
+                    _summarise(f"{label}, right key", rows[f"{scheme} right"]),
+                    _summarise(
+                        f"{label} model, wrong keys ({n_wrong_keys} per seed)",
+                        rows[f"{scheme} wrong"],
+                        "keys drawn from the same generator",
+                    ),
+                    _summarise(
+                        f"{label} model, no key", rows[f"{scheme} none"], "shared weights as they are"
+                    ),
+                )
             ),
-            _summarise("INFL model, no key", rows["none"], "unmodulated weights"),
             {
                 "model": "chance",
                 "accuracy": majority,
@@ -135,7 +154,7 @@ def _run_demo(rounds, seeds, n_wrong_keys, hidden, output_dir, say, start) -> De
             },
         ]
     )
-    tl.predict(test, model, key=key)
+    tl.predict(test, model, key=keys["hardened"])
     tl.predict(test, fedavg_model, key=None, key_added="scinfl_fedavg")
     if output_dir is not None:
         out = Path(output_dir)

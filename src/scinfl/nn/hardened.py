@@ -91,6 +91,19 @@ def _mixing_blocks(rng: np.random.Generator, n: int, count: int, gain: float) ->
     return ((left * gains[:, None, :]) @ right).astype(np.float32)
 
 
+def _block_diagonal(rows: Tensor, blocks: Tensor, tail: Tensor) -> Tensor:
+    """``rows @ blockdiag(blocks[0], ..., blocks[-1], tail)``, without building the matrix."""
+    n_blocks, size = blocks.shape[0], blocks.shape[1]
+    cut = n_blocks * size
+    parts = []
+    if n_blocks:
+        head = rows[:, :cut].reshape(len(rows), n_blocks, size).transpose(0, 1)  # (blocks, rows, size)
+        parts.append(torch.bmm(head, blocks).transpose(0, 1).reshape(len(rows), cut))
+    if tail.numel():
+        parts.append(rows[:, cut:] @ tail)
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
 @dataclass(frozen=True, eq=False)
 class BlockMixing:
     """A key-derived invertible linear map of R^n: rounds of (permute, block-diagonal mixing).
@@ -110,18 +123,33 @@ class BlockMixing:
     tails: tuple[Tensor, ...]
 
     def __call__(self, x: Tensor) -> Tensor:
+        """``u = M x`` for every row ``x`` of ``x`` (i.e. ``x @ M.T``)."""
         for order, blocks, tail in zip(self.orders, self.blocks, self.tails, strict=True):
-            x = x.index_select(-1, order)
-            n_blocks, size = blocks.shape[0], blocks.shape[1]
-            cut = n_blocks * size
-            parts = []
-            if n_blocks:
-                head = x[:, :cut].reshape(len(x), n_blocks, size).transpose(0, 1)  # (blocks, batch, size)
-                parts.append(torch.bmm(head, blocks.transpose(1, 2)).transpose(0, 1).reshape(len(x), cut))
-            if tail.numel():
-                parts.append(x[:, cut:] @ tail.T)
-            x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+            x = _block_diagonal(x.index_select(-1, order), blocks.transpose(1, 2), tail.T)
         return x
+
+    def right(self, rows: Tensor) -> Tensor:
+        """``rows @ M`` (e.g. ``W M``: a layer's weights carried to the unmixed basis)."""
+        for order, blocks, tail in zip(
+            reversed(self.orders), reversed(self.blocks), reversed(self.tails), strict=True
+        ):
+            rows = _block_diagonal(rows, blocks.to(rows.dtype), tail.to(rows.dtype))
+            rows = rows.index_select(-1, torch.argsort(order))
+        return rows
+
+    def right_inverse(self, rows: Tensor) -> Tensor:
+        """``rows @ M^-1``."""
+        for order, blocks, tail in zip(self.orders, self._inverse_blocks, self._inverse_tails, strict=True):
+            rows = _block_diagonal(rows.index_select(-1, order), blocks.to(rows.dtype), tail.to(rows.dtype))
+        return rows
+
+    @cached_property
+    def _inverse_blocks(self) -> tuple[Tensor, ...]:
+        return tuple(torch.linalg.inv(b.double()).float() if b.numel() else b for b in self.blocks)
+
+    @cached_property
+    def _inverse_tails(self) -> tuple[Tensor, ...]:
+        return tuple(torch.linalg.inv(t.double()).float() if t.numel() else t for t in self.tails)
 
     def matrix(self) -> Tensor:
         """The map as a dense ``(n, n)`` matrix ``M`` (``mixing(x) == x @ M.T``)."""
@@ -162,7 +190,7 @@ class HardenedKey(KeyMaterial):
         permutation ``T^{-T} = T``; for the input layer the mixing is not orthogonal and the two differ.
         """
         if index == 0:
-            x = x @ self._mixing_inverse.to(x.dtype)
+            x = self.mixing.right_inverse(x)
         return self._signed_permutation(index, x)
 
     def layer_output(self, index: int, y: Tensor) -> Tensor:
@@ -174,14 +202,6 @@ class HardenedKey(KeyMaterial):
         return x.index_select(-1, self.inverse_orders[index]) * self.signs[index].to(x.dtype)
 
     @cached_property
-    def _mixing_matrix(self) -> Tensor:
-        return self.mixing.matrix()
-
-    @cached_property
-    def _mixing_inverse(self) -> Tensor:
-        return torch.linalg.inv(self._mixing_matrix.double()).float()
-
-    @cached_property
     def _orders(self) -> tuple[Tensor, ...]:
         return tuple(torch.argsort(inverse) for inverse in self.inverse_orders)
 
@@ -189,7 +209,7 @@ class HardenedKey(KeyMaterial):
         """``V = R W T``: the weights of the equivalent plain layer (``V x == layer under the key``)."""
         plain = (weight * self.signs[index].to(weight.dtype)).index_select(1, self._orders[index])
         if index == 0:
-            plain = plain @ self._mixing_matrix.to(weight.dtype)
+            plain = self.mixing.right(plain)
         if index == len(self.signs) - 1:
             plain = plain.index_select(0, self.output_order)
         return plain
@@ -199,7 +219,7 @@ class HardenedKey(KeyMaterial):
         if index == len(self.signs) - 1:
             plain = plain.index_select(0, torch.argsort(self.output_order))
         if index == 0:
-            plain = plain @ self._mixing_inverse.to(plain.dtype)
+            plain = self.mixing.right_inverse(plain)
         return plain.index_select(1, self.inverse_orders[index]) * self.signs[index].to(plain.dtype)
 
     def bias_to_plain(self, index: int, bias: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ short fits, and a new ``Trainer`` per fit cost more than the training itself on 
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import warnings
@@ -23,7 +24,7 @@ import torch
 from lightning.fabric import Fabric
 from torch import Tensor, nn
 
-from ..nn import KeyedModule, use_key
+from ..nn import HardenedKey, HardenedNetwork, KeyedModule, use_key
 from .tasks import Task
 
 if TYPE_CHECKING:
@@ -158,6 +159,11 @@ def infer(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Network outputs and embeddings (``features``) for every batch, in order."""
     network.eval()
+    if isinstance(network, HardenedNetwork) and isinstance(key_material, HardenedKey):
+        # The same function, at a plain network's cost: a throwaway copy holds the plain-basis weights.
+        plain = copy.deepcopy(network)
+        plain.load_state_dict(network.to_plain(network.state_dict(), key_material))
+        network, key_material = plain, None
     outputs, embeddings = [], []
     with use_key(key_material):
         for x, _ in batches:

@@ -94,7 +94,9 @@ def test_fingerprint_is_not_a_prefix_of_the_secret(fixed_key):
 
 
 def test_derive_is_deterministic(fixed_key):
-    assert fixed_key.derive("coordinates/128x2", 64) == FederationKey(SECRET, scheme="infl").derive("coordinates/128x2", 64)
+    assert fixed_key.derive("coordinates/128x2", 64) == FederationKey(SECRET, scheme="infl").derive(
+        "coordinates/128x2", 64
+    )
     assert len(fixed_key.derive("a", 100)) == 100
     # SHAKE-256 is an extendable output: a shorter request is a prefix of a longer one for the same purpose.
     assert fixed_key.derive("a", 100)[:16] == fixed_key.derive("a", 16)

@@ -54,10 +54,12 @@ def secret_bytes(material: HardenedKey) -> list[bytes]:
     blocks = material.mixing.blocks[0]
     return [
         blocks.numpy().tobytes()[:4096],
-        blocks[3].numpy().astype(np.float64).tobytes()[:512],
+        blocks.float().numpy().tobytes()[:4096],
+        blocks[3].numpy().tobytes()[:512],
         material.mixing.orders[0].numpy().tobytes()[:800],
         material.inverse_orders[1].numpy().tobytes()[:800],
         material.mixing.matrix()[:, 0].numpy().tobytes(),
+        material.mixing.matrix()[:, 0].float().numpy().tobytes(),
         material.output_order.numpy().tobytes(),
     ]
 
@@ -85,7 +87,7 @@ def test_material_is_deterministic_and_changes_with_any_bit(hardened_key):
 def test_block_mixing_is_an_invertible_non_orthogonal_map(hardened_key, n_features):
     material = key_material(hardened_key, _config(n_features=n_features))
     x = torch.randn(9, n_features)
-    matrix = material.mixing.matrix()
+    matrix = material.mixing.matrix().float()
     torch.testing.assert_close(material.mixing(x), x @ matrix.T, rtol=1e-4, atol=1e-4)
     condition = torch.linalg.cond(matrix.double())
     assert 5 < condition < 1e4  # gains make it non-orthogonal; still well inside float32 precision
@@ -173,7 +175,7 @@ def test_analytic_leak_is_the_mixed_input_only_the_key_holder_can_unmix(hardened
         leaked_pearson.append(pearson(leaked - leaked.mean(), x[0].numpy() - public_mean))
         # The insider undoes the signed permutation and the mixing: u = sign * (x M^-1)[:, inverse order].
         signed = torch.from_numpy(leaked).float() * material.signs[0]
-        unmixed = signed[torch.argsort(material.inverse_orders[0])] @ material.mixing.matrix()
+        unmixed = signed[torch.argsort(material.inverse_orders[0])] @ material.mixing.matrix().float()
         unmixed_pearson.append(pearson(unmixed.numpy(), x[0].numpy()))
     assert np.mean(unmixed_pearson) > 0.999  # positive control: the gradient does carry the cell
     assert abs(np.mean(leaked_pearson)) < 0.1
@@ -308,3 +310,47 @@ def test_rekey_finetune_learns_under_the_new_key_and_old_updates_are_rejected(
     assert rejected == ["old"]
     with pytest.raises(KeyVersionError):
         aggregate({"old": stale}, new_key.fingerprint, round_index=0)
+
+
+def _row(table, attack, view, metric) -> float:
+    row = table[(table.attack == attack) & (table.view == view) & (table.metric == metric)]
+    assert len(row) == 1, (attack, view, metric)
+    return float(row["mean"].iloc[0])
+
+
+def test_audit_at_ci_size_passes_the_main_checks_with_working_positive_controls(
+    federated, pbmc_split, hardened_key
+):
+    _, hardened, public = federated
+    sites, _ = pbmc_split
+    site = sites["site_1"].copy()
+    table = si.tl.privacy_audit(
+        hardened,
+        site,
+        key=hardened_key,
+        public=public,
+        attacks=("utility", "analytic", "inversion"),
+        seeds=(0,),
+        n_victims=12,
+        n_wrong_keys=4,
+        inversion_victims=3,
+        inversion_batches=(8,),
+        inversion_steps=150,
+    )
+    chance = _row(table, "accuracy", "chance", "balanced_accuracy")
+    assert _row(table, "accuracy", "right key", "balanced_accuracy") > chance + 0.3
+    for view in ("wrong key", "no key", "one-bit flip"):
+        assert _row(table, "accuracy", view, "balanced_accuracy") < chance + 0.08, view
+    # the first layer's gradient: the input is there (the insider test above), but mixed
+    assert abs(_row(table, "first layer (dW / db)", "server", "pearson_minus_mean")) < 0.15
+    assert _row(table, "first layer (dW / db)", "server", "reidentified") == 0.0
+    # gradient inversion: works with the key (positive control), not without
+    positive = _row(table, "gradient, 1 cell", "right key (positive control)", "pearson_minus_mean")
+    assert positive > 0.3
+    for view in ("server (no key)", "server (wrong key)"):
+        assert _row(table, "gradient, 1 cell", view, "pearson_minus_mean") < 0.15, view
+        assert _row(table, "gradient, 1 cell", view, "reidentified") == 0.0, view
+    assert (
+        _row(table, "label from last bias (iDLG)", "right key (positive control)", "label_recovered") == 1.0
+    )
+    assert _row(table, "gradient, 1 cell, joint with key maps", "server", "reidentified") == 0.0

@@ -124,7 +124,7 @@ class FederatedModel:
         if check_key:
             self.check_key(key)
         # A plain model has no keyed modules: a key given with check_key=False changes nothing.
-        coordinates = key_material(key, self.config) if self.config.scheme is not None else None
+        material = key_material(key, self.config) if self.config.scheme is not None else None
         fields = site_fields(adata, site, layer=self.schema.layer, use_raw=self.schema.use_raw)
         matrix = AlignedMatrix.from_adata(adata, self.schema, fields)
         overlap = matrix.n_present / self.schema.n_features
@@ -146,7 +146,7 @@ class FederatedModel:
         loader = batch_loader(
             SiteDataset(matrix, np.arange(adata.n_obs)), batch_size=batch_size, shuffle=False
         )
-        outputs, embedding = infer(self.network, loader, key_material=coordinates)
+        outputs, embedding = infer(self.network, loader, key_material=material)
         task = get_task(self.config.task)
         probabilities = task.probabilities(torch.from_numpy(outputs)).numpy()
         return Predictions(

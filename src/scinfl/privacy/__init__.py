@@ -19,10 +19,13 @@ membership
     Loss-threshold and reference-model (LiRA/RMIA-style) membership inference.
 utility
     Accuracy under wrong keys, one-bit flips and no key; key recovery vs a fresh model on the same data.
+hardened
+    Adaptive attacks on ``scheme="hardened"``: its continuous relaxation fitted on labelled cells (key
+    recovery) or jointly with a dummy cell (gradient inversion), known plaintext, label frequency analysis.
 audit
     Runs the attacks for every attacker view and returns a tidy DataFrame.
 """
 
-from . import analytic, audit, gradients, inversion, membership, metrics, utility
+from . import analytic, audit, gradients, hardened, inversion, membership, metrics, utility
 
-__all__ = ["analytic", "audit", "gradients", "inversion", "membership", "metrics", "utility"]
+__all__ = ["analytic", "audit", "gradients", "hardened", "inversion", "membership", "metrics", "utility"]

@@ -74,8 +74,10 @@ def privacy_audit(
         auxiliary data, the non-members, and the utility test set.
     attacks
         Attack families: ``"utility"`` (wrong keys, one-bit flips, no key), ``"key_recovery"``,
-        ``"analytic"`` (first-layer inversion and calibration), ``"inversion"`` (gradient and update
-        inversion, label recovery), ``"membership"``.
+        ``"analytic"`` (first-layer inversion and calibration, and known plaintext), ``"inversion"``
+        (gradient and update inversion, label recovery), ``"membership"``. Against ``scheme="hardened"``
+        the key recovery fits the scheme's continuous relaxation, and the inversion family adds joint
+        inversion with that relaxation and label frequency analysis (:mod:`scinfl.privacy.hardened`).
     n_victims
         Victims per seed for the analytic attacks.
     seeds

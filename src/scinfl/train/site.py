@@ -111,8 +111,6 @@ class SiteTrainer:
 
     @torch.no_grad()
     def _load(self, state: Mapping[str, Tensor]) -> None:
-        if self._hardened and state.keys() == self._tensors.keys():
-            state = self.network.to_plain(state, self._key_material)
         if state.keys() != self._tensors.keys():
             missing = sorted(self._tensors.keys() - state.keys())[:3]
             unexpected = sorted(state.keys() - self._tensors.keys())[:3]
@@ -122,6 +120,13 @@ class SiteTrainer:
             )
         for name, tensor in self._tensors.items():
             tensor.copy_(state[name])
+        if self._hardened:
+            # Converted from the network's own tensors, not from the received ones: those may sit at any
+            # memory alignment (e.g. a Flower message), and BLAS kernels round differently on unaligned data.
+            plain = self.network.to_plain(self._tensors, self._key_material)
+            for name, tensor in self._tensors.items():
+                if plain[name] is not tensor:
+                    tensor.copy_(plain[name])
 
     @property
     def n_train(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import pickle
 
 import numpy as np
 import pytest
@@ -81,6 +82,8 @@ def test_material_is_deterministic_and_changes_with_any_bit(hardened_key):
         assert (c.signs[2] == a.signs[2]).float().mean() < 0.75
         assert not torch.allclose(c.mixing.blocks[0], a.mixing.blocks[0])
     assert "tensor" not in repr(a)  # the repr shows no material
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pickle.dumps(a)
 
 
 @pytest.mark.parametrize("n_features", [5, 70, 765])

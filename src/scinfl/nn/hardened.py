@@ -242,6 +242,10 @@ class HardenedKey(KeyMaterial):
     def __repr__(self) -> str:
         return f"HardenedKey(layers={len(self.signs)})"  # never the material itself
 
+    def __reduce__(self):
+        # As FederationKey: pickling would silently copy key material into caches or worker payloads.
+        raise TypeError("Hardened key material cannot be pickled; derive it where the key is.")
+
 
 def derive_hardened_key(derive: Callable[[str, int], bytes], layout: HardenedLayout) -> HardenedKey:
     """The hardened key material for ``layout``, derived from a key's ``derive(purpose, n_bytes)``.

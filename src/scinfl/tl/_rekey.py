@@ -43,12 +43,13 @@ def rekey(
         The new key, of the same scheme.
     method
         ``"finetune"``: federated training under the new key for ``rounds`` rounds, starting from the old
-        weights (which, under the new key, compute nothing useful): the new weights are not a function of
-        the old ones and the new key alone. ``"convert"`` (``scheme="hardened"`` only): carry the weights
-        exactly to the new key's basis (no training needed; the model computes the same function under the
-        new key), optionally followed by ``rounds`` rounds of fine-tuning. Anyone holding the old key and
-        both versions of the weights can relate them, so use ``"convert"`` for routine rotation, and
-        ``"finetune"`` (or training from scratch) when the old key is compromised.
+        weights (under the new key they compute nothing useful, so they are no warm start: plan the rounds
+        of a training from scratch). ``"convert"`` (``scheme="hardened"`` only): carry the weights exactly
+        to the new key's basis (no training; the model computes the same function under the new key),
+        optionally followed by ``rounds`` rounds of fine-tuning. The two versions of the weights are then
+        related exactly through both keys, so anyone who holds the old key and sees both versions can work
+        out most of the new key. The privacy audit does not measure either method against such an
+        attacker.
     rounds
         Federated rounds under the new key.
     train_options

@@ -59,7 +59,9 @@ def main() -> None:
 
     adata = sc.datasets.pbmc68k_reduced()
     sites = si.pp.split_sites(adata, n_sites=args.sites, label_key="bulk_labels", alpha=0.5, seed=0)
-    key = si.FederationKey(hashlib.sha256(b"flower overhead benchmark").digest())
+    # scheme="infl": a deployment then starts from the same weights as the in-process run (a hardened
+    # deployment's ServerApp initialises without the key; docs/across_sites.md), so weights compare bit for bit.
+    key = si.FederationKey(hashlib.sha256(b"flower overhead benchmark").digest(), scheme="infl")
     common = {"key": key, "label_key": "bulk_labels", "use_raw": True, "rounds": args.rounds, "seed": 0}
     print(
         f"{args.sites} sites x {args.rounds} rounds, pbmc68k_reduced, {os.cpu_count()} CPUs, "

@@ -27,7 +27,6 @@ duration of a call; modules hold only the public layout.
 from __future__ import annotations
 
 import contextvars
-import copy
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .keyed import _ACTIVE_KEY, KeyedModule, KeyMaterial
+from .keyed import _ACTIVE_KEY, KeyedModule, KeyMaterial, replace_linears
 
 __all__ = [
     "BlockMixing",
@@ -413,21 +412,12 @@ def harden(
     block_size, rounds, gain
         The input mixing (see :class:`HardenedLayout`).
     """
-    network = copy.deepcopy(module)
-    linears = [
-        (name, layer)
-        for name, layer in network.named_modules()
-        if type(layer) is nn.Linear and (select is None or select(name, layer))
-    ]
-    if not linears:
-        raise ValueError("harden found no nn.Linear layer in this module (or `select` chose none).")
-    for name, layer in linears:
-        hardened = HardenedLinear(layer.in_features, layer.out_features, bias=layer.bias is not None)
-        with torch.no_grad():
-            hardened.weight.copy_(layer.weight)
-            if layer.bias is not None:
-                hardened.bias.copy_(layer.bias)
-        hardened.to(device=layer.weight.device, dtype=layer.weight.dtype)
-        parent_name, _, child_name = name.rpartition(".")
-        setattr(network.get_submodule(parent_name) if parent_name else network, child_name, hardened)
+    network = replace_linears(
+        module,
+        select,
+        lambda name, layer, _: HardenedLinear(
+            layer.in_features, layer.out_features, bias=layer.bias is not None
+        ),
+        caller="harden",
+    )
     return HardenedNetwork(network, block_size=block_size, rounds=rounds, gain=gain)

@@ -284,6 +284,38 @@ def _default_film_layers(linears: list[tuple[str, nn.Linear]]) -> set[str]:
     return {name for name, _ in linears[:-1]}
 
 
+def replace_linears(
+    module: nn.Module,
+    select: Callable[[str, nn.Linear], bool] | None,
+    make: Callable[[str, nn.Linear, list[tuple[str, nn.Linear]]], nn.Linear],
+    *,
+    caller: str,
+) -> nn.Module:
+    """A deep copy of ``module`` whose selected ``nn.Linear`` layers are replaced by ``make(name, layer, all)``.
+
+    The replacements get the original weights, device and dtype; ``all`` is every selected (name, layer) in
+    module order. The shared step of :func:`keyify` and :func:`~scinfl.nn.harden`.
+    """
+    network = copy.deepcopy(module)
+    linears = [
+        (name, layer)
+        for name, layer in network.named_modules()
+        if type(layer) is nn.Linear and (select is None or select(name, layer))
+    ]
+    if not linears:
+        raise ValueError(f"{caller} found no nn.Linear layer in this module (or `select` chose none).")
+    for name, layer in linears:
+        replacement = make(name, layer, linears)
+        with torch.no_grad():
+            replacement.weight.copy_(layer.weight)
+            if layer.bias is not None:
+                replacement.bias.copy_(layer.bias)
+        replacement.to(device=layer.weight.device, dtype=layer.weight.dtype)
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(network.get_submodule(parent_name) if parent_name else network, child_name, replacement)
+    return network
+
+
 def keyify(
     module: nn.Module,
     *,
@@ -313,29 +345,11 @@ def keyify(
     key_dim, encoder_hidden, coordinate_dim
         Sizes of the coordinate key encoder (see :class:`CoordinateKeyEncoder`).
     """
-    network = copy.deepcopy(module)
-    linears = [
-        (name, layer)
-        for name, layer in network.named_modules()
-        if type(layer) is nn.Linear and (select is None or select(name, layer))
-    ]
-    if not linears:
-        raise ValueError("keyify found no nn.Linear layer to key in this module (or `select` chose none).")
-    film_layers = (
-        _default_film_layers(linears)
-        if film is None
-        else {name for name, layer in linears if film(name, layer)}
-    )
-    for name, layer in linears:
-        keyed = KeyedLinear(
-            layer.in_features, layer.out_features, bias=layer.bias is not None, film=name in film_layers
-        )
-        with torch.no_grad():
-            keyed.weight.copy_(layer.weight)
-            if layer.bias is not None:
-                keyed.bias.copy_(layer.bias)
-        keyed.to(device=layer.weight.device, dtype=layer.weight.dtype)
-        parent_name, _, child_name = name.rpartition(".")
-        setattr(network.get_submodule(parent_name) if parent_name else network, child_name, keyed)
+
+    def make(name: str, layer: nn.Linear, linears: list[tuple[str, nn.Linear]]) -> KeyedLinear:
+        with_film = name in _default_film_layers(linears) if film is None else film(name, layer)
+        return KeyedLinear(layer.in_features, layer.out_features, bias=layer.bias is not None, film=with_film)
+
+    network = replace_linears(module, select, make, caller="keyify")
     encoder = CoordinateKeyEncoder(coordinate_dim=coordinate_dim, hidden=encoder_hidden, key_dim=key_dim)
     return KeyedNetwork(network, encoder, strength=strength)

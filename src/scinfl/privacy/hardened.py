@@ -21,12 +21,12 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..nn import HardenedKey, HardenedNetwork, KeyMaterial, use_key
 from .gradients import evaluation_mode, loss_gradients
 from .inversion import _attacked_parameters, _matcher
+from .utility import fit_frozen
 
 __all__ = [
     "RelaxedHardenedKey",
@@ -96,24 +96,10 @@ def recover_relaxed_key(
     lr: float = 0.01,
 ) -> RelaxedHardenedKey:
     """Fit every relaxed key transform by cross-entropy on labelled cells, with the weights frozen."""
-    network.eval()
     relaxed = RelaxedHardenedKey(
         [m.detach().clone() for m in init.input_maps], init.output_map.detach().clone()
     ).requires_grad_()
-    frozen = [p.requires_grad for p in network.parameters()]
-    for p in network.parameters():
-        p.requires_grad_(False)
-    optimiser = torch.optim.Adam(relaxed.variables(), lr=lr)
-    try:
-        for _ in range(steps):
-            optimiser.zero_grad()
-            with use_key(relaxed):
-                loss = F.cross_entropy(network(x), y)
-            loss.backward()
-            optimiser.step()
-    finally:
-        for p, flag in zip(network.parameters(), frozen, strict=True):
-            p.requires_grad_(flag)
+    fit_frozen(network, x, y, relaxed.variables(), lambda: use_key(relaxed), steps=steps, lr=lr)
     return RelaxedHardenedKey([m.detach() for m in relaxed.input_maps], relaxed.output_map.detach())
 
 

@@ -8,6 +8,7 @@ data alone.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from ..train import ModelConfig, build_network, fit_local, get_task
 
 __all__ = [
     "balanced_accuracy",
+    "fit_frozen",
     "fresh_model_accuracy",
     "predict_labels",
     "recover_coordinates",
@@ -59,33 +61,51 @@ def predict_labels(
     return np.concatenate(out)
 
 
-def _fit_secret(
-    network: KeyedNetwork,
+def fit_frozen(
+    network: nn.Module,
     x: Tensor,
     y: Tensor,
-    secret: Tensor,
-    context: Callable[[Tensor], object],
+    variables: list[Tensor],
+    context: Callable[[], AbstractContextManager],
     *,
     steps: int,
     lr: float,
-) -> Tensor:
-    """Fit ``secret`` (a key vector or coordinates) by cross-entropy on (x, y) with every weight frozen."""
+) -> None:
+    """Fit ``variables`` (leaf tensors requiring grad) by cross-entropy on (x, y), every weight frozen.
+
+    Each forward pass runs inside ``context()`` (the attacker's key view built from ``variables``). The
+    network's weights and their ``requires_grad`` flags are left as they were.
+    """
     network.eval()
     frozen = [p.requires_grad for p in network.parameters()]
     for p in network.parameters():
         p.requires_grad_(False)
-    secret = secret.detach().clone().requires_grad_(True)
-    optimiser = torch.optim.Adam([secret], lr=lr)
+    optimiser = torch.optim.Adam(variables, lr=lr)
     try:
         for _ in range(steps):
             optimiser.zero_grad()
-            with context(secret):
+            with context():
                 loss = F.cross_entropy(network(x), y)
             loss.backward()
             optimiser.step()
     finally:
         for p, flag in zip(network.parameters(), frozen, strict=True):
             p.requires_grad_(flag)
+
+
+def _fit_secret(
+    network: KeyedNetwork,
+    x: Tensor,
+    y: Tensor,
+    secret: Tensor,
+    context: Callable[[Tensor], AbstractContextManager],
+    *,
+    steps: int,
+    lr: float,
+) -> Tensor:
+    """Fit ``secret`` (a key vector or coordinates) by cross-entropy on (x, y) with every weight frozen."""
+    secret = secret.detach().clone().requires_grad_(True)
+    fit_frozen(network, x, y, [secret], lambda: context(secret), steps=steps, lr=lr)
     return secret.detach()
 
 

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .keyed import _ACTIVE_KEY, KeyedModule, KeyMaterial, replace_linears
+from .keyed import _ACTIVE_KEY, KeyedModule, KeyMaterial, bound, replace_linears
 
 __all__ = [
     "BlockMixing",
@@ -378,11 +378,8 @@ class HardenedNetwork(KeyedModule):
             raise TypeError(
                 f"This network uses scheme 'hardened'; got {type(material).__name__} (infl coordinates?)."
             )
-        token = _ACTIVE_HARDENED.set(material)
-        try:
+        with bound(_ACTIVE_HARDENED, material):
             yield
-        finally:
-            _ACTIVE_HARDENED.reset(token)
 
     def extra_repr(self) -> str:
         layout = self.layout

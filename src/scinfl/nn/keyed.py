@@ -67,6 +67,16 @@ _ACTIVE_MODULATION: contextvars.ContextVar[dict[int, tuple[Tensor, Tensor]] | No
 
 
 @contextmanager
+def bound(variable: contextvars.ContextVar, value) -> Iterator[None]:
+    """Set a context variable for the duration of a ``with`` block, then restore its previous value."""
+    token = variable.set(value)
+    try:
+        yield
+    finally:
+        variable.reset(token)
+
+
+@contextmanager
 def use_key(material: Tensor | KeyMaterial | None) -> Iterator[None]:
     """Make ``material`` the secret that keyed networks use inside the ``with`` block.
 
@@ -82,11 +92,8 @@ def use_key(material: Tensor | KeyMaterial | None) -> Iterator[None]:
         raise TypeError(
             f"use_key needs key coordinates, a KeyMaterial or None, got {type(material).__name__}."
         )
-    token = _ACTIVE_KEY.set(material)
-    try:
+    with bound(_ACTIVE_KEY, material):
         yield
-    finally:
-        _ACTIVE_KEY.reset(token)
 
 
 @contextmanager
@@ -98,11 +105,8 @@ def use_key_vector(key_vector: Tensor) -> Iterator[None]:
     """
     if key_vector.ndim != 1:
         raise ValueError("A key vector is one-dimensional.")
-    token = _KEY_VECTOR_OVERRIDE.set(key_vector)
-    try:
+    with bound(_KEY_VECTOR_OVERRIDE, key_vector):
         yield
-    finally:
-        _KEY_VECTOR_OVERRIDE.reset(token)
 
 
 def active_modulation() -> dict[int, tuple[Tensor, Tensor]] | None:
@@ -269,11 +273,8 @@ class KeyedNetwork(KeyedModule):
                     f"This network uses scheme 'infl' (key coordinates); got {type(coordinates).__name__}."
                 )
             key_vector = None if coordinates is None else self.key_encoder(coordinates)
-        token = _ACTIVE_MODULATION.set(None if key_vector is None else self.modulation(key_vector))
-        try:
+        with bound(_ACTIVE_MODULATION, None if key_vector is None else self.modulation(key_vector)):
             yield
-        finally:
-            _ACTIVE_MODULATION.reset(token)
 
     def extra_repr(self) -> str:
         return f"strength={self.strength}"

@@ -311,29 +311,7 @@ def train_federated(
             # plain network's, draw for draw) so that training is plain FedAvg's from the same seed.
             with torch.no_grad():
                 network.load_state_dict(network.from_plain(network.state_dict(), key_material(key, config)))
-        trainers = {}
-        for index, (name, adata) in enumerate(site_data.items()):
-            matrix = AlignedMatrix.from_adata(adata, schema, fields[name])
-            labels = label_codes(adata, schema, name)
-            rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5EED, index]))
-            train, validation = site_datasets(matrix, labels, validation_fraction, rng)
-            private = None
-            if dp_settings is not None:
-                private = PrivateTraining(
-                    dp_settings, n_train=len(train), batch_size=batch_size, epochs=rounds * local_epochs
-                )
-                if dp_settings.delta * len(train) > 1:
-                    logger.warning(
-                        "Site %r: delta=%g is not below 1/n_train (%d training cells); a meaningful "
-                        "guarantee needs delta << 1/n.",
-                        name,
-                        dp_settings.delta,
-                        len(train),
-                    )
-            trainers[name] = SiteTrainer(
-                name, train, validation, network, config, key, fit_settings, private=private
-            )
-        if engine == "flower":
+        if engine == "flower":  # the ClientApps build the site trainers
             from ..federation.flower.simulation import run_federated
 
             result = run_federated(
@@ -351,6 +329,28 @@ def train_federated(
                 initial_state=network.state_dict(),
             )
         else:
+            trainers = {}
+            for index, (name, adata) in enumerate(site_data.items()):
+                matrix = AlignedMatrix.from_adata(adata, schema, fields[name])
+                labels = label_codes(adata, schema, name)
+                rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5EED, index]))
+                train, validation = site_datasets(matrix, labels, validation_fraction, rng)
+                private = None
+                if dp_settings is not None:
+                    private = PrivateTraining(
+                        dp_settings, n_train=len(train), batch_size=batch_size, epochs=rounds * local_epochs
+                    )
+                    if dp_settings.delta * len(train) > 1:
+                        logger.warning(
+                            "Site %r: delta=%g is not below 1/n_train (%d training cells); a meaningful "
+                            "guarantee needs delta << 1/n.",
+                            name,
+                            dp_settings.delta,
+                            len(train),
+                        )
+                trainers[name] = SiteTrainer(
+                    name, train, validation, network, config, key, fit_settings, private=private
+                )
             result = run_local(
                 trainers,
                 network.state_dict(),

@@ -24,7 +24,8 @@ import scinfl as si
 from scinfl.data import site_fields
 from scinfl.federation.flower.deployment import LocalDeployment, log_tail
 from scinfl.federation.flower.protocol import RunSettings
-from scinfl.federation.flower.server import CHECKPOINT, load_checkpoint, run_server
+from scinfl.federation.checkpoint import CHECKPOINT, load_checkpoint
+from scinfl.federation.flower.server import run_server
 from scinfl.federation.flower.simulation import simulate
 
 FLOWER_FAST = {"label_key": "bulk_labels", "use_raw": True, "rounds": 2, "hidden": 64, "seed": 0}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -174,6 +174,20 @@ class SiteTrainer:
             key_fingerprint=self._fingerprint,
             metrics=metrics,
         )
+
+    def local_state(self) -> dict[str, Any]:
+        """What this site carries across rounds besides the weights: a DP-SGD site's accountant."""
+        if self.private is None:
+            return {}
+        return {"dp_history": list(self.private.accountant.history), "dp_steps": self.private.steps_taken}
+
+    def restore_local_state(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`local_state` of an earlier run (resuming a federation)."""
+        if (self.private is None) != ("dp_history" not in state):
+            raise ValueError(f"Site {self.name!r}: the checkpoint and this run differ in DP-SGD.")
+        if self.private is not None:
+            self.private.accountant.history = [tuple(step) for step in state["dp_history"]]
+            self.private.steps_taken = int(state["dp_steps"])
 
     def evaluate(self, global_state: Mapping[str, Tensor]) -> dict[str, float]:
         """Validation metrics of the global weights on this site (empty validation: ``{"n": 0}``)."""

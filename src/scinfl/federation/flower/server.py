@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from ..._settings import settings as scinfl_settings
 from ..._settings import torch_threads
 from ...data import FederationSchema, SiteFields, build_schema
 from ...train import FitSettings, LocalFitResult, ModelConfig, build_network, copy_state
+from ..checkpoint import load_checkpoint, save_checkpoint
 from ..engine import FederationResult, _selection_loss, aggregate, sample_sites, site_seed
 from . import protocol
 from .protocol import RunSettings
@@ -45,7 +45,6 @@ __all__ = ["FlowerRun", "SiteFailureError", "app", "load_checkpoint", "make_serv
 
 logger = logging.getLogger("scinfl")
 
-CHECKPOINT = "checkpoint.pt"
 MODEL_DIR = "model"
 _POLL_SECONDS = 0.05  # the ServerApp's own reply poll (Grid.send_and_receive sleeps 3 s between pulls)
 
@@ -198,23 +197,6 @@ def model_config(settings: RunSettings, schema: FederationSchema) -> ModelConfig
         scheme=settings.scheme or None,
         key_strength=settings.key_strength,
     )
-
-
-def _save_atomically(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)  # readers see the old checkpoint or the new one, never half of one
-
-
-def load_checkpoint(output_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The last checkpoint a run wrote to ``output_dir`` (weights, history, sampling state)."""
-    path = Path(output_dir) / CHECKPOINT
-    if not path.is_file():
-        raise FileNotFoundError(f"No checkpoint at {path}: nothing to resume.")
-    return torch.load(path, weights_only=True)
 
 
 def _check_resumable(checkpoint: Mapping[str, Any], settings: RunSettings, schema, config) -> None:
@@ -412,7 +394,7 @@ def run_server(
             time.monotonic() - started,
         )
         if output_dir is not None:
-            _save_atomically(
+            save_checkpoint(
                 {
                     "round": round_index,
                     "state": state,
@@ -426,7 +408,7 @@ def run_server(
                     "schema": schema.to_dict(),
                     "config": config.to_dict(),
                 },
-                output_dir / CHECKPOINT,
+                output_dir,
             )
     # The last round's weights are evaluated by a final exchange without training.
     record_evaluation(settings.rounds, send(settings.rounds + 1, [], evaluate=True))

@@ -17,7 +17,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
-from .data import AlignedMatrix, FederationSchema, SiteDataset, batch_loader, check_finite, site_fields
+from .data import (
+    AlignedMatrix,
+    FederationSchema,
+    SiteDataset,
+    batch_loader,
+    check_finite,
+    feature_source,
+    site_fields,
+)
+from .data.schema import check_unique_features
 from .key import FederationKey
 from .train import ModelConfig, build_network, get_task, infer, key_material
 
@@ -121,11 +130,14 @@ class FederatedModel:
         Features the model knows but ``adata`` lacks are zero-filled with a warning that counts them;
         below ``min_overlap`` (a fraction of the model's features) it raises instead.
         """
+        if not isinstance(adata, AnnData):
+            raise TypeError(f"Site {site!r} is a {type(adata).__name__}, not an AnnData.")
         if check_key:
             self.check_key(key)
         # A plain model has no keyed modules: a key given with check_key=False changes nothing.
         material = key_material(key, self.config) if self.config.scheme is not None else None
         fields = site_fields(adata, site, layer=self.schema.layer, use_raw=self.schema.use_raw)
+        check_unique_features(feature_source(adata, fields)[1], site, used=pd.Index(self.schema.var_names))
         matrix = AlignedMatrix.from_adata(adata, self.schema, fields)
         overlap = matrix.n_present / self.schema.n_features
         if overlap < min_overlap:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 from anndata import AnnData
 
 from .data import SiteFields, dirichlet_partition, stratified_split, validate_fields
+from .data.schema import scinfl_entry
 
 __all__ = ["register_site", "split_holdout", "split_sites"]
 
@@ -39,16 +42,22 @@ def register_site(
     Returns
     -------
     None; sets ``adata.uns["scinfl"]["registration"]`` (``site``, ``use_raw``, and ``label_key`` and
-    ``layer`` where given), replacing any earlier registration.
+    ``layer`` where given), replacing any earlier registration. A view becomes an actual AnnData, as with any
+    write into a view; the AnnData it was cut from is not changed.
     """
+    if not isinstance(adata, AnnData):
+        raise TypeError(f"Site {site!r} is a {type(adata).__name__}, not an AnnData.")
     fields = validate_fields(adata, site, SiteFields(label_key=label_key, layer=layer, use_raw=use_raw))
     if adata.n_obs == 0:
         raise ValueError(f"Site {site!r} has no cells.")
+    entry = scinfl_entry(adata, site, "scinfl")
     registration = {"site": site, "use_raw": fields.use_raw}
     registration |= {
         k: v for k, v in (("label_key", fields.label_key), ("layer", fields.layer)) if v is not None
     }
-    adata.uns.setdefault("scinfl", {})["registration"] = registration
+    # A new dict, assigned: writing into the existing one would reach through a view into its parent's .uns
+    # (assigning makes a view an actual AnnData, as anndata does for any write into a view).
+    adata.uns["scinfl"] = {**copy.deepcopy(dict(entry)), "registration": registration}
 
 
 def split_sites(

@@ -19,8 +19,10 @@ __all__ = [
     "FederationSchema",
     "SiteFields",
     "build_schema",
+    "check_unique_features",
     "feature_source",
     "label_codes",
+    "scinfl_entry",
     "site_fields",
     "validate_fields",
 ]
@@ -46,13 +48,41 @@ def site_fields(
     use_raw: bool | None = None,
 ) -> SiteFields:
     """Explicit arguments, else the site's registration (``pp.register_site``), else the defaults."""
-    registered = adata.uns.get("scinfl", {}).get("registration", {})
+    registered = scinfl_entry(adata, site, "scinfl").get("registration", {})
     fields = SiteFields(
         label_key=label_key if label_key is not None else registered.get("label_key"),
         layer=layer if layer is not None else registered.get("layer"),
         use_raw=bool(use_raw if use_raw is not None else registered.get("use_raw", False)),
     )
     return validate_fields(adata, site, fields)
+
+
+def scinfl_entry(adata: AnnData, site: str, key: str) -> Mapping[str, Any]:
+    """``adata.uns[key]`` (where scinfl keeps its registration and outputs), or an empty dict.
+
+    Raises naming the site if the entry is something other than a dict, which scinfl could not update.
+    """
+    entry = adata.uns.get(key, {})
+    if not isinstance(entry, Mapping):
+        raise TypeError(
+            f"Site {site!r}: .uns[{key!r}] is a {type(entry).__name__}, but scinfl keeps a dict there "
+            f"(its registration and outputs); rename or delete .uns[{key!r}] first."
+        )
+    return entry
+
+
+def check_unique_features(names: pd.Index, site: str, used: pd.Index | None = None) -> None:
+    """Raise naming the site if feature names repeat (among ``used``, if given): alignment would be ambiguous."""
+    names = pd.Index(names).astype(str)
+    duplicated = names[names.duplicated()].unique()
+    if used is not None:
+        duplicated = duplicated[duplicated.isin(used)]
+    if len(duplicated):
+        raise ValueError(
+            f"Site {site!r}: duplicate feature names ({', '.join(duplicated[:5])}"
+            f"{', ...' if len(duplicated) > 5 else ''}) make alignment ambiguous; "
+            "call .var_names_make_unique() first."
+        )
 
 
 def validate_fields(adata: AnnData, site: str, fields: SiteFields) -> SiteFields:
@@ -172,11 +202,15 @@ def build_schema(
     shared: set[str] | None = None
     for site, adata in sites.items():
         names = pd.Index(feature_source(adata, fields[site])[1]).astype(str)
-        if names.has_duplicates:
-            dup = names[names.duplicated()].unique()[:5].tolist()
+        if not len(names):
+            raise ValueError(f"Site {site!r} has no features (its matrix has no columns).")
+        check_unique_features(names, site)
+        if join == "inner" and shared is not None and not shared & set(names):
+            earlier = list(sites)[: list(sites).index(site)]
             raise ValueError(
-                f"Site {site!r}: duplicate feature names ({', '.join(dup)}, ...) make alignment ambiguous; "
-                "call .var_names_make_unique() first."
+                f"Site {site!r} and the sites before it ({', '.join(map(repr, earlier))}) share no feature "
+                f"names (its first: {', '.join(names[:3])}; theirs in common: {', '.join(sorted(shared)[:3])})"
+                ": check that they use the same gene identifiers (symbols vs Ensembl IDs), or use join='outer'."
             )
         shared = set(names) if shared is None else shared & set(names)
         for name in names:
@@ -185,11 +219,6 @@ def build_schema(
                 ordered.append(name)
     if join == "inner":
         var_names = [v for v in ordered if v in shared]
-        if not var_names:
-            raise ValueError(
-                "The sites share no feature names: check that they use the same gene identifiers "
-                "(symbols vs Ensembl IDs), or use join='outer'."
-            )
         n_dropped = len(ordered) - len(var_names)
         if n_dropped:
             warnings.warn(

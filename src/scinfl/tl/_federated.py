@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import anndata
 import numpy as np
 import pandas as pd
 import torch
@@ -20,6 +23,7 @@ from ..data import (
     label_codes,
     site_fields,
 )
+from ..data.schema import scinfl_entry
 from ..federation import ENGINES, run_local
 from ..key import FederationKey
 from ..model import FederatedModel, Predictions
@@ -40,18 +44,34 @@ if TYPE_CHECKING:
 __all__ = ["predict", "train_federated"]
 
 
-def _as_site_dict(sites: Mapping[str, AnnData] | Sequence[AnnData]) -> dict[str, AnnData]:
-    if isinstance(sites, AnnData):
-        raise TypeError("train_federated needs several sites: a dict of name -> AnnData (or a list).")
+SiteInput = AnnData | str | os.PathLike
+
+
+def _as_site_dict(
+    sites: Mapping[str, SiteInput] | Sequence[SiteInput],
+) -> tuple[dict[str, AnnData], set[str]]:
+    """The sites by name, and the names of those given as paths (opened here, backed read-only)."""
+    if isinstance(sites, AnnData | str | os.PathLike):
+        raise TypeError(
+            "train_federated needs several sites: a dict of name -> AnnData or h5ad path (or a list)."
+        )
     items = sites.items() if isinstance(sites, Mapping) else ((f"site_{i}", a) for i, a in enumerate(sites))
     out: dict[str, AnnData] = {}
+    opened: set[str] = set()
     for name, adata in items:
+        name = str(name)
+        if isinstance(adata, str | os.PathLike):
+            path = Path(adata)
+            if not path.is_file():
+                raise FileNotFoundError(f"Site {name!r}: no h5ad file at {path}.")
+            adata = anndata.read_h5ad(path, backed="r")  # the matrix stays on disk; read batch by batch
+            opened.add(name)
         if not isinstance(adata, AnnData):
-            raise TypeError(f"Site {name!r} is a {type(adata).__name__}, not an AnnData.")
-        out[str(name)] = adata
+            raise TypeError(f"Site {name!r} is a {type(adata).__name__}, not an AnnData or an h5ad path.")
+        out[name] = adata
     if not out:
         raise ValueError("No sites given.")
-    return out
+    return out, opened
 
 
 def _write_predictions(
@@ -104,7 +124,7 @@ def _dp_report(settings: DPSettings, trainers: Mapping[str, SiteTrainer]) -> dic
 
 
 def train_federated(
-    sites: Mapping[str, AnnData] | Sequence[AnnData],
+    sites: Mapping[str, SiteInput] | Sequence[SiteInput],
     *,
     key: FederationKey | None,
     task: Literal["classification"] = "classification",
@@ -126,6 +146,8 @@ def train_federated(
     dp: Mapping[str, float] | None = None,
     seed: int = 0,
     init: FederatedModel | None = None,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
     key_added: str = "scinfl",
     progress: bool | None = None,
     copy: bool = False,
@@ -139,7 +161,11 @@ def train_federated(
     Parameters
     ----------
     sites
-        Site name -> AnnData (a list is named ``site_0``, ``site_1``, ...).
+        Site name -> AnnData (a list is named ``site_0``, ``site_1``, ...). A site may be backed
+        (``anndata.read_h5ad(path, backed="r")``) or a path to an h5ad file, which is opened so: its
+        matrix stays on disk and is read one batch of rows at a time. Outputs are written into a backed
+        site's in-memory annotations, never into its file; sites given as paths receive them only with
+        ``copy=True``, which returns them.
     key
         The federation key, held by the sites only. ``None`` trains the same network without keyed modules
         (plain FedAvg, the baseline). There is no default, so that an unkeyed run is always a choice.
@@ -192,6 +218,15 @@ def train_federated(
         Start from this model's weights instead of a random initialisation (its architecture is kept;
         ``hidden``, ``dropout`` and ``key_strength`` are then ignored). The sites' data must give the same
         features and label categories. :func:`scinfl.tl.rekey` uses it to move a model to a new key.
+    checkpoint_dir
+        Checkpoint the federation into this directory after every round (``engine="local"``): global and
+        best weights, the history, the sampling state and each site's running state (a DP-SGD site's
+        accountant), written atomically. Never the key. A directory holding another run's checkpoint is
+        refused unless ``resume=True``.
+    resume
+        Continue the run checkpointed in ``checkpoint_dir`` from its last complete round, e.g. after a
+        crash. The sites and every setting except ``rounds`` must be those of the interrupted run; the
+        result is the one an uninterrupted run with the same seed gives.
     key_added
         Prefix of the output keys.
     progress
@@ -217,7 +252,7 @@ def train_federated(
         ``dp`` (with ``dp=``: target ``epsilon``, ``delta``, ``max_grad_norm``, and per site
         ``noise_multiplier``, ``sample_rate``, ``planned_steps``, ``steps`` and ``spent_epsilon``).
     """
-    site_data = _as_site_dict(sites)
+    site_data, opened = _as_site_dict(sites)
     if engine not in ENGINES:
         raise ValueError(f"Unknown engine {engine!r}; available: {', '.join(ENGINES)}.")
     if key is not None and not isinstance(key, FederationKey):
@@ -244,16 +279,31 @@ def train_federated(
                 "(x W^T) * scale + shift with a key-dependent scale and shift shared by the batch, so "
                 "their per-sample gradients (and the privacy guarantee) would be wrong."
             )
+    if checkpoint_dir is not None and engine != "local":
+        raise ValueError(
+            "checkpoint_dir= checkpoints engine='local' runs; Flower runs checkpoint through their run "
+            "config (output-dir, resume=true): see docs/across_sites.md."
+        )
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs checkpoint_dir=, the directory of the interrupted run.")
     for name, value in (("rounds", rounds), ("local_epochs", local_epochs), ("batch_size", batch_size)):
         if int(value) != value or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     task_def = get_task(task)
     if copy:
-        site_data = {name: adata.copy() for name, adata in site_data.items()}
+        for name, adata in site_data.items():
+            if adata.isbacked and name not in opened:
+                raise ValueError(
+                    f"Site {name!r} is backed by {adata.filename}: copy=True would load its matrix into "
+                    "memory. Pass copy=False (outputs go into its in-memory annotations; the file is never "
+                    "written), or pass its path: sites given as paths are opened here and returned."
+                )
+        site_data = {name: adata if name in opened else adata.copy() for name, adata in site_data.items()}
 
     fields: dict[str, SiteFields] = {}
     for name, adata in site_data.items():
         fields[name] = site_fields(adata, name, label_key=label_key, layer=layer, use_raw=use_raw)
+        scinfl_entry(adata, name, key_added)  # the outputs' .uns entry must be a dict: checked before writing
         if adata.n_obs == 0:
             raise ValueError(f"Site {name!r} has no cells.")
         check_finite(feature_source(adata, fields[name])[0], name)
@@ -359,6 +409,9 @@ def train_federated(
                 seed=seed,
                 expected_fingerprint=None if key is None else key.fingerprint,
                 progress=settings.progress if progress is None else progress,
+                checkpoint_dir=checkpoint_dir,
+                resume=resume,
+                signature=_run_signature(params, schema, config, site_data, key, dp_settings),
             )
         network.load_state_dict(result.best_state)
         params["best_round"] = result.best_round
@@ -375,8 +428,14 @@ def train_federated(
             params=params,
         )
         for name, adata in site_data.items():
+            if name in opened and not copy:
+                continue  # opened here from a path: the caller holds no object to receive outputs
             _write_predictions(
-                adata, model.predict(adata, key=key, site=name), key_added=key_added, uns=_model_uns(model)
+                adata,
+                # min_overlap=0: with join="outer" a site may hold few of the union's features (zero-filled)
+                model.predict(adata, key=key, site=name, min_overlap=0.0),
+                key_added=key_added,
+                uns=_model_uns(model),
             )
     if dp_settings is not None:
         spent = params["dp"]["spent_epsilon"]
@@ -393,6 +452,27 @@ def train_federated(
             "Selected round %d of %d (validation accuracy %.3f).", result.best_round, rounds, accuracy
         )
     return (model, site_data) if copy else model
+
+
+def _run_signature(
+    params: Mapping[str, Any],
+    schema,
+    config: ModelConfig,
+    sites: Mapping[str, AnnData],
+    key: FederationKey | None,
+    dp_settings: DPSettings | None,
+) -> dict[str, Any]:
+    """What a checkpoint must share with a run that resumes it: everything but the number of rounds,
+    which a resumed run may raise, except with DP-SGD, whose noise is calibrated to the planned rounds."""
+    signature = {
+        "params": {k: v for k, v in params.items() if k != "rounds" or dp_settings is not None},
+        "schema": schema.to_dict(),
+        "config": config.to_dict(),
+        "n_obs": {name: adata.n_obs for name, adata in sites.items()},
+        "key_fingerprint": None if key is None else key.fingerprint,
+        "dp": None if dp_settings is None else dp_settings.to_dict(),
+    }
+    return signature
 
 
 def _init_config(init: FederatedModel, schema, config: ModelConfig) -> ModelConfig:
@@ -458,6 +538,9 @@ def predict(
     """
     if not isinstance(model, FederatedModel):
         raise TypeError(f"model must be a scinfl.FederatedModel, got {type(model).__name__}.")
+    if not isinstance(adata, AnnData):
+        raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}.")
+    scinfl_entry(adata, "query", key_added)  # before anything is written
     if copy:
         adata = adata.copy()
     with torch_threads(settings.torch_threads):

@@ -86,15 +86,9 @@ def main() -> None:
         values = np.asarray(values)
         ari, nmi = values[:, 0], values[:, 1]
         print(f"{name:38s} {ari.mean():7.3f} ± {ari.std():.3f} {nmi.mean():7.3f} ± {nmi.std():.3f}")
-    gap = np.mean(
-        [f[0] - c[0] for f, c in zip(rows["hardened federated, right key"], rows["autoencoder, centralised"])]
-    )
-    over_pca = np.mean(
-        [
-            f[0] - p[0]
-            for f, p in zip(rows["hardened federated, right key"], rows["PCA (scanpy, pooled data)"])
-        ]
-    )
+    right = np.asarray(rows["hardened federated, right key"])[:, 0]
+    gap = np.mean(right - np.asarray(rows["autoencoder, centralised"])[:, 0])
+    over_pca = np.mean(right - np.asarray(rows["PCA (scanpy, pooled data)"])[:, 0])
     print(
         f"\nfederated - centralised ARI: {gap:+.3f} (target >= -0.05); federated - PCA: {over_pca:+.3f} (>= -0.05)"
     )

@@ -17,7 +17,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
-from .data import AlignedMatrix, FederationSchema, SiteDataset, batch_loader, check_finite, site_fields
+from .data import (
+    AlignedMatrix,
+    FederationSchema,
+    NeighbourhoodMatrix,
+    SiteDataset,
+    batch_loader,
+    check_finite,
+    site_fields,
+    spatial_graph,
+)
 from .key import FederationKey
 from .train import ModelConfig, build_network, get_task, infer, key_material
 
@@ -136,6 +145,9 @@ class FederatedModel:
         material = key_material(key, self.config) if self.config.scheme is not None else None
         fields = site_fields(adata, site, layer=self.schema.layer, use_raw=self.schema.use_raw)
         matrix = AlignedMatrix.from_adata(adata, self.schema, fields)
+        if self.params.get("spatial_key") is not None:  # read each spot in its tissue context, as trained
+            graph = spatial_graph(adata, self.params["spatial_key"], self.params["spatial_neighbors"], site)
+            matrix = NeighbourhoodMatrix(matrix, graph)
         overlap = matrix.n_present / self.schema.n_features
         if overlap < min_overlap:
             raise ValueError(

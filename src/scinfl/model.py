@@ -20,11 +20,13 @@ from . import __version__
 from .data import (
     AlignedMatrix,
     FederationSchema,
+    NeighbourhoodMatrix,
     SiteDataset,
     batch_loader,
     check_finite,
     feature_source,
     site_fields,
+    spatial_graph,
 )
 from .data.schema import check_unique_features
 from .key import FederationKey
@@ -43,19 +45,27 @@ class KeyMismatchError(ValueError):
 
 @dataclass
 class Predictions:
-    """Model outputs for every cell of an AnnData, in its obs order."""
+    """Model outputs for every cell of an AnnData, in its obs order.
 
-    probabilities: np.ndarray
+    ``probabilities`` (classification) is None for a task without classes (``"embedding"``).
+    """
+
+    probabilities: np.ndarray | None
     embedding: np.ndarray
     categories: tuple[str, ...]
 
+    def _classes(self) -> np.ndarray:
+        if self.probabilities is None:
+            raise ValueError("This model predicts no classes (task 'embedding'): use .embedding.")
+        return self.probabilities
+
     @property
     def labels(self) -> pd.Categorical:
-        return pd.Categorical.from_codes(self.probabilities.argmax(axis=1), categories=list(self.categories))
+        return pd.Categorical.from_codes(self._classes().argmax(axis=1), categories=list(self.categories))
 
     @property
     def confidence(self) -> np.ndarray:
-        return self.probabilities.max(axis=1)
+        return self._classes().max(axis=1)
 
 
 class FederatedModel:
@@ -125,7 +135,8 @@ class FederatedModel:
         min_overlap: float = 0.5,
         site: str = "query",
     ) -> Predictions:
-        """Class probabilities and embeddings for every cell of ``adata`` (aligned to the schema).
+        """Class probabilities (classification) and embeddings for every cell of ``adata`` (aligned to the
+        schema).
 
         Features the model knows but ``adata`` lacks are zero-filled with a warning that counts them;
         below ``min_overlap`` (a fraction of the model's features) it raises instead.
@@ -139,6 +150,9 @@ class FederatedModel:
         fields = site_fields(adata, site, layer=self.schema.layer, use_raw=self.schema.use_raw)
         check_unique_features(feature_source(adata, fields)[1], site, used=pd.Index(self.schema.var_names))
         matrix = AlignedMatrix.from_adata(adata, self.schema, fields)
+        if self.params.get("spatial_key") is not None:  # read each spot in its tissue context, as trained
+            graph = spatial_graph(adata, self.params["spatial_key"], self.params["spatial_neighbors"], site)
+            matrix = NeighbourhoodMatrix(matrix, graph)
         overlap = matrix.n_present / self.schema.n_features
         if overlap < min_overlap:
             raise ValueError(
@@ -159,8 +173,10 @@ class FederatedModel:
             SiteDataset(matrix, np.arange(adata.n_obs)), batch_size=batch_size, shuffle=False
         )
         outputs, embedding = infer(self.network, loader, key_material=material)
-        task = get_task(self.config.task)
-        probabilities = task.probabilities(torch.from_numpy(outputs)).numpy()
+        task = get_task(self.config.task, likelihood=self.config.likelihood)
+        probabilities = None
+        if hasattr(task, "probabilities"):
+            probabilities = task.probabilities(torch.from_numpy(outputs)).numpy()
         return Predictions(
             probabilities=probabilities, embedding=embedding, categories=self.schema.categories
         )

@@ -10,11 +10,13 @@ from .schema import (
     site_fields,
     validate_fields,
 )
+from .spatial import NeighbourhoodMatrix, neighbourhood_coherence, spatial_graph
 from .splits import dirichlet_partition, stratified_split
 
 __all__ = [
     "AlignedMatrix",
     "FederationSchema",
+    "NeighbourhoodMatrix",
     "SiteDataset",
     "SiteFields",
     "batch_loader",
@@ -23,7 +25,9 @@ __all__ = [
     "dirichlet_partition",
     "feature_source",
     "label_codes",
+    "neighbourhood_coherence",
     "site_fields",
+    "spatial_graph",
     "stratified_split",
     "validate_fields",
 ]

@@ -20,9 +20,11 @@ from .keyed import (
     use_key,
     use_key_vector,
 )
-from .networks import ResidualBlock, ResidualMLPClassifier
+from .networks import LIKELIHOODS, Autoencoder, ResidualBlock, ResidualMLPClassifier
 
 __all__ = [
+    "LIKELIHOODS",
+    "Autoencoder",
     "BlockMixing",
     "CoordinateKeyEncoder",
     "HardenedKey",

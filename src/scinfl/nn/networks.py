@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from torch import Tensor, nn
 
-__all__ = ["NORMS", "ResidualBlock", "ResidualMLPClassifier", "normalization"]
+__all__ = ["LIKELIHOODS", "NORMS", "Autoencoder", "ResidualBlock", "ResidualMLPClassifier", "normalization"]
 
 NORMS = ("batch", "layer")
+LIKELIHOODS = ("gaussian", "poisson")
 
 
 def normalization(norm: Literal["batch", "layer"], width: int) -> nn.Module:
@@ -89,6 +91,71 @@ class ResidualMLPClassifier(nn.Module):
     def head(self, features: Tensor) -> Tensor:
         """Class logits from the embedding."""
         return self.classifier(self.dropout(features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+class Autoencoder(nn.Module):
+    """An MLP autoencoder: ``features(x)`` is the latent cell embedding, ``head(z)`` its reconstruction.
+
+    Encoder ``Linear-Norm-ReLU-Dropout-Linear`` to ``n_latent`` units; decoder ``Linear-Norm-ReLU-Linear``
+    back to the features. ``likelihood`` says what the input is: ``"gaussian"`` for log-normalised values
+    (the head outputs them), ``"poisson"`` for raw counts (the encoder reads ``log1p(x)`` and the head
+    outputs logits of each gene's share of a cell's counts; see :class:`scinfl.train.EmbeddingTask`).
+
+    Parameters
+    ----------
+    n_features
+        Number of input features.
+    n_latent
+        Width of the latent embedding.
+    hidden
+        Width of the encoder's and the decoder's hidden layer.
+    dropout
+        Dropout in the encoder.
+    norm
+        ``"batch"`` or ``"layer"`` (see :func:`normalization`).
+    likelihood
+        ``"gaussian"`` or ``"poisson"``.
+    """
+
+    def __init__(
+        self,
+        n_features: int,
+        *,
+        n_latent: int = 16,
+        hidden: int = 256,
+        dropout: float = 0.1,
+        norm: Literal["batch", "layer"] = "batch",
+        likelihood: Literal["gaussian", "poisson"] = "gaussian",
+    ) -> None:
+        super().__init__()
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(
+                f"likelihood must be one of {', '.join(map(repr, LIKELIHOODS))}, got {likelihood!r}."
+            )
+        if n_latent < 1 or hidden < 1:
+            raise ValueError(f"n_latent and hidden must be positive, got {n_latent} and {hidden}.")
+        self.likelihood = likelihood
+        self.encoder = nn.Sequential(
+            nn.Linear(n_features, hidden),
+            normalization(norm, hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, n_latent),
+        )
+        self.decoder = nn.Sequential(
+            nn.Linear(n_latent, hidden), normalization(norm, hidden), nn.ReLU(), nn.Linear(hidden, n_features)
+        )
+
+    def features(self, x: Tensor) -> Tensor:
+        """The latent embedding."""
+        return self.encoder(torch.log1p(x) if self.likelihood == "poisson" else x)
+
+    def head(self, features: Tensor) -> Tensor:
+        """The reconstruction (values, or count-share logits for ``"poisson"``)."""
+        return self.decoder(features)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))

@@ -152,7 +152,7 @@ def train_fresh_model(
     fit_local(
         network,
         loader,
-        get_task(config.task),
+        get_task(config.task, likelihood=config.likelihood),
         epochs=epochs,
         lr=lr,
         weight_decay=1e-5,

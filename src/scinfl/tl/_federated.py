@@ -16,12 +16,14 @@ from anndata import AnnData
 from .._settings import logger, settings, torch_threads
 from ..data import (
     AlignedMatrix,
+    NeighbourhoodMatrix,
     SiteFields,
     build_schema,
     check_finite,
     feature_source,
     label_codes,
     site_fields,
+    spatial_graph,
 )
 from ..data.schema import scinfl_entry
 from ..federation import ENGINES, run_local
@@ -77,9 +79,10 @@ def _as_site_dict(
 def _write_predictions(
     adata: AnnData, predictions: Predictions, *, key_added: str, uns: Mapping[str, Any]
 ) -> None:
-    adata.obs[f"{key_added}_prediction"] = predictions.labels  # categorical, positional
-    adata.obs[f"{key_added}_confidence"] = predictions.confidence.astype(np.float32)
-    adata.obsm[f"{key_added}_probabilities"] = predictions.probabilities.astype(np.float32)
+    if predictions.probabilities is not None:  # a classifier's; an embedding model has only the latent
+        adata.obs[f"{key_added}_prediction"] = predictions.labels  # categorical, positional
+        adata.obs[f"{key_added}_confidence"] = predictions.confidence.astype(np.float32)
+        adata.obsm[f"{key_added}_probabilities"] = predictions.probabilities.astype(np.float32)
     adata.obsm[f"X_{key_added}"] = predictions.embedding.astype(np.float32)
     entry = adata.uns.setdefault(key_added, {})
     entry.update(uns)
@@ -127,7 +130,7 @@ def train_federated(
     sites: Mapping[str, SiteInput] | Sequence[SiteInput],
     *,
     key: FederationKey | None,
-    task: Literal["classification"] = "classification",
+    task: Literal["classification", "embedding"] = "classification",
     label_key: str | None = None,
     layer: str | None = None,
     use_raw: bool | None = None,
@@ -140,6 +143,10 @@ def train_federated(
     weight_decay: float = 1e-5,
     hidden: int = 256,
     dropout: float = 0.1,
+    n_latent: int = 16,
+    likelihood: Literal["gaussian", "poisson"] = "gaussian",
+    spatial_key: str | None = None,
+    spatial_neighbors: int = 6,
     key_strength: float = 1.0,
     validation_fraction: float = 0.1,
     engine: Literal["local", "flower"] = "local",
@@ -170,7 +177,9 @@ def train_federated(
         The federation key, held by the sites only. ``None`` trains the same network without keyed modules
         (plain FedAvg, the baseline). There is no default, so that an unkeyed run is always a choice.
     task
-        What to learn. ``"classification"``: cell types or cohorts from ``label_key``.
+        What to learn. ``"classification"``: cell types or cohorts from ``label_key``. ``"embedding"``: a
+        keyed autoencoder whose latent is the cell embedding, without labels (a ``label_key``, if given,
+        only stratifies the validation cells).
     label_key
         ``.obs`` column with the labels; defaults to the site registration (:func:`scinfl.pp.register_site`).
     layer
@@ -185,6 +194,14 @@ def train_federated(
         Local optimisation (Adam).
     hidden, dropout
         Network width and dropout.
+    n_latent, likelihood
+        ``task="embedding"``: the latent's width, and the reconstruction loss that suits the input:
+        ``"gaussian"`` (mean squared error) for log-normalised values, ``"poisson"`` for raw counts.
+    spatial_key, spatial_neighbors
+        Spatial data: ``.obsm`` key of each spot's coordinates. Each site builds its own graph of every
+        spot's ``spatial_neighbors`` nearest spots (it never leaves the site), and the network reads each
+        spot as the mean of its profile and its neighbours' mean profile, a parameter-free light graph
+        convolution, so that embeddings group spots into spatial domains. Prediction applies the same.
     key_strength
         Strength ``s`` of the key modulation.
     validation_fraction
@@ -240,13 +257,15 @@ def train_federated(
     Every site gets
 
     ``.obs[f"{key_added}_prediction"]``
-        Predicted label (categorical).
+        Predicted label (categorical; classification).
     ``.obs[f"{key_added}_confidence"]``
-        Probability of the predicted label.
+        Probability of the predicted label (classification).
     ``.obsm[f"{key_added}_probabilities"]``
-        Probability of every category, in the order of ``.uns[key_added]["categories"]``.
+        Probability of every category, in the order of ``.uns[key_added]["categories"]``
+        (classification).
     ``.obsm[f"X_{key_added}"]``
-        The cell embedding (use with ``sc.pp.neighbors(adata, use_rep=...)``).
+        The cell embedding (use with ``sc.pp.neighbors(adata, use_rep=...)``): the classifier's narrowing
+        layer, or the autoencoder's latent.
     ``.uns[key_added]``
         ``params``, ``categories``, ``scheme``, ``key_fingerprint`` (keyed models), ``n_features``,
         ``dp`` (with ``dp=``: target ``epsilon``, ``delta``, ``max_grad_norm``, and per site
@@ -317,6 +336,8 @@ def train_federated(
         n_classes=schema.n_classes,
         hidden=hidden,
         dropout=dropout,
+        n_latent=n_latent,
+        likelihood=likelihood,
         scheme=None if key is None else key.scheme,
         key_strength=key_strength,
         norm="batch" if dp_settings is None else "layer",  # DP-SGD needs per-cell gradients
@@ -338,6 +359,8 @@ def train_federated(
         "weight_decay": weight_decay,
         "hidden": hidden,
         "dropout": dropout,
+        **({"n_latent": n_latent, "likelihood": likelihood} if task == "embedding" else {}),
+        **({"spatial_key": spatial_key, "spatial_neighbors": spatial_neighbors} if spatial_key else {}),
         "key_strength": key_strength,
         "validation_fraction": validation_fraction,
         "join": join,
@@ -382,7 +405,14 @@ def train_federated(
             trainers = {}
             for index, (name, adata) in enumerate(site_data.items()):
                 matrix = AlignedMatrix.from_adata(adata, schema, fields[name])
-                labels = label_codes(adata, schema, name)
+                if spatial_key is not None:
+                    matrix = NeighbourhoodMatrix(
+                        matrix, spatial_graph(adata, spatial_key, spatial_neighbors, name)
+                    )
+                if schema.label_key is not None:
+                    labels = label_codes(adata, schema, name)
+                else:  # a task without labels: one class, for the validation split
+                    labels = np.zeros(adata.n_obs, dtype=np.int64)
                 rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5EED, index]))
                 train, validation = site_datasets(matrix, labels, validation_fraction, rng)
                 private = None

@@ -3,11 +3,12 @@
 from .config import ModelConfig, build_network, key_material
 from .local import LocalFitResult, TrainingPlan, copy_state, evaluate, fit_local, infer
 from .site import FitSettings, SiteTrainer, site_datasets
-from .tasks import TASKS, ClassificationTask, Task, get_task
+from .tasks import TASKS, ClassificationTask, EmbeddingTask, Task, get_task
 
 __all__ = [
     "TASKS",
     "ClassificationTask",
+    "EmbeddingTask",
     "FitSettings",
     "LocalFitResult",
     "ModelConfig",

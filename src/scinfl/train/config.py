@@ -23,7 +23,8 @@ class ModelConfig:
     ``scheme=None`` is the plain network (no keyed modules): the FedAvg baseline. ``norm`` is the
     normalisation in the residual blocks: ``"batch"`` (the paper's BatchNorm) or ``"layer"`` (LayerNorm,
     which DP-SGD needs). ``key_strength`` and the encoder sizes belong to ``scheme="infl"``; the
-    ``mixing_*`` fields to ``scheme="hardened"`` (its input mixing's block size, rounds and gain range).
+    ``mixing_*`` fields to ``scheme="hardened"`` (its input mixing's block size, rounds and gain range);
+    ``n_latent`` and ``likelihood`` to ``task="embedding"``.
     Configs saved before a field existed load with its default.
     """
 
@@ -42,6 +43,8 @@ class ModelConfig:
     mixing_block: int = 32
     mixing_rounds: int = 2
     mixing_gain: float = 4.0
+    n_latent: int = 16
+    likelihood: Literal["gaussian", "poisson"] = "gaussian"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,7 +56,7 @@ class ModelConfig:
 
 def build_network(config: ModelConfig) -> nn.Module:
     """The task network for ``config``, keyed with the config's scheme (or plain when it is None)."""
-    network = get_task(config.task).build_network(config)
+    network = get_task(config.task, likelihood=config.likelihood).build_network(config)
     if config.scheme is None:
         return network
     if config.scheme == "hardened":

@@ -72,9 +72,9 @@ class TrainingPlan(pl.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        loss = self.task.loss(self.network(x), y)
-        self.loss_sum += float(loss.detach()) * len(y)
-        self.n_seen += len(y)
+        loss = self.task.loss(self.network(x), self.task.target(x, y))
+        self.loss_sum += float(loss.detach()) * len(x)
+        self.n_seen += len(x)
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -147,9 +147,9 @@ def evaluate(
     n = 0
     with use_key(key_material):
         for x, y in batches:
-            for name, value in task.metric_sums(network(x), y).items():
+            for name, value in task.metric_sums(network(x), task.target(x, y)).items():
                 sums[name] = sums.get(name, 0.0) + value
-            n += len(y)
+            n += len(x)
     return {name: value / n for name, value in sums.items()} | {"n": float(n)} if n else {"n": 0.0}
 
 

@@ -81,7 +81,7 @@ class SiteTrainer:
         self.train = train
         self.validation = validation
         self.network = copy.deepcopy(network)
-        self.task = get_task(config.task)
+        self.task = get_task(config.task, likelihood=config.likelihood)
         self.settings = settings
         self._key_material = key_material(key, config)
         # A hardened network trains as its equivalent plain network (so its optimisation is plain FedAvg's,

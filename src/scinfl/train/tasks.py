@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nn import ResidualMLPClassifier
+from ..nn import LIKELIHOODS, Autoencoder, ResidualMLPClassifier
 
 if TYPE_CHECKING:
     from .config import ModelConfig
 
-__all__ = ["TASKS", "ClassificationTask", "Task", "get_task"]
+__all__ = ["TASKS", "ClassificationTask", "EmbeddingTask", "Task", "get_task"]
 
 
 class Task(Protocol):
@@ -21,6 +21,10 @@ class Task(Protocol):
     needs_labels: bool
 
     def build_network(self, config: ModelConfig) -> nn.Module: ...
+
+    def target(self, x: Tensor, y: Tensor) -> Tensor:
+        """What the network's output is scored against, from a batch's inputs and labels."""
+        ...
 
     def loss(self, output: Tensor, target: Tensor) -> Tensor: ...
 
@@ -48,6 +52,10 @@ class ClassificationTask:
             norm=config.norm,
         )
 
+    @staticmethod
+    def target(x: Tensor, y: Tensor) -> Tensor:
+        return y
+
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(output, target)
 
@@ -62,11 +70,61 @@ class ClassificationTask:
         return torch.softmax(output, dim=1)
 
 
-TASKS: dict[str, Task] = {"classification": ClassificationTask()}
+class EmbeddingTask:
+    """A cell embedding without labels: an autoencoder whose latent is the embedding.
+
+    The loss suits the input (``config.likelihood``): ``"gaussian"``, the mean squared error on
+    log-normalised values; ``"poisson"``, the Poisson negative log-likelihood of raw counts, with rates
+    ``softmax(output) * library size`` (each gene's share of the cell's observed total, as scVI's decoder
+    does), up to the constant ``log(x!)``. Both are averaged over genes and cells.
+    """
+
+    name = "embedding"
+    needs_labels = False
+
+    def __init__(self, likelihood: str = "gaussian") -> None:
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(
+                f"likelihood must be one of {', '.join(map(repr, LIKELIHOODS))}, got {likelihood!r}."
+            )
+        self.likelihood = likelihood
+
+    def build_network(self, config: ModelConfig) -> nn.Module:
+        return Autoencoder(
+            config.n_features,
+            n_latent=config.n_latent,
+            hidden=config.hidden,
+            dropout=config.dropout,
+            norm=config.norm,
+            likelihood=config.likelihood,
+        )
+
+    @staticmethod
+    def target(x: Tensor, y: Tensor) -> Tensor:
+        return x
+
+    def _cell_losses(self, output: Tensor, target: Tensor) -> Tensor:
+        if self.likelihood == "gaussian":
+            return (output - target).pow(2).mean(dim=1)
+        log_share = torch.log_softmax(output, dim=1)
+        library = target.sum(dim=1, keepdim=True)
+        rate = log_share.exp() * library
+        return (rate - target * (log_share + torch.log(library.clamp_min(1e-8)))).mean(dim=1)
+
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
+        return self._cell_losses(output, target).mean()
+
+    def metric_sums(self, output: Tensor, target: Tensor) -> dict[str, float]:
+        return {"loss": float(self._cell_losses(output, target).sum())}
 
 
-def get_task(name: str) -> Task:
+TASKS: dict[str, type] = {"classification": ClassificationTask, "embedding": EmbeddingTask}
+
+
+def get_task(name: str, *, likelihood: str = "gaussian") -> Task:
+    """The task called ``name``; ``likelihood`` is the embedding task's reconstruction loss."""
     try:
-        return TASKS[name]
+        cls = TASKS[name]
     except KeyError:
         raise ValueError(f"Unknown task {name!r}; available: {', '.join(TASKS)}.") from None
+    return cls(likelihood) if cls is EmbeddingTask else cls()

@@ -1,0 +1,116 @@
+"""task="embedding": a keyed autoencoder whose latent feeds scanpy's neighbours and Leiden."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+import scanpy as sc
+import torch
+from sklearn.metrics import adjusted_rand_score
+
+import scinfl as si
+from scinfl.train import EmbeddingTask
+
+pytest.importorskip("igraph")  # scanpy's Leiden
+
+# 60 rounds: where the federated autoencoder's validation loss levels off on these 700 cells.
+EMBED = {"task": "embedding", "use_raw": True, "rounds": 60, "hidden": 128, "n_latent": 16, "seed": 0}
+SECRET = bytes(range(32))  # a fixed hardened key; hardened training does not depend on the key's bytes
+
+
+def _leiden_ari(embedding: np.ndarray, labels) -> float:
+    cells = ad.AnnData(obs={"label": np.asarray(labels)}, obsm={"rep": embedding})
+    sc.pp.neighbors(cells, use_rep="rep", random_state=0)
+    sc.tl.leiden(cells, random_state=0, flavor="igraph", n_iterations=2, directed=False)
+    return adjusted_rand_score(cells.obs["label"], cells.obs["leiden"])
+
+
+@pytest.fixture(scope="module")
+def embedded(_pbmc):
+    key = si.FederationKey(SECRET)
+    sites = si.pp.split_sites(_pbmc, n_sites=3, label_key="bulk_labels", alpha=0.5, seed=0)
+    model = si.tl.train_federated(sites, key=key, **EMBED)
+    central = si.tl.train_federated({"all": _pbmc.copy()}, key=key, **EMBED)
+    return key, sites, model, central
+
+
+def test_federated_embedding_clusters_like_central_and_pca(embedded, pbmc):
+    key, _, model, central = embedded
+    labels = pbmc.obs["bulk_labels"]
+    federated = _leiden_ari(model.predict(pbmc, key=key).embedding, labels)
+    centralised = _leiden_ari(central.predict(pbmc, key=key).embedding, labels)
+    pca = _leiden_ari(pbmc.obsm["X_pca"], labels)
+    # the issue's targets: within 0.05 of the same autoencoder trained centrally, and of PCA + Leiden
+    assert federated > centralised - 0.05
+    assert federated > pca - 0.05
+
+
+def test_write_back_is_the_latent_only(embedded, pbmc):
+    key, sites, model, _ = embedded
+    for adata in sites.values():
+        assert adata.obsm["X_scinfl"].shape == (adata.n_obs, EMBED["n_latent"])
+        assert adata.obsm["X_scinfl"].dtype == np.float32
+        assert not {"scinfl_prediction", "scinfl_confidence"} & set(adata.obs)
+        assert "scinfl_probabilities" not in adata.obsm
+        assert adata.uns["scinfl"]["params"]["task"] == "embedding"
+    site = sites["site_0"]
+    np.testing.assert_array_equal(site.obsm["X_scinfl"], model.predict(site, key=key).embedding)
+    sc.pp.neighbors(site, use_rep="X_scinfl")  # what scanpy users do next
+    sc.tl.leiden(site, flavor="igraph", n_iterations=2, directed=False)
+    assert site.obs["leiden"].nunique() > 1
+    with pytest.raises(ValueError, match="predicts no classes"):
+        _ = model.predict(site, key=key).labels
+
+
+def test_wrong_keys_give_a_useless_embedding(embedded, pbmc):
+    key, _, model, _ = embedded
+    labels = pbmc.obs["bulk_labels"]
+    right = _leiden_ari(model.predict(pbmc, key=key).embedding, labels)
+    wrong = [
+        _leiden_ari(
+            model.predict(pbmc, key=si.FederationKey(bytes([i] * 32)), check_key=False).embedding, labels
+        )
+        for i in (1, 2, 3)
+    ]
+    keyless = _leiden_ari(model.predict(pbmc, key=None, check_key=False).embedding, labels)
+    assert np.mean(wrong) < right - 0.2
+    assert keyless < right - 0.2
+
+
+def test_save_load_and_embed_new_cells(embedded, pbmc, tmp_path):
+    key, _, model, _ = embedded
+    loaded = si.FederatedModel.load(model.save(tmp_path / "model"))
+    assert loaded.config.n_latent == EMBED["n_latent"]
+    assert loaded.config.task == "embedding"
+    query = pbmc[:50].copy()
+    si.tl.predict(query, loaded, key=key)
+    np.testing.assert_array_equal(query.obsm["X_scinfl"], model.predict(pbmc[:50], key=key).embedding)
+
+
+def test_poisson_loss_is_the_count_likelihood():
+    counts = torch.tensor([[0.0, 3.0, 1.0], [5.0, 0.0, 2.0]])
+    logits = torch.tensor([[0.1, 1.2, -0.3], [0.5, -1.0, 0.0]])
+    rate = torch.softmax(logits, dim=1) * counts.sum(dim=1, keepdim=True)
+    expected = torch.nn.functional.poisson_nll_loss(rate.log(), counts, log_input=True, full=False)
+    torch.testing.assert_close(EmbeddingTask("poisson").loss(logits, counts), expected)
+    gaussian = EmbeddingTask("gaussian").loss(logits, counts)
+    torch.testing.assert_close(gaussian, ((logits - counts) ** 2).mean())
+    with pytest.raises(ValueError, match="likelihood"):
+        EmbeddingTask("negative-binomial")
+
+
+def test_poisson_autoencoder_learns_counts(pbmc):
+    # Integer counts back from the log-normalised values (scanpy's log1p of counts scaled per cell).
+    counts = np.rint(np.expm1(pbmc.raw.X.toarray() if hasattr(pbmc.raw.X, "toarray") else pbmc.raw.X))
+    cells = ad.AnnData(counts.astype(np.float32), obs=pbmc.obs[["bulk_labels"]].copy())
+    cells.var_names = pbmc.raw.var_names
+    sites = si.pp.split_sites(cells, n_sites=2, label_key="bulk_labels", alpha=5.0, seed=0)
+    model = si.tl.train_federated(
+        sites,
+        key=si.FederationKey(SECRET),
+        **{**EMBED, "use_raw": False, "rounds": 15, "likelihood": "poisson"},
+    )
+    loss = model.history.groupby("round")["val_loss"].mean()
+    assert loss.iloc[-1] < 0.8 * loss.iloc[0]
+    assert model.config.likelihood == "poisson"

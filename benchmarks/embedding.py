@@ -3,7 +3,8 @@
 pbmc68k_reduced (700 real PBMCs, log-normalised ``.raw``), 3 label-skewed sites (Dirichlet 0.5). Every
 embedding goes through the same ``sc.pp.neighbors`` + ``sc.tl.leiden`` (resolution 1), and the clusters
 are scored against ``bulk_labels``. Per seed: a new split and a new hardened key; the hardened model is
-also scored under 3 wrong keys and without a key. Run::
+also scored under 3 wrong keys and without a key, and the paper's scheme (``"infl"``) under
+its right key and 3 wrong keys. Run::
 
     python benchmarks/embedding.py                 # 3 seeds, 60 rounds
 """
@@ -50,6 +51,8 @@ def main() -> None:
         federated = si.tl.train_federated(sites, key=key, seed=seed, **options)
         central = si.tl.train_federated({"all": pbmc.copy()}, key=key, seed=seed, **options)
         plain = si.tl.train_federated(sites, key=None, seed=seed, copy=True, **options)[0]
+        infl_key = si.FederationKey.generate(scheme="infl")
+        infl = si.tl.train_federated(sites, key=infl_key, seed=seed, copy=True, **options)[0]
         scores = {
             "PCA (scanpy, pooled data)": leiden_scores(pbmc.obsm["X_pca"], labels),
             "autoencoder, centralised": leiden_scores(central.predict(pbmc, key=key).embedding, labels),
@@ -73,6 +76,21 @@ def main() -> None:
             ),
             "hardened federated, no key": leiden_scores(
                 federated.predict(pbmc, key=None, check_key=False).embedding, labels
+            ),
+            "INFL federated, right key": leiden_scores(infl.predict(pbmc, key=infl_key).embedding, labels),
+            "INFL federated, wrong keys (3)": tuple(
+                np.mean(
+                    [
+                        leiden_scores(
+                            infl.predict(
+                                pbmc, key=si.FederationKey.generate(scheme="infl"), check_key=False
+                            ).embedding,
+                            labels,
+                        )
+                        for _ in range(3)
+                    ],
+                    axis=0,
+                )
             ),
         }
         for name, value in scores.items():

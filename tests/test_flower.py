@@ -22,9 +22,9 @@ pytest.importorskip("ray")
 
 import scinfl as si
 from scinfl.data import site_fields
+from scinfl.federation.checkpoint import CHECKPOINT, load_checkpoint
 from scinfl.federation.flower.deployment import LocalDeployment, log_tail
 from scinfl.federation.flower.protocol import RunSettings
-from scinfl.federation.checkpoint import CHECKPOINT, load_checkpoint
 from scinfl.federation.flower.server import run_server
 from scinfl.federation.flower.simulation import simulate
 

@@ -9,6 +9,8 @@ Each figure is a mean over victims (or keys) and seeds with a 95% percentile-boo
 
     python benchmarks/privacy_audit.py                  # full audit, writes docs/privacy.md
     python benchmarks/privacy_audit.py --quick          # a few minutes, prints only
+    python benchmarks/privacy_audit.py --configs "embedding, plain FedAvg" "embedding, INFL s=1" \
+        "embedding, hardened"                           # the embedding task, its own section
 
 Configurations run in parallel processes (one torch thread each).
 """
@@ -43,11 +45,21 @@ CONFIGS: dict[str, dict] = {
         }
         for eps in (1, 3, 8)
     },
+    # The embedding task (a keyed autoencoder, 60 rounds as in benchmarks/embedding.py): audited with the
+    # attacks that apply to a model without classes, into their own section of docs/privacy.md.
+    **{
+        f"embedding, {name}": {"task": "embedding", "hidden": 128, "n_latent": 16, "rounds": 60, **keying}
+        for name, keying in (
+            ("plain FedAvg", {"key": False}),
+            ("INFL s=1", {"key": True}),
+            ("hardened", {"key": True, "scheme": "hardened"}),
+        )
+    },
 }
 
 # (family, attack, view, metric) rows shown in the report, in order; views absent for a config print "-".
 REPORT_METRICS = {
-    "utility": ("accuracy", "balanced_accuracy"),
+    "utility": ("accuracy", "balanced_accuracy"),  # kNN label transfer for embedding models
     "key recovery": ("accuracy",),
     "prior": ("pearson_minus_mean", "reidentified"),
     "analytic": ("pearson_minus_mean", "reidentified"),
@@ -70,8 +82,9 @@ def audit_one(name: str, settings: dict, args: argparse.Namespace) -> tuple[str,
     sites = si.pp.split_sites(train, n_sites=3, label_key="bulk_labels", alpha=0.5, seed=0)
     key = si.FederationKey.generate(scheme=settings.get("scheme", "infl")) if settings["key"] else None
     options = {k: v for k, v in settings.items() if k not in ("key", "scheme")}
+    rounds = options.pop("rounds", args.rounds)
     model = si.tl.train_federated(
-        sites, key=key, label_key="bulk_labels", use_raw=True, rounds=args.rounds, seed=0, **options
+        sites, key=key, label_key="bulk_labels", use_raw=True, rounds=rounds, seed=0, **options
     )
     audited = max(sites, key=lambda s: sites[s].n_obs)
     table = si.tl.privacy_audit(
@@ -151,6 +164,12 @@ def main() -> int:
     unknown = set(args.configs) - set(CONFIGS)
     if unknown:
         parser.error(f"unknown configurations {sorted(unknown)}")
+    tasks = {CONFIGS[name].get("task", "classification") for name in args.configs}
+    if len(tasks) > 1:
+        parser.error(
+            "run classification and embedding configurations separately (they have their own tables)"
+        )
+    markers = MARKERS[tasks.pop()]
     start = time.perf_counter()
     tables, infos = {}, {}
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
@@ -181,22 +200,25 @@ def main() -> int:
     if not args.quick:
         dp = "; ".join(f"{k}: {v['dp']}" for k, v in infos.items() if v.get("dp"))
         section = f"{header}\n\nDP-SGD accounting: {dp or 'no DP configuration run'}.\n\n{body}"
-        _replace_section(Path(args.output), section)
+        _replace_section(Path(args.output), section, *markers)
         print(f"wrote {args.output}")
     return 0
 
 
-START, END = "<!-- privacy-audit:start -->", "<!-- privacy-audit:end -->"
+MARKERS = {
+    "classification": ("<!-- privacy-audit:start -->", "<!-- privacy-audit:end -->"),
+    "embedding": ("<!-- privacy-audit-embedding:start -->", "<!-- privacy-audit-embedding:end -->"),
+}
 
 
-def _replace_section(path: Path, section: str) -> None:
+def _replace_section(path: Path, section: str, start: str, end: str) -> None:
     """Rewrite only the generated part of the page; the prose around it is written by hand."""
-    text = path.read_text() if path.exists() else f"# Privacy audit\n\n{START}\n{END}\n"
-    if START not in text or END not in text:
-        raise SystemExit(f"{path} lacks the markers {START} ... {END}")
-    before, rest = text.split(START, 1)
-    after = rest.split(END, 1)[1]
-    path.write_text(f"{before}{START}\n{section}\n{END}{after}")
+    text = path.read_text() if path.exists() else f"# Privacy audit\n\n{start}\n{end}\n"
+    if start not in text or end not in text:
+        raise SystemExit(f"{path} lacks the markers {start} ... {end}")
+    before, rest = text.split(start, 1)
+    after = rest.split(end, 1)[1]
+    path.write_text(f"{before}{start}\n{section}\n{end}{after}")
 
 
 if __name__ == "__main__":

@@ -114,3 +114,52 @@ def test_poisson_autoencoder_learns_counts(pbmc):
     loss = model.history.groupby("round")["val_loss"].mean()
     assert loss.iloc[-1] < 0.8 * loss.iloc[0]
     assert model.config.likelihood == "poisson"
+
+
+@pytest.fixture(scope="module")
+def audited(_pbmc):
+    train, public = si.pp.split_holdout(_pbmc, label_key="bulk_labels", fraction=0.3, seed=0)
+    sites = si.pp.split_sites(train, n_sites=3, label_key="bulk_labels", alpha=0.5, seed=0)
+    tables = {}
+    for scheme in ("hardened", "infl"):
+        key = si.FederationKey(SECRET, scheme=scheme)
+        model = si.tl.train_federated(sites, key=key, copy=True, **{**EMBED, "rounds": 30})[0]
+        tables[scheme] = si.tl.privacy_audit(
+            model,
+            sites["site_0"],
+            key=key,
+            public=public,
+            label_key="bulk_labels",
+            seeds=(0,),
+            n_victims=8,
+            n_wrong_keys=3,
+        )
+    return tables
+
+
+def _value(table, attack: str, view: str, metric: str) -> float:
+    row = table[(table["attack"] == attack) & (table["view"] == view) & (table["metric"] == metric)]
+    assert len(row) == 1, (attack, view, metric)
+    return float(row["mean"].iloc[0])
+
+
+def test_audit_of_embedding_models_reads_the_reconstruction_gradient(audited):
+    hardened, infl = audited["hardened"], audited["infl"]
+    assert set(hardened["family"]) == {"utility", "analytic", "prior"}
+    # The paper's scheme: the server reads each cell exactly from the first layer's dW / db, without the key.
+    assert _value(infl, "first layer (dW / db)", "server", "pearson_minus_mean") > 0.99
+    # The hardened scheme: the same attack on the same kind of gradient gives little.
+    assert _value(hardened, "first layer (dW / db)", "server", "pearson_minus_mean") < 0.3
+    transfer = "kNN label transfer"
+    right = _value(hardened, transfer, "right key", "balanced_accuracy")
+    assert right > _value(hardened, transfer, "wrong key", "balanced_accuracy") + 0.05
+    assert right > _value(hardened, transfer, "chance", "balanced_accuracy") + 0.15
+    assert _value(hardened, transfer, "input profiles (no model)", "balanced_accuracy") > 0.1
+
+
+def test_audit_refuses_attacks_that_need_classes(embedded, pbmc):
+    key, sites, model, _ = embedded
+    with pytest.raises(ValueError, match="'utility', 'analytic' only"):
+        si.tl.privacy_audit(model, sites["site_0"], key=key, public=pbmc, attacks=["inversion"])
+    with pytest.raises(ValueError, match="trained without labels: pass label_key"):
+        si.tl.privacy_audit(model, sites["site_0"], key=key, public=pbmc)

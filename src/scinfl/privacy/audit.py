@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..key import FederationKey
 from ..nn import HardenedKey, HardenedNetwork, KeyedModule, use_key
-from ..train import ModelConfig, key_material
+from ..train import ModelConfig, get_task, key_material
 from .analytic import (
     calibrate_gain_offset,
     calibrate_principal_axes,
@@ -40,7 +40,9 @@ from .inversion import invert_gradient, invert_update, recover_labels
 from .membership import reference_model_scores, split_inclusion, true_label_confidence
 from .metrics import bootstrap_ci, membership_metrics, pearson, prior_baselines, reconstruction_metrics
 from .utility import (
+    embed,
     fresh_model_accuracy,
+    knn_labels,
     predict_labels,
     recover_coordinates,
     recover_key_vector,
@@ -48,9 +50,20 @@ from .utility import (
     train_fresh_model,
 )
 
-__all__ = ["ATTACKS", "AuditData", "AuditSettings", "run_audit", "wrong_key"]
+__all__ = [
+    "ATTACKS",
+    "EMBEDDING_ATTACKS",
+    "AuditData",
+    "AuditSettings",
+    "check_attacks",
+    "run_audit",
+    "wrong_key",
+]
 
 ATTACKS = ("utility", "key_recovery", "analytic", "inversion", "membership")
+# A model without classes (task "embedding"): its utility is label transfer in its embedding, and the
+# analytic attacks read its reconstruction loss's gradient. The others assume a classifier's outputs.
+EMBEDDING_ATTACKS = ("utility", "analytic")
 COLUMNS = ["family", "attack", "view", "metric", "mean", "ci_low", "ci_high", "n"]
 
 
@@ -204,6 +217,19 @@ class _Context:
         }
         self.reference = torch.cat([data.members_x, data.public_x]).numpy()
         self.first_layer, self.last_layer = _task_linear_names(network)
+        # What a client's gradient is of: None is the classifier's cross-entropy.
+        self.loss_task = (
+            None if config.task == "classification" else get_task(config.task, likelihood=config.likelihood)
+        )
+
+    def predict(self, material) -> np.ndarray:
+        """The public cells' labels under one key view: a classifier's predictions, or for a model without
+        classes, label transfer from the labelled training cells embedded in the same view (15 neighbours)."""
+        if self.loss_task is None:
+            return predict_labels(self.network, self.data.public_x, key_material=material)
+        reference = embed(self.network, self.data.members_x, key_material=material)
+        query = embed(self.network, self.data.public_x, key_material=material)
+        return knn_labels(reference, self.data.members_y.numpy(), query)
 
     def metrics(
         self, reconstructed: np.ndarray, victim: int, *, scale_invariant: bool = False
@@ -223,28 +249,28 @@ class _Context:
 
 
 def _utility(ctx: _Context, out: _Collector, seed: int) -> None:
-    x, y = ctx.data.public_x, ctx.data.public_y.numpy()
+    y = ctx.data.public_y.numpy()
     net, config = ctx.network, ctx.config
+    name = "accuracy" if ctx.loss_task is None else "kNN label transfer"
     if not isinstance(net, KeyedModule):
-        out.add("utility", "accuracy", "server", scores(y, predict_labels(net, x)))
+        out.add("utility", name, "server", scores(y, ctx.predict(None)))
     else:
-        out.add("utility", "accuracy", "right key", scores(y, predict_labels(net, x, key_material=ctx.right)))
-        out.add("utility", "accuracy", "no key", scores(y, predict_labels(net, x)))
+        out.add("utility", name, "right key", scores(y, ctx.predict(ctx.right)))
+        out.add("utility", name, "no key", scores(y, ctx.predict(None)))
         for i in range(ctx.settings.n_wrong_keys):
             guess = _material(wrong_key(ctx.key, seed, i), config)
-            out.add("utility", "accuracy", "wrong key", scores(y, predict_labels(net, x, key_material=guess)))
+            out.add("utility", name, "wrong key", scores(y, ctx.predict(guess)))
             bit = int(np.random.default_rng([seed, i]).integers(0, 256))
             flipped = _material(ctx.key.with_bit_flipped(bit), config)
-            out.add(
-                "utility",
-                "accuracy",
-                "one-bit flip",
-                scores(y, predict_labels(net, x, key_material=flipped)),
-            )
+            out.add("utility", name, "one-bit flip", scores(y, ctx.predict(flipped)))
+    if ctx.loss_task is not None:
+        # What the labelled cells give without any model: label transfer on the input profiles themselves.
+        raw = knn_labels(ctx.data.members_x.numpy(), ctx.data.members_y.numpy(), ctx.data.public_x.numpy())
+        out.add("utility", name, "input profiles (no model)", scores(y, raw))
     counts = np.bincount(y)
     out.add(
         "utility",
-        "accuracy",
+        name,
         "chance",
         {"accuracy": counts.max() / counts.sum(), "balanced_accuracy": 1.0 / np.count_nonzero(counts)},
     )
@@ -321,7 +347,9 @@ def _analytic(ctx: _Context, out: _Collector, seed: int) -> None:
     for victim in victims:
         x = ctx.data.members_x[victim : victim + 1]
         y = ctx.data.members_y[victim : victim + 1]
-        grads = client_gradient(ctx.network, x, y, key_material=ctx.right, private=ctx.settings.private)
+        grads = client_gradient(
+            ctx.network, x, y, key_material=ctx.right, private=ctx.settings.private, task=ctx.loss_task
+        )
         # The server needs no key: it reads the first layer's gradient (what the client sent).
         if not torch.any(grads[bias]):
             continue  # no unit of the first layer was active: nothing leaks from it for this cell
@@ -561,6 +589,18 @@ _FAMILIES: dict[str, Callable[[_Context, _Collector, int], None]] = {
 }
 
 
+def check_attacks(config: ModelConfig, attacks: Sequence[str]) -> None:
+    """Raise unless every attack family exists and applies to the model's task."""
+    unknown = set(attacks) - set(ATTACKS)
+    if unknown:
+        raise ValueError(f"Unknown attacks {sorted(unknown)}; available: {', '.join(ATTACKS)}.")
+    if config.task != "classification" and set(attacks) - set(EMBEDDING_ATTACKS):
+        raise ValueError(
+            f"A {config.task!r} model is audited with {', '.join(map(repr, EMBEDDING_ATTACKS))} only; the other "
+            f"attacks read a classifier's outputs. Pass attacks={EMBEDDING_ATTACKS!r}."
+        )
+
+
 def run_audit(
     network: nn.Module,
     config: ModelConfig,
@@ -594,9 +634,7 @@ def run_audit(
         Columns ``family, attack, view, metric, mean, ci_low, ci_high, n`` (95% percentile bootstrap over
         items and seeds).
     """
-    unknown = set(attacks) - set(ATTACKS)
-    if unknown:
-        raise ValueError(f"Unknown attacks {sorted(unknown)}; available: {', '.join(ATTACKS)}.")
+    check_attacks(config, attacks)
     if (key is None) != (config.scheme is None):
         raise ValueError("Pass the model's key for a keyed model and key=None for a plain one.")
     settings = settings or AuditSettings()

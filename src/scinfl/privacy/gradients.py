@@ -33,6 +33,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..nn import use_key
+
+if TYPE_CHECKING:
+    from ..train import Task
 
 __all__ = [
     "PrivateGradient",
@@ -77,8 +81,12 @@ def loss_gradients(
     *,
     key_material: Tensor | None,
     create_graph: bool = False,
+    task: Task | None = None,
 ) -> dict[str, Tensor]:
-    """Gradient of the mean cross-entropy on ``(x, y)`` at ``parameters``, under one key view.
+    """Gradient of the mean loss on ``(x, y)`` at ``parameters``, under one key view.
+
+    The loss is the cross-entropy, or ``task``'s own training loss when given (e.g. an embedding model's
+    reconstruction loss, whose target is ``x`` itself).
 
     The network runs with ``parameters`` substituted for its own (:func:`torch.func.functional_call`), in
     whatever mode it is in (callers use :func:`evaluation_mode`). Parameters the loss does not reach (the
@@ -99,11 +107,13 @@ def loss_gradients(
         The key view: the client's key, or an attacker's (None: keyless; wrong key; right key).
     create_graph
         Keep the graph so that the gradients can be differentiated again (gradient matching).
+    task
+        The model's task (:func:`scinfl.train.get_task`); None: classification.
     """
     with use_key(key_material):
-        logits = functional_call(network, dict(parameters), (x,))
+        output = functional_call(network, dict(parameters), (x,))
     # Integer labels, or class probabilities (the attacker's soft labels when it optimises them too).
-    loss = F.cross_entropy(logits, y)
+    loss = F.cross_entropy(output, y) if task is None else task.loss(output, task.target(x, y))
     names = list(parameters)
     grads = torch.autograd.grad(
         loss, [parameters[name] for name in names], create_graph=create_graph, allow_unused=True
@@ -170,10 +180,13 @@ def _private_gradient(
     key_material: Tensor | None,
     private: PrivateGradient,
     generator: torch.Generator,
+    task: Task | None = None,
 ) -> dict[str, Tensor]:
     total = {name: torch.zeros_like(p) for name, p in parameters.items()}
     for i in range(len(x)):  # per-cell gradients, as Opacus computes them
-        grads = loss_gradients(network, x[i : i + 1], y[i : i + 1], parameters, key_material=key_material)
+        grads = loss_gradients(
+            network, x[i : i + 1], y[i : i + 1], parameters, key_material=key_material, task=task
+        )
         norm = torch.sqrt(sum(g.detach().pow(2).sum() for g in grads.values()))
         factor = min(1.0, private.max_grad_norm / (float(norm) + 1e-6))
         for name, g in grads.items():
@@ -197,8 +210,9 @@ def client_gradient(
     *,
     key_material: Tensor | None,
     private: PrivateGradient | None = None,
+    task: Task | None = None,
 ) -> dict[str, Tensor]:
-    """The gradient a client sends: mean cross-entropy on its batch, w.r.t. every trainable parameter.
+    """The gradient a client sends: its mean training loss on its batch, w.r.t. every trainable parameter.
 
     Computed in evaluation mode (see the module docstring: the setting most favourable to the attacker)
     and inside ``use_key(key_material)``. The network's weights and ``.grad`` fields are left unchanged.
@@ -216,6 +230,8 @@ def client_gradient(
         which is how an attacker simulates a gradient.
     private
         For a DP-SGD client: clip each cell's gradient and add noise (:class:`PrivateGradient`).
+    task
+        The model's task when it is not classification (its loss replaces the cross-entropy).
 
     Returns
     -------
@@ -232,9 +248,12 @@ def client_gradient(
                 key_material=key_material,
                 private=private,
                 generator=generator,
+                task=task,
             )
         else:
-            grads = loss_gradients(network, x, y, _detached_leaves(network), key_material=key_material)
+            grads = loss_gradients(
+                network, x, y, _detached_leaves(network), key_material=key_material, task=task
+            )
     return {name: g.detach() for name, g in grads.items()}
 
 

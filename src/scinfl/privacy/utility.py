@@ -13,16 +13,19 @@ from contextlib import AbstractContextManager
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.neighbors import KNeighborsClassifier
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ..nn import KeyedNetwork, use_key, use_key_vector
+from ..nn import KeyedModule, KeyedNetwork, use_key, use_key_vector
 from ..train import ModelConfig, build_network, fit_local, get_task
 
 __all__ = [
     "balanced_accuracy",
+    "embed",
     "fit_frozen",
     "fresh_model_accuracy",
+    "knn_labels",
     "predict_labels",
     "recover_coordinates",
     "recover_key_vector",
@@ -59,6 +62,37 @@ def predict_labels(
                 logits = network(batch)
         out.append(logits.argmax(dim=1).numpy())
     return np.concatenate(out)
+
+
+@torch.no_grad()
+def embed(
+    network: nn.Module, x: Tensor, *, key_material: Tensor | None = None, batch_size: int = 2048
+) -> np.ndarray:
+    """The embedding (``features``) of every row of ``x`` (evaluation mode) under one key view."""
+    network.eval()
+    out = []
+    with use_key(key_material):
+        for start in range(0, len(x), batch_size):
+            batch = x[start : start + batch_size]
+            features = (
+                network.call("features", batch)
+                if isinstance(network, KeyedModule)
+                else network.features(batch)
+            )
+            out.append(features.numpy())
+    return np.concatenate(out)
+
+
+def knn_labels(
+    reference: np.ndarray, reference_labels: np.ndarray, query: np.ndarray, *, n_neighbors: int = 15
+) -> np.ndarray:
+    """Labels of ``query`` rows by majority vote of their nearest ``reference`` rows (label transfer).
+
+    How useful an embedding is to someone holding labelled cells in the same view: the utility of a model
+    without classes.
+    """
+    k = max(1, min(n_neighbors, len(reference)))
+    return KNeighborsClassifier(n_neighbors=k).fit(reference, reference_labels).predict(query)
 
 
 def fit_frozen(

@@ -13,7 +13,7 @@ from .._settings import settings, torch_threads
 from ..data import AlignedMatrix, check_finite, label_codes, site_fields
 from ..key import FederationKey
 from ..model import FederatedModel
-from ..privacy.audit import ATTACKS, AuditData, AuditSettings, run_audit
+from ..privacy.audit import ATTACKS, EMBEDDING_ATTACKS, AuditData, AuditSettings, check_attacks, run_audit
 from ..privacy.gradients import PrivateGradient
 
 __all__ = ["privacy_audit"]
@@ -21,7 +21,7 @@ __all__ = ["privacy_audit"]
 _MAX_CELLS = 2000  # per role: enough for every attack; keeps dense audit matrices small
 
 
-def _cells(model: FederatedModel, adata: AnnData, role: str, rng: np.random.Generator):
+def _cells(model: FederatedModel, adata: AnnData, role: str, rng: np.random.Generator, labels: np.ndarray):
     fields = site_fields(adata, role, layer=model.schema.layer, use_raw=model.schema.use_raw)
     if adata.n_obs < 2:
         raise ValueError(f"The {role} cells: {adata.n_obs} cell(s); the audit needs at least 2.")
@@ -34,8 +34,30 @@ def _cells(model: FederatedModel, adata: AnnData, role: str, rng: np.random.Gene
     check_finite(matrix.matrix, role)
     index = np.sort(rng.choice(adata.n_obs, size=min(adata.n_obs, _MAX_CELLS), replace=False))
     x = torch.from_numpy(matrix.rows(index))
-    y = torch.from_numpy(label_codes(adata, model.schema, role)[index])
+    y = torch.from_numpy(labels[index])
     return x, y
+
+
+def _labels(model: FederatedModel, cells: dict[str, AnnData], label_key: str | None) -> dict[str, np.ndarray]:
+    """Each role's label codes: the model's categories, or for ``label_key`` (a model without classes, or
+    other labels) the categories found in the cells."""
+    if label_key is None:
+        if model.schema.label_key is None:
+            raise ValueError(
+                "This model was trained without labels: pass label_key= naming an .obs column of both the "
+                "trained-on and the public cells (the audit's utility check and cell-type priors use it)."
+            )
+        return {role: label_codes(adata, model.schema, role) for role, adata in cells.items()}
+    for role, adata in cells.items():
+        if label_key not in adata.obs or adata.obs[label_key].isna().any():
+            raise ValueError(
+                f"The {role} cells: .obs[{label_key!r}] is missing or has cells without a label."
+            )
+    categories = sorted(set().union(*(adata.obs[label_key].astype(str) for adata in cells.values())))
+    return {
+        role: pd.Categorical(adata.obs[label_key].astype(str), categories=categories).codes.astype(np.int64)
+        for role, adata in cells.items()
+    }
 
 
 def privacy_audit(
@@ -44,7 +66,8 @@ def privacy_audit(
     *,
     key: FederationKey | None,
     public: AnnData,
-    attacks: Sequence[str] = ATTACKS,
+    attacks: Sequence[str] | None = None,
+    label_key: str | None = None,
     n_victims: int = 32,
     seeds: Sequence[int] = (0, 1, 2),
     n_wrong_keys: int = 10,
@@ -73,11 +96,18 @@ def privacy_audit(
         Cells of the same kind never used in training: the attacker's public cohort, its labelled
         auxiliary data, the non-members, and the utility test set.
     attacks
-        Attack families: ``"utility"`` (wrong keys, one-bit flips, no key), ``"key_recovery"``,
+        Attack families (default: all that apply to the model's task). ``"utility"`` (wrong keys,
+        one-bit flips, no key; for an embedding model, kNN label transfer in the embedding of each key
+        view, from the labelled trained-on cells to the public ones), ``"key_recovery"``,
         ``"analytic"`` (first-layer inversion and calibration, and known plaintext), ``"inversion"``
         (gradient and update inversion, label recovery), ``"membership"``. Against ``scheme="hardened"``
         the key recovery fits the scheme's continuous relaxation, and the inversion family adds joint
         inversion with that relaxation and label frequency analysis (:mod:`scinfl.privacy.hardened`).
+        An embedding model (``task="embedding"``) is audited with ``"utility"`` and ``"analytic"``; its
+        clients' gradients are of the reconstruction loss.
+    label_key
+        ``.obs`` column of labels in both ``adata`` and ``public``: needed for a model trained without
+        labels (embedding); default: the model's own label column.
     n_victims
         Victims per seed for the analytic attacks.
     seeds
@@ -105,8 +135,12 @@ def privacy_audit(
         raise TypeError(f"model must be a scinfl.FederatedModel, got {type(model).__name__}.")
     model.check_key(key)
     rng = np.random.default_rng(0)
-    members_x, members_y = _cells(model, adata, "trained-on", rng)
-    public_x, public_y = _cells(model, public, "public", rng)
+    if attacks is None:
+        attacks = ATTACKS if model.config.task == "classification" else EMBEDDING_ATTACKS
+    check_attacks(model.config, attacks)
+    labels = _labels(model, {"trained-on": adata, "public": public}, label_key)
+    members_x, members_y = _cells(model, adata, "trained-on", rng, labels["trained-on"])
+    public_x, public_y = _cells(model, public, "public", rng, labels["public"])
     dp = model.params.get("dp")
     # A DP-SGD model's clients clip and noise what they send; the least noisy site is the attacker's best.
     private = (

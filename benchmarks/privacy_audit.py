@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shlex
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -114,7 +115,9 @@ def _cell(row: pd.Series) -> str:
 def report(tables: dict[str, pd.DataFrame]) -> str:
     frames = []
     for name, table in tables.items():
-        frames.append(table.assign(config=name, cell=table.apply(_cell, axis=1)))
+        frame = table.assign(config=name, cell=table.apply(_cell, axis=1))
+        frame.attrs = {}  # example reconstructions (arrays): pandas would compare them on concat
+        frames.append(frame)
     combined = pd.concat(frames)
     lines = []
     for family, metrics in REPORT_METRICS.items():
@@ -182,7 +185,7 @@ def main() -> int:
     body = report(tables)
     elapsed = time.perf_counter() - start
     command = "python benchmarks/privacy_audit.py" + (
-        "" if len(sys.argv) == 1 else " " + " ".join(sys.argv[1:])
+        "" if len(sys.argv) == 1 else " " + shlex.join(sys.argv[1:])
     )
     header = (
         f"Measured {date.today().isoformat()} with `{command}` in {elapsed / 60:.1f} min on "
@@ -191,7 +194,10 @@ def main() -> int:
         f"{args.inversion_victims} per seed and view for single-cell inversion ({args.inversion_steps} "
         f"Adam steps, 2 restarts), one batch of each of {args.inversion_batches} cells per seed and view for "
         f"batch inversion; {args.wrong_keys} wrong keys and one-bit flips per seed; "
-        f"{args.rounds} federated rounds. Audited site: "
+        + ", ".join(
+            sorted({f"{CONFIGS[name].get('rounds', args.rounds)} federated rounds" for name in args.configs})
+        )
+        + ". Audited site: "
         + "; ".join(f"{k}: {v['audited site']}" for k, v in infos.items())
         + ". Cells: mean [95% bootstrap CI]."
     )

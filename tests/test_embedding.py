@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import scanpy as sc
 import torch
 from sklearn.metrics import adjusted_rand_score
 
 import scinfl as si
-from scinfl.train import EmbeddingTask
+from scinfl.train import EmbeddingTask, SiteTrainer
 
 pytest.importorskip("igraph")  # scanpy's Leiden
 
@@ -163,3 +164,44 @@ def test_audit_refuses_attacks_that_need_classes(embedded, pbmc):
         si.tl.privacy_audit(model, sites["site_0"], key=key, public=pbmc, attacks=["inversion"])
     with pytest.raises(ValueError, match="trained without labels: pass label_key"):
         si.tl.privacy_audit(model, sites["site_0"], key=key, public=pbmc)
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian", "poisson"])
+def test_loss_ignores_features_a_site_does_not_measure(likelihood):
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.randint(0, 6, (4, 6), generator=generator).float()
+    measured = torch.tensor([True, True, False, True, False, True])
+    output = torch.randn(4, 6, generator=generator, requires_grad=True)
+    task = EmbeddingTask(likelihood, measured)
+    loss = task.loss(output, counts)
+    (grad,) = torch.autograd.grad(loss, output)
+    assert torch.all(grad[:, ~measured] == 0)  # an unmeasured gene's reconstruction is free
+    assert torch.all(grad[:, measured].abs().sum(0) > 0)
+    # the same loss as a task over the measured genes alone
+    torch.testing.assert_close(loss, EmbeddingTask(likelihood).loss(output[:, measured], counts[:, measured]))
+
+
+def test_sites_with_different_panels_mask_their_absent_genes(pbmc):
+    genes = pbmc.raw.var_names
+    a = ad.AnnData(pbmc.raw.X[:350, :500], obs=pbmc.obs[:350][[]], var=pd.DataFrame(index=genes[:500]))
+    b = ad.AnnData(pbmc.raw.X[350:, 265:], obs=pbmc.obs[350:][[]], var=pd.DataFrame(index=genes[265:]))
+    sites = {"a": a, "b": b}
+    seen = {}
+    fit = SiteTrainer.fit
+
+    def record(self, *args, **kwargs):
+        seen[self.name] = self.task.measured.clone()
+        return fit(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(SiteTrainer, "fit", record)
+        model = si.tl.train_federated(
+            sites, key=si.FederationKey(SECRET), join="outer", **{**EMBED, "rounds": 2, "use_raw": False}
+        )
+    assert model.schema.n_features == len(genes)
+    order = pd.Index(model.schema.var_names)
+    assert seen["a"].sum() == 500
+    assert seen["b"].sum() == len(genes) - 265
+    assert set(order[seen["a"].numpy()]) == set(genes[:500])
+    assert set(order[seen["b"].numpy()]) == set(genes[265:])
+    assert a.obsm["X_scinfl"].shape == (350, EMBED["n_latent"])

@@ -68,6 +68,13 @@ class AlignedMatrix:
     def n_obs(self) -> int:
         return self.matrix.shape[0]
 
+    @property
+    def measured(self) -> np.ndarray:
+        """One flag per schema feature: does this site measure it (else it is zero-filled)."""
+        flags = np.zeros(self.n_features, dtype=bool)
+        flags[self.target_columns] = True
+        return flags
+
     def rows(self, index: np.ndarray) -> np.ndarray:
         """Rows ``index`` (sorted ascending for fast reads), aligned, as a dense float32 array."""
         block = self.matrix[index]

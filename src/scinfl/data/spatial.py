@@ -52,6 +52,7 @@ class NeighbourhoodMatrix:
         self.matrix = aligned.matrix
         self.n_features = aligned.n_features
         self.n_present = aligned.n_present
+        self.measured = aligned.measured
 
     @property
     def n_obs(self) -> int:

@@ -81,7 +81,13 @@ class SiteTrainer:
         self.train = train
         self.validation = validation
         self.network = copy.deepcopy(network)
-        self.task = get_task(config.task, likelihood=config.likelihood)
+        # The features this site measures (outside its panel, a join="outer" input is zero-filled).
+        measured = getattr(train.matrix, "measured", None)
+        self.task = get_task(
+            config.task,
+            likelihood=config.likelihood,
+            measured=None if measured is None else torch.from_numpy(measured),
+        )
         self.settings = settings
         self._key_material = key_material(key, config)
         # A hardened network trains as its equivalent plain network (so its optimisation is plain FedAvg's,

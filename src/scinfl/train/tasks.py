@@ -77,17 +77,22 @@ class EmbeddingTask:
     log-normalised values; ``"poisson"``, the Poisson negative log-likelihood of raw counts, with rates
     ``softmax(output) * library size`` (each gene's share of the cell's observed total, as scVI's decoder
     does), up to the constant ``log(x!)``. Both are averaged over genes and cells.
+
+    ``measured`` (one flag per feature) restricts the loss to the features a site measures: with
+    ``join="outer"`` a gene outside the site's panel is zero-filled in the input, and must not be read as
+    zero expression by the loss. The Poisson shares are then normalised over the measured genes.
     """
 
     name = "embedding"
     needs_labels = False
 
-    def __init__(self, likelihood: str = "gaussian") -> None:
+    def __init__(self, likelihood: str = "gaussian", measured: Tensor | None = None) -> None:
         if likelihood not in LIKELIHOODS:
             raise ValueError(
                 f"likelihood must be one of {', '.join(map(repr, LIKELIHOODS))}, got {likelihood!r}."
             )
         self.likelihood = likelihood
+        self.measured = None if measured is None or bool(measured.all()) else measured.bool()
 
     def build_network(self, config: ModelConfig) -> nn.Module:
         return Autoencoder(
@@ -104,6 +109,8 @@ class EmbeddingTask:
         return x
 
     def _cell_losses(self, output: Tensor, target: Tensor) -> Tensor:
+        if self.measured is not None:
+            output, target = output[:, self.measured], target[:, self.measured]
         if self.likelihood == "gaussian":
             return (output - target).pow(2).mean(dim=1)
         log_share = torch.log_softmax(output, dim=1)
@@ -121,10 +128,11 @@ class EmbeddingTask:
 TASKS: dict[str, type] = {"classification": ClassificationTask, "embedding": EmbeddingTask}
 
 
-def get_task(name: str, *, likelihood: str = "gaussian") -> Task:
-    """The task called ``name``; ``likelihood`` is the embedding task's reconstruction loss."""
+def get_task(name: str, *, likelihood: str = "gaussian", measured: Tensor | None = None) -> Task:
+    """The task called ``name``; ``likelihood`` and ``measured`` (the features a site measures) shape the
+    embedding task's reconstruction loss."""
     try:
         cls = TASKS[name]
     except KeyError:
         raise ValueError(f"Unknown task {name!r}; available: {', '.join(TASKS)}.") from None
-    return cls(likelihood) if cls is EmbeddingTask else cls()
+    return cls(likelihood, measured) if cls is EmbeddingTask else cls()

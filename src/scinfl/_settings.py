@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from threadpoolctl import threadpool_limits
 
 __all__ = ["Settings", "settings", "torch_threads"]
 
@@ -27,7 +28,8 @@ class Settings:
     Attributes
     ----------
     torch_threads
-        Threads torch may use while scinfl trains or predicts (restored afterwards). Small networks on
+        Threads torch and numpy's BLAS may use while scinfl trains, predicts or audits (restored
+        afterwards). Small networks on
         few cores run fastest on one thread (see docs/benchmarks.md); None leaves torch's own setting.
     progress
         Show a progress bar over federated rounds.
@@ -42,11 +44,19 @@ settings = Settings()
 
 @contextmanager
 def torch_threads(n: int | None) -> Iterator[None]:
-    """Run the block with ``torch.set_num_threads(n)``, restoring the previous count after."""
+    """Run the block with ``torch.set_num_threads(n)`` and ``n`` BLAS threads for numpy and scipy,
+    restoring both after.
+
+    BLAS too: on 2 shared cores a multithreaded OpenBLAS made the privacy audit's SVDs and DP-SGD's
+    accounting several times slower (tutorial 02).
+    """
     previous = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
+    if n is None:
         yield
+        return
+    torch.set_num_threads(n)
+    try:
+        with threadpool_limits(limits=n, user_api="blas"):
+            yield
     finally:
         torch.set_num_threads(previous)

@@ -229,8 +229,9 @@ def train_federated(
         compute ``(x W^T) * scale + shift`` with a scale and shift shared by the batch, so their
         per-sample gradients would be wrong. The spent epsilon is reported in the history (``dp_epsilon``,
         with ``dp_steps``), in ``model.params["dp"]`` and in ``.uns[key_added]["dp"]``. DP-SGD needs its
-        own settings: the privacy audit's DP models use ``hidden=64, lr=1e-2``. With the defaults
-        (``hidden=256, lr=1e-3``), the ε = 8 model of tutorial 02's first run predicted the majority class.
+        own settings: the privacy audit's DP models use ``hidden=64, lr=1e-2``. The defaults
+        (``hidden=256, lr=1e-3``) suit non-private training; with a few hundred cells per site DP-SGD may
+        learn nothing with them.
     seed
         Seed of initialisation, splits, sampling and local shuffling: the same seed gives the same model.
     init

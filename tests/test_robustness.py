@@ -721,11 +721,6 @@ def test_sites_cut_from_one_anndata_leave_it_alone():
 
 
 @pytest.mark.filterwarnings("ignore")  # the overflow itself, and the gene panels
-@pytest.mark.xfail(
-    strict=True,
-    reason="float64 values beyond float32's range become inf when batches are cast to float32; "
-    "check_finite (scinfl/data/loader.py, not owned here) does not reject them yet",
-)
 @pytest.mark.parametrize("where", ["train", "predict"])
 def test_values_beyond_float32_raise_naming_the_site(where):
     built = build(FedSpec(sites=(TWO_SITES[0], replace(TWO_SITES[1], dtype="float64"))))

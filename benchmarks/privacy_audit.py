@@ -115,9 +115,7 @@ def _cell(row: pd.Series) -> str:
 def report(tables: dict[str, pd.DataFrame]) -> str:
     frames = []
     for name, table in tables.items():
-        frame = table.assign(config=name, cell=table.apply(_cell, axis=1))
-        frame.attrs = {}  # example reconstructions (arrays): pandas would compare them on concat
-        frames.append(frame)
+        frames.append(table.assign(config=name, cell=table.apply(_cell, axis=1)))
     combined = pd.concat(frames)
     lines = []
     for family, metrics in REPORT_METRICS.items():

@@ -55,6 +55,9 @@ def test_audit_table_is_tidy_and_stored(keyed_audit):
     pd.testing.assert_frame_equal(site.uns["scinfl_privacy"], table)
     examples = site.uns["scinfl_privacy_examples"]
     assert examples["truth"].shape == examples["first layer (dW / db) | server"].shape
+    # audit tables concatenate (pandas compares their attrs, which hold the example arrays)
+    both = pd.concat([table.assign(model="a"), table.copy().assign(model="b")])
+    assert len(both) == 2 * len(table)
 
 
 def test_audit_reproduces_the_paper_schemes_weakness(keyed_audit):

@@ -153,6 +153,14 @@ def _task_linear_names(network: nn.Module) -> tuple[str, str]:
     return prefix + names[0], prefix + names[-1]
 
 
+class _Examples(dict):
+    """Example reconstructions by ``"attack | view"`` (arrays). Compared by identity: pandas compares the
+    ``attrs`` of the tables it concatenates, and arrays have no truth value."""
+
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
+
 class _Collector:
     """Per-item values by (family, attack, view, metric), summarised with bootstrap CIs at the end.
 
@@ -180,7 +188,7 @@ class _Collector:
             n = int(np.count_nonzero(~np.isnan(values)))
             rows.append((family, attack, view, metric, mean, low, high, n))
         table = pd.DataFrame(rows, columns=COLUMNS)
-        table.attrs["examples"] = dict(self.examples)
+        table.attrs["examples"] = _Examples(self.examples)
         return table
 
 

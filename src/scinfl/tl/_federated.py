@@ -81,9 +81,9 @@ def _write_predictions(
 ) -> None:
     if predictions.probabilities is not None:  # a classifier's; an embedding model has only the latent
         adata.obs[f"{key_added}_prediction"] = predictions.labels  # categorical, positional
-        adata.obs[f"{key_added}_confidence"] = predictions.confidence.astype(np.float32)
-        adata.obsm[f"{key_added}_probabilities"] = predictions.probabilities.astype(np.float32)
-    adata.obsm[f"X_{key_added}"] = predictions.embedding.astype(np.float32)
+        adata.obs[f"{key_added}_confidence"] = predictions.confidence.astype(np.float32, copy=False)
+        adata.obsm[f"{key_added}_probabilities"] = predictions.probabilities.astype(np.float32, copy=False)
+    adata.obsm[f"X_{key_added}"] = predictions.embedding.astype(np.float32, copy=False)
     entry = adata.uns.setdefault(key_added, {})
     entry.update(uns)
 
@@ -172,7 +172,8 @@ def train_federated(
         (``anndata.read_h5ad(path, backed="r")``) or a path to an h5ad file, which is opened so: its
         matrix stays on disk and is read one batch of rows at a time. Outputs are written into a backed
         site's in-memory annotations, never into its file; sites given as paths receive them only with
-        ``copy=True``, which returns them.
+        ``copy=True``, which returns them. Opening a file backed keeps ``.X`` and ``.raw.X`` on disk, but
+        anndata loads its layers: ``layer=`` on a backed site reads that layer into memory.
     key
         The federation key, held by the sites only. ``None`` trains the same network without keyed modules
         (plain FedAvg, the baseline). There is no default, so that an unkeyed run is always a choice.

@@ -70,7 +70,9 @@ class SiteNode:
     def read_data(self) -> ad.AnnData:
         if not self.data_path.is_file():
             raise FileNotFoundError(f"Site {self.site!r}: no data file at {self.data_path}.")
-        return ad.read_h5ad(self.data_path)
+        # Backed: the matrix stays on disk, read batch by batch (scinfl.data.AlignedMatrix); answering the
+        # server's hello needs only names.
+        return ad.read_h5ad(self.data_path, backed="r")
 
     def read_key(self) -> FederationKey | None:
         return None if self.key_path is None else FederationKey.load(self.key_path)

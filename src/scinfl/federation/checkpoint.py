@@ -12,9 +12,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-__all__ = ["CHECKPOINT", "checkpoint_path", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CHECKPOINT", "checkpoint_path", "load_checkpoint", "round_checkpoint", "save_checkpoint"]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -22,6 +23,31 @@ CHECKPOINT = "checkpoint.pt"
 def checkpoint_path(directory: str | os.PathLike[str]) -> Path:
     """Where a run that checkpoints into ``directory`` keeps its checkpoint."""
     return Path(directory) / CHECKPOINT
+
+
+def round_checkpoint(
+    round_index: int,
+    *,
+    state: Mapping[str, torch.Tensor],
+    best_state: Mapping[str, torch.Tensor],
+    best_round: int,
+    best_loss: float,
+    rows: list[dict],
+    rng: np.random.Generator,
+    **extra: Any,
+) -> dict[str, Any]:
+    """What the server holds after ``round_index`` (the part both engines share), plus an engine's
+    ``extra`` entries: the content of a checkpoint."""
+    return {
+        "round": round_index,
+        "state": state,
+        "best_state": best_state,
+        "best_round": best_round,
+        "best_loss": best_loss,
+        "rows": rows,
+        "rng": rng.bit_generator.state,
+        **extra,
+    }
 
 
 def save_checkpoint(content: Mapping[str, Any], directory: str | os.PathLike[str]) -> Path:

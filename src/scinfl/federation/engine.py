@@ -19,7 +19,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..train import LocalFitResult, copy_state
-from .checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_path, load_checkpoint, round_checkpoint, save_checkpoint
 from .fedavg import fedavg
 
 __all__ = [
@@ -231,17 +231,17 @@ def run_local(
             )
         if checkpoint_dir is not None:
             save_checkpoint(
-                {
-                    "round": round_index,
-                    "state": state,
-                    "best_state": best_state,
-                    "best_round": best_round,
-                    "best_loss": best_loss,
-                    "rows": rows,
-                    "rng": rng.bit_generator.state,
-                    "sites": {name: sites[name].local_state() for name in names},
-                    "signature": json.dumps(signature, sort_keys=True),
-                },
+                round_checkpoint(
+                    round_index,
+                    state=state,
+                    best_state=best_state,
+                    best_round=best_round,
+                    best_loss=best_loss,
+                    rows=rows,
+                    rng=rng,
+                    sites={name: sites[name].local_state() for name in names},
+                    signature=json.dumps(signature, sort_keys=True),
+                ),
                 checkpoint_dir,
             )
         if progress and not np.isnan(loss):

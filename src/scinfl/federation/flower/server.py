@@ -36,7 +36,7 @@ from ..._settings import settings as scinfl_settings
 from ..._settings import torch_threads
 from ...data import FederationSchema, SiteFields, build_schema
 from ...train import FitSettings, LocalFitResult, ModelConfig, build_network, copy_state
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import load_checkpoint, round_checkpoint, save_checkpoint
 from ..engine import FederationResult, _selection_loss, aggregate, sample_sites, site_seed
 from . import protocol
 from .protocol import RunSettings
@@ -395,19 +395,19 @@ def run_server(
         )
         if output_dir is not None:
             save_checkpoint(
-                {
-                    "round": round_index,
-                    "state": state,
-                    "best_state": best_state,
-                    "best_round": best_round,
-                    "best_loss": best_loss,
-                    "rows": rows,
-                    "pending": pending,
-                    "rng": rng.bit_generator.state,
-                    "settings": json.dumps(settings.to_run_config()),
-                    "schema": schema.to_dict(),
-                    "config": config.to_dict(),
-                },
+                round_checkpoint(
+                    round_index,
+                    state=state,
+                    best_state=best_state,
+                    best_round=best_round,
+                    best_loss=best_loss,
+                    rows=rows,
+                    rng=rng,
+                    pending=pending,
+                    settings=json.dumps(settings.to_run_config()),
+                    schema=schema.to_dict(),
+                    config=config.to_dict(),
+                ),
                 output_dir,
             )
     # The last round's weights are evaluated by a final exchange without training.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -464,13 +465,14 @@ def train_federated(
         for name, adata in site_data.items():
             if name in opened and not copy:
                 continue  # opened here from a path: the caller holds no object to receive outputs
-            _write_predictions(
-                adata,
+            with warnings.catch_warnings():
+                # join="outer" zero-fills the genes outside a site's panel by design: not worth a warning
+                warnings.filterwarnings(
+                    "ignore", message=r"Site .* lacks \d+ of the model's", category=UserWarning
+                )
                 # min_overlap=0: with join="outer" a site may hold few of the union's features (zero-filled)
-                model.predict(adata, key=key, site=name, min_overlap=0.0),
-                key_added=key_added,
-                uns=_model_uns(model),
-            )
+                predictions = model.predict(adata, key=key, site=name, min_overlap=0.0)
+            _write_predictions(adata, predictions, key_added=key_added, uns=_model_uns(model))
     if dp_settings is not None:
         spent = params["dp"]["spent_epsilon"]
         logger.info(

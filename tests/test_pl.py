@@ -47,3 +47,12 @@ def test_history_into_given_axes_and_errors(model):
     with pytest.raises(ValueError, match="1 Axes for 2 metrics"):
         si.pl.history(model, ax=ax)
     plt.close("all")
+
+
+def test_history_ticks_whole_rounds_and_leaves_a_callers_layout_alone(model):
+    fig, (left, _) = plt.subplots(1, 2)
+    fig.subplots_adjust(left=0.3, wspace=0.6)  # the caller's own layout
+    si.pl.history(model, metrics=["train_loss"], ax=left, show=False)
+    assert all(float(t).is_integer() for t in left.get_xticks())
+    assert fig.subplotpars.left == 0.3  # no tight_layout over the caller's figure
+    plt.close(fig)

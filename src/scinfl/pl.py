@@ -9,6 +9,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
+from matplotlib.ticker import MaxNLocator
 
 from .model import FederatedModel
 
@@ -77,6 +78,7 @@ def history(
         if best_round:
             axis.axvline(best_round, color="0.5", linestyle="--", linewidth=1, label="selected round")
         axis.set_xlabel("round")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
         axis.set_ylabel(_LABELS.get(metric, metric))
         axis.grid(alpha=0.3)
     axes[-1].legend(fontsize="small", frameon=False)
@@ -95,7 +97,8 @@ _PRIVACY_PANELS = {
 
 
 def _finish(fig, axes, show: bool | None, save: str | Path | None, ax_given: bool) -> None:
-    fig.tight_layout()
+    if not ax_given:  # the caller's figure holds other panels: its layout is the caller's
+        fig.tight_layout()
     if save is not None:
         fig.savefig(save, dpi=150, bbox_inches="tight")
     if show or (show is None and not ax_given and save is None and plt.isinteractive()):

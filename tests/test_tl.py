@@ -235,3 +235,19 @@ def test_label_skew_extremes_still_train(pbmc, key):
     assert model.history.groupby("site").n_train.first()["one_cell_of_a_class"] >= 18
     assert written["one_class"].obs["scinfl_prediction"].notna().all()
     assert written["one_cell_of_a_class"].obsm["scinfl_probabilities"].shape[1] == 10
+
+
+def test_predict_reads_the_values_where_the_query_keeps_them(trained, pbmc_split, key):
+    model, _ = trained  # trained with use_raw=True
+    _, test = pbmc_split
+    expected = si.tl.predict(test, model, key=key, copy=True).obsm["scinfl_probabilities"]
+    in_x = test.raw.to_adata()  # log-normalised values in .X, no .raw
+    with pytest.raises(ValueError, match="no .raw"):
+        si.tl.predict(in_x, model, key=key, copy=True)
+    got = si.tl.predict(in_x, model, key=key, use_raw=False, copy=True).obsm["scinfl_probabilities"]
+    np.testing.assert_array_equal(got, expected)
+    in_layer = test.copy()
+    in_layer.layers["lognorm"] = test.raw.X.copy()
+    del in_layer.raw
+    got = si.tl.predict(in_layer, model, key=key, layer="lognorm", copy=True).obsm["scinfl_probabilities"]
+    np.testing.assert_array_equal(got, expected)

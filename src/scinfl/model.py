@@ -134,12 +134,16 @@ class FederatedModel:
         batch_size: int = 1024,
         min_overlap: float = 0.5,
         site: str = "query",
+        layer: str | None = None,
+        use_raw: bool | None = None,
     ) -> Predictions:
         """Class probabilities (classification) and embeddings for every cell of ``adata`` (aligned to the
         schema).
 
         Features the model knows but ``adata`` lacks are zero-filled with a warning that counts them;
-        below ``min_overlap`` (a fraction of the model's features) it raises instead.
+        below ``min_overlap`` (a fraction of the model's features) it raises instead. The features are
+        read from where the model's training read them (``.X``, a layer or ``.raw``) unless ``layer`` or
+        ``use_raw`` says where this AnnData keeps the same kind of values.
         """
         if not isinstance(adata, AnnData):
             raise TypeError(f"Site {site!r} is a {type(adata).__name__}, not an AnnData.")
@@ -147,7 +151,9 @@ class FederatedModel:
             self.check_key(key)
         # A plain model has no keyed modules: a key given with check_key=False changes nothing.
         material = key_material(key, self.config) if self.config.scheme is not None else None
-        fields = site_fields(adata, site, layer=self.schema.layer, use_raw=self.schema.use_raw)
+        if layer is None and use_raw is None:
+            layer, use_raw = self.schema.layer, self.schema.use_raw
+        fields = site_fields(adata, site, layer=layer, use_raw=bool(use_raw))
         check_unique_features(feature_source(adata, fields)[1], site, used=pd.Index(self.schema.var_names))
         matrix = AlignedMatrix.from_adata(adata, self.schema, fields)
         if self.params.get("spatial_key") is not None:  # read each spot in its tissue context, as trained

@@ -539,6 +539,8 @@ def predict(
     check_key: bool = True,
     min_overlap: float = 0.5,
     batch_size: int = 1024,
+    layer: str | None = None,
+    use_raw: bool | None = None,
     key_added: str = "scinfl",
     copy: bool = False,
 ) -> AnnData | None:
@@ -562,6 +564,10 @@ def predict(
         Minimum fraction of the model's features ``adata`` must have.
     batch_size
         Cells per inference batch.
+    layer, use_raw
+        Where ``adata`` keeps the same kind of values the model was trained on, if not where training
+        read them (e.g. ``use_raw=False`` for a query whose ``.X`` holds the log-normalised values a
+        model trained with ``use_raw=True`` read from ``.raw``). Default: as in training.
     key_added
         Prefix of the output keys.
     copy
@@ -581,7 +587,13 @@ def predict(
         adata = adata.copy()
     with torch_threads(settings.torch_threads):
         predictions = model.predict(
-            adata, key=key, check_key=check_key, batch_size=batch_size, min_overlap=min_overlap
+            adata,
+            key=key,
+            check_key=check_key,
+            batch_size=batch_size,
+            min_overlap=min_overlap,
+            layer=layer,
+            use_raw=use_raw,
         )
     _write_predictions(adata, predictions, key_added=key_added, uns=_model_uns(model))
     return adata if copy else None

@@ -49,14 +49,13 @@ class NeighbourhoodMatrix:
             raise ValueError(f"The graph is {graph.shape}; the matrix has {aligned.n_obs} rows.")
         self.aligned = aligned
         self.graph = graph.tocsr()
-        self.matrix = aligned.matrix
-        self.n_features = aligned.n_features
-        self.n_present = aligned.n_present
-        self.measured = aligned.measured
 
-    @property
-    def n_obs(self) -> int:
-        return self.aligned.n_obs
+    # The wrapped matrix's description, unchanged by the convolution.
+    matrix = property(lambda self: self.aligned.matrix)
+    n_obs = property(lambda self: self.aligned.n_obs)
+    n_features = property(lambda self: self.aligned.n_features)
+    n_present = property(lambda self: self.aligned.n_present)
+    measured = property(lambda self: self.aligned.measured)
 
     def rows(self, index: np.ndarray) -> np.ndarray:
         own = self.aligned.rows(index)

@@ -500,7 +500,7 @@ def _run_signature(
 ) -> dict[str, Any]:
     """What a checkpoint must share with a run that resumes it: everything but the number of rounds,
     which a resumed run may raise, except with DP-SGD, whose noise is calibrated to the planned rounds."""
-    signature = {
+    return {
         "params": {k: v for k, v in params.items() if k != "rounds" or dp_settings is not None},
         "schema": schema.to_dict(),
         "config": config.to_dict(),
@@ -508,7 +508,6 @@ def _run_signature(
         "key_fingerprint": None if key is None else key.fingerprint,
         "dp": None if dp_settings is None else dp_settings.to_dict(),
     }
-    return signature
 
 
 def _init_config(init: FederatedModel, schema, config: ModelConfig) -> ModelConfig:

@@ -21,10 +21,12 @@ from .data import (
     AlignedMatrix,
     FederationSchema,
     NeighbourhoodMatrix,
+    PerturbationDesign,
     SiteDataset,
     batch_loader,
     check_finite,
     feature_source,
+    perturbation_matrix,
     site_fields,
     spatial_graph,
 )
@@ -47,16 +49,18 @@ class KeyMismatchError(ValueError):
 class Predictions:
     """Model outputs for every cell of an AnnData, in its obs order.
 
-    ``probabilities`` (classification) is None for a task without classes (``"embedding"``).
+    ``probabilities`` (classification) is None for a task without classes; ``expression`` is a
+    perturbation model's predicted values of every cell (in the model's feature order), else None.
     """
 
     probabilities: np.ndarray | None
     embedding: np.ndarray
     categories: tuple[str, ...]
+    expression: np.ndarray | None = None
 
     def _classes(self) -> np.ndarray:
         if self.probabilities is None:
-            raise ValueError("This model predicts no classes (task 'embedding'): use .embedding.")
+            raise ValueError("This model predicts no classes (task 'embedding' or 'perturbation').")
         return self.probabilities
 
     @property
@@ -137,8 +141,9 @@ class FederatedModel:
         layer: str | None = None,
         use_raw: bool | None = None,
     ) -> Predictions:
-        """Class probabilities (classification) and embeddings for every cell of ``adata`` (aligned to the
-        schema).
+        """Class probabilities (classification), predicted values (perturbation) and embeddings for every
+        cell of ``adata`` (aligned to the schema). A perturbation model reads ``adata``'s perturbation
+        column, covariates and control cells, as in training.
 
         Features the model knows but ``adata`` lacks are zero-filled with a warning that counts them;
         below ``min_overlap`` (a fraction of the model's features) it raises instead. The features are
@@ -159,6 +164,9 @@ class FederatedModel:
         if self.params.get("spatial_key") is not None:  # read each spot in its tissue context, as trained
             graph = spatial_graph(adata, self.params["spatial_key"], self.params["spatial_neighbors"], site)
             matrix = NeighbourhoodMatrix(matrix, graph)
+        if self.config.task == "perturbation":  # each cell reads this data's control profile
+            design = PerturbationDesign.from_dict(self.params["perturbation"])
+            matrix = perturbation_matrix(matrix, adata, design, self.schema, site)
         overlap = matrix.n_present / self.schema.n_features
         if overlap < min_overlap:
             raise ValueError(
@@ -179,12 +187,19 @@ class FederatedModel:
             SiteDataset(matrix, np.arange(adata.n_obs)), batch_size=batch_size, shuffle=False
         )
         outputs, embedding = infer(self.network, loader, key_material=material)
-        task = get_task(self.config.task, likelihood=self.config.likelihood)
-        probabilities = None
+        task = get_task(
+            self.config.task, likelihood=self.config.likelihood, n_features=self.config.n_features
+        )
+        probabilities = expression = None
         if hasattr(task, "probabilities"):
             probabilities = task.probabilities(torch.from_numpy(outputs)).numpy()
+        if self.config.task == "perturbation":  # the head predicts the change from the control profile
+            expression = outputs + matrix.control_rows(np.arange(adata.n_obs))
         return Predictions(
-            probabilities=probabilities, embedding=embedding, categories=self.schema.categories
+            probabilities=probabilities,
+            embedding=embedding,
+            categories=self.schema.categories,
+            expression=expression,
         )
 
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:

@@ -1,4 +1,4 @@
-"""Draw: training history, privacy audits, reconstructions."""
+"""Draw: training history, privacy audits, reconstructions, perturbation effects."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from anndata import AnnData
 from matplotlib.axes import Axes
 from matplotlib.ticker import MaxNLocator
 
 from .model import FederatedModel
 
-__all__ = ["history", "privacy", "reconstruction"]
+__all__ = ["history", "perturbation", "privacy", "reconstruction"]
 
 _LABELS = {
     "train_loss": "local training loss",
@@ -222,4 +223,89 @@ def reconstruction(
         axis.set_ylabel("reconstructed")
         axis.set_title(name, fontsize="x-small")
     _finish(fig, axes, show, save, False)
+    return axes
+
+
+def perturbation(
+    pseudobulk: AnnData,
+    *,
+    perturbations: Sequence[str] | None = None,
+    groups: Mapping[str, str] | None = None,
+    n_top: int = 4,
+    n_genes: int = 5,
+    ax: Axes | Sequence[Axes] | None = None,
+    show: bool | None = None,
+    save: str | Path | None = None,
+) -> list[Axes]:
+    """Predicted vs observed change from control, one panel per perturbation (a dot per gene).
+
+    Parameters
+    ----------
+    pseudobulk
+        From :func:`scinfl.tl.predict_perturbation` with observed cells.
+    perturbations
+        Perturbations to draw; default: the ``n_top`` with the largest observed change (root mean square
+        over genes) among those with observed cells.
+    groups
+        Covariate values to draw, e.g. ``{"condition": "stimulated"}``; a covariate left out must have a
+        single value among the rows drawn.
+    n_top
+        How many perturbations to draw by default.
+    n_genes
+        How many genes to name per panel: those with the largest observed change.
+    ax
+        Axes to draw into, one per perturbation.
+    show, save
+        As in scanpy.
+
+    Returns
+    -------
+    The Axes, one per perturbation.
+    """
+    if not isinstance(pseudobulk, AnnData) or "observed_change" not in pseudobulk.layers:
+        raise ValueError("pl.perturbation draws the AnnData that tl.predict_perturbation returns.")
+    obs = pseudobulk.obs
+    rows = obs["n_observed"].to_numpy() > 0
+    for name, value in (groups or {}).items():
+        if name not in obs:
+            raise ValueError(f"No covariate {name!r}; the rows have {', '.join(map(str, obs.columns))}.")
+        rows &= (obs[name].astype(str) == str(value)).to_numpy()
+    observed = np.asarray(pseudobulk.layers["observed_change"])
+    predicted = np.asarray(pseudobulk.layers["predicted_change"])
+    if perturbations is None:
+        candidates = np.flatnonzero(rows)
+        size = np.sqrt(np.nanmean(observed[candidates] ** 2, axis=1))
+        chosen = candidates[np.argsort(-size, kind="stable")[:n_top]]
+    else:
+        chosen = []
+        for name in perturbations:
+            match = np.flatnonzero(rows & (obs["perturbation"].astype(str) == str(name)).to_numpy())
+            if len(match) != 1:
+                raise ValueError(
+                    f"Perturbation {name!r} has {len(match)} rows with observed cells among those selected; "
+                    "pass groups= to pick one covariate group."
+                )
+            chosen.append(match[0])
+    if not len(chosen):
+        raise ValueError("No perturbation with observed cells matches.")
+    fig, axes = _panels(ax, len(chosen), "perturbations", (3.6, 3.6))
+    for axis, i in zip(axes, chosen, strict=True):
+        x, y = observed[i], predicted[i]
+        axis.scatter(x, y, s=6, alpha=0.5, color="0.4", rasterized=True)
+        top = np.argsort(-np.abs(x), kind="stable")[:n_genes]
+        axis.scatter(x[top], y[top], s=14, color="C3")
+        for j in top:
+            axis.annotate(str(pseudobulk.var_names[j]), (x[j], y[j]), fontsize="xx-small")
+        lim = [min(x.min(), y.min()), max(x.max(), y.max())]
+        axis.plot(lim, lim, color="C0", linewidth=0.8, linestyle="--")
+        axis.axhline(0, color="0.8", linewidth=0.6)
+        axis.axvline(0, color="0.8", linewidth=0.6)
+        pearson = np.corrcoef(x, y)[0, 1] if np.std(y) > 0 else float("nan")
+        axis.set_title(
+            f"{obs.index[i]}\nPearson delta {pearson:.2f}, {int(obs['n_observed'].iloc[i])} cells",
+            fontsize="x-small",
+        )
+        axis.set_xlabel("observed change from control")
+        axis.set_ylabel("predicted change")
+    _finish(fig, axes, show, save, ax is not None)
     return axes

@@ -1,6 +1,13 @@
 """Schema, alignment and sparse-aware batch loading. Knows AnnData; knows nothing of federation."""
 
 from .loader import AlignedMatrix, SiteDataset, batch_loader, check_finite
+from .perturbation import (
+    PerturbationDesign,
+    PerturbationMatrix,
+    build_design,
+    control_profiles,
+    perturbation_matrix,
+)
 from .schema import (
     FederationSchema,
     SiteFields,
@@ -17,15 +24,20 @@ __all__ = [
     "AlignedMatrix",
     "FederationSchema",
     "NeighbourhoodMatrix",
+    "PerturbationDesign",
+    "PerturbationMatrix",
     "SiteDataset",
     "SiteFields",
     "batch_loader",
+    "build_design",
     "build_schema",
     "check_finite",
+    "control_profiles",
     "dirichlet_partition",
     "feature_source",
     "label_codes",
     "neighbourhood_coherence",
+    "perturbation_matrix",
     "site_fields",
     "spatial_graph",
     "stratified_split",

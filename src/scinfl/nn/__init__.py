@@ -20,7 +20,7 @@ from .keyed import (
     use_key,
     use_key_vector,
 )
-from .networks import LIKELIHOODS, Autoencoder, ResidualBlock, ResidualMLPClassifier
+from .networks import LIKELIHOODS, Autoencoder, PerturbationNetwork, ResidualBlock, ResidualMLPClassifier
 
 __all__ = [
     "LIKELIHOODS",
@@ -35,6 +35,7 @@ __all__ = [
     "KeyedLinear",
     "KeyedModule",
     "KeyedNetwork",
+    "PerturbationNetwork",
     "ResidualBlock",
     "ResidualMLPClassifier",
     "active_modulation",

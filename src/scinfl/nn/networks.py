@@ -7,7 +7,15 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LIKELIHOODS", "NORMS", "Autoencoder", "ResidualBlock", "ResidualMLPClassifier", "normalization"]
+__all__ = [
+    "LIKELIHOODS",
+    "NORMS",
+    "Autoencoder",
+    "PerturbationNetwork",
+    "ResidualBlock",
+    "ResidualMLPClassifier",
+    "normalization",
+]
 
 NORMS = ("batch", "layer")
 LIKELIHOODS = ("gaussian", "poisson")
@@ -159,3 +167,68 @@ class Autoencoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
+
+
+class PerturbationNetwork(nn.Module):
+    """Predicts a perturbed cell's expression from its site's control profile, the perturbation and the
+    covariates: ``control + head(features(inputs))``, so the head learns the change from control.
+
+    Its input rows are ``[observed | control | perturbation one-hot | covariates one-hot]``
+    (:class:`scinfl.data.PerturbationMatrix`): the observed profile, the training target, is dropped before
+    the first layer, so the network never reads it. Encoder ``Linear-Norm-ReLU-Dropout-Linear-Norm-ReLU``
+    (its output is the embedding), head ``Linear`` to the change of every feature.
+
+    Parameters
+    ----------
+    n_features
+        Number of expression features.
+    n_perturbations
+        Number of perturbation categories (the control included).
+    n_covariates
+        Width of the covariates' one-hot encoding (0 without covariates).
+    hidden
+        Width of the encoder's layers.
+    dropout
+        Dropout in the encoder.
+    norm
+        ``"batch"`` or ``"layer"`` (see :func:`normalization`).
+    """
+
+    def __init__(
+        self,
+        n_features: int,
+        n_perturbations: int,
+        n_covariates: int = 0,
+        *,
+        hidden: int = 256,
+        dropout: float = 0.1,
+        norm: Literal["batch", "layer"] = "batch",
+    ) -> None:
+        super().__init__()
+        if hidden < 1 or n_perturbations < 2:
+            raise ValueError(
+                f"hidden must be positive and there must be at least 2 perturbation categories (control "
+                f"included), got hidden={hidden} and {n_perturbations} categories."
+            )
+        self.n_features = n_features
+        self.encoder = nn.Sequential(
+            nn.Linear(n_features + n_perturbations + n_covariates, hidden),
+            normalization(norm, hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, hidden),
+            normalization(norm, hidden),
+            nn.ReLU(),
+        )
+        self.change = nn.Linear(hidden, n_features)
+
+    def features(self, x: Tensor) -> Tensor:
+        """The embedding of a cell's condition (its control profile, perturbation and covariates)."""
+        return self.encoder(x[:, self.n_features :])
+
+    def head(self, features: Tensor) -> Tensor:
+        """The predicted change from the control profile."""
+        return self.change(features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x[:, self.n_features : 2 * self.n_features] + self.head(self.features(x))

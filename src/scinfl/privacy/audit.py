@@ -227,7 +227,9 @@ class _Context:
         self.first_layer, self.last_layer = _task_linear_names(network)
         # What a client's gradient is of: None is the classifier's cross-entropy.
         self.loss_task = (
-            None if config.task == "classification" else get_task(config.task, likelihood=config.likelihood)
+            None
+            if config.task == "classification"
+            else get_task(config.task, likelihood=config.likelihood, n_features=config.n_features)
         )
 
     def predict(self, material) -> np.ndarray:

@@ -186,7 +186,7 @@ def train_fresh_model(
     fit_local(
         network,
         loader,
-        get_task(config.task, likelihood=config.likelihood),
+        get_task(config.task, likelihood=config.likelihood, n_features=config.n_features),
         epochs=epochs,
         lr=lr,
         weight_decay=1e-5,

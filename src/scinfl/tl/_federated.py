@@ -19,10 +19,12 @@ from ..data import (
     AlignedMatrix,
     NeighbourhoodMatrix,
     SiteFields,
+    build_design,
     build_schema,
     check_finite,
     feature_source,
     label_codes,
+    perturbation_matrix,
     site_fields,
     spatial_graph,
 )
@@ -78,8 +80,18 @@ def _as_site_dict(
 
 
 def _write_predictions(
-    adata: AnnData, predictions: Predictions, *, key_added: str, uns: Mapping[str, Any]
+    adata: AnnData,
+    predictions: Predictions,
+    *,
+    key_added: str,
+    uns: Mapping[str, Any],
+    var_names: Sequence[str] = (),
 ) -> None:
+    if predictions.expression is not None:  # a perturbation model's: per gene of adata.var, NaN if unmodelled
+        position = pd.Index(var_names).get_indexer(adata.var_names)
+        layer = np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32)
+        layer[:, position >= 0] = predictions.expression[:, position[position >= 0]]
+        adata.layers[f"{key_added}_predicted"] = layer
     if predictions.probabilities is not None:  # a classifier's; an embedding model has only the latent
         adata.obs[f"{key_added}_prediction"] = predictions.labels  # categorical, positional
         adata.obs[f"{key_added}_confidence"] = predictions.confidence.astype(np.float32, copy=False)
@@ -131,8 +143,11 @@ def train_federated(
     sites: Mapping[str, SiteInput] | Sequence[SiteInput],
     *,
     key: FederationKey | None,
-    task: Literal["classification", "embedding"] = "classification",
+    task: Literal["classification", "embedding", "perturbation"] = "classification",
     label_key: str | None = None,
+    perturbation_key: str | None = None,
+    control: str = "control",
+    covariate_keys: Sequence[str] = (),
     layer: str | None = None,
     use_raw: bool | None = None,
     join: Literal["inner", "outer"] = "inner",
@@ -181,9 +196,18 @@ def train_federated(
     task
         What to learn. ``"classification"``: cell types or cohorts from ``label_key``. ``"embedding"``: a
         keyed autoencoder whose latent is the cell embedding, without labels (a ``label_key``, if given,
-        only stratifies the validation cells).
+        only stratifies the validation cells). ``"perturbation"``: predict each cell's expression from its
+        site's mean control profile, its perturbation and its covariates (regression; see
+        ``perturbation_key``).
     label_key
         ``.obs`` column with the labels; defaults to the site registration (:func:`scinfl.pp.register_site`).
+    perturbation_key, control, covariate_keys
+        ``task="perturbation"``: the ``.obs`` column naming each cell's perturbation, its control label,
+        and ``.obs`` columns of covariates (e.g. ``["condition"]``). Every site needs control cells: the
+        network reads the mean control profile of the cell's covariate group at its site (computed there,
+        never sent), the perturbation and the covariates, and predicts the cell's values (use
+        log-normalised values: the loss is the mean squared error). A perturbation is predicted from its
+        own cells, so it must be among the training perturbations. Splits are stratified by perturbation.
     layer
         Layer with the features; None uses ``.X`` (or the registration).
     use_raw
@@ -270,7 +294,10 @@ def train_federated(
         (classification).
     ``.obsm[f"X_{key_added}"]``
         The cell embedding (use with ``sc.pp.neighbors(adata, use_rep=...)``): the classifier's narrowing
-        layer, or the autoencoder's latent.
+        layer, the autoencoder's latent, or the perturbation model's encoding of the cell's condition.
+    ``.layers[f"{key_added}_predicted"]``
+        The predicted values of every cell (perturbation): its site's control profile plus the predicted
+        change for its perturbation and covariates; NaN for genes the model does not have.
     ``.uns[key_added]``
         ``params``, ``categories``, ``scheme``, ``key_fingerprint`` (keyed models), ``n_features``,
         ``dp`` (with ``dp=``: target ``epsilon``, ``delta``, ``max_grad_norm``, and per site
@@ -282,6 +309,12 @@ def train_federated(
     if key is not None and not isinstance(key, FederationKey):
         raise TypeError(f"key must be a scinfl.FederationKey or None, got {type(key).__name__}.")
     if engine == "flower":
+        if spatial_key is not None or task == "perturbation":
+            raise ValueError(
+                "engine='flower' trains on each site's own matrix; spatial_key= and task='perturbation' "
+                "build site inputs (a spatial graph, control profiles) that its ClientApp does not build "
+                "yet: use engine='local'."
+            )
         if dp is not None:
             raise ValueError(
                 "dp= runs with engine='local' only: each site's privacy accountant must span all rounds "
@@ -314,6 +347,19 @@ def train_federated(
         if int(value) != value or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     task_def = get_task(task)
+    if task == "perturbation":
+        if perturbation_key is None:
+            raise ValueError("task='perturbation' needs perturbation_key=, the .obs column of perturbations.")
+        if label_key is not None and label_key != perturbation_key:
+            raise ValueError(
+                f"task='perturbation' reads its categories from perturbation_key={perturbation_key!r}; "
+                f"label_key={label_key!r} would be another column: leave it out."
+            )
+        label_key = perturbation_key
+    elif perturbation_key is not None or covariate_keys:
+        raise ValueError(
+            f"perturbation_key= and covariate_keys= belong to task='perturbation', not {task!r}."
+        )
     if copy:
         for name, adata in site_data.items():
             if adata.isbacked and name not in opened:
@@ -332,6 +378,13 @@ def train_federated(
             raise ValueError(f"Site {name!r} has no cells.")
         check_finite(feature_source(adata, fields[name])[0], name)
     schema = build_schema(site_data, fields, join=join)
+    design = None
+    if task == "perturbation":
+        design = build_design(
+            site_data, perturbation_key=perturbation_key, control=control, covariate_keys=covariate_keys
+        )
+        if design.control not in schema.categories:  # pragma: no cover - build_design found controls
+            raise ValueError(f"No site has control cells labelled {control!r}.")
     if task_def.needs_labels and schema.label_key is None:
         raise ValueError(f"task={task!r} needs labels: pass label_key= or register it with pp.register_site.")
 
@@ -343,6 +396,7 @@ def train_federated(
         dropout=dropout,
         n_latent=n_latent,
         likelihood=likelihood,
+        n_covariates=0 if design is None else design.n_covariates,
         scheme=None if key is None else key.scheme,
         key_strength=key_strength,
         norm="batch" if dp_settings is None else "layer",  # DP-SGD needs per-cell gradients
@@ -366,6 +420,7 @@ def train_federated(
         "dropout": dropout,
         **({"n_latent": n_latent, "likelihood": likelihood} if task == "embedding" else {}),
         **({"spatial_key": spatial_key, "spatial_neighbors": spatial_neighbors} if spatial_key else {}),
+        **({"perturbation": design.to_dict()} if design is not None else {}),
         "key_strength": key_strength,
         "validation_fraction": validation_fraction,
         "join": join,
@@ -414,6 +469,8 @@ def train_federated(
                     matrix = NeighbourhoodMatrix(
                         matrix, spatial_graph(adata, spatial_key, spatial_neighbors, name)
                     )
+                if design is not None:
+                    matrix = perturbation_matrix(matrix, adata, design, schema, name)
                 if schema.label_key is not None:
                     labels = label_codes(adata, schema, name)
                 else:  # a task without labels: one class, for the validation split
@@ -472,7 +529,9 @@ def train_federated(
                 )
                 # min_overlap=0: with join="outer" a site may hold few of the union's features (zero-filled)
                 predictions = model.predict(adata, key=key, site=name, min_overlap=0.0)
-            _write_predictions(adata, predictions, key_added=key_added, uns=_model_uns(model))
+            _write_predictions(
+                adata, predictions, key_added=key_added, uns=_model_uns(model), var_names=schema.var_names
+            )
     if dp_settings is not None:
         spent = params["dp"]["spent_epsilon"]
         logger.info(
@@ -594,5 +653,7 @@ def predict(
             layer=layer,
             use_raw=use_raw,
         )
-    _write_predictions(adata, predictions, key_added=key_added, uns=_model_uns(model))
+    _write_predictions(
+        adata, predictions, key_added=key_added, uns=_model_uns(model), var_names=model.schema.var_names
+    )
     return adata if copy else None

@@ -3,7 +3,7 @@
 from .config import ModelConfig, build_network, key_material
 from .local import LocalFitResult, TrainingPlan, copy_state, evaluate, fit_local, infer
 from .site import FitSettings, SiteTrainer, site_datasets
-from .tasks import TASKS, ClassificationTask, EmbeddingTask, Task, get_task
+from .tasks import TASKS, ClassificationTask, EmbeddingTask, PerturbationTask, Task, get_task
 
 __all__ = [
     "TASKS",
@@ -12,6 +12,7 @@ __all__ = [
     "FitSettings",
     "LocalFitResult",
     "ModelConfig",
+    "PerturbationTask",
     "SiteTrainer",
     "Task",
     "TrainingPlan",

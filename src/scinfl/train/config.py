@@ -24,7 +24,8 @@ class ModelConfig:
     normalisation in the residual blocks: ``"batch"`` (the paper's BatchNorm) or ``"layer"`` (LayerNorm,
     which DP-SGD needs). ``key_strength`` and the encoder sizes belong to ``scheme="infl"``; the
     ``mixing_*`` fields to ``scheme="hardened"`` (its input mixing's block size, rounds and gain range);
-    ``n_latent`` and ``likelihood`` to ``task="embedding"``.
+    ``n_latent`` and ``likelihood`` to ``task="embedding"``; ``n_covariates`` (the covariates' one-hot
+    width) to ``task="perturbation"``, whose ``n_classes`` counts the perturbations, control included.
     Configs saved before a field existed load with its default.
     """
 
@@ -45,6 +46,7 @@ class ModelConfig:
     mixing_gain: float = 4.0
     n_latent: int = 16
     likelihood: Literal["gaussian", "poisson"] = "gaussian"
+    n_covariates: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,7 +58,9 @@ class ModelConfig:
 
 def build_network(config: ModelConfig) -> nn.Module:
     """The task network for ``config``, keyed with the config's scheme (or plain when it is None)."""
-    network = get_task(config.task, likelihood=config.likelihood).build_network(config)
+    network = get_task(config.task, likelihood=config.likelihood, n_features=config.n_features).build_network(
+        config
+    )
     if config.scheme is None:
         return network
     if config.scheme == "hardened":

@@ -86,6 +86,7 @@ class SiteTrainer:
         self.task = get_task(
             config.task,
             likelihood=config.likelihood,
+            n_features=config.n_features,
             measured=None if measured is None else torch.from_numpy(measured),
         )
         self.settings = settings

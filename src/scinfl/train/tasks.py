@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nn import LIKELIHOODS, Autoencoder, ResidualMLPClassifier
+from ..nn import LIKELIHOODS, Autoencoder, PerturbationNetwork, ResidualMLPClassifier
 
 if TYPE_CHECKING:
     from .config import ModelConfig
 
-__all__ = ["TASKS", "ClassificationTask", "EmbeddingTask", "Task", "get_task"]
+__all__ = ["TASKS", "ClassificationTask", "EmbeddingTask", "PerturbationTask", "Task", "get_task"]
 
 
 class Task(Protocol):
@@ -125,14 +125,68 @@ class EmbeddingTask:
         return {"loss": float(self._cell_losses(output, target).sum())}
 
 
-TASKS: dict[str, type] = {"classification": ClassificationTask, "embedding": EmbeddingTask}
+class PerturbationTask:
+    """Perturbation response: predict each cell's expression from its site's control profile, its
+    perturbation and its covariates (:class:`~scinfl.nn.PerturbationNetwork`); mean squared error.
+
+    A batch's rows are ``[observed | control | perturbation | covariates]``
+    (:class:`~scinfl.data.PerturbationMatrix`); the target is the observed profile, its first
+    ``n_features`` columns. ``measured`` restricts the loss to the features a site measures, as for
+    :class:`EmbeddingTask`. The loss is per cell; its optimum is each condition's mean profile, the level at
+    which perturbation effects are scored (:func:`scinfl.tl.score_perturbation`).
+    """
+
+    name = "perturbation"
+    needs_labels = True
+
+    def __init__(self, n_features: int, measured: Tensor | None = None) -> None:
+        self.n_features = n_features
+        self.measured = None if measured is None or bool(measured.all()) else measured.bool()
+
+    def build_network(self, config: ModelConfig) -> nn.Module:
+        return PerturbationNetwork(
+            config.n_features,
+            config.n_classes,
+            config.n_covariates,
+            hidden=config.hidden,
+            dropout=config.dropout,
+            norm=config.norm,
+        )
+
+    def target(self, x: Tensor, y: Tensor) -> Tensor:
+        return x[:, : self.n_features]
+
+    def _cell_losses(self, output: Tensor, target: Tensor) -> Tensor:
+        if self.measured is not None:
+            output, target = output[:, self.measured], target[:, self.measured]
+        return (output - target).pow(2).mean(dim=1)
+
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
+        return self._cell_losses(output, target).mean()
+
+    def metric_sums(self, output: Tensor, target: Tensor) -> dict[str, float]:
+        return {"loss": float(self._cell_losses(output, target).sum())}
 
 
-def get_task(name: str, *, likelihood: str = "gaussian", measured: Tensor | None = None) -> Task:
-    """The task called ``name``; ``likelihood`` and ``measured`` (the features a site measures) shape the
-    embedding task's reconstruction loss."""
+TASKS: dict[str, type] = {
+    "classification": ClassificationTask,
+    "embedding": EmbeddingTask,
+    "perturbation": PerturbationTask,
+}
+
+
+def get_task(
+    name: str, *, likelihood: str = "gaussian", measured: Tensor | None = None, n_features: int = 0
+) -> Task:
+    """The task called ``name``. ``likelihood`` shapes the embedding task's reconstruction loss;
+    ``measured`` (the features a site measures) restricts the embedding's and perturbation's losses;
+    ``n_features`` is the perturbation task's profile width."""
     try:
         cls = TASKS[name]
     except KeyError:
         raise ValueError(f"Unknown task {name!r}; available: {', '.join(TASKS)}.") from None
-    return cls(likelihood, measured) if cls is EmbeddingTask else cls()
+    if cls is EmbeddingTask:
+        return cls(likelihood, measured)
+    if cls is PerturbationTask:
+        return cls(n_features, measured)
+    return cls()

@@ -330,3 +330,54 @@ def test_datlinger_screen_federated_matches_central_and_beats_baselines_on_de_ge
     assert ours.loc["model", "mse_top_de"] < 0.85 * ours.loc["mean_change", "mse_top_de"]
     assert ours.loc["model", "mse_top_de"] < 0.5 * ours.loc["no_change", "mse_top_de"]
     assert sites["site_0"].layers["scinfl_predicted"].shape == sites["site_0"].shape
+
+
+@pytest.fixture(scope="module")
+def audited(screen):
+    _, _, held, sites, _, _ = screen
+    tables = {}
+    for scheme in ("hardened", "infl", None):
+        key = None if scheme is None else si.FederationKey(SECRET, scheme=scheme)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*have no control cells")
+            model = si.tl.train_federated(sites, key=key, copy=True, **{**PBMC, "rounds": 40})[0]
+            tables[scheme] = si.tl.privacy_audit(
+                model, sites["site_0"], key=key, public=held, seeds=(0,), n_victims=12, n_wrong_keys=3
+            )
+    return tables
+
+
+def _value(table, attack: str, view: str, metric: str) -> float:
+    row = table[(table["attack"] == attack) & (table["view"] == view) & (table["metric"] == metric)]
+    assert len(row) == 1, (attack, view, metric)
+    return float(row["mean"].iloc[0])
+
+
+def test_audit_reads_a_cell_from_the_output_bias_gradient_unless_hardened(audited):
+    plain, infl, hardened = audited[None], audited["infl"], audited["hardened"]
+    assert set(hardened["family"]) == {"utility", "analytic", "prior"}
+    # Plain FedAvg: the output bias gradient is the residual; with the first layer's input, the cell exactly.
+    assert _value(plain, "output layer (db) + first-layer input", "server", "pearson_minus_mean") > 0.99
+    assert _value(plain, "first layer (dW / db): perturbation", "server", "accuracy") == 1.0
+    # The paper's scheme keys neither: its residual leaks the cell without the key.
+    assert _value(infl, "output layer (db)", "server", "pearson_minus_mean") > 0.8
+    assert _value(infl, "output layer (db)", "server", "reidentified") > 0.8
+    # The hardened scheme: outputs in a secret order, first-layer inputs mixed.
+    assert _value(hardened, "output layer (db)", "server", "pearson_minus_mean") < 0.2
+    assert _value(hardened, "first layer (dW / db): perturbation", "server", "accuracy") < 0.5
+
+
+def test_audit_utility_is_pearson_delta_per_key_view(audited):
+    hardened, infl = audited["hardened"], audited["infl"]
+    right = _value(hardened, "Pearson delta", "right key", "pearson_delta")
+    assert right > 0.5
+    assert _value(hardened, "Pearson delta", "wrong key", "pearson_delta") < right - 0.4
+    assert _value(hardened, "Pearson delta", "no key", "pearson_delta") < right - 0.4
+    assert -1 <= _value(hardened, "Pearson delta", "mean change (no model)", "pearson_delta") <= 1
+    # the paper's scheme: a wrong key predicts almost as well as the right one
+    assert _value(infl, "Pearson delta", "wrong key", "pearson_delta") > 0.8 * _value(
+        infl, "Pearson delta", "right key", "pearson_delta"
+    )
+    axes = si.pl.privacy(hardened, families=["utility"], show=False)
+    assert "Pearson delta" in axes[0].get_xlabel()
+    plt.close("all")

@@ -143,6 +143,9 @@ def privacy(
     fig, axes = _panels(ax, len(families), "families", (5.0, 4.2))
     for axis, family in zip(axes, families, strict=True):
         metric, label = _PRIVACY_PANELS[family]
+        if family == "utility" and not ((audit["family"] == family) & (audit["metric"] == metric)).any():
+            # a perturbation model's utility
+            metric, label = "pearson_delta", "Pearson delta on never-trained cells"
         rows = audit[(audit["family"] == family) & (audit["metric"] == metric)]
         if family == "utility":
             chance = rows[rows["view"] == "chance"]

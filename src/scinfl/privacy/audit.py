@@ -52,7 +52,7 @@ from .utility import (
 
 __all__ = [
     "ATTACKS",
-    "EMBEDDING_ATTACKS",
+    "NON_CLASSIFIER_ATTACKS",
     "AuditData",
     "AuditSettings",
     "check_attacks",
@@ -61,9 +61,10 @@ __all__ = [
 ]
 
 ATTACKS = ("utility", "key_recovery", "analytic", "inversion", "membership")
-# A model without classes (task "embedding"): its utility is label transfer in its embedding, and the
-# analytic attacks read its reconstruction loss's gradient. The others assume a classifier's outputs.
-EMBEDDING_ATTACKS = ("utility", "analytic")
+# A model that is not a classifier (tasks "embedding" and "perturbation"): its utility is label transfer in
+# its embedding or its predicted perturbation effects, and the analytic attacks read its own loss's
+# gradient. The other families assume a classifier's outputs.
+NON_CLASSIFIER_ATTACKS = ("utility", "analytic")
 COLUMNS = ["family", "attack", "view", "metric", "mean", "ci_low", "ci_high", "n"]
 
 
@@ -217,13 +218,16 @@ class _Context:
         self.key = key
         self.settings = settings
         self.right = _material(key, config)
-        self.public_mean = data.public_x.mean(0).numpy()
+        # A perturbation model's rows are [observed | control | perturbation | covariates]: the cell's own
+        # profile, what reconstruction attacks are after, is the observed part (the loss's target).
+        self.profile = slice(0, config.n_features) if config.task == "perturbation" else slice(None)
+        public = data.public_x[:, self.profile]
+        self.public_mean = public.mean(0).numpy()
         public_y = data.public_y.numpy()
         self.celltype_means = {
-            int(c): data.public_x[torch.from_numpy(public_y == c)].mean(0).numpy()
-            for c in np.unique(public_y)
+            int(c): public[torch.from_numpy(public_y == c)].mean(0).numpy() for c in np.unique(public_y)
         }
-        self.reference = torch.cat([data.members_x, data.public_x]).numpy()
+        self.reference = torch.cat([data.members_x[:, self.profile], public]).numpy()
         self.first_layer, self.last_layer = _task_linear_names(network)
         # What a client's gradient is of: None is the classifier's cross-entropy.
         self.loss_task = (
@@ -248,7 +252,7 @@ class _Context:
         return _keep(
             reconstruction_metrics(
                 reconstructed,
-                self.data.members_x[victim].numpy(),
+                self.data.members_x[victim, self.profile].numpy(),
                 public_mean=self.public_mean,
                 celltype_mean=self.celltype_means.get(label),
                 reference=self.reference,
@@ -599,15 +603,136 @@ _FAMILIES: dict[str, Callable[[_Context, _Collector, int], None]] = {
 }
 
 
+def _perturbation_changes(
+    ctx: _Context, x: Tensor, y: Tensor, predicted: np.ndarray | None
+) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """Per condition (perturbation and covariates) with 2 or more cells: the observed mean change from
+    the control profile the cells read, and the predicted one (None without ``predicted``)."""
+    n = ctx.config.n_features
+    x = x.numpy()
+    condition = np.column_stack([y.numpy(), x[:, 2 * n + ctx.config.n_classes :]])
+    _, group = np.unique(condition, axis=0, return_inverse=True)
+    out = []
+    for g in np.unique(group.reshape(-1)):
+        rows = np.flatnonzero(group.reshape(-1) == g)
+        if len(rows) < 2:
+            continue
+        control = x[rows, n : 2 * n].mean(0)
+        change = None if predicted is None else predicted[rows].mean(0) - control
+        out.append((x[rows, :n].mean(0) - control, change))
+    return out
+
+
+def _predicted_profiles(ctx: _Context, x: Tensor, material) -> np.ndarray:
+    with torch.no_grad(), use_key(material):
+        return ctx.network(x).numpy()
+
+
+def _perturbation_utility(ctx: _Context, out: _Collector, seed: int) -> None:
+    """Pearson delta of the public cells' conditions under each key view, and without a model."""
+    x, y = ctx.data.public_x, ctx.data.public_y
+    name = "Pearson delta"
+
+    def add(view: str, material) -> None:
+        for observed, predicted in _perturbation_changes(ctx, x, y, _predicted_profiles(ctx, x, material)):
+            out.add("utility", name, view, {"pearson_delta": pearson(predicted, observed)})
+
+    if not isinstance(ctx.network, KeyedModule):
+        add("server", None)
+    else:
+        add("right key", ctx.right)
+        add("no key", None)
+        for i in range(ctx.settings.n_wrong_keys):
+            add("wrong key", _material(wrong_key(ctx.key, seed, i), ctx.config))
+            bit = int(np.random.default_rng([seed, i]).integers(0, 256))
+            add("one-bit flip", _material(ctx.key.with_bit_flipped(bit), ctx.config))
+    # Without a model: the mean change of the trained-on cells' perturbed conditions, for every condition.
+    members = _perturbation_changes(ctx, ctx.data.members_x, ctx.data.members_y, None)
+    mean_change = np.mean([observed for observed, _ in members], axis=0)
+    for observed, _ in _perturbation_changes(ctx, x, y, None):
+        out.add("utility", name, "mean change (no model)", {"pearson_delta": pearson(mean_change, observed)})
+
+
+def _perturbation_analytic(ctx: _Context, out: _Collector, seed: int) -> None:
+    """What one cell's gradient gives the server: its perturbation from the first layer (whose inputs are
+    the condition, not the cell), and its profile from the output layer's bias gradient, which for a mean
+    squared error over ``n`` features is ``2 (prediction - profile) / n``."""
+    n, n_classes = ctx.config.n_features, ctx.config.n_classes
+    victims = _victims(ctx, seed, ctx.settings.n_victims)
+    weight, bias = f"{ctx.first_layer}.weight", f"{ctx.first_layer}.bias"
+    residuals = []
+    for victim in victims:
+        x = ctx.data.members_x[victim : victim + 1]
+        y = ctx.data.members_y[victim : victim + 1]
+        truth = x[0, :n].numpy()
+        grads = client_gradient(
+            ctx.network, x, y, key_material=ctx.right, private=ctx.settings.private, task=ctx.loss_task
+        )
+        # The prediction residual: no key needed to read it, only the position of each gene.
+        residual = grads[f"{ctx.last_layer}.bias"].numpy() * n / 2
+        residuals.append((victim, residual))
+        estimate = ctx.public_mean - residual
+        out.example("output layer (db)", "server", truth, estimate)
+        out.add("analytic", "output layer (db)", "server", ctx.metrics(estimate, victim))
+        priors = prior_baselines(
+            truth,
+            public_mean=ctx.public_mean,
+            celltype_mean=ctx.celltype_means.get(int(y)),
+            reference=ctx.reference,
+            victim_index=int(victim),
+        )
+        out.add("prior", "public mean profile", "free", _keep(priors["public_mean"]))
+        out.add("prior", "perturbation mean profile", "free", _keep(priors["celltype_mean"]))
+        if torch.any(grads[bias]):
+            # The first layer's input, [control profile | perturbation | covariates], read from dW / db.
+            inputs = invert_first_layer(grads[weight], grads[bias])
+            guess = int(np.argmax(inputs[n : n + n_classes]))
+            out.add(
+                "analytic",
+                "first layer (dW / db): perturbation",
+                "server",
+                {"accuracy": float(guess == int(y))},
+            )
+            # With that input the server runs the model itself and subtracts the residual (no key).
+            row = torch.from_numpy(np.concatenate([np.zeros(n), inputs]).astype(np.float32))[None]
+            predicted = _predicted_profiles(ctx, row, None)[0]
+            out.add(
+                "analytic",
+                "output layer (db) + first-layer input",
+                "server",
+                ctx.metrics(predicted - residual, victim),
+            )
+    if len(residuals) >= 3:
+        # Against a secret order of the outputs: match positions to genes by rank of variance, the leaked
+        # residuals' against the public cells' (a gene's spread grows with its expression).
+        matrix = np.stack([residual for _, residual in residuals])
+        public = ctx.data.public_x[:, ctx.profile].numpy()
+        position_of_gene = np.empty(n, dtype=np.int64)
+        position_of_gene[np.argsort(public.var(0), kind="stable")] = np.argsort(matrix.var(0), kind="stable")
+        for (victim, _), row in zip(residuals, matrix[:, position_of_gene], strict=True):
+            out.add(
+                "analytic",
+                f"output layer + variance alignment ({len(residuals)} leaked)",
+                "server",
+                ctx.metrics(ctx.public_mean - row, victim),
+            )
+
+
+_PERTURBATION_FAMILIES: dict[str, Callable[[_Context, _Collector, int], None]] = {
+    "utility": _perturbation_utility,
+    "analytic": _perturbation_analytic,
+}
+
+
 def check_attacks(config: ModelConfig, attacks: Sequence[str]) -> None:
     """Raise unless every attack family exists and applies to the model's task."""
     unknown = set(attacks) - set(ATTACKS)
     if unknown:
         raise ValueError(f"Unknown attacks {sorted(unknown)}; available: {', '.join(ATTACKS)}.")
-    if config.task != "classification" and set(attacks) - set(EMBEDDING_ATTACKS):
+    if config.task != "classification" and set(attacks) - set(NON_CLASSIFIER_ATTACKS):
         raise ValueError(
-            f"A {config.task!r} model is audited with {', '.join(map(repr, EMBEDDING_ATTACKS))} only; the other "
-            f"attacks read a classifier's outputs. Pass attacks={EMBEDDING_ATTACKS!r}."
+            f"A {config.task!r} model is audited with {', '.join(map(repr, NON_CLASSIFIER_ATTACKS))} only; the "
+            f"other attacks read a classifier's outputs. Pass attacks={NON_CLASSIFIER_ATTACKS!r}."
         )
 
 
@@ -654,8 +779,9 @@ def run_audit(
     network.eval()
     try:
         for seed in settings.seeds:
+            families = _PERTURBATION_FAMILIES if config.task == "perturbation" else _FAMILIES
             for family in attacks:
-                _FAMILIES[family](ctx, out, seed)
+                families[family](ctx, out, seed)
     finally:
         network.train(was_training)
     return out.table(settings.n_boot)

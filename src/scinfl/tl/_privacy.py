@@ -10,10 +10,24 @@ import torch
 from anndata import AnnData
 
 from .._settings import settings, torch_threads
-from ..data import AlignedMatrix, check_finite, label_codes, site_fields
+from ..data import (
+    AlignedMatrix,
+    PerturbationDesign,
+    check_finite,
+    label_codes,
+    perturbation_matrix,
+    site_fields,
+)
 from ..key import FederationKey
 from ..model import FederatedModel
-from ..privacy.audit import ATTACKS, EMBEDDING_ATTACKS, AuditData, AuditSettings, check_attacks, run_audit
+from ..privacy.audit import (
+    ATTACKS,
+    NON_CLASSIFIER_ATTACKS,
+    AuditData,
+    AuditSettings,
+    check_attacks,
+    run_audit,
+)
 from ..privacy.gradients import PrivateGradient
 
 __all__ = ["privacy_audit"]
@@ -32,6 +46,9 @@ def _cells(model: FederatedModel, adata: AnnData, role: str, rng: np.random.Gene
             "audit on data with the model's full feature set."
         )
     check_finite(matrix.matrix, role)
+    if model.config.task == "perturbation":  # rows [observed | control profile | perturbation | covariates]
+        design = PerturbationDesign.from_dict(model.params["perturbation"])
+        matrix = perturbation_matrix(matrix, adata, design, model.schema, role)
     index = np.sort(rng.choice(adata.n_obs, size=min(adata.n_obs, _MAX_CELLS), replace=False))
     x = torch.from_numpy(matrix.rows(index))
     y = torch.from_numpy(labels[index])
@@ -104,7 +121,13 @@ def privacy_audit(
         the key recovery fits the scheme's continuous relaxation, and the inversion family adds joint
         inversion with that relaxation and label frequency analysis (:mod:`scinfl.privacy.hardened`).
         An embedding model (``task="embedding"``) is audited with ``"utility"`` and ``"analytic"``; its
-        clients' gradients are of the reconstruction loss.
+        clients' gradients are of the reconstruction loss. So is a perturbation model
+        (``task="perturbation"``): its utility is the Pearson delta of the public cells' conditions under
+        each key view (beside the mean change of the trained-on cells, without a model), and its analytic
+        attacks read a cell's perturbation from the first layer's gradient and its profile from the output
+        layer's bias gradient (the prediction residual), also after aligning a secret output order by
+        variance ranks over the leaked residuals. Each site computes control profiles from its own
+        cells, so ``adata`` and ``public`` each need control cells.
     label_key
         ``.obs`` column of labels in both ``adata`` and ``public``: needed for a model trained without
         labels (embedding); default: the model's own label column.
@@ -136,7 +159,7 @@ def privacy_audit(
     model.check_key(key)
     rng = np.random.default_rng(0)
     if attacks is None:
-        attacks = ATTACKS if model.config.task == "classification" else EMBEDDING_ATTACKS
+        attacks = ATTACKS if model.config.task == "classification" else NON_CLASSIFIER_ATTACKS
     check_attacks(model.config, attacks)
     labels = _labels(model, {"trained-on": adata, "public": public}, label_key)
     members_x, members_y = _cells(model, adata, "trained-on", rng, labels["trained-on"])

@@ -11,6 +11,12 @@ Each figure is a mean over victims (or keys) and seeds with a 95% percentile-boo
     python benchmarks/privacy_audit.py --quick          # a few minutes, prints only
     python benchmarks/privacy_audit.py --configs "embedding, plain FedAvg" "embedding, INFL s=1" \
         "embedding, hardened"                           # the embedding task, its own section
+    python benchmarks/privacy_audit.py --configs "perturbation, plain FedAvg" "perturbation, INFL s=1" \
+        "perturbation, hardened"                        # the perturbation task (needs ../shared/data)
+
+The perturbation configurations use the Datlinger et al. 2021 screen of ``../shared/data`` as
+benchmarks/perturbation.py prepares it (500 most expressed genes, log-normalised), 20% of every guide
+(controls included: each role needs control profiles) held out as the public cohort, 2 sites.
 
 Configurations run in parallel processes (one torch thread each).
 """
@@ -56,14 +62,23 @@ CONFIGS: dict[str, dict] = {
             ("hardened", {"key": True, "scheme": "hardened"}),
         )
     },
+    # The perturbation task (80 rounds as in benchmarks/perturbation.py), its own section too.
+    **{
+        f"perturbation, {name}": {"task": "perturbation", "hidden": 128, "rounds": 80, **keying}
+        for name, keying in (
+            ("plain FedAvg", {"key": False}),
+            ("INFL s=1", {"key": True}),
+            ("hardened", {"key": True, "scheme": "hardened"}),
+        )
+    },
 }
 
 # (family, attack, view, metric) rows shown in the report, in order; views absent for a config print "-".
 REPORT_METRICS = {
-    "utility": ("accuracy", "balanced_accuracy"),  # kNN label transfer for embedding models
+    "utility": ("accuracy", "balanced_accuracy", "pearson_delta"),  # kNN transfer / perturbation effects
     "key recovery": ("accuracy",),
     "prior": ("pearson_minus_mean", "reidentified"),
-    "analytic": ("pearson_minus_mean", "reidentified"),
+    "analytic": ("pearson_minus_mean", "reidentified", "accuracy"),  # accuracy: a cell's perturbation
     "inversion": ("pearson_minus_mean", "reidentified", "label_recovered"),
     "membership": ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr"),
 }
@@ -78,15 +93,22 @@ def audit_one(name: str, settings: dict, args: argparse.Namespace) -> tuple[str,
     torch.set_num_threads(1)
     si.settings.progress = False
     start = time.perf_counter()
-    adata = sc.datasets.pbmc68k_reduced()
-    train, public = si.pp.split_holdout(adata, label_key="bulk_labels", fraction=0.2, seed=0)
-    sites = si.pp.split_sites(train, n_sites=3, label_key="bulk_labels", alpha=0.5, seed=0)
     key = si.FederationKey.generate(scheme=settings.get("scheme", "infl")) if settings["key"] else None
     options = {k: v for k, v in settings.items() if k not in ("key", "scheme")}
     rounds = options.pop("rounds", args.rounds)
-    model = si.tl.train_federated(
-        sites, key=key, label_key="bulk_labels", use_raw=True, rounds=rounds, seed=0, **options
-    )
+    if settings.get("task") == "perturbation":
+        from perturbation import load
+
+        adata = load(500)
+        train, public = si.pp.split_holdout(adata, label_key="perturbation", fraction=0.2, seed=0)
+        sites = si.pp.split_sites(train, n_sites=2, label_key="perturbation", alpha=100.0, seed=0)
+        options |= {"perturbation_key": "perturbation", "covariate_keys": ["condition"]}
+    else:
+        adata = sc.datasets.pbmc68k_reduced()
+        train, public = si.pp.split_holdout(adata, label_key="bulk_labels", fraction=0.2, seed=0)
+        sites = si.pp.split_sites(train, n_sites=3, label_key="bulk_labels", alpha=0.5, seed=0)
+        options |= {"label_key": "bulk_labels", "use_raw": True}
+    model = si.tl.train_federated(sites, key=key, rounds=rounds, seed=0, **options)
     audited = max(sites, key=lambda s: sites[s].n_obs)
     table = si.tl.privacy_audit(
         model,
@@ -167,9 +189,7 @@ def main() -> int:
         parser.error(f"unknown configurations {sorted(unknown)}")
     tasks = {CONFIGS[name].get("task", "classification") for name in args.configs}
     if len(tasks) > 1:
-        parser.error(
-            "run classification and embedding configurations separately (they have their own tables)"
-        )
+        parser.error("run classification, embedding and perturbation configurations separately (own tables)")
     markers = MARKERS[tasks.pop()]
     start = time.perf_counter()
     tables, infos = {}, {}
@@ -212,6 +232,7 @@ def main() -> int:
 MARKERS = {
     "classification": ("<!-- privacy-audit:start -->", "<!-- privacy-audit:end -->"),
     "embedding": ("<!-- privacy-audit-embedding:start -->", "<!-- privacy-audit-embedding:end -->"),
+    "perturbation": ("<!-- privacy-audit-perturbation:start -->", "<!-- privacy-audit-perturbation:end -->"),
 }
 
 

@@ -381,3 +381,27 @@ def test_audit_utility_is_pearson_delta_per_key_view(audited):
     axes = si.pl.privacy(hardened, families=["utility"], show=False)
     assert "Pearson delta" in axes[0].get_xlabel()
     plt.close("all")
+
+
+def test_loss_ignores_genes_a_site_does_not_measure(pbmc):
+    genes = pbmc.raw.var_names
+    obs = pbmc.obs[["bulk_labels", "phase"]]
+    a = ad.AnnData(pbmc.raw.X[:350, :500], obs=obs[:350], var=pd.DataFrame(index=genes[:500]))
+    b = ad.AnnData(pbmc.raw.X[350:, 265:], obs=obs[350:], var=pd.DataFrame(index=genes[265:]))
+    task = si.train.PerturbationTask(4, measured=torch.tensor([True, True, False, False]))
+    output, target = torch.zeros(2, 4, requires_grad=True), torch.tensor([[1.0, 1.0, 9.0, 9.0]] * 2)
+    task.loss(output, target).backward()
+    assert task.loss(output, target).item() == pytest.approx(1.0)  # only the 2 measured genes count
+    assert (output.grad[:, 2:] == 0).all()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*have no control cells")
+        model = si.tl.train_federated(
+            {"a": a, "b": b},
+            key=si.FederationKey(SECRET),
+            join="outer",
+            **{**PBMC, "rounds": 2, "use_raw": False},
+        )
+    assert model.schema.n_features == len(genes)
+    # b's layer covers its own genes; a's genes outside b's panel are predicted for a only
+    assert b.layers["scinfl_predicted"].shape == b.shape
+    assert np.isfinite(b.layers["scinfl_predicted"]).all()

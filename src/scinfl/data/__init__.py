@@ -6,6 +6,7 @@ from .perturbation import (
     PerturbationMatrix,
     build_design,
     control_profiles,
+    group_moments,
     perturbation_matrix,
 )
 from .schema import (
@@ -35,6 +36,7 @@ __all__ = [
     "control_profiles",
     "dirichlet_partition",
     "feature_source",
+    "group_moments",
     "label_codes",
     "neighbourhood_coherence",
     "perturbation_matrix",

@@ -23,6 +23,7 @@ __all__ = [
     "PerturbationMatrix",
     "build_design",
     "control_profiles",
+    "group_moments",
     "perturbation_matrix",
 ]
 
@@ -132,13 +133,37 @@ def build_design(
     return design
 
 
+def group_moments(
+    matrix, cells: np.ndarray, group: np.ndarray, n_groups: int, *, chunk: int = 4096
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean, standard error of the mean and count of rows ``cells`` of an aligned matrix in each group
+    (``group[cell]`` in ``0 .. n_groups - 1``), read ``chunk`` rows at a time. NaN where a group is empty
+    (and standard error NaN below 2 cells)."""
+    sums = np.zeros((n_groups, matrix.n_features))
+    squares = np.zeros_like(sums)
+    counts = np.zeros(n_groups)
+    for start in range(0, len(cells), chunk):
+        rows = cells[start : start + chunk]
+        values = matrix.rows(rows).astype(np.float64)
+        np.add.at(sums, group[rows], values)
+        np.add.at(squares, group[rows], values**2)
+        np.add.at(counts, group[rows], 1)
+    n = counts[:, None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = sums / n
+        variance = np.maximum(squares / n - mean**2, 0) * n / (n - 1)
+        se = np.sqrt(variance / n)
+    return mean, se, counts
+
+
 def control_profiles(
-    matrix, is_control: np.ndarray, covariate_codes: np.ndarray, site: str, *, chunk: int = 4096
+    matrix, is_control: np.ndarray, covariate_codes: np.ndarray, site: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each covariate group's mean control profile, and every cell's group.
 
-    ``matrix`` is an aligned matrix (``rows``, ``n_features``). A group without control cells at the site
-    gets the site's pooled control profile, with a warning.
+    ``matrix`` is an aligned matrix (``rows``, ``n_features``). Groups are the distinct rows of
+    ``covariate_codes``, in sorted order. A group without control cells at the site gets the site's
+    pooled control profile, with a warning.
 
     Returns
     -------
@@ -146,14 +171,7 @@ def control_profiles(
     """
     groups, group = np.unique(covariate_codes, axis=0, return_inverse=True)
     group = group.reshape(-1)
-    sums = np.zeros((len(groups), matrix.n_features))
-    counts = np.zeros(len(groups))
-    controls = np.flatnonzero(is_control)
-    for start in range(0, len(controls), chunk):
-        rows = controls[start : start + chunk]
-        np.add.at(sums, group[rows], matrix.rows(rows).astype(np.float64))
-        np.add.at(counts, group[rows], 1)
-    pooled = sums.sum(axis=0) / counts.sum()
+    mean, _, counts = group_moments(matrix, np.flatnonzero(is_control), group, len(groups))
     empty = counts == 0
     if empty.any():
         warnings.warn(
@@ -162,8 +180,9 @@ def control_profiles(
             UserWarning,
             stacklevel=3,
         )
-    profiles = np.where(empty[:, None], pooled, sums / np.maximum(counts, 1)[:, None])
-    return profiles.astype(np.float32), group
+        pooled = (mean[~empty] * counts[~empty, None]).sum(axis=0) / counts.sum()
+        mean[empty] = pooled
+    return mean.astype(np.float32), group
 
 
 class PerturbationMatrix:

@@ -10,7 +10,15 @@ import torch
 from anndata import AnnData
 
 from .._settings import settings, torch_threads
-from ..data import AlignedMatrix, PerturbationDesign, control_profiles, feature_source, site_fields
+from ..data import (
+    AlignedMatrix,
+    PerturbationDesign,
+    check_finite,
+    control_profiles,
+    feature_source,
+    group_moments,
+    site_fields,
+)
 from ..data.schema import check_unique_features
 from ..key import FederationKey
 from ..model import FederatedModel
@@ -29,26 +37,6 @@ def _design(model: FederatedModel) -> PerturbationDesign:
     return PerturbationDesign.from_dict(model.params["perturbation"])
 
 
-def _group_moments(matrix, cells: np.ndarray, group: np.ndarray, n_groups: int) -> tuple[np.ndarray, ...]:
-    """Mean, standard error and count of ``cells``'s rows within each group (NaN where a group is empty)."""
-    sums = np.zeros((n_groups, matrix.n_features))
-    squares = np.zeros_like(sums)
-    counts = np.zeros(n_groups)
-    for start in range(0, len(cells), 4096):
-        rows = cells[start : start + 4096]
-        values = matrix.rows(rows).astype(np.float64)
-        np.add.at(sums, group[rows], values)
-        np.add.at(squares, group[rows], values**2)
-        np.add.at(counts, group[rows], 1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = sums / counts[:, None]
-        variance = (
-            np.maximum(squares / counts[:, None] - mean**2, 0) * counts[:, None] / (counts[:, None] - 1)
-        )
-        se = np.sqrt(variance / counts[:, None])
-    return mean, se, counts
-
-
 def _aligned(adata: AnnData, model: FederatedModel, site: str, layer, use_raw) -> AlignedMatrix:
     if not isinstance(adata, AnnData):
         raise TypeError(f"{site} is a {type(adata).__name__}, not an AnnData.")
@@ -57,6 +45,7 @@ def _aligned(adata: AnnData, model: FederatedModel, site: str, layer, use_raw) -
     fields = site_fields(adata, site, layer=layer, use_raw=bool(use_raw))
     matrix = AlignedMatrix.from_adata(adata, model.schema, fields)
     check_unique_features(feature_source(adata, fields)[1], site, used=pd.Index(model.schema.var_names))
+    check_finite(matrix.matrix, site)
     if matrix.n_present < model.schema.n_features:
         raise ValueError(
             f"{site} lacks {model.schema.n_features - matrix.n_present} of the model's "
@@ -144,7 +133,7 @@ def predict_perturbation(
     codes = design.covariate_codes(adata, "adata")
     profiles, group = control_profiles(reference, is_control, codes, "adata")
     group_codes = np.unique(codes, axis=0)  # the rows of profiles, in the same order
-    _, control_se, n_control = _group_moments(reference, np.flatnonzero(is_control), group, len(group_codes))
+    _, control_se, n_control = group_moments(reference, np.flatnonzero(is_control), group, len(group_codes))
 
     n_p, n_g, n_f = len(perturbations), len(group_codes), model.schema.n_features
     p_index = np.repeat(np.arange(n_p), n_g)
@@ -171,7 +160,7 @@ def predict_perturbation(
         cell_p = np.array([p_of.get(label, -1) for label in labels], dtype=np.int64)
         row = np.where((cell_group >= 0) & (cell_p >= 0), cell_p * n_g + cell_group, -1)
         cells = np.flatnonzero(row >= 0)
-        mean, se, count = _group_moments(matrix, cells, np.where(row >= 0, row, 0), n_p * n_g)
+        mean, se, count = group_moments(matrix, cells, np.where(row >= 0, row, 0), n_p * n_g)
         return mean - profiles[g_index], se, count
 
     reference_change, reference_se, n_reference = changes(adata, reference, "adata")

@@ -1,6 +1,7 @@
 """Schema, alignment and sparse-aware batch loading. Knows AnnData; knows nothing of federation."""
 
 from .loader import AlignedMatrix, SiteDataset, batch_loader, check_finite
+from .mosaic import MosaicMatrix, build_mosaic_schema, is_mudata, modality_var_names, site_modalities
 from .schema import (
     FederationSchema,
     SiteFields,
@@ -16,17 +17,22 @@ from .splits import dirichlet_partition, stratified_split
 __all__ = [
     "AlignedMatrix",
     "FederationSchema",
+    "MosaicMatrix",
     "NeighbourhoodMatrix",
     "SiteDataset",
     "SiteFields",
     "batch_loader",
+    "build_mosaic_schema",
     "build_schema",
     "check_finite",
     "dirichlet_partition",
     "feature_source",
+    "is_mudata",
     "label_codes",
+    "modality_var_names",
     "neighbourhood_coherence",
     "site_fields",
+    "site_modalities",
     "spatial_graph",
     "stratified_split",
     "validate_fields",

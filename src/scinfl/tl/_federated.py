@@ -26,6 +26,7 @@ from ..data import (
     site_fields,
     spatial_graph,
 )
+from ..data.mosaic import is_mudata
 from ..data.schema import scinfl_entry
 from ..federation import ENGINES, run_local
 from ..key import FederationKey
@@ -40,6 +41,7 @@ from ..train import (
     key_material,
     site_datasets,
 )
+from . import _mosaic
 
 if TYPE_CHECKING:
     from ..train.dp import DPSettings
@@ -47,14 +49,14 @@ if TYPE_CHECKING:
 __all__ = ["predict", "train_federated"]
 
 
-SiteInput = AnnData | str | os.PathLike
+SiteInput = AnnData | str | os.PathLike  # or a MuData (task="mosaic")
 
 
 def _as_site_dict(
     sites: Mapping[str, SiteInput] | Sequence[SiteInput],
 ) -> tuple[dict[str, AnnData], set[str]]:
     """The sites by name, and the names of those given as paths (opened here, backed read-only)."""
-    if isinstance(sites, AnnData | str | os.PathLike):
+    if isinstance(sites, AnnData | str | os.PathLike) or is_mudata(sites):
         raise TypeError(
             "train_federated needs several sites: a dict of name -> AnnData or h5ad path (or a list)."
         )
@@ -69,8 +71,10 @@ def _as_site_dict(
                 raise FileNotFoundError(f"Site {name!r}: no h5ad file at {path}.")
             adata = anndata.read_h5ad(path, backed="r")  # the matrix stays on disk; read batch by batch
             opened.add(name)
-        if not isinstance(adata, AnnData):
-            raise TypeError(f"Site {name!r} is a {type(adata).__name__}, not an AnnData or an h5ad path.")
+        if not isinstance(adata, AnnData) and not is_mudata(adata):
+            raise TypeError(
+                f"Site {name!r} is a {type(adata).__name__}, not an AnnData, a MuData or an h5ad path."
+            )
         out[name] = adata
     if not out:
         raise ValueError("No sites given.")
@@ -131,7 +135,7 @@ def train_federated(
     sites: Mapping[str, SiteInput] | Sequence[SiteInput],
     *,
     key: FederationKey | None,
-    task: Literal["classification", "embedding"] = "classification",
+    task: Literal["classification", "embedding", "mosaic"] = "classification",
     label_key: str | None = None,
     layer: str | None = None,
     use_raw: bool | None = None,
@@ -145,7 +149,8 @@ def train_federated(
     hidden: int = 256,
     dropout: float = 0.1,
     n_latent: int = 16,
-    likelihood: Literal["gaussian", "poisson"] = "gaussian",
+    likelihood: Literal["gaussian", "poisson"] | Mapping[str, str] = "gaussian",
+    modalities: Mapping[str, str] | None = None,
     spatial_key: str | None = None,
     spatial_neighbors: int = 6,
     key_strength: float = 1.0,
@@ -314,6 +319,8 @@ def train_federated(
         if int(value) != value or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     task_def = get_task(task)
+    if task != "mosaic":
+        _mosaic.refuse_mudata(site_data, task, modalities)
     if copy:
         for name, adata in site_data.items():
             if adata.isbacked and name not in opened:
@@ -324,14 +331,27 @@ def train_federated(
                 )
         site_data = {name: adata if name in opened else adata.copy() for name, adata in site_data.items()}
 
+    mosaic = None  # task="mosaic": the sites' modalities, schema and matrices (tl/_mosaic.py)
+    if task == "mosaic":
+        options = {"engine": engine, "dp": dp, "init": init, "spatial_key": spatial_key}
+        options |= {"layer": layer, "use_raw": use_raw}
+        mosaic = _mosaic.MosaicSites(
+            site_data,
+            modalities,
+            likelihood=likelihood,
+            label_key=label_key,
+            join=join,
+            key_added=key_added,
+            options=options,
+        )
     fields: dict[str, SiteFields] = {}
-    for name, adata in site_data.items():
+    for name, adata in ({} if mosaic else site_data).items():
         fields[name] = site_fields(adata, name, label_key=label_key, layer=layer, use_raw=use_raw)
         scinfl_entry(adata, name, key_added)  # the outputs' .uns entry must be a dict: checked before writing
         if adata.n_obs == 0:
             raise ValueError(f"Site {name!r} has no cells.")
         check_finite(feature_source(adata, fields[name])[0], name)
-    schema = build_schema(site_data, fields, join=join)
+    schema = mosaic.schema if mosaic else build_schema(site_data, fields, join=join)
     if task_def.needs_labels and schema.label_key is None:
         raise ValueError(f"task={task!r} needs labels: pass label_key= or register it with pp.register_site.")
 
@@ -349,6 +369,8 @@ def train_federated(
     )
     if init is not None:
         config = _init_config(init, schema, config)
+    if mosaic:
+        config = mosaic.configure(config)
     fit_settings = FitSettings(
         local_epochs=local_epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay
     )
@@ -366,6 +388,7 @@ def train_federated(
         "dropout": dropout,
         **({"n_latent": n_latent, "likelihood": likelihood} if task == "embedding" else {}),
         **({"spatial_key": spatial_key, "spatial_neighbors": spatial_neighbors} if spatial_key else {}),
+        **({"n_latent": n_latent, **mosaic.params()} if mosaic else {}),
         "key_strength": key_strength,
         "validation_fraction": validation_fraction,
         "join": join,
@@ -409,7 +432,9 @@ def train_federated(
         else:
             trainers = {}
             for index, (name, adata) in enumerate(site_data.items()):
-                matrix = AlignedMatrix.from_adata(adata, schema, fields[name])
+                matrix = (
+                    mosaic.matrices[name] if mosaic else AlignedMatrix.from_adata(adata, schema, fields[name])
+                )
                 if spatial_key is not None:
                     matrix = NeighbourhoodMatrix(
                         matrix, spatial_graph(adata, spatial_key, spatial_neighbors, name)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import LIKELIHOODS, Autoencoder, ResidualMLPClassifier
+from .mosaic import MosaicTask
 
 if TYPE_CHECKING:
     from .config import ModelConfig
@@ -126,6 +127,7 @@ class EmbeddingTask:
 
 
 TASKS: dict[str, type] = {"classification": ClassificationTask, "embedding": EmbeddingTask}
+TASKS["mosaic"] = MosaicTask  # multi-omics sites (train/mosaic.py)
 
 
 def get_task(name: str, *, likelihood: str = "gaussian", measured: Tensor | None = None) -> Task:

@@ -177,6 +177,11 @@ def test_mosaic_end_to_end_on_pseudo_modalities(pseudo_mosaic, key, tmp_path):
     query = sites["rna_only"].copy()
     si.tl.predict(query, model, key=key)
     np.testing.assert_allclose(query.obsm["X_scinfl"], z_rna, rtol=1e-5, atol=1e-6)
+    mquery = si.tl.predict(sites["paired"], model, key=key, copy=True)
+    np.testing.assert_allclose(mquery.obsm["X_scinfl"], z_paired, rtol=1e-5, atol=1e-6)
+    registered = prot_only.copy()
+    si.pp.register_site(registered, site="b", modality="prot")
+    np.testing.assert_allclose(model.predict(registered, key=key).embedding, z_prot, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="modality 'protein'"):
         model.predict(prot_only, key=key, modality="protein")
 
@@ -248,6 +253,24 @@ def test_mosaic_privacy_audit_runs_wrong_key_and_analytic(pseudo_mosaic):
     # The server's first-layer inversion no longer gives each modality's input (the mixing hides it).
     for modality in ("rna", "prot"):
         assert value(f"first layer (dW / db) [{modality}]", "server", "pearson") < 0.5
+
+
+def test_mosaic_outer_join_and_registered_modality(pseudo_mosaic, key):
+    # The RNA-only site measures 500 of the 600 genes and says so by registration; join="outer" keeps all.
+    partial = pseudo_mosaic["rna_only"][:, 100:].copy()
+    si.pp.register_site(partial, site="b", modality="rna")
+    sites = {"paired": pseudo_mosaic["paired"], "rna_only": partial}
+    model = si.tl.train_federated(sites, key=key, join="outer", **FAST | {"rounds": 2, "hidden": 32})
+    assert model.schema.modalities == (("rna", 600), ("prot", 165))
+    assert partial.obsm["X_scinfl"].shape == (350, 8)
+    measured = si.tl._mosaic.MosaicSites(
+        sites, None, likelihood="gaussian", label_key=None, join="outer", key_added="scinfl",
+        options={"engine": "local"},
+    ).matrices["rna_only"].measured  # fmt: skip
+    assert measured.sum() == 500 + 2  # its genes, and the presence flags
+    with pytest.warns(UserWarning, match="features are not held by every site"):
+        inner = si.tl.train_federated(sites, key=key, join="inner", **FAST | {"rounds": 1, "hidden": 32})
+    assert inner.schema.modalities == (("rna", 500), ("prot", 165))
 
 
 # --- bad input -----------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from .data import (
     site_fields,
     spatial_graph,
 )
+from .data.mosaic import is_mudata
 from .data.schema import check_unique_features
 from .key import FederationKey
 from .train import ModelConfig, build_network, get_task, infer, key_material
@@ -151,6 +152,8 @@ class FederatedModel:
         (``modality``, else its registration's, else ``"rna"``), and reads each modality's ``.X``.
         """
         if self.schema.modalities:  # a multi-omics mosaic (scinfl.train.mosaic)
+            if modality is not None and is_mudata(adata):
+                raise ValueError(f"Site {site!r} is a MuData: its modalities are named by its .mod.")
             if check_key:
                 self.check_key(key)
             if layer is not None or use_raw:

@@ -44,6 +44,8 @@ from ..train import (
 from . import _mosaic
 
 if TYPE_CHECKING:
+    from mudata import MuData
+
     from ..train.dp import DPSettings
 
 __all__ = ["predict", "train_federated"]
@@ -179,14 +181,24 @@ def train_federated(
         matrix stays on disk and is read one batch of rows at a time. Outputs are written into a backed
         site's in-memory annotations, never into its file; sites given as paths receive them only with
         ``copy=True``, which returns them. Opening a file backed keeps ``.X`` and ``.raw.X`` on disk, but
-        anndata loads its layers: ``layer=`` on a backed site reads that layer into memory.
+        anndata loads its layers: ``layer=`` on a backed site reads that layer into memory. With
+        ``task="mosaic"`` a site may also be a ``mudata.MuData`` (see ``task``).
     key
         The federation key, held by the sites only. ``None`` trains the same network without keyed modules
         (plain FedAvg, the baseline). There is no default, so that an unkeyed run is always a choice.
     task
         What to learn. ``"classification"``: cell types or cohorts from ``label_key``. ``"embedding"``: a
         keyed autoencoder whose latent is the cell embedding, without labels (a ``label_key``, if given,
-        only stratifies the validation cells).
+        only stratifies the validation cells). ``"mosaic"``: a multi-omics joint embedding
+        (:class:`~scinfl.nn.MosaicAutoencoder`), without labels. Each site is a MuData (its modalities
+        named by ``.mod``, e.g. ``rna`` + ``prot`` or ``rna`` + ``atac``; a cell may lack some) or an
+        AnnData holding one modality (``modalities``). One encoder per modality into a joint latent of
+        ``n_latent`` (the mean of a cell's modality latents), one decoder per modality; a site trains and
+        sends only the encoders and decoders of the modalities it holds, and FedAvg averages each
+        parameter over the sites that sent it, weighted by their training cells. Each modality's features
+        are aligned by name over the sites that hold it (``join`` per modality) and read from its ``.X``
+        (``layer``/``use_raw`` do not apply). ``.obsm[f"X_{key_added}"]`` is written on the MuData
+        itself (``mdata.obsm``). Local engine only, without ``dp``, ``init`` or ``spatial_key``.
     label_key
         ``.obs`` column with the labels; defaults to the site registration (:func:`scinfl.pp.register_site`).
     layer
@@ -204,6 +216,15 @@ def train_federated(
     n_latent, likelihood
         ``task="embedding"``: the latent's width, and the reconstruction loss that suits the input:
         ``"gaussian"`` (mean squared error) for log-normalised values, ``"poisson"`` for raw counts.
+        ``task="mosaic"``: one likelihood for every modality, or a dict modality -> likelihood
+        (``"gaussian"`` for those not named), among ``"gaussian"``, ``"poisson"`` and ``"clr"`` (raw
+        counts read and reconstructed as their per-cell centred log-ratio, the usual transform of ADT
+        counts), e.g. ``{"rna": "poisson", "prot": "clr"}`` for raw CITE-seq counts.
+    modalities
+        ``task="mosaic"``: site name -> the modality an AnnData site holds (e.g. ``{"site_b": "rna"}``).
+        Default: the modality of its registration (:func:`scinfl.pp.register_site`), else ``"rna"``.
+        A modality no site measures together with the others is an error (its cells could not be placed
+        in the joint latent).
     spatial_key, spatial_neighbors
         Spatial data: ``.obsm`` key of each spot's coordinates. Each site builds its own graph of every
         spot's ``spatial_neighbors`` nearest spots (it never leaves the site), and the network reads each
@@ -275,7 +296,8 @@ def train_federated(
         (classification).
     ``.obsm[f"X_{key_added}"]``
         The cell embedding (use with ``sc.pp.neighbors(adata, use_rep=...)``): the classifier's narrowing
-        layer, or the autoencoder's latent.
+        layer, the autoencoder's latent, or the mosaic's joint latent (on a MuData site, in its own
+        ``.obsm``).
     ``.uns[key_added]``
         ``params``, ``categories``, ``scheme``, ``key_fingerprint`` (keyed models), ``n_features``,
         ``dp`` (with ``dp=``: target ``epsilon``, ``delta``, ``max_grad_norm``, and per site
@@ -556,7 +578,7 @@ def _init_config(init: FederatedModel, schema, config: ModelConfig) -> ModelConf
 
 
 def predict(
-    adata: AnnData,
+    adata: AnnData | MuData,
     model: FederatedModel,
     *,
     key: FederationKey | None,
@@ -565,9 +587,10 @@ def predict(
     batch_size: int = 1024,
     layer: str | None = None,
     use_raw: bool | None = None,
+    modality: str | None = None,
     key_added: str = "scinfl",
     copy: bool = False,
-) -> AnnData | None:
+) -> AnnData | MuData | None:
     """Predict labels and embeddings for new cells with a trained model.
 
     ``adata`` is aligned to the model's schema by feature name: features it lacks are zero-filled with a
@@ -576,7 +599,8 @@ def predict(
     Parameters
     ----------
     adata
-        New data, with the same kind of values (``.X``, layer or ``.raw``) the model was trained on.
+        New data, with the same kind of values (``.X``, layer or ``.raw``) the model was trained on. For
+        a mosaic model (``task="mosaic"``): a MuData, or an AnnData holding one modality.
     model
         A trained :class:`~scinfl.FederatedModel`.
     key
@@ -592,6 +616,9 @@ def predict(
         Where ``adata`` keeps the same kind of values the model was trained on, if not where training
         read them (e.g. ``use_raw=False`` for a query whose ``.X`` holds the log-normalised values a
         model trained with ``use_raw=True`` read from ``.raw``). Default: as in training.
+    modality
+        Mosaic models: the modality an AnnData query holds (default: its registration's, else ``"rna"``).
+        Each of a query's modalities must share ``min_overlap`` of the model's features of that modality.
     key_added
         Prefix of the output keys.
     copy
@@ -604,8 +631,10 @@ def predict(
     """
     if not isinstance(model, FederatedModel):
         raise TypeError(f"model must be a scinfl.FederatedModel, got {type(model).__name__}.")
-    if not isinstance(adata, AnnData):
-        raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}.")
+    if not isinstance(adata, AnnData) and not is_mudata(adata):
+        raise TypeError(
+            f"adata must be an AnnData (or a MuData, for a mosaic model), got {type(adata).__name__}."
+        )
     scinfl_entry(adata, "query", key_added)  # before anything is written
     if copy:
         adata = adata.copy()
@@ -618,6 +647,7 @@ def predict(
             min_overlap=min_overlap,
             layer=layer,
             use_raw=use_raw,
+            modality=modality,
         )
     _write_predictions(adata, predictions, key_added=key_added, uns=_model_uns(model))
     return adata if copy else None

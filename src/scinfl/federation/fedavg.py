@@ -23,10 +23,11 @@ def fedavg(
     as their average has no meaning.
 
     Each entry is averaged over the updates that hold it, weighted by their own weights: a site of a
-    multi-omics mosaic sends only the modules of the modalities it has (:mod:`scinfl.nn.mosaic`), so an
-    encoder is the mean of the updates of the sites that trained it. Without ``base`` every update must
-    hold the same entries. With ``base`` (the global state the round started from) updates may hold any
-    subset of its entries, and an entry no update holds keeps its value in ``base``.
+    multi-omics mosaic sends only the modules of the modalities it has
+    (:class:`scinfl.nn.MosaicAutoencoder`), so an encoder is the mean of the updates of the sites that
+    trained it. Without ``base`` every update must hold the same entries. With ``base`` (the global state
+    the round started from) updates may hold any subset of its entries, and an entry no update holds
+    keeps its value in ``base``.
     """
     if not states:
         raise ValueError("FedAvg needs at least one update.")

@@ -633,7 +633,7 @@ def predict(
         raise TypeError(f"model must be a scinfl.FederatedModel, got {type(model).__name__}.")
     if not isinstance(adata, AnnData) and not is_mudata(adata):
         raise TypeError(
-            f"adata must be an AnnData (or a MuData, for a mosaic model), got {type(adata).__name__}."
+            f"adata must be an AnnData, got {type(adata).__name__} (a mosaic model also takes a MuData)."
         )
     scinfl_entry(adata, "query", key_added)  # before anything is written
     if copy:

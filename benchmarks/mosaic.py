@@ -115,8 +115,8 @@ def main() -> None:
         audit(sites, options, args.seeds)
         return
     if args.only_seed is None:
-        # Each seed in its own process: local fits leave their training plans alive (about 0.5 GB per
-        # training run with 15,792 genes, a leak this script does not fix), which ran out of memory.
+        # Each seed in its own process, so the script's peak memory is one seed's (4 trainings at 15,792
+        # genes). Written when fit_local still leaked every training plan, which ran out of memory.
         rows: dict[str, list[float]] = {}
         for seed in range(args.seeds):
             command = [sys.executable, __file__, "--only-seed", str(seed), "--rounds", str(args.rounds)]
@@ -178,8 +178,9 @@ def train_unaligned(sites, key, seed, options) -> si.FederatedModel:
 def audit(sites, options, n_seeds: int, n_genes: int = 2000) -> None:
     """Wrong-key utility and analytic first-layer attacks on federated mosaic models of both schemes.
 
-    On the ``n_genes`` genes with the most counts at the paired site (a gene list it can publish): the
-    audit's principal-axes calibration holds features x features matrices, 11 GB at 15,792 genes.
+    On the ``n_genes`` genes with the most counts at the paired site (a gene list it can publish): with
+    all 15,792 genes the audit process was killed for lack of memory (11.6 GB resident; not investigated,
+    and measured before fit_local stopped leaking its training plans).
     """
     paired = sites["paired"]
     genes = paired["rna"].var_names[np.argsort(-np.asarray(paired["rna"].X.sum(axis=0)).ravel())[:n_genes]]

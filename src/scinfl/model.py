@@ -30,9 +30,11 @@ from .data import (
     site_fields,
     spatial_graph,
 )
+from .data.mosaic import is_mudata
 from .data.schema import check_unique_features
 from .key import FederationKey
 from .train import ModelConfig, build_network, get_task, infer, key_material
+from .train.mosaic import mosaic_embedding
 
 __all__ = ["FederatedModel", "KeyMismatchError", "Predictions"]
 
@@ -140,6 +142,7 @@ class FederatedModel:
         site: str = "query",
         layer: str | None = None,
         use_raw: bool | None = None,
+        modality: str | None = None,
     ) -> Predictions:
         """Class probabilities (classification), predicted values (perturbation) and embeddings for every
         cell of ``adata`` (aligned to the schema). A perturbation model reads ``adata``'s perturbation
@@ -149,7 +152,30 @@ class FederatedModel:
         below ``min_overlap`` (a fraction of the model's features) it raises instead. The features are
         read from where the model's training read them (``.X``, a layer or ``.raw``) unless ``layer`` or
         ``use_raw`` says where this AnnData keeps the same kind of values.
+
+        A multi-omics mosaic model (``task="mosaic"``) takes a MuData, or an AnnData holding one modality
+        (``modality``, else its registration's, else ``"rna"``), and reads each modality's ``.X``.
         """
+        if self.schema.modalities:  # a multi-omics mosaic (scinfl.train.mosaic)
+            if modality is not None and is_mudata(adata):
+                raise ValueError(f"Site {site!r} is a MuData: its modalities are named by its .mod.")
+            if check_key:
+                self.check_key(key)
+            if layer is not None or use_raw:
+                raise ValueError("A mosaic model reads each modality's .X: layer= and use_raw= do not apply.")
+            embedding = mosaic_embedding(
+                self.network,
+                self.schema,
+                adata,
+                key_material=key_material(key, self.config) if self.config.scheme is not None else None,
+                batch_size=batch_size,
+                min_overlap=min_overlap,
+                site=site,
+                modality=modality,
+            )
+            return Predictions(probabilities=None, embedding=embedding, categories=self.schema.categories)
+        if modality is not None:
+            raise ValueError("modality= applies to mosaic models (task='mosaic') only.")
         if not isinstance(adata, AnnData):
             raise TypeError(f"Site {site!r} is a {type(adata).__name__}, not an AnnData.")
         if check_key:

@@ -20,6 +20,7 @@ def register_site(
     label_key: str | None = None,
     layer: str | None = None,
     use_raw: bool = False,
+    modality: str | None = None,
 ) -> None:
     """Record which fields of a site's AnnData scinfl uses, after checking that they exist.
 
@@ -38,11 +39,14 @@ def register_site(
         Layer holding the features; None uses ``.X``.
     use_raw
         Use ``.raw`` (its ``X`` and ``var_names``) instead of ``.X``.
+    modality
+        The modality this AnnData holds in a multi-omics mosaic (``task="mosaic"``), e.g. ``"rna"``,
+        ``"prot"`` or ``"atac"``; unregistered AnnData sites of a mosaic hold ``"rna"``.
 
     Returns
     -------
-    None; sets ``adata.uns["scinfl"]["registration"]`` (``site``, ``use_raw``, and ``label_key`` and
-    ``layer`` where given), replacing any earlier registration. A view becomes an actual AnnData, as with any
+    None; sets ``adata.uns["scinfl"]["registration"]`` (``site``, ``use_raw``, and ``label_key``,
+    ``layer`` and ``modality`` where given), replacing any earlier registration. A view becomes an actual AnnData, as with any
     write into a view; the AnnData it was cut from is not changed.
     """
     if not isinstance(adata, AnnData):
@@ -50,10 +54,14 @@ def register_site(
     fields = validate_fields(adata, site, SiteFields(label_key=label_key, layer=layer, use_raw=use_raw))
     if adata.n_obs == 0:
         raise ValueError(f"Site {site!r} has no cells.")
+    if modality is not None and (not isinstance(modality, str) or not modality or ":" in modality):
+        raise ValueError(f"Site {site!r}: a modality is a non-empty name without ':', got {modality!r}.")
     entry = scinfl_entry(adata, site, "scinfl")
     registration = {"site": site, "use_raw": fields.use_raw}
     registration |= {
-        k: v for k, v in (("label_key", fields.label_key), ("layer", fields.layer)) if v is not None
+        k: v
+        for k, v in (("label_key", fields.label_key), ("layer", fields.layer), ("modality", modality))
+        if v is not None
     }
     # A new dict, assigned: writing into the existing one would reach through a view into its parent's .uns
     # (assigning makes a view an actual AnnData, as anndata does for any write into a view).

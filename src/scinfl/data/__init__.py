@@ -1,6 +1,7 @@
 """Schema, alignment and sparse-aware batch loading. Knows AnnData; knows nothing of federation."""
 
 from .loader import AlignedMatrix, SiteDataset, batch_loader, check_finite
+from .mosaic import MosaicMatrix, build_mosaic_schema, is_mudata, modality_var_names, site_modalities
 from .perturbation import (
     PerturbationDesign,
     PerturbationMatrix,
@@ -24,6 +25,7 @@ from .splits import dirichlet_partition, stratified_split
 __all__ = [
     "AlignedMatrix",
     "FederationSchema",
+    "MosaicMatrix",
     "NeighbourhoodMatrix",
     "PerturbationDesign",
     "PerturbationMatrix",
@@ -31,16 +33,20 @@ __all__ = [
     "SiteFields",
     "batch_loader",
     "build_design",
+    "build_mosaic_schema",
     "build_schema",
     "check_finite",
     "control_profiles",
     "dirichlet_partition",
     "feature_source",
     "group_moments",
+    "is_mudata",
     "label_codes",
+    "modality_var_names",
     "neighbourhood_coherence",
     "perturbation_matrix",
     "site_fields",
+    "site_modalities",
     "spatial_graph",
     "stratified_split",
     "validate_fields",

@@ -122,6 +122,8 @@ class FederationSchema:
     layer: str | None
     use_raw: bool
     join: Join
+    # A multi-omics mosaic: (modality, n_features) in input order; var_names are "<modality>:<feature>".
+    modalities: tuple[tuple[str, int], ...] = ()
 
     @property
     def n_features(self) -> int:
@@ -139,6 +141,10 @@ class FederationSchema:
         out = asdict(self)
         out["var_names"] = list(self.var_names)
         out["categories"] = list(self.categories)
+        if self.modalities:
+            out["modalities"] = [list(m) for m in self.modalities]
+        else:  # as before mosaics existed: unchanged model files and checkpoint signatures
+            del out["modalities"]
         return out
 
     @classmethod
@@ -150,6 +156,7 @@ class FederationSchema:
             layer=data.get("layer"),
             use_raw=bool(data.get("use_raw", False)),
             join=data.get("join", "inner"),
+            modalities=tuple((str(name), int(n)) for name, n in data.get("modalities", ())),
         )
 
 

@@ -81,9 +81,16 @@ def sample_sites(names: list[str], fraction: float, rng: np.random.Generator) ->
 
 
 def aggregate(
-    updates: Mapping[str, LocalFitResult], expected_fingerprint: str | None, round_index: int
+    updates: Mapping[str, LocalFitResult],
+    expected_fingerprint: str | None,
+    round_index: int,
+    base: Mapping[str, Tensor] | None = None,
 ) -> tuple[dict[str, Tensor], list[str]]:
-    """FedAvg of the updates made under the expected key version; returns it and the rejected sites."""
+    """FedAvg of the updates made under the expected key version; returns it and the rejected sites.
+
+    ``base`` is the global state of the round: an entry no accepted update holds keeps its value there
+    (see :func:`~scinfl.federation.fedavg`).
+    """
     accepted = {s: u for s, u in updates.items() if u.key_fingerprint == expected_fingerprint}
     rejected = [s for s in updates if s not in accepted]
     for site in rejected:
@@ -99,7 +106,7 @@ def aggregate(
             f"Round {round_index}: no site sent an update under key version {expected_fingerprint}; "
             f"rejected: {', '.join(rejected)}."
         )
-    state = fedavg([u.state for u in accepted.values()], [u.n_obs for u in accepted.values()])
+    state = fedavg([u.state for u in accepted.values()], [u.n_obs for u in accepted.values()], base=base)
     return state, rejected
 
 
@@ -207,7 +214,7 @@ def run_local(
             name: sites[name].fit(state, seed=site_seed(seed, round_index, names.index(name)))
             for name in chosen
         }
-        state, rejected = aggregate(updates, expected_fingerprint, round_index)
+        state, rejected = aggregate(updates, expected_fingerprint, round_index, base=state)
         evaluations = {name: sites[name].evaluate(state) for name in names}
         for name in names:
             update = updates.get(name)

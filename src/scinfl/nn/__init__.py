@@ -20,10 +20,12 @@ from .keyed import (
     use_key,
     use_key_vector,
 )
+from .mosaic import MOSAIC_LIKELIHOODS, MosaicAutoencoder, MosaicOutput, clr, modality_parameter_names
 from .networks import LIKELIHOODS, Autoencoder, PerturbationNetwork, ResidualBlock, ResidualMLPClassifier
 
 __all__ = [
     "LIKELIHOODS",
+    "MOSAIC_LIKELIHOODS",
     "Autoencoder",
     "BlockMixing",
     "CoordinateKeyEncoder",
@@ -35,13 +37,17 @@ __all__ = [
     "KeyedLinear",
     "KeyedModule",
     "KeyedNetwork",
+    "MosaicAutoencoder",
+    "MosaicOutput",
     "PerturbationNetwork",
     "ResidualBlock",
     "ResidualMLPClassifier",
     "active_modulation",
+    "clr",
     "derive_hardened_key",
     "harden",
     "keyify",
+    "modality_parameter_names",
     "use_key",
     "use_key_vector",
 ]

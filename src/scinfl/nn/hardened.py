@@ -5,7 +5,8 @@ it, and leaves the first layer's input in plain view of anyone holding its gradi
 fixed (never trained) transforms derived from the key bytes, as many secret degrees of freedom as the
 network has units:
 
-- **input mixing**, in front of the first shared layer: ``rounds`` times, a secret permutation of the
+- **input mixing**, in front of the first shared layer (and of every other layer that reads raw input
+  features, such as each modality's encoder in a multi-omics mosaic network): ``rounds`` times, a secret permutation of the
   features followed by a block-diagonal mixing, each ``block_size x block_size`` block ``Q1 diag(g) Q2``
   with Haar-random orthogonal ``Q1, Q2`` and gains ``g`` log-uniform in ``[1/gain, gain]``. It is
   invertible, so no information is lost, but a first-layer gradient (``dW[i] / db[i]``) reveals only the
@@ -27,9 +28,9 @@ duration of a call; modules hold only the public layout.
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
@@ -64,6 +65,8 @@ class HardenedLayout:
     block_size: int = 32
     rounds: int = 2
     gain: float = 4.0
+    # Layers (indices into in_features) with input mixing: the first, and any other that reads raw inputs.
+    mixed: tuple[int, ...] = (0,)
 
     @property
     def n_features(self) -> int:
@@ -168,17 +171,26 @@ class HardenedKey(KeyMaterial):
         Per layer, ``u = x[:, inverse_orders[i]] * signs[i]`` is what the layer's weights read.
     output_order
         The head computes ``(W u + b)[:, output_order]``.
+    input_mixings
+        Layer index -> the input mixing of another layer that reads raw inputs (e.g. the encoder of a
+        mosaic network's second modality); empty for a network with one input layer.
     """
 
     mixing: BlockMixing
     inverse_orders: tuple[Tensor, ...]
     signs: tuple[Tensor, ...]
     output_order: Tensor
+    input_mixings: Mapping[int, BlockMixing] = field(default_factory=dict)
+
+    def mixing_of(self, index: int) -> BlockMixing | None:
+        """The input mixing in front of layer ``index``, or None (a layer reading another layer's output)."""
+        return self.mixing if index == 0 else self.input_mixings.get(index)
 
     def layer_input(self, index: int, x: Tensor) -> Tensor:
-        """``u = T_i x``: what layer ``index``'s weights read (mixed first for the input layer)."""
-        if index == 0:
-            x = self.mixing(x)
+        """``u = T_i x``: what layer ``index``'s weights read (mixed first for an input layer)."""
+        mixing = self.mixing_of(index)
+        if mixing is not None:
+            x = mixing(x)
         return self._signed_permutation(index, x)
 
     def weight_gradient_input(self, index: int, x: Tensor) -> Tensor:
@@ -188,8 +200,9 @@ class HardenedKey(KeyMaterial):
         so a gradient step ``dV = delta x^T`` reaches the server as ``delta (T^{-T} x)^T``. For a signed
         permutation ``T^{-T} = T``; for the input layer the mixing is not orthogonal and the two differ.
         """
-        if index == 0:
-            x = self.mixing.right_inverse(x)
+        mixing = self.mixing_of(index)
+        if mixing is not None:
+            x = mixing.right_inverse(x)
         return self._signed_permutation(index, x)
 
     def layer_output(self, index: int, y: Tensor) -> Tensor:
@@ -207,8 +220,9 @@ class HardenedKey(KeyMaterial):
     def weight_to_plain(self, index: int, weight: Tensor) -> Tensor:
         """``V = R W T``: the weights of the equivalent plain layer (``V x == layer under the key``)."""
         plain = (weight * self.signs[index].to(weight.dtype)).index_select(1, self._orders[index])
-        if index == 0:
-            plain = self.mixing.right(plain)
+        mixing = self.mixing_of(index)
+        if mixing is not None:
+            plain = mixing.right(plain)
         if index == len(self.signs) - 1:
             plain = plain.index_select(0, self.output_order)
         return plain
@@ -217,8 +231,9 @@ class HardenedKey(KeyMaterial):
         """``W = R^T V T^{-1}``: the shared weights that act as ``plain`` under this key."""
         if index == len(self.signs) - 1:
             plain = plain.index_select(0, torch.argsort(self.output_order))
-        if index == 0:
-            plain = self.mixing.right_inverse(plain)
+        mixing = self.mixing_of(index)
+        if mixing is not None:
+            plain = mixing.right_inverse(plain)
         return plain.index_select(1, self.inverse_orders[index]) * self.signs[index].to(plain.dtype)
 
     def bias_to_plain(self, index: int, bias: Tensor) -> Tensor:
@@ -231,7 +246,12 @@ class HardenedKey(KeyMaterial):
 
     def check(self, layout: HardenedLayout) -> None:
         widths = tuple(len(s) for s in self.signs)
-        if widths != layout.in_features or len(self.output_order) != layout.n_outputs:
+        mixed = (0, *sorted(self.input_mixings))
+        if (
+            widths != layout.in_features
+            or len(self.output_order) != layout.n_outputs
+            or mixed != tuple(sorted({0, *layout.mixed}))
+        ):
             raise ValueError(
                 "This key material was derived for another network layout "
                 f"(inputs {widths}, {len(self.output_order)} outputs); the network has inputs "
@@ -252,13 +272,23 @@ def derive_hardened_key(derive: Callable[[str, int], bytes], layout: HardenedLay
     Deterministic: the same key and layout always give the same material. Every transform has its own
     derivation purpose, so that no two share generator output.
     """
-    n, size = layout.n_features, layout.block_size
-    orders, blocks, tails = [], [], []
-    for r in range(layout.rounds):
-        rng = _generator(derive, f"hardened/mixing/{n}/{size}/{layout.gain}/round-{r}")
-        orders.append(torch.from_numpy(rng.permutation(n)))
-        blocks.append(torch.from_numpy(_mixing_blocks(rng, size, n // size, layout.gain)))
-        tails.append(torch.from_numpy(_mixing_blocks(rng, n % size, 1, layout.gain)[0]))
+
+    def mixing(n: int, stem: str) -> BlockMixing:
+        size = layout.block_size
+        orders, blocks, tails = [], [], []
+        for r in range(layout.rounds):
+            rng = _generator(derive, f"{stem}/{n}/{size}/{layout.gain}/round-{r}")
+            orders.append(torch.from_numpy(rng.permutation(n)))
+            blocks.append(torch.from_numpy(_mixing_blocks(rng, size, n // size, layout.gain)))
+            tails.append(torch.from_numpy(_mixing_blocks(rng, n % size, 1, layout.gain)[0]))
+        return BlockMixing(tuple(orders), tuple(blocks), tuple(tails))
+
+    first = mixing(layout.n_features, "hardened/mixing")
+    # Other input layers: their own purposes (the first layer's derivation is unchanged by their presence).
+    others = {
+        i: mixing(layout.in_features[i], f"hardened/mixing/layer-{i}")
+        for i in sorted(set(layout.mixed) - {0})
+    }
     inverse_orders, signs = [], []
     for i, width in enumerate(layout.in_features):
         rng = _generator(derive, f"hardened/layer-{i}/{width}")
@@ -266,10 +296,11 @@ def derive_hardened_key(derive: Callable[[str, int], bytes], layout: HardenedLay
         signs.append(torch.from_numpy(rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=width)))
     rng = _generator(derive, f"hardened/output/{layout.n_outputs}")
     return HardenedKey(
-        mixing=BlockMixing(tuple(orders), tuple(blocks), tuple(tails)),
+        mixing=first,
         inverse_orders=tuple(inverse_orders),
         signs=tuple(signs),
         output_order=torch.from_numpy(rng.permutation(layout.n_outputs)),
+        input_mixings=others,
     )
 
 
@@ -287,10 +318,13 @@ class HardenedLinear(nn.Linear):
         if material is None:
             return F.linear(x, self.weight, self.bias)
         u = material.layer_input(self.key_index, x)
-        if self.key_index == 0 and torch.is_grad_enabled() and self.weight.requires_grad:
+        mixed = self.key_index == 0 or (
+            isinstance(material, HardenedKey) and material.mixing_of(self.key_index) is not None
+        )
+        if mixed and torch.is_grad_enabled() and self.weight.requires_grad:
             # Same value W u + b, but the weight's gradient is the one a site sends (delta u~^T, see
             # HardenedKey.weight_gradient_input); gradients with respect to x are unchanged.
-            u_sent = material.weight_gradient_input(0, x)
+            u_sent = material.weight_gradient_input(self.key_index, x)
             y = F.linear(u_sent, self.weight, self.bias) + F.linear(u - u_sent, self.weight.detach())
         else:
             y = F.linear(u, self.weight, self.bias)
@@ -308,12 +342,21 @@ class HardenedNetwork(KeyedModule):
         A module containing :class:`HardenedLinear` layers (see :func:`harden`).
     block_size, rounds, gain
         The input mixing's block size, number of rounds and gain range (see :class:`HardenedLayout`).
+    input_layers
+        Names (in ``network``) of hardened layers other than the first that read raw input features;
+        they get an input mixing of their own.
     """
 
     scheme = "hardened"
 
     def __init__(
-        self, network: nn.Module, *, block_size: int = 32, rounds: int = 2, gain: float = 4.0
+        self,
+        network: nn.Module,
+        *,
+        block_size: int = 32,
+        rounds: int = 2,
+        gain: float = 4.0,
+        input_layers: Sequence[str] = (),
     ) -> None:
         super().__init__()
         if block_size < 1 or rounds < 1 or gain < 1.0:
@@ -324,12 +367,18 @@ class HardenedNetwork(KeyedModule):
             raise ValueError("HardenedNetwork needs at least one HardenedLinear layer in the network.")
         for index, layer in enumerate(layers):
             layer.key_index = index
+        named = dict(network.named_modules())
+        unknown = [name for name in input_layers if not isinstance(named.get(name), HardenedLinear)]
+        if unknown:
+            raise ValueError(f"input_layers {unknown} are not hardened layers of the network.")
+        mixed = tuple(sorted({0, *(named[name].key_index for name in input_layers)}))
         self.layout = HardenedLayout(
             in_features=tuple(layer.in_features for layer in layers),
             n_outputs=layers[-1].out_features,
             block_size=int(block_size),
             rounds=int(rounds),
             gain=float(gain),
+            mixed=mixed,
         )
 
     def _hardened_layers(self) -> list[tuple[str, HardenedLinear]]:
@@ -398,7 +447,8 @@ def harden(
 
     The original is left unchanged; weights are copied. The first selected layer (in module order) gets
     the input mixing and the last one the output permutation, so the first must be the input layer and
-    the last the output layer.
+    the last the output layer. A network with several input layers (e.g. a mosaic network's encoder of
+    each modality) names them in an ``input_layers`` attribute: each gets an input mixing of its own.
 
     Parameters
     ----------
@@ -417,4 +467,7 @@ def harden(
         ),
         caller="harden",
     )
-    return HardenedNetwork(network, block_size=block_size, rounds=rounds, gain=gain)
+    input_layers = tuple(getattr(module, "input_layers", ()))
+    return HardenedNetwork(
+        network, block_size=block_size, rounds=rounds, gain=gain, input_layers=input_layers
+    )

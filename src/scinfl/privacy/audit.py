@@ -12,6 +12,7 @@ import hashlib
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -20,7 +21,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from ..key import FederationKey
-from ..nn import HardenedKey, HardenedNetwork, KeyedModule, use_key
+from ..nn import HardenedKey, HardenedNetwork, KeyedModule, MosaicAutoencoder, clr, use_key
 from ..train import ModelConfig, get_task, key_material
 from .analytic import (
     calibrate_gain_offset,
@@ -154,6 +155,53 @@ def _task_linear_names(network: nn.Module) -> tuple[str, str]:
     return prefix + names[0], prefix + names[-1]
 
 
+@dataclass(frozen=True)
+class _InputPart:
+    """One layer that reads raw input features, and those features as the layer reads them.
+
+    A task network has one (its first linear layer, reading every column). A multi-omics mosaic network
+    has one per modality (:attr:`scinfl.nn.MosaicAutoencoder.input_layers`): its encoder's first layer reads
+    that modality's columns, transformed (``log1p`` or CLR for counts), and the attack is measured against
+    the transformed values, which determine the counts.
+    """
+
+    suffix: str  # appended to attack names ("" for a single input layer)
+    layer: str  # parameter-name prefix
+    members: np.ndarray
+    public: np.ndarray
+
+    @cached_property
+    def public_mean(self) -> np.ndarray:
+        return self.public.mean(0)
+
+    @cached_property
+    def reference(self) -> np.ndarray:
+        return np.concatenate([self.members, self.public])
+
+
+def _input_parts(network: nn.Module, data: AuditData, first_layer: str) -> list[_InputPart]:
+    """The layers of ``network`` that read raw input features (see :class:`_InputPart`)."""
+    members, public = data.members_x, data.public_x
+    found = [(name, m) for name, m in network.named_modules() if isinstance(m, MosaicAutoencoder)]
+    if not found:
+        return [_InputPart("", first_layer, members.numpy(), public.numpy())]
+    prefix, mosaic = found[0]
+    prefix = f"{prefix}." if prefix else ""
+    parts = []
+    for (name, _, likelihood), layer in zip(mosaic.modalities, mosaic.input_layers, strict=True):
+        columns = mosaic.modality_slice(name)
+        read = {"poisson": torch.log1p, "clr": clr}.get(likelihood, lambda v: v)
+        parts.append(
+            _InputPart(
+                f" [{name}]",
+                prefix + layer,
+                read(members[:, columns]).numpy(),
+                read(public[:, columns]).numpy(),
+            )
+        )
+    return parts
+
+
 class _Examples(dict):
     """Example reconstructions by ``"attack | view"`` (arrays). Compared by identity: pandas compares the
     ``attrs`` of the tables it concatenates, and arrays have no truth value."""
@@ -229,6 +277,7 @@ class _Context:
         }
         self.reference = torch.cat([data.members_x[:, self.profile], public]).numpy()
         self.first_layer, self.last_layer = _task_linear_names(network)
+        self.parts = _input_parts(network, data, self.first_layer)
         # What a client's gradient is of: None is the classifier's cross-entropy.
         self.loss_task = (
             None
@@ -246,16 +295,32 @@ class _Context:
         return knn_labels(reference, self.data.members_y.numpy(), query)
 
     def metrics(
-        self, reconstructed: np.ndarray, victim: int, *, scale_invariant: bool = False
+        self,
+        reconstructed: np.ndarray,
+        victim: int,
+        *,
+        scale_invariant: bool = False,
+        part: _InputPart | None = None,
     ) -> dict[str, float]:
+        """Reconstruction metrics against the victim's input (or the columns ``part`` reads)."""
         label = int(self.data.members_y[victim])
+        if part is None:
+            truth, public_mean, reference = (
+                self.data.members_x[victim, self.profile].numpy(),
+                self.public_mean,
+                self.reference,
+            )
+            celltype_mean = self.celltype_means.get(label)
+        else:
+            truth, public_mean, reference = part.members[victim], part.public_mean, part.reference
+            celltype_mean = _celltype_mean(part.public, self.data.public_y.numpy(), label)
         return _keep(
             reconstruction_metrics(
                 reconstructed,
-                self.data.members_x[victim, self.profile].numpy(),
-                public_mean=self.public_mean,
-                celltype_mean=self.celltype_means.get(label),
-                reference=self.reference,
+                truth,
+                public_mean=public_mean,
+                celltype_mean=celltype_mean,
+                reference=reference,
                 victim_index=victim,
                 scale_invariant=scale_invariant,
             )
@@ -354,9 +419,25 @@ def _victims(ctx: _Context, seed: int, n: int) -> np.ndarray:
     return order[:n]
 
 
+def _celltype_mean(public: np.ndarray, labels: np.ndarray, label: int) -> np.ndarray | None:
+    chosen = labels == label
+    return public[chosen].mean(0) if chosen.any() else None
+
+
 def _analytic(ctx: _Context, out: _Collector, seed: int) -> None:
+    for part in ctx.parts:
+        _analytic_part(ctx, out, seed, part)
+
+
+def _analytic_part(ctx: _Context, out: _Collector, seed: int, part: _InputPart) -> None:
+    """The analytic attacks on one layer that reads raw features (every task network has at least one)."""
     victims = _victims(ctx, seed, ctx.settings.n_victims)
-    weight, bias = f"{ctx.first_layer}.weight", f"{ctx.first_layer}.bias"
+    weight, bias = f"{part.layer}.weight", f"{part.layer}.bias"
+    single = len(ctx.parts) == 1
+
+    def metrics(estimate: np.ndarray, victim: int, **kwargs) -> dict[str, float]:
+        return ctx.metrics(estimate, victim, part=None if single else part, **kwargs)
+
     leaked = []
     for victim in victims:
         x = ctx.data.members_x[victim : victim + 1]
@@ -369,25 +450,34 @@ def _analytic(ctx: _Context, out: _Collector, seed: int) -> None:
             continue  # no unit of the first layer was active: nothing leaks from it for this cell
         estimate = invert_first_layer(grads[weight], grads[bias])
         leaked.append((victim, estimate))
-        out.example("first layer (dW / db)", "server", x[0].numpy(), _fit_scale(estimate, x[0].numpy()))
+        truth = part.members[victim]
+        out.example(f"first layer (dW / db){part.suffix}", "server", truth, _fit_scale(estimate, truth))
         out.add(
-            "analytic", "first layer (dW / db)", "server", ctx.metrics(estimate, victim, scale_invariant=True)
+            "analytic",
+            f"first layer (dW / db){part.suffix}",
+            "server",
+            metrics(estimate, victim, scale_invariant=True),
         )
         no_bias = invert_first_layer_no_bias(grads[weight])
         out.add(
-            "analytic", "first layer, no bias", "server", ctx.metrics(no_bias, victim, scale_invariant=True)
+            "analytic",
+            f"first layer, no bias{part.suffix}",
+            "server",
+            metrics(no_bias, victim, scale_invariant=True),
         )
         label = int(ctx.data.members_y[victim])
         priors = prior_baselines(
-            ctx.data.members_x[victim].numpy(),
-            public_mean=ctx.public_mean,
-            celltype_mean=ctx.celltype_means.get(label),
-            reference=ctx.reference,
+            truth,
+            public_mean=ctx.public_mean if single else part.public_mean,
+            celltype_mean=ctx.celltype_means.get(label)
+            if single
+            else _celltype_mean(part.public, ctx.data.public_y.numpy(), label),
+            reference=ctx.reference if single else part.reference,
             victim_index=int(victim),
         )
-        out.add("prior", "public mean profile", "free", _keep(priors["public_mean"]))
-        out.add("prior", "cell-type mean profile", "free", _keep(priors["celltype_mean"]))
-    public = ctx.data.public_x.numpy()
+        out.add("prior", f"public mean profile{part.suffix}", "free", _keep(priors["public_mean"]))
+        out.add("prior", f"cell-type mean profile{part.suffix}", "free", _keep(priors["celltype_mean"]))
+    public = part.public
     # Calibration needs several leaked vectors: from the first 8 victims' updates, and from all of them.
     for n_leaked in sorted({min(8, len(leaked)), len(leaked)}):
         if n_leaked < 3:
@@ -396,16 +486,16 @@ def _analytic(ctx: _Context, out: _Collector, seed: int) -> None:
         matrix = np.stack([estimate for _, estimate in subset])
         for name, calibrated in (
             (
-                f"first layer + gain/offset calibration ({n_leaked} leaked)",
+                f"first layer + gain/offset calibration ({n_leaked} leaked){part.suffix}",
                 calibrate_gain_offset(matrix, public),
             ),
             (
-                f"first layer + principal-axes calibration ({n_leaked} leaked)",
+                f"first layer + principal-axes calibration ({n_leaked} leaked){part.suffix}",
                 calibrate_principal_axes(matrix, public),
             ),
         ):
             for (victim, _), row in zip(subset, calibrated, strict=True):
-                out.add("analytic", name, "server", ctx.metrics(row, victim))
+                out.add("analytic", name, "server", metrics(row, victim))
     n_known = 8
     if len(leaked) > n_known:
         # Known plaintext: the attacker knows the profiles of the first 8 victims (say, cells it planted)
@@ -414,14 +504,14 @@ def _analytic(ctx: _Context, out: _Collector, seed: int) -> None:
         rebuilt = known_plaintext(
             np.stack([estimate for _, estimate in leaked[n_known:]]),
             np.stack([estimate for _, estimate in leaked[:n_known]]),
-            ctx.data.members_x[known].numpy(),
+            part.members[known],
         )
         for (victim, _), row in zip(leaked[n_known:], rebuilt, strict=True):
             out.add(
                 "analytic",
-                f"first layer + {n_known} known plaintext cells",
+                f"first layer + {n_known} known plaintext cells{part.suffix}",
                 "server",
-                ctx.metrics(row, victim),
+                metrics(row, victim),
             )
 
 

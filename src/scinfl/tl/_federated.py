@@ -28,6 +28,7 @@ from ..data import (
     site_fields,
     spatial_graph,
 )
+from ..data.mosaic import is_mudata
 from ..data.schema import scinfl_entry
 from ..federation import ENGINES, run_local
 from ..key import FederationKey
@@ -42,21 +43,24 @@ from ..train import (
     key_material,
     site_datasets,
 )
+from . import _mosaic
 
 if TYPE_CHECKING:
+    from mudata import MuData
+
     from ..train.dp import DPSettings
 
 __all__ = ["predict", "train_federated"]
 
 
-SiteInput = AnnData | str | os.PathLike
+SiteInput = AnnData | str | os.PathLike  # or a MuData (task="mosaic")
 
 
 def _as_site_dict(
     sites: Mapping[str, SiteInput] | Sequence[SiteInput],
 ) -> tuple[dict[str, AnnData], set[str]]:
     """The sites by name, and the names of those given as paths (opened here, backed read-only)."""
-    if isinstance(sites, AnnData | str | os.PathLike):
+    if isinstance(sites, AnnData | str | os.PathLike) or is_mudata(sites):
         raise TypeError(
             "train_federated needs several sites: a dict of name -> AnnData or h5ad path (or a list)."
         )
@@ -71,8 +75,10 @@ def _as_site_dict(
                 raise FileNotFoundError(f"Site {name!r}: no h5ad file at {path}.")
             adata = anndata.read_h5ad(path, backed="r")  # the matrix stays on disk; read batch by batch
             opened.add(name)
-        if not isinstance(adata, AnnData):
-            raise TypeError(f"Site {name!r} is a {type(adata).__name__}, not an AnnData or an h5ad path.")
+        if not isinstance(adata, AnnData) and not is_mudata(adata):
+            raise TypeError(
+                f"Site {name!r} is a {type(adata).__name__}, not an AnnData, a MuData or an h5ad path."
+            )
         out[name] = adata
     if not out:
         raise ValueError("No sites given.")
@@ -143,7 +149,7 @@ def train_federated(
     sites: Mapping[str, SiteInput] | Sequence[SiteInput],
     *,
     key: FederationKey | None,
-    task: Literal["classification", "embedding", "perturbation"] = "classification",
+    task: Literal["classification", "embedding", "perturbation", "mosaic"] = "classification",
     label_key: str | None = None,
     perturbation_key: str | None = None,
     control: str = "control",
@@ -160,7 +166,8 @@ def train_federated(
     hidden: int = 256,
     dropout: float = 0.1,
     n_latent: int = 16,
-    likelihood: Literal["gaussian", "poisson"] = "gaussian",
+    likelihood: Literal["gaussian", "poisson"] | Mapping[str, str] = "gaussian",
+    modalities: Mapping[str, str] | None = None,
     spatial_key: str | None = None,
     spatial_neighbors: int = 6,
     key_strength: float = 1.0,
@@ -189,7 +196,8 @@ def train_federated(
         matrix stays on disk and is read one batch of rows at a time. Outputs are written into a backed
         site's in-memory annotations, never into its file; sites given as paths receive them only with
         ``copy=True``, which returns them. Opening a file backed keeps ``.X`` and ``.raw.X`` on disk, but
-        anndata loads its layers: ``layer=`` on a backed site reads that layer into memory.
+        anndata loads its layers: ``layer=`` on a backed site reads that layer into memory. With
+        ``task="mosaic"`` a site may also be a ``mudata.MuData`` (see ``task``).
     key
         The federation key, held by the sites only. ``None`` trains the same network without keyed modules
         (plain FedAvg, the baseline). There is no default, so that an unkeyed run is always a choice.
@@ -199,6 +207,16 @@ def train_federated(
         only stratifies the validation cells). ``"perturbation"``: predict each cell's expression from its
         site's mean control profile, its perturbation and its covariates (regression; see
         ``perturbation_key``).
+        ``"mosaic"``: a multi-omics joint embedding
+        (:class:`~scinfl.nn.MosaicAutoencoder`), without labels. Each site is a MuData (its modalities
+        named by ``.mod``, e.g. ``rna`` + ``prot`` or ``rna`` + ``atac``; a cell may lack some) or an
+        AnnData holding one modality (``modalities``). One encoder per modality into a joint latent of
+        ``n_latent`` (the mean of a cell's modality latents), one decoder per modality; a site trains and
+        sends only the encoders and decoders of the modalities it holds, and FedAvg averages each
+        parameter over the sites that sent it, weighted by their training cells. Each modality's features
+        are aligned by name over the sites that hold it (``join`` per modality) and read from its ``.X``
+        (``layer``/``use_raw`` do not apply). ``.obsm[f"X_{key_added}"]`` is written on the MuData
+        itself (``mdata.obsm``). Local engine only, without ``dp``, ``init`` or ``spatial_key``.
     label_key
         ``.obs`` column with the labels; defaults to the site registration (:func:`scinfl.pp.register_site`).
     perturbation_key, control, covariate_keys
@@ -223,6 +241,15 @@ def train_federated(
     n_latent, likelihood
         ``task="embedding"``: the latent's width, and the reconstruction loss that suits the input:
         ``"gaussian"`` (mean squared error) for log-normalised values, ``"poisson"`` for raw counts.
+        ``task="mosaic"``: one likelihood for every modality, or a dict modality -> likelihood
+        (``"gaussian"`` for those not named), among ``"gaussian"``, ``"poisson"`` and ``"clr"`` (raw
+        counts read and reconstructed as their per-cell centred log-ratio, the usual transform of ADT
+        counts), e.g. ``{"rna": "poisson", "prot": "clr"}`` for raw CITE-seq counts.
+    modalities
+        ``task="mosaic"``: site name -> the modality an AnnData site holds (e.g. ``{"site_b": "rna"}``).
+        Default: the modality of its registration (:func:`scinfl.pp.register_site`), else ``"rna"``.
+        A modality no site measures together with the others is an error (its cells could not be placed
+        in the joint latent).
     spatial_key, spatial_neighbors
         Spatial data: ``.obsm`` key of each spot's coordinates. Each site builds its own graph of every
         spot's ``spatial_neighbors`` nearest spots (it never leaves the site), and the network reads each
@@ -294,7 +321,8 @@ def train_federated(
         (classification).
     ``.obsm[f"X_{key_added}"]``
         The cell embedding (use with ``sc.pp.neighbors(adata, use_rep=...)``): the classifier's narrowing
-        layer, the autoencoder's latent, or the perturbation model's encoding of the cell's condition.
+        layer, the autoencoder's latent, the mosaic's joint latent (on a MuData site, in its own
+        ``.obsm``), or the perturbation model's encoding of the cell's condition.
     ``.layers[f"{key_added}_predicted"]``
         The predicted values of every cell (perturbation): its site's control profile plus the predicted
         change for its perturbation and covariates; NaN for genes the model does not have.
@@ -360,6 +388,8 @@ def train_federated(
         raise ValueError(
             f"perturbation_key= and covariate_keys= belong to task='perturbation', not {task!r}."
         )
+    if task != "mosaic":
+        _mosaic.refuse_mudata(site_data, task, modalities)
     if copy:
         for name, adata in site_data.items():
             if adata.isbacked and name not in opened:
@@ -370,14 +400,27 @@ def train_federated(
                 )
         site_data = {name: adata if name in opened else adata.copy() for name, adata in site_data.items()}
 
+    mosaic = None  # task="mosaic": the sites' modalities, schema and matrices (tl/_mosaic.py)
+    if task == "mosaic":
+        options = {"engine": engine, "dp": dp, "init": init, "spatial_key": spatial_key}
+        options |= {"layer": layer, "use_raw": use_raw}
+        mosaic = _mosaic.MosaicSites(
+            site_data,
+            modalities,
+            likelihood=likelihood,
+            label_key=label_key,
+            join=join,
+            key_added=key_added,
+            options=options,
+        )
     fields: dict[str, SiteFields] = {}
-    for name, adata in site_data.items():
+    for name, adata in ({} if mosaic else site_data).items():
         fields[name] = site_fields(adata, name, label_key=label_key, layer=layer, use_raw=use_raw)
         scinfl_entry(adata, name, key_added)  # the outputs' .uns entry must be a dict: checked before writing
         if adata.n_obs == 0:
             raise ValueError(f"Site {name!r} has no cells.")
         check_finite(feature_source(adata, fields[name])[0], name)
-    schema = build_schema(site_data, fields, join=join)
+    schema = mosaic.schema if mosaic else build_schema(site_data, fields, join=join)
     design = None
     if task == "perturbation":
         design = build_design(
@@ -403,6 +446,8 @@ def train_federated(
     )
     if init is not None:
         config = _init_config(init, schema, config)
+    if mosaic:
+        config = mosaic.configure(config)
     fit_settings = FitSettings(
         local_epochs=local_epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay
     )
@@ -421,6 +466,7 @@ def train_federated(
         **({"n_latent": n_latent, "likelihood": likelihood} if task == "embedding" else {}),
         **({"spatial_key": spatial_key, "spatial_neighbors": spatial_neighbors} if spatial_key else {}),
         **({"perturbation": design.to_dict()} if design is not None else {}),
+        **({"n_latent": n_latent, **mosaic.params()} if mosaic else {}),
         "key_strength": key_strength,
         "validation_fraction": validation_fraction,
         "join": join,
@@ -464,7 +510,9 @@ def train_federated(
         else:
             trainers = {}
             for index, (name, adata) in enumerate(site_data.items()):
-                matrix = AlignedMatrix.from_adata(adata, schema, fields[name])
+                matrix = (
+                    mosaic.matrices[name] if mosaic else AlignedMatrix.from_adata(adata, schema, fields[name])
+                )
                 if spatial_key is not None:
                     matrix = NeighbourhoodMatrix(
                         matrix, spatial_graph(adata, spatial_key, spatial_neighbors, name)
@@ -590,7 +638,7 @@ def _init_config(init: FederatedModel, schema, config: ModelConfig) -> ModelConf
 
 
 def predict(
-    adata: AnnData,
+    adata: AnnData | MuData,
     model: FederatedModel,
     *,
     key: FederationKey | None,
@@ -599,9 +647,10 @@ def predict(
     batch_size: int = 1024,
     layer: str | None = None,
     use_raw: bool | None = None,
+    modality: str | None = None,
     key_added: str = "scinfl",
     copy: bool = False,
-) -> AnnData | None:
+) -> AnnData | MuData | None:
     """Predict labels and embeddings for new cells with a trained model.
 
     ``adata`` is aligned to the model's schema by feature name: features it lacks are zero-filled with a
@@ -610,7 +659,8 @@ def predict(
     Parameters
     ----------
     adata
-        New data, with the same kind of values (``.X``, layer or ``.raw``) the model was trained on.
+        New data, with the same kind of values (``.X``, layer or ``.raw``) the model was trained on. For
+        a mosaic model (``task="mosaic"``): a MuData, or an AnnData holding one modality.
     model
         A trained :class:`~scinfl.FederatedModel`.
     key
@@ -626,6 +676,9 @@ def predict(
         Where ``adata`` keeps the same kind of values the model was trained on, if not where training
         read them (e.g. ``use_raw=False`` for a query whose ``.X`` holds the log-normalised values a
         model trained with ``use_raw=True`` read from ``.raw``). Default: as in training.
+    modality
+        Mosaic models: the modality an AnnData query holds (default: its registration's, else ``"rna"``).
+        Each of a query's modalities must share ``min_overlap`` of the model's features of that modality.
     key_added
         Prefix of the output keys.
     copy
@@ -638,8 +691,10 @@ def predict(
     """
     if not isinstance(model, FederatedModel):
         raise TypeError(f"model must be a scinfl.FederatedModel, got {type(model).__name__}.")
-    if not isinstance(adata, AnnData):
-        raise TypeError(f"adata must be an AnnData, got {type(adata).__name__}.")
+    if not isinstance(adata, AnnData) and not is_mudata(adata):
+        raise TypeError(
+            f"adata must be an AnnData, got {type(adata).__name__} (a mosaic model also takes a MuData)."
+        )
     scinfl_entry(adata, "query", key_added)  # before anything is written
     if copy:
         adata = adata.copy()
@@ -652,6 +707,7 @@ def predict(
             min_overlap=min_overlap,
             layer=layer,
             use_raw=use_raw,
+            modality=modality,
         )
     _write_predictions(
         adata, predictions, key_added=key_added, uns=_model_uns(model), var_names=model.schema.var_names

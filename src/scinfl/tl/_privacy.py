@@ -12,11 +12,13 @@ from anndata import AnnData
 from .._settings import settings, torch_threads
 from ..data import (
     AlignedMatrix,
+    MosaicMatrix,
     PerturbationDesign,
     check_finite,
     label_codes,
     perturbation_matrix,
     site_fields,
+    site_modalities,
 )
 from ..key import FederationKey
 from ..model import FederatedModel
@@ -36,9 +38,21 @@ _MAX_CELLS = 2000  # per role: enough for every attack; keeps dense audit matric
 
 
 def _cells(model: FederatedModel, adata: AnnData, role: str, rng: np.random.Generator, labels: np.ndarray):
-    fields = site_fields(adata, role, layer=model.schema.layer, use_raw=model.schema.use_raw)
     if adata.n_obs < 2:
         raise ValueError(f"The {role} cells: {adata.n_obs} cell(s); the audit needs at least 2.")
+    if model.schema.modalities:  # a multi-omics mosaic: a MuData, or an AnnData of one modality
+        matrix = MosaicMatrix(site_modalities(adata, role), model.schema, adata.n_obs, role)
+        for name in matrix.modalities:
+            present, total = matrix.present(name)
+            if present < total:
+                raise ValueError(
+                    f"The {role} cells lack {total - present} of the model's {name!r} features; audit on "
+                    "data with the model's full feature set."
+                )
+        matrix.check_finite()
+        index = np.sort(rng.choice(adata.n_obs, size=min(adata.n_obs, _MAX_CELLS), replace=False))
+        return torch.from_numpy(matrix.rows(index)), torch.from_numpy(labels[index])
+    fields = site_fields(adata, role, layer=model.schema.layer, use_raw=model.schema.use_raw)
     matrix = AlignedMatrix.from_adata(adata, model.schema, fields)
     if matrix.n_present < model.schema.n_features:
         raise ValueError(
@@ -127,7 +141,10 @@ def privacy_audit(
         attacks read a cell's perturbation from the first layer's gradient and its profile from the output
         layer's bias gradient (the prediction residual), also after aligning a secret output order by
         variance ranks over the leaked residuals. Each site computes control profiles from its own
-        cells, so ``adata`` and ``public`` each need control cells.
+        cells, so ``adata`` and ``public`` each need control cells. A multi-omics mosaic model
+        (``task="mosaic"``; ``adata`` and ``public`` are then MuData or one-modality AnnData): its analytic
+        attacks run on the first layer of every modality's encoder (attack names end in ``[modality]``),
+        measured against the values that layer reads (``log1p`` or CLR of counts).
     label_key
         ``.obs`` column of labels in both ``adata`` and ``public``: needed for a model trained without
         labels (embedding); default: the model's own label column.

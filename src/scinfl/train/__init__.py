@@ -2,6 +2,7 @@
 
 from .config import ModelConfig, build_network, key_material
 from .local import LocalFitResult, TrainingPlan, copy_state, evaluate, fit_local, infer
+from .mosaic import MosaicTask
 from .site import FitSettings, SiteTrainer, site_datasets
 from .tasks import TASKS, ClassificationTask, EmbeddingTask, PerturbationTask, Task, get_task
 
@@ -12,6 +13,7 @@ __all__ = [
     "FitSettings",
     "LocalFitResult",
     "ModelConfig",
+    "MosaicTask",
     "PerturbationTask",
     "SiteTrainer",
     "Task",

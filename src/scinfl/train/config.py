@@ -25,7 +25,9 @@ class ModelConfig:
     which DP-SGD needs). ``key_strength`` and the encoder sizes belong to ``scheme="infl"``; the
     ``mixing_*`` fields to ``scheme="hardened"`` (its input mixing's block size, rounds and gain range);
     ``n_latent`` and ``likelihood`` to ``task="embedding"``; ``n_covariates`` (the covariates' one-hot
-    width) to ``task="perturbation"``, whose ``n_classes`` counts the perturbations, control included.
+    width) to ``task="perturbation"``, whose ``n_classes`` counts the perturbations, control included;
+    ``modalities`` (``(name, n_features, likelihood)`` per modality) and ``modality_dropout`` to
+    ``task="mosaic"`` (with ``n_latent``).
     Configs saved before a field existed load with its default.
     """
 
@@ -47,13 +49,20 @@ class ModelConfig:
     n_latent: int = 16
     likelihood: Literal["gaussian", "poisson"] = "gaussian"
     n_covariates: int = 0
+    modalities: tuple[tuple[str, int, str], ...] = ()
+    modality_dropout: float = 0.5
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        return cls(**data)
+        # JSON gives lists; the config is hashable (hardened_layout caches by it), so nested tuples.
+        return cls(**{k: _tuples(v) if k == "modalities" else v for k, v in data.items()})
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(v) for v in value) if isinstance(value, list | tuple) else value
 
 
 def build_network(config: ModelConfig) -> nn.Module:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ..data import SiteDataset, batch_loader, stratified_split
 from ..key import FederationKey
-from ..nn import HardenedNetwork
+from ..nn import HardenedNetwork, modality_parameter_names
 from .config import ModelConfig, key_material
 from .local import LocalFitResult, copy_state, evaluate, fit_local
 from .tasks import get_task
@@ -89,6 +89,16 @@ class SiteTrainer:
             n_features=config.n_features,
             measured=None if measured is None else torch.from_numpy(measured),
         )
+        if measured is not None and hasattr(self.task, "with_measured"):  # the mosaic task
+            self.task = self.task.with_measured(torch.from_numpy(measured))
+        # A multi-omics mosaic site trains and sends only the modules of the modalities it holds: the
+        # others get no gradient (so Adam, weight decay included, leaves them as received) and stay home.
+        modalities = getattr(train.matrix, "modalities", None)
+        self._held: frozenset[str] | None = None
+        if modalities is not None:
+            self._held = modality_parameter_names(self.network, modalities)
+            for parameter_name, parameter in self.network.named_parameters():
+                parameter.requires_grad_(parameter_name in self._held)
         self.settings = settings
         self._key_material = key_material(key, config)
         # A hardened network trains as its equivalent plain network (so its optimisation is plain FedAvg's,
@@ -142,6 +152,8 @@ class SiteTrainer:
     def fit(self, global_state: Mapping[str, Tensor], *, seed: int) -> LocalFitResult:
         """Load the global weights, train locally, return the new weights.
 
+        A multi-omics mosaic site returns only the weights of the modalities it holds (and the shared ones).
+
         Its metrics: ``train_loss``, or with DP-SGD ``dp_steps`` (steps of this fit) and ``dp_epsilon``
         (spent so far, all rounds).
         """
@@ -175,6 +187,8 @@ class SiteTrainer:
         if self._hardened:
             with torch.no_grad():
                 state = self.network.from_plain(state, self._key_material)
+        if self._held is not None:
+            state = {name: tensor for name, tensor in state.items() if name in self._held}
         return LocalFitResult(
             state=copy_state(state),
             n_obs=self.n_train,

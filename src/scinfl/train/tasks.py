@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..nn import LIKELIHOODS, Autoencoder, PerturbationNetwork, ResidualMLPClassifier
+from .mosaic import MosaicTask
 
 if TYPE_CHECKING:
     from .config import ModelConfig
@@ -172,6 +173,7 @@ TASKS: dict[str, type] = {
     "classification": ClassificationTask,
     "embedding": EmbeddingTask,
     "perturbation": PerturbationTask,
+    "mosaic": MosaicTask,  # multi-omics sites (train/mosaic.py)
 }
 
 

@@ -98,3 +98,20 @@ def test_spatial_option_gives_more_coherent_domains(name, label):
         left.obsm["X_scinfl"], spatial.predict(sites["left"], key=key).embedding, rtol=1e-5, atol=1e-6
     )
     assert spatial.params["spatial_key"] == "spatial"
+
+
+def test_audit_reads_the_spots_as_the_model_does(pbmc):
+    # The privacy audit must attack what the network reads: each spot with its neighbours.
+    from scinfl.tl._privacy import _cells
+
+    sites = {"left": pbmc[:350].copy(), "right": pbmc[350:].copy()}
+    options = {**SPATIAL, "rounds": 1, "use_raw": True, "spatial_key": "X_umap", "spatial_neighbors": 4}
+    model = si.tl.train_federated(sites, key=si.FederationKey.generate(), **options)
+    site = sites["left"]
+    aligned = AlignedMatrix.from_adata(site, model.schema)
+    inputs = model.site_inputs(aligned, site, "left")
+    assert isinstance(inputs, NeighbourhoodMatrix)
+    labels = np.zeros(site.n_obs, dtype=np.int64)
+    x, _ = _cells(model, site, "trained-on", np.random.default_rng(0), labels)
+    np.testing.assert_array_equal(x.numpy(), inputs.rows(np.arange(site.n_obs)))
+    assert not np.array_equal(x.numpy(), aligned.rows(np.arange(site.n_obs)))

@@ -20,15 +20,13 @@ from . import __version__
 from .data import (
     AlignedMatrix,
     FederationSchema,
-    NeighbourhoodMatrix,
     PerturbationDesign,
     SiteDataset,
     batch_loader,
     check_finite,
     feature_source,
-    perturbation_matrix,
     site_fields,
-    spatial_graph,
+    site_inputs,
 )
 from .data.mosaic import is_mudata
 from .data.schema import check_unique_features
@@ -187,12 +185,7 @@ class FederatedModel:
         fields = site_fields(adata, site, layer=layer, use_raw=bool(use_raw))
         check_unique_features(feature_source(adata, fields)[1], site, used=pd.Index(self.schema.var_names))
         matrix = AlignedMatrix.from_adata(adata, self.schema, fields)
-        if self.params.get("spatial_key") is not None:  # read each spot in its tissue context, as trained
-            graph = spatial_graph(adata, self.params["spatial_key"], self.params["spatial_neighbors"], site)
-            matrix = NeighbourhoodMatrix(matrix, graph)
-        if self.config.task == "perturbation":  # each cell reads this data's control profile
-            design = PerturbationDesign.from_dict(self.params["perturbation"])
-            matrix = perturbation_matrix(matrix, adata, design, self.schema, site)
+        matrix = self.site_inputs(matrix, adata, site)
         overlap = matrix.n_present / self.schema.n_features
         if overlap < min_overlap:
             raise ValueError(
@@ -226,6 +219,21 @@ class FederatedModel:
             embedding=embedding,
             categories=self.schema.categories,
             expression=expression,
+        )
+
+    def site_inputs(self, aligned, adata: AnnData, site: str):
+        """``aligned`` (``adata``'s :class:`~scinfl.data.AlignedMatrix`) as this model reads it, as in
+        training: each spot with its neighbours (spatial models), each cell with this data's control
+        profile, its perturbation and its covariates (perturbation models)."""
+        design = self.params.get("perturbation")
+        return site_inputs(
+            aligned,
+            adata,
+            self.schema,
+            site,
+            spatial_key=self.params.get("spatial_key"),
+            spatial_neighbors=self.params.get("spatial_neighbors", 6),
+            design=None if design is None else PerturbationDesign.from_dict(design),
         )
 
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:

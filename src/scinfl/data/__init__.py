@@ -1,5 +1,6 @@
 """Schema, alignment and sparse-aware batch loading. Knows AnnData; knows nothing of federation."""
 
+from .inputs import site_inputs
 from .loader import AlignedMatrix, SiteDataset, batch_loader, check_finite
 from .mosaic import MosaicMatrix, build_mosaic_schema, is_mudata, modality_var_names, site_modalities
 from .perturbation import (
@@ -46,6 +47,7 @@ __all__ = [
     "neighbourhood_coherence",
     "perturbation_matrix",
     "site_fields",
+    "site_inputs",
     "site_modalities",
     "spatial_graph",
     "stratified_split",

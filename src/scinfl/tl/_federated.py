@@ -17,16 +17,14 @@ from anndata import AnnData
 from .._settings import logger, settings, torch_threads
 from ..data import (
     AlignedMatrix,
-    NeighbourhoodMatrix,
     SiteFields,
     build_design,
     build_schema,
     check_finite,
     feature_source,
     label_codes,
-    perturbation_matrix,
     site_fields,
-    spatial_graph,
+    site_inputs,
 )
 from ..data.mosaic import is_mudata
 from ..data.schema import scinfl_entry
@@ -513,12 +511,15 @@ def train_federated(
                 matrix = (
                     mosaic.matrices[name] if mosaic else AlignedMatrix.from_adata(adata, schema, fields[name])
                 )
-                if spatial_key is not None:
-                    matrix = NeighbourhoodMatrix(
-                        matrix, spatial_graph(adata, spatial_key, spatial_neighbors, name)
-                    )
-                if design is not None:
-                    matrix = perturbation_matrix(matrix, adata, design, schema, name)
+                matrix = site_inputs(
+                    matrix,
+                    adata,
+                    schema,
+                    name,
+                    spatial_key=spatial_key,
+                    spatial_neighbors=spatial_neighbors,
+                    design=design,
+                )
                 if schema.label_key is not None:
                     labels = label_codes(adata, schema, name)
                 else:  # a task without labels: one class, for the validation split

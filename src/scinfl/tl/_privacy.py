@@ -13,10 +13,8 @@ from .._settings import settings, torch_threads
 from ..data import (
     AlignedMatrix,
     MosaicMatrix,
-    PerturbationDesign,
     check_finite,
     label_codes,
-    perturbation_matrix,
     site_fields,
     site_modalities,
 )
@@ -60,9 +58,7 @@ def _cells(model: FederatedModel, adata: AnnData, role: str, rng: np.random.Gene
             "audit on data with the model's full feature set."
         )
     check_finite(matrix.matrix, role)
-    if model.config.task == "perturbation":  # rows [observed | control profile | perturbation | covariates]
-        design = PerturbationDesign.from_dict(model.params["perturbation"])
-        matrix = perturbation_matrix(matrix, adata, design, model.schema, role)
+    matrix = model.site_inputs(matrix, adata, role)  # spatial and perturbation models' inputs, as trained
     index = np.sort(rng.choice(adata.n_obs, size=min(adata.n_obs, _MAX_CELLS), replace=False))
     x = torch.from_numpy(matrix.rows(index))
     y = torch.from_numpy(labels[index])

@@ -42,7 +42,7 @@ class MosaicTask:
     modality alone places the cell where all of them do.
 
     ``measured`` (one flag per input column) restricts each modality's loss to the features the site
-    measures (``join="outer"`` zero-fills the others); see :meth:`with_measured`.
+    measures (``join="outer"`` zero-fills the others).
     """
 
     name = "mosaic"
@@ -51,10 +51,6 @@ class MosaicTask:
     def __init__(self, alignment: float = 1.0, measured: Tensor | None = None) -> None:
         self.alignment = float(alignment)
         self.measured = None if measured is None else measured.bool()
-
-    def with_measured(self, measured: Tensor | None) -> MosaicTask:
-        """The same task with the loss restricted to the ``measured`` input columns."""
-        return MosaicTask(self.alignment, measured)
 
     def build_network(self, config: ModelConfig) -> nn.Module:
         if not config.modalities:

@@ -89,8 +89,6 @@ class SiteTrainer:
             n_features=config.n_features,
             measured=None if measured is None else torch.from_numpy(measured),
         )
-        if measured is not None and hasattr(self.task, "with_measured"):  # the mosaic task
-            self.task = self.task.with_measured(torch.from_numpy(measured))
         # A multi-omics mosaic site trains and sends only the modules of the modalities it holds: the
         # others get no gradient (so Adam, weight decay included, leaves them as received) and stay home.
         modalities = getattr(train.matrix, "modalities", None)

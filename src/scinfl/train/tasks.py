@@ -181,7 +181,8 @@ def get_task(
     name: str, *, likelihood: str = "gaussian", measured: Tensor | None = None, n_features: int = 0
 ) -> Task:
     """The task called ``name``. ``likelihood`` shapes the embedding task's reconstruction loss;
-    ``measured`` (the features a site measures) restricts the embedding's and perturbation's losses;
+    ``measured`` (the features a site measures) restricts the embedding's, perturbation's and mosaic's
+    losses;
     ``n_features`` is the perturbation task's profile width."""
     try:
         cls = TASKS[name]
@@ -191,4 +192,6 @@ def get_task(
         return cls(likelihood, measured)
     if cls is PerturbationTask:
         return cls(n_features, measured)
+    if cls is MosaicTask:
+        return cls(measured=measured)
     return cls()

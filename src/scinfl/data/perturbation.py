@@ -111,7 +111,8 @@ def build_design(
     control: str,
     covariate_keys: Sequence[str] = (),
 ) -> PerturbationDesign:
-    """Agree the design across sites; every site needs control cells (its profile is the model's input)."""
+    """Agree the design across sites from column and category names. Each site's control cells are
+    checked where its inputs are built (:func:`perturbation_matrix`)."""
     if isinstance(covariate_keys, str):
         covariate_keys = (covariate_keys,)
     if perturbation_key in covariate_keys:
@@ -123,13 +124,6 @@ def build_design(
             union.update(_column(adata, key, site).astype(str).unique())
         categories.append(tuple(sorted(union)))
     design = PerturbationDesign(perturbation_key, str(control), tuple(covariate_keys), tuple(categories))
-    for site, adata in sites.items():
-        if not design.is_control(adata, site).any():
-            present = ", ".join(map(repr, _column(adata, perturbation_key, site).astype(str).unique()[:5]))
-            raise ValueError(
-                f"Site {site!r} has no control cells ({perturbation_key!r} == {control!r}; its values "
-                f"include {present}): a perturbation model reads each site's control profile."
-            )
     return design
 
 
@@ -235,9 +229,10 @@ def perturbation_matrix(
     its control profiles, perturbation codes (``schema.categories``) and covariates."""
     is_control = design.is_control(adata, site)
     if not is_control.any():
+        present = ", ".join(map(repr, _column(adata, design.perturbation_key, site).astype(str).unique()[:5]))
         raise ValueError(
-            f"Site {site!r} has no control cells ({design.perturbation_key!r} == {design.control!r}): "
-            "the model reads each site's control profile."
+            f"Site {site!r} has no control cells ({design.perturbation_key!r} == {design.control!r}; its "
+            f"values include {present}): the model reads each site's control profile."
         )
     codes = design.covariate_codes(adata, site)
     profiles, group = control_profiles(aligned, is_control, codes, site)

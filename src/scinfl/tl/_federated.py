@@ -424,8 +424,8 @@ def train_federated(
         design = build_design(
             site_data, perturbation_key=perturbation_key, control=control, covariate_keys=covariate_keys
         )
-        if design.control not in schema.categories:  # pragma: no cover - build_design found controls
-            raise ValueError(f"No site has control cells labelled {control!r}.")
+        if design.control not in schema.categories:
+            raise ValueError(f"No site has control cells labelled {control!r} in {perturbation_key!r}.")
     if task_def.needs_labels and schema.label_key is None:
         raise ValueError(f"task={task!r} needs labels: pass label_key= or register it with pp.register_site.")
 

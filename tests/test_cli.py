@@ -1,4 +1,4 @@
-"""`scinfl demo` from a shell, with small settings."""
+"""`scinfl demo` from a shell, with small settings; `scinfl flower-local`'s arguments as the run it starts."""
 
 from __future__ import annotations
 
@@ -6,6 +6,12 @@ import subprocess
 import sys
 
 import anndata as ad
+import pytest
+
+import scinfl as si
+from scinfl import cli
+from scinfl.federation import RunSpec
+from scinfl.federation.flower import deployment
 
 
 def test_demo_runs_from_the_shell(tmp_path):
@@ -53,3 +59,89 @@ def test_cli_usage_error():
     result = subprocess.run([sys.executable, "-m", "scinfl"], capture_output=True, text=True)
     assert result.returncode == 2
     assert "demo" in result.stderr
+
+
+@pytest.fixture
+def flower_local(monkeypatch, tmp_path):
+    """``scinfl flower-local ARGS`` without a deployment: what it asks :func:`run_local_deployment` for."""
+    calls = []
+
+    def fake_deployment(paths, **options):
+        calls.append((list(paths), options))
+        return tmp_path / "model"
+
+    monkeypatch.setattr(deployment, "run_local_deployment", fake_deployment)
+
+    def run(*args: str):
+        assert cli.main(["flower-local", "--sites", "a.h5ad", "b.h5ad", *args]) == 0
+        assert len(calls) == 1
+        paths, options = calls.pop()
+        assert paths == ["a.h5ad", "b.h5ad"]
+        # The settings are the run config the deployment reads (sites and key filled in there).
+        spec = RunSpec.from_run_config({**options["settings"], "sites": "a,b"})
+        return spec, options
+
+    return run
+
+
+def test_flower_local_defaults(flower_local, capsys):
+    spec, options = flower_local()
+    assert spec.task == si.tasks.Classification()
+    assert (spec.rounds, spec.seed, spec.min_sites, spec.round_timeout) == (20, 0, 0, 600.0)
+    assert options["key_path"] is None
+    assert options["output_dir"] == "scinfl-flower"
+    assert options["resume"] is False
+    assert options["fields"] == {"layer": None, "use_raw": False, "modality": None}
+    assert "load it with scinfl.FederatedModel.load" in capsys.readouterr().out
+
+
+def test_flower_local_task_settings_and_site_fields(flower_local):
+    spec, options = flower_local(
+        "--task",
+        "embedding",
+        "--rounds",
+        "3",
+        "--seed",
+        "7",
+        "--min-sites",
+        "1",
+        "--layer",
+        "counts",
+        "--use-raw",
+        "--modality",
+        "rna",
+        "--key",
+        "k.key",
+        "--resume",
+        "--output-dir",
+        "out",
+        "--set",
+        "task.n-latent=32",
+        "task.likelihood=poisson",
+        "task.hidden=64",
+        "fit.lr=0.01",
+        "fit.local-epochs=2",
+        "validation-fraction=0.2",
+    )
+    assert spec.task == si.tasks.Embedding(n_latent=32, likelihood="poisson", hidden=64)
+    assert (spec.rounds, spec.seed, spec.min_sites) == (3, 7, 1)
+    assert (spec.fit.lr, spec.fit.local_epochs, spec.validation_fraction) == (0.01, 2, 0.2)
+    assert options["fields"] == {"layer": "counts", "use_raw": True, "modality": "rna"}
+    assert (options["key_path"], options["output_dir"], options["resume"]) == ("k.key", "out", True)
+
+
+def test_flower_local_label_key_and_dp(flower_local):
+    spec, _ = flower_local("--label-key", "bulk_labels", "--set", "dp.epsilon=8", "task.dropout=0.2")
+    assert spec.task == si.tasks.Classification(label_key="bulk_labels", dropout=0.2)
+    assert spec.dp is not None
+    assert spec.dp.epsilon == 8.0
+
+
+def test_flower_local_set_needs_key_value_pairs(flower_local):
+    with pytest.raises(SystemExit, match="KEY=VALUE pairs, got 'fit.lr'"):
+        flower_local("--set", "fit.lr")
+
+
+def test_flower_local_unknown_task_option_is_named(flower_local):
+    with pytest.raises(ValueError, match="has no option 'n_latent'"):
+        flower_local("--set", "task.n-latent=32")  # a classification has no latent

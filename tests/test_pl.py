@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import scinfl as si
-from conftest import FAST
+from helpers import FAST
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,8 @@ def model():
     sites = si.pp.split_sites(
         sc.datasets.pbmc68k_reduced(), n_sites=3, label_key="bulk_labels", alpha=0.5, seed=0
     )
-    return si.tl.train_federated(sites, key=None, copy=True, **{**FAST, "rounds": 3})[0]
+    si.pp.register_site(sites, use_raw=True)
+    return si.tl.train_federated(sites, key=None, copy=True, **{**FAST, "rounds": 3})
 
 
 def test_history_lines_follow_the_history(model, tmp_path):

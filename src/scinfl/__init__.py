@@ -1,9 +1,8 @@
 """scinfl: key-embedded federated learning (INFL) for omics data, the scverse way."""
 
-__version__ = "0.1.0"
-
-from . import data, federation, nn, pl, pp, tl, train
+from . import data, federation, nn, pl, pp, tasks, tl, train
 from ._settings import settings
+from ._version import __version__
 from .key import FederationKey
 from .model import FederatedModel
 
@@ -18,6 +17,7 @@ __all__ = [
     "pp",
     "privacy",
     "settings",
+    "tasks",
     "tl",
     "train",
 ]

@@ -33,10 +33,14 @@ class Settings:
         few cores run fastest on one thread (see docs/benchmarks.md); None leaves torch's own setting.
     progress
         Show a progress bar over federated rounds.
+    accelerator
+        Where sites train: Lightning's accelerator name (``"auto"``: a GPU when there is one, else the
+        CPU; ``"cpu"``; ``"gpu"``).
     """
 
     torch_threads: int | None = 1
     progress: bool = True
+    accelerator: str = "auto"
 
 
 settings = Settings()

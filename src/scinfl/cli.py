@@ -23,21 +23,34 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--output-dir", default=".", help="where to write scinfl_demo.h5ad and the PNG")
     flower = commands.add_parser(
         "flower-local",
-        help="train across a local Flower deployment: a SuperLink and one SuperNode per .h5ad on 127.0.0.1",
-        description="Starts flower-superlink and one flower-supernode per site (named after its file) on "
-        "loopback, runs scinfl's Flower apps with `flwr run`, writes the model to OUTPUT_DIR/model, and "
-        "stops every process it started. Needs pip install 'scinfl[flower]'. See docs/across_sites.md.",
+        help="train across a local Flower deployment: a SuperLink and one SuperNode per site file on 127.0.0.1",
+        description="Starts flower-superlink and one flower-supernode per site (named after its file; an "
+        ".h5mu file is a multi-omics site) on loopback, runs scinfl's Flower apps with `flwr run`, writes the "
+        "model to OUTPUT_DIR/model, and stops every process it started. Needs pip install 'scinfl[flower]'. "
+        "See docs/across_sites.md.",
     )
-    flower.add_argument("--sites", nargs="+", required=True, metavar="H5AD", help="one .h5ad per site")
+    flower.add_argument(
+        "--sites", nargs="+", required=True, metavar="FILE", help="one .h5ad (or .h5mu) per site"
+    )
     flower.add_argument("--key", default=None, help="the consortium's key file (omit for plain FedAvg)")
-    flower.add_argument("--label-key", required=True, help=".obs column with the labels")
-    flower.add_argument("--layer", default="", help="layer with the features (default .X)")
+    flower.add_argument(
+        "--task", default="classification", help="classification, embedding, perturbation or mosaic"
+    )
+    flower.add_argument("--label-key", default=None, help=".obs column with the labels")
+    flower.add_argument("--layer", default=None, help="layer with the features (default .X)")
     flower.add_argument("--use-raw", action="store_true", help="use .raw")
+    flower.add_argument("--modality", default=None, help="the modality of .h5ad sites of a mosaic")
     flower.add_argument("--rounds", type=int, default=20, help="federated rounds (default 20)")
-    flower.add_argument("--hidden", type=int, default=256, help="network width (default 256)")
     flower.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     flower.add_argument("--min-sites", type=int, default=0, help="sites that must answer each round (0: all)")
     flower.add_argument("--round-timeout", type=float, default=600.0, help="seconds per round (default 600)")
+    flower.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other run setting, as in the run config: task.hidden=64 task.n-latent=32 fit.lr=0.01 dp.epsilon=8",
+    )
     flower.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR's checkpoint")
     flower.add_argument("--output-dir", default="scinfl-flower", help="checkpoint, model and logs")
     args = parser.parse_args(argv)
@@ -55,22 +68,46 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "flower-local":
         from .federation.flower.deployment import run_local_deployment
 
+        settings = {
+            "task.name": args.task,
+            "rounds": args.rounds,
+            "seed": args.seed,
+            "min-sites": args.min_sites,
+            "round-timeout": args.round_timeout,
+            **({"task.label-key": args.label_key} if args.label_key else {}),
+            **_run_config_overrides(args.set),
+        }
         model = run_local_deployment(
             args.sites,
             key_path=args.key,
             output_dir=args.output_dir,
-            label_key=args.label_key,
-            layer=args.layer,
-            use_raw=args.use_raw,
-            rounds=args.rounds,
-            hidden=args.hidden,
-            seed=args.seed,
-            min_sites=args.min_sites,
-            round_timeout=args.round_timeout,
+            settings=settings,
+            fields={"layer": args.layer, "use_raw": args.use_raw, "modality": args.modality},
             resume=args.resume,
         )
         print(f"Model written to {model} (load it with scinfl.FederatedModel.load).")
     return 0
+
+
+def _run_config_overrides(pairs: list[str]) -> dict[str, object]:
+    """``KEY=VALUE`` pairs as run-config entries (numbers and booleans parsed, as Flower's CLI does)."""
+    out: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set takes KEY=VALUE pairs, got {pair!r}.")
+        parsed: object = value
+        if value.lower() in ("true", "false"):
+            parsed = value.lower() == "true"
+        else:
+            for kind in (int, float):
+                try:
+                    parsed = kind(value)
+                    break
+                except ValueError:
+                    continue
+        out[key.strip()] = parsed
+    return out
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ import pandas as pd
 from anndata import AnnData
 from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
-from . import pl, pp, tl
-from ._settings import logger
+from . import pl, pp, tasks, tl
+from ._settings import logger, settings
 from .key import FederationKey
 from .model import FederatedModel
 
@@ -73,23 +73,30 @@ def run_demo(
     start = time.perf_counter()
     say = print if verbose else (lambda *a, **k: None)
     logger.setLevel(logging.WARNING)  # the demo prints one table instead of a line per training run
+    progress, settings.progress = settings.progress, False
     try:
         return _run_demo(rounds, seeds, n_wrong_keys, hidden, output_dir, say, start)
     finally:
         logger.setLevel(logging.INFO)
+        settings.progress = progress
 
 
 def _run_demo(rounds, seeds, n_wrong_keys, hidden, output_dir, say, start) -> DemoResult:
     import scanpy as sc
 
     adata = sc.datasets.pbmc68k_reduced()
+    pp.register_site(adata, use_raw=True)  # its log-normalised values are in .raw; the sites inherit this
     train, test = pp.split_holdout(adata, label_key=LABEL_KEY, fraction=0.2, seed=0)
     sites = pp.split_sites(train, n_sites=3, label_key=LABEL_KEY, alpha=0.5, seed=0)
     say(
         f"pbmc68k_reduced: {train.n_obs} training cells in 3 label-skewed sites "
         f"({', '.join(f'{k}: {v.n_obs}' for k, v in sites.items())}), {test.n_obs} held-out test cells."
     )
-    common = {"label_key": LABEL_KEY, "use_raw": True, "rounds": rounds, "hidden": hidden, "progress": False}
+    common = {
+        "task": tasks.Classification(label_key=LABEL_KEY, hidden=hidden),
+        "rounds": rounds,
+        "copy": True,
+    }
     schemes = ("infl", "hardened")
     rows: dict[str, list[tuple[float, float]]] = {
         k: []
@@ -104,17 +111,17 @@ def _run_demo(rounds, seeds, n_wrong_keys, hidden, output_dir, say, start) -> De
     model = None
     for seed in range(seeds):
         say(f"seed {seed}: centralised, each site alone, plain FedAvg, INFL, hardened ...")
-        central = tl.train_federated({"all": train}, key=None, seed=seed, copy=True, **common)[0]
+        central = tl.train_federated({"all": train}, key=None, seed=seed, **common)
         rows["centralised"].append(_scores(central, test, None))
         alone = [
-            _scores(tl.train_federated({n: s}, key=None, seed=seed, copy=True, **common)[0], test, None)
+            _scores(tl.train_federated({n: s}, key=None, seed=seed, **common), test, None)
             for n, s in sites.items()
         ]
         rows["site alone"].append(tuple(np.mean(alone, axis=0)))
-        fedavg = tl.train_federated(sites, key=None, seed=seed, copy=True, **common)[0]
+        fedavg = tl.train_federated(sites, key=None, seed=seed, **common)
         rows["fedavg"].append(_scores(fedavg, test, None))
         for scheme, key in keys.items():
-            keyed = tl.train_federated(sites, key=key, seed=seed, copy=True, **common)[0]
+            keyed = tl.train_federated(sites, key=key, seed=seed, **common)
             rows[f"{scheme} right"].append(_scores(keyed, test, key))
             rows[f"{scheme} wrong"].extend(
                 _scores(keyed, test, FederationKey.generate(scheme=scheme)) for _ in range(n_wrong_keys)

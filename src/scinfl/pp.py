@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 
 import numpy as np
 from anndata import AnnData
@@ -14,9 +15,9 @@ __all__ = ["register_site", "split_holdout", "split_sites"]
 
 
 def register_site(
-    adata: AnnData,
+    adata: AnnData | Mapping[str, AnnData],
     *,
-    site: str,
+    site: str | None = None,
     label_key: str | None = None,
     layer: str | None = None,
     use_raw: bool = False,
@@ -24,17 +25,19 @@ def register_site(
 ) -> None:
     """Record which fields of a site's AnnData scinfl uses, after checking that they exist.
 
-    :func:`scinfl.tl.train_federated` reads the registration, so each site can declare its own fields
-    once. Only names are recorded; no data is copied.
+    Where a site keeps its values is a fact of its data, as in scvi-tools' ``setup_anndata``:
+    :func:`scinfl.tl.train_federated`, :func:`scinfl.tl.predict` and a Flower site read the registration.
+    Only names are recorded; no data is copied. Sites split from a registered AnnData
+    (:func:`split_sites`) inherit its registration.
 
     Parameters
     ----------
     adata
-        The site's data.
+        The site's data, or several sites (name -> AnnData), each registered under its name.
     site
-        The site's name, used in messages.
+        The site's name, used in messages (default: its key in a mapping of sites).
     label_key
-        Column of ``.obs`` with the labels (classification).
+        Column of ``.obs`` with the labels (classification), unless the task names it.
     layer
         Layer holding the features; None uses ``.X``.
     use_raw
@@ -45,22 +48,36 @@ def register_site(
 
     Returns
     -------
-    None; sets ``adata.uns["scinfl"]["registration"]`` (``site``, ``use_raw``, and ``label_key``,
-    ``layer`` and ``modality`` where given), replacing any earlier registration. A view becomes an actual AnnData, as with any
-    write into a view; the AnnData it was cut from is not changed.
+    None; sets ``adata.uns["scinfl"]["registration"]`` (``use_raw``, and ``site``, ``label_key``,
+    ``layer`` and ``modality`` where given), replacing any earlier registration. A view becomes an actual
+    AnnData, as with any write into a view; the AnnData it was cut from is not changed.
     """
+    if isinstance(adata, Mapping):
+        if site is not None:
+            raise ValueError("site= names one AnnData; a mapping of sites registers each under its name.")
+        for name, one in adata.items():
+            register_site(
+                one, site=str(name), label_key=label_key, layer=layer, use_raw=use_raw, modality=modality
+            )
+        return
+    name = "adata" if site is None else site
     if not isinstance(adata, AnnData):
-        raise TypeError(f"Site {site!r} is a {type(adata).__name__}, not an AnnData.")
-    fields = validate_fields(adata, site, SiteFields(label_key=label_key, layer=layer, use_raw=use_raw))
+        raise TypeError(f"Site {name!r} is a {type(adata).__name__}, not an AnnData.")
+    fields = validate_fields(adata, name, SiteFields(label_key=label_key, layer=layer, use_raw=use_raw))
     if adata.n_obs == 0:
-        raise ValueError(f"Site {site!r} has no cells.")
+        raise ValueError(f"Site {name!r} has no cells.")
     if modality is not None and (not isinstance(modality, str) or not modality or ":" in modality):
-        raise ValueError(f"Site {site!r}: a modality is a non-empty name without ':', got {modality!r}.")
-    entry = scinfl_entry(adata, site, "scinfl")
-    registration = {"site": site, "use_raw": fields.use_raw}
+        raise ValueError(f"Site {name!r}: a modality is a non-empty name without ':', got {modality!r}.")
+    entry = scinfl_entry(adata, name, "scinfl")
+    registration = {"use_raw": fields.use_raw}
     registration |= {
         k: v
-        for k, v in (("label_key", fields.label_key), ("layer", fields.layer), ("modality", modality))
+        for k, v in (
+            ("site", site),
+            ("label_key", fields.label_key),
+            ("layer", fields.layer),
+            ("modality", modality),
+        )
         if v is not None
     }
     # A new dict, assigned: writing into the existing one would reach through a view into its parent's .uns

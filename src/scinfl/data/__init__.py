@@ -1,12 +1,17 @@
 """Schema, alignment and sparse-aware batch loading. Knows AnnData; knows nothing of federation."""
 
-from .inputs import site_inputs
 from .loader import AlignedMatrix, SiteDataset, batch_loader, check_finite
-from .mosaic import MosaicMatrix, build_mosaic_schema, is_mudata, modality_var_names, site_modalities
+from .mosaic import (
+    MosaicMatrix,
+    build_mosaic_schema,
+    describe_mosaic_site,
+    is_mudata,
+    modality_var_names,
+    site_modalities,
+)
 from .perturbation import (
     PerturbationDesign,
     PerturbationMatrix,
-    build_design,
     control_profiles,
     group_moments,
     perturbation_matrix,
@@ -15,8 +20,11 @@ from .schema import (
     FederationSchema,
     SiteFields,
     build_schema,
+    column_categories,
+    describe_site,
     feature_source,
     label_codes,
+    scinfl_entry,
     site_fields,
     validate_fields,
 )
@@ -33,11 +41,13 @@ __all__ = [
     "SiteDataset",
     "SiteFields",
     "batch_loader",
-    "build_design",
     "build_mosaic_schema",
     "build_schema",
     "check_finite",
+    "column_categories",
     "control_profiles",
+    "describe_mosaic_site",
+    "describe_site",
     "dirichlet_partition",
     "feature_source",
     "group_moments",
@@ -46,8 +56,8 @@ __all__ = [
     "modality_var_names",
     "neighbourhood_coherence",
     "perturbation_matrix",
+    "scinfl_entry",
     "site_fields",
-    "site_inputs",
     "site_modalities",
     "spatial_graph",
     "stratified_split",

@@ -1,10 +1,12 @@
 """Multi-omics mosaic sites: a site is a MuData (several modalities) or an AnnData holding one modality.
 
 Each modality's features are agreed, from var names only, over the sites that hold that modality (the
-per-modality schema of :func:`~scinfl.data.build_schema`, ``join="inner"`` or ``"outer"``), and each site's
+per-modality schema of :func:`~scinfl.data.build_schema`, ``join="inner"`` or ``"outer"``, from what each
+site publishes: :func:`describe_mosaic_site`), and each site's
 cells are read as one row per cell: every modality's aligned features (zeros where the cell lacks the
 modality) followed by one presence flag per modality (:class:`MosaicMatrix`). Values are read from each
-modality's ``.X``.
+modality's ``.X``, or where its registration says (an AnnData site registered with ``layer`` or
+``use_raw``).
 """
 
 from __future__ import annotations
@@ -18,12 +20,22 @@ import pandas as pd
 from anndata import AnnData
 
 from .loader import AlignedMatrix, check_finite
-from .schema import FederationSchema, Join, SiteFields, _site_categories, build_schema, check_unique_features
+from .schema import (
+    FederationSchema,
+    Join,
+    SiteFields,
+    build_schema,
+    check_unique_features,
+    column_categories,
+    feature_source,
+    validate_fields,
+)
 
 __all__ = [
     "DEFAULT_MODALITY",
     "MosaicMatrix",
     "build_mosaic_schema",
+    "describe_mosaic_site",
     "is_mudata",
     "modality_var_names",
     "site_modalities",
@@ -42,6 +54,18 @@ def is_mudata(data: Any) -> bool:
     return isinstance(data, MuData)
 
 
+def modality_values(adata: AnnData, site: str):
+    """A modality's matrix and feature names: where its registration says (``layer``, ``.raw``), else ``.X``."""
+    entry = adata.uns.get("scinfl", {})
+    registration = entry.get("registration", {}) if isinstance(entry, Mapping) else {}
+    fields = validate_fields(
+        adata,
+        site,
+        SiteFields(layer=registration.get("layer"), use_raw=bool(registration.get("use_raw", False))),
+    )
+    return feature_source(adata, fields)
+
+
 def site_modalities(data, site: str, modality: str | None = None) -> dict[str, tuple[AnnData, np.ndarray]]:
     """One site's modalities: name -> (its AnnData, the row of every site cell in it, -1 where absent).
 
@@ -52,7 +76,7 @@ def site_modalities(data, site: str, modality: str | None = None) -> dict[str, t
         if modality is not None:
             raise ValueError(
                 f"Site {site!r} is a MuData: its modalities are named by its .mod ({', '.join(data.mod)}); "
-                "modalities= names the modality of AnnData sites only."
+                "a modality is named for AnnData sites only."
             )
         if not len(data.mod):
             raise ValueError(f"Site {site!r} is a MuData without modalities.")
@@ -90,23 +114,36 @@ def _components(held: Mapping[str, list[str]]) -> list[set[str]]:
     return groups
 
 
+def describe_mosaic_site(
+    data, site: str, modalities: Mapping[str, tuple[AnnData, np.ndarray]], *, label_key: str | None = None
+) -> dict[str, Any]:
+    """What a mosaic site publishes: each modality's feature names, its label categories, its cell count."""
+    described = {}
+    for name, (adata, _) in modalities.items():
+        if adata.n_obs == 0:
+            raise ValueError(f"Site {site!r}: modality {name!r} has no cells.")
+        names = pd.Index(modality_values(adata, site)[1]).astype(str)
+        if not len(names):
+            raise ValueError(f"Site {site!r}: modality {name!r} has no features.")
+        check_unique_features(names, site)
+        described[name] = list(names)
+    return {
+        "modalities": described,
+        "categories": column_categories(data, site, label_key, what="label column") if label_key else [],
+        "label_key": label_key,
+        "n_obs": int(data.n_obs),
+    }
+
+
 def build_mosaic_schema(
-    sites: Mapping[str, Any],
-    modalities: Mapping[str, Mapping[str, tuple[AnnData, np.ndarray]]],
-    *,
-    label_key: str | None = None,
-    join: Join = "inner",
+    descriptions: Mapping[str, Mapping[str, Any]], *, join: Join = "inner"
 ) -> FederationSchema:
     """Agree each modality's features over the sites that hold it, and the label categories.
 
     Parameters
     ----------
-    sites
-        Site name -> MuData or AnnData (its ``.obs`` holds the labels).
-    modalities
-        Site name -> :func:`site_modalities` of that site.
-    label_key
-        ``.obs`` column of every site with labels (they only stratify the validation cells), or None.
+    descriptions
+        Site name -> :func:`describe_mosaic_site` of that site.
     join
         Per modality: ``"inner"`` (features every site holding it has) or ``"outer"`` (all, zero-filled).
 
@@ -115,7 +152,7 @@ def build_mosaic_schema(
     A :class:`FederationSchema` whose ``var_names`` are ``"<modality>:<feature>"`` and whose
     ``modalities`` are ``(name, n_features)`` in input order.
     """
-    held = {site: list(mods) for site, mods in modalities.items()}
+    held = {site: list(d["modalities"]) for site, d in descriptions.items()}
     groups = _components(held)
     if len(groups) > 1:
         largest = max(groups, key=len)
@@ -124,8 +161,8 @@ def build_mosaic_schema(
         raise ValueError(
             f"Site(s) {', '.join(map(repr, stray_sites))} hold modality {', '.join(map(repr, sorted(stray)))}, "
             f"which no site measures together with the other modalities ({', '.join(map(repr, sorted(largest)))}): "
-            "their cells could not be placed in the joint latent. Check the modality names (modalities= "
-            "for AnnData sites, .mod for MuData sites)."
+            "their cells could not be placed in the joint latent. Check the modality names (the modality "
+            "registered for AnnData sites, .mod for MuData sites)."
         )
     order: list[str] = []
     for mods in held.values():
@@ -133,27 +170,25 @@ def build_mosaic_schema(
     var_names: list[str] = []
     layout: list[tuple[str, int]] = []
     for modality in order:
-        holders = {site: mods[modality][0] for site, mods in modalities.items() if modality in mods}
-        for site, adata in holders.items():
-            if adata.n_obs == 0:
-                raise ValueError(f"Site {site!r}: modality {modality!r} has no cells.")
+        holders = {
+            site: {"var_names": d["modalities"][modality]}
+            for site, d in descriptions.items()
+            if modality in d["modalities"]
+        }
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            schema = build_schema(holders, dict.fromkeys(holders, SiteFields()), join=join)
+            schema = build_schema(holders, join=join)
         for warning in caught:
             warnings.warn(f"Modality {modality!r}: {warning.message}", UserWarning, stacklevel=2)
         var_names += [f"{modality}{_SEPARATOR}{name}" for name in schema.var_names]
         layout.append((modality, schema.n_features))
-    categories: list[str] = []
-    if label_key is not None:
-        union: set[str] = set()
-        for site, data in sites.items():
-            union.update(_site_categories(data, site, label_key))
-        categories = sorted(union)
+    label_keys = {d.get("label_key") for d in descriptions.values()}
+    if len(label_keys) > 1:
+        raise ValueError(f"Sites disagree on the label column: {sorted(map(str, label_keys))}.")
     return FederationSchema(
         var_names=tuple(var_names),
-        categories=tuple(categories),
-        label_key=label_key,
+        categories=tuple(sorted(set().union(*(d.get("categories", ()) for d in descriptions.values())))),
+        label_key=next(iter(label_keys)),
         layer=None,
         use_raw=False,
         join=join,
@@ -191,8 +226,9 @@ class MosaicMatrix:
         for i, (name, n) in enumerate(self.layout):
             if name in modalities:
                 adata, rows = modalities[name]
-                check_unique_features(adata.var_names, site, used=pd.Index(modality_var_names(schema, name)))
-                matrix = AlignedMatrix(adata.X, adata.var_names, modality_var_names(schema, name))
+                values, var_names = modality_values(adata, site)
+                check_unique_features(var_names, site, used=pd.Index(modality_var_names(schema, name)))
+                matrix = AlignedMatrix(values, var_names, modality_var_names(schema, name))
                 if len(rows) != self.n_obs:
                     raise ValueError(f"Site {site!r}: modality {name!r} maps {len(rows)} cells of {n_obs}.")
                 self._parts.append((i, start, start + n, matrix, rows))

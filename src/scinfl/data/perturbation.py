@@ -8,9 +8,8 @@ expression. The control profile never leaves the site: it is an input of the sit
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -21,7 +20,6 @@ from .schema import FederationSchema, label_codes
 __all__ = [
     "PerturbationDesign",
     "PerturbationMatrix",
-    "build_design",
     "control_profiles",
     "group_moments",
     "perturbation_matrix",
@@ -32,7 +30,7 @@ __all__ = [
 class PerturbationDesign:
     """The perturbation column, its control label and the covariates, with their categories.
 
-    Agreed from metadata only (column names and category names), as the schema is.
+    The categories are agreed from metadata only (:class:`~scinfl.data.FederationSchema`'s ``covariates``).
     """
 
     perturbation_key: str
@@ -74,24 +72,17 @@ class PerturbationDesign:
     def is_control(self, adata: AnnData, site: str) -> np.ndarray:
         return (_column(adata, self.perturbation_key, site).astype(str) == self.control).to_numpy()
 
-    def to_dict(self) -> dict[str, Any]:
-        # covariates as key -> categories: h5ad writes a mapping of lists, not a ragged list of lists
-        return {
-            "perturbation_key": self.perturbation_key,
-            "control": self.control,
-            "covariates": {
-                k: list(c) for k, c in zip(self.covariate_keys, self.covariate_categories, strict=True)
-            },
-        }
-
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> PerturbationDesign:
-        covariates = dict(data.get("covariates", {}))
+    def from_schema(
+        cls, schema: FederationSchema, *, perturbation_key: str, control: str, covariate_keys: Sequence[str]
+    ) -> PerturbationDesign:
+        """The design of a federation: the options, with the covariates' categories the sites agreed."""
+        agreed = dict(schema.covariates)
         return cls(
-            perturbation_key=str(data["perturbation_key"]),
-            control=str(data["control"]),
-            covariate_keys=tuple(covariates),
-            covariate_categories=tuple(tuple(str(v) for v in c) for c in covariates.values()),
+            perturbation_key,
+            str(control),
+            tuple(covariate_keys),
+            tuple(agreed[key] for key in covariate_keys),
         )
 
 
@@ -102,29 +93,6 @@ def _column(adata: AnnData, key: str, site: str) -> pd.Series:
     if values.isna().any():
         raise ValueError(f"Site {site!r}: {int(values.isna().sum())} cells have no value in {key!r}.")
     return values
-
-
-def build_design(
-    sites: Mapping[str, AnnData],
-    *,
-    perturbation_key: str,
-    control: str,
-    covariate_keys: Sequence[str] = (),
-) -> PerturbationDesign:
-    """Agree the design across sites from column and category names. Each site's control cells are
-    checked where its inputs are built (:func:`perturbation_matrix`)."""
-    if isinstance(covariate_keys, str):
-        covariate_keys = (covariate_keys,)
-    if perturbation_key in covariate_keys:
-        raise ValueError(f"{perturbation_key!r} is the perturbation column; it cannot also be a covariate.")
-    categories = []
-    for key in covariate_keys:
-        union: set[str] = set()
-        for site, adata in sites.items():
-            union.update(_column(adata, key, site).astype(str).unique())
-        categories.append(tuple(sorted(union)))
-    design = PerturbationDesign(perturbation_key, str(control), tuple(covariate_keys), tuple(categories))
-    return design
 
 
 def group_moments(

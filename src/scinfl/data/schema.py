@@ -1,14 +1,16 @@
 """The federation schema: which features, in which order, and which label categories.
 
-Agreed from metadata only (var names, category names), never from expression values, so building it
-reveals nothing a site would not publish in a data dictionary.
+Each site describes itself (:func:`describe_site`: var names, category names, counts) and the schema is
+agreed from those descriptions only (:func:`build_schema`), never from expression values: building it
+reveals nothing a site would not publish in a data dictionary. The same descriptions travel in Flower's
+first exchange, so every engine agrees the same schema by the same code.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -20,6 +22,8 @@ __all__ = [
     "SiteFields",
     "build_schema",
     "check_unique_features",
+    "column_categories",
+    "describe_site",
     "feature_source",
     "label_codes",
     "scinfl_entry",
@@ -47,12 +51,18 @@ def site_fields(
     layer: str | None = None,
     use_raw: bool | None = None,
 ) -> SiteFields:
-    """Explicit arguments, else the site's registration (``pp.register_site``), else the defaults."""
+    """Explicit arguments, else the site's registration (``pp.register_site``), else the defaults.
+
+    Where the values are (``layer`` or ``use_raw``) is one choice: an explicit ``layer=`` or
+    ``use_raw=True`` replaces the registered place, whichever it was.
+    """
     registered = scinfl_entry(adata, site, "scinfl").get("registration", {})
+    if layer is None and use_raw is None:
+        layer, use_raw = registered.get("layer"), registered.get("use_raw", False)
     fields = SiteFields(
         label_key=label_key if label_key is not None else registered.get("label_key"),
-        layer=layer if layer is not None else registered.get("layer"),
-        use_raw=bool(use_raw if use_raw is not None else registered.get("use_raw", False)),
+        layer=layer,
+        use_raw=bool(use_raw),
     )
     return validate_fields(adata, site, fields)
 
@@ -114,7 +124,10 @@ def feature_source(adata: AnnData, fields: SiteFields):
 
 @dataclass(frozen=True)
 class FederationSchema:
-    """What every site's data is aligned to: feature order, label categories, and where they came from."""
+    """What every site's data is aligned to: feature order, label categories, and where they came from.
+
+    Agreed from what the sites publish (:func:`describe_site`): names, never values.
+    """
 
     var_names: tuple[str, ...]
     categories: tuple[str, ...]
@@ -124,6 +137,9 @@ class FederationSchema:
     join: Join
     # A multi-omics mosaic: (modality, n_features) in input order; var_names are "<modality>:<feature>".
     modalities: tuple[tuple[str, int], ...] = ()
+    # Categorical .obs columns a task reads besides the labels (e.g. a perturbation's covariates): each
+    # column's name and the union of its categories over the sites, sorted.
+    covariates: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def n_features(self) -> int:
@@ -138,14 +154,16 @@ class FederationSchema:
         return SiteFields(label_key=self.label_key, layer=self.layer, use_raw=self.use_raw)
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["var_names"] = list(self.var_names)
-        out["categories"] = list(self.categories)
-        if self.modalities:
-            out["modalities"] = [list(m) for m in self.modalities]
-        else:  # as before mosaics existed: unchanged model files and checkpoint signatures
-            del out["modalities"]
-        return out
+        return {
+            "var_names": list(self.var_names),
+            "categories": list(self.categories),
+            "label_key": self.label_key,
+            "layer": self.layer,
+            "use_raw": self.use_raw,
+            "join": self.join,
+            "modalities": [list(m) for m in self.modalities],
+            "covariates": {name: list(categories) for name, categories in self.covariates},
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> FederationSchema:
@@ -157,63 +175,95 @@ class FederationSchema:
             use_raw=bool(data.get("use_raw", False)),
             join=data.get("join", "inner"),
             modalities=tuple((str(name), int(n)) for name, n in data.get("modalities", ())),
+            covariates=tuple(
+                (str(name), tuple(str(c) for c in categories))
+                for name, categories in dict(data.get("covariates", {})).items()
+            ),
         )
 
 
-def _site_categories(adata: AnnData, site: str, label_key: str) -> list[str]:
-    if label_key not in adata.obs:
-        raise ValueError(f"Site {site!r}: label column {label_key!r} is missing from .obs.")
-    labels = adata.obs[label_key]
-    n_missing = int(labels.isna().sum())
+def column_categories(adata: AnnData, site: str, key: str, *, what: str = "column") -> list[str]:
+    """The categories of ``.obs[key]`` (a categorical's own order, else the sorted distinct values).
+
+    Raises naming the site if the column is missing or some cells have no value in it.
+    """
+    if key not in adata.obs:
+        raise ValueError(
+            f"Site {site!r}: {what} {key!r} is missing from .obs "
+            f"(columns: {', '.join(map(str, adata.obs.columns)) or 'none'})."
+        )
+    values = adata.obs[key]
+    n_missing = int(values.isna().sum())
     if n_missing:
         raise ValueError(
-            f"Site {site!r}: {n_missing} cells have no value in label column {label_key!r}; "
+            f"Site {site!r}: {n_missing} cells have no value in {what} {key!r}; "
             "label them or subset them away before training."
         )
-    if isinstance(labels.dtype, pd.CategoricalDtype):
-        return [str(c) for c in labels.cat.categories]
-    return sorted({str(v) for v in labels.unique()})
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        return [str(c) for c in values.cat.categories]
+    return sorted({str(v) for v in values.unique()})
 
 
-def build_schema(
-    sites: Mapping[str, AnnData],
-    fields: Mapping[str, SiteFields],
-    *,
-    join: Join = "inner",
-) -> FederationSchema:
-    """Agree a schema from the sites' var names and label categories.
+def describe_site(
+    adata: AnnData, site: str, fields: SiteFields, *, covariate_keys: Sequence[str] = ()
+) -> dict[str, Any]:
+    """What a site publishes for the schema to be agreed: names and counts, never values (JSON-able).
+
+    ``var_names`` (of the matrix ``fields`` point at), ``categories`` (of the label column, if any),
+    ``covariates`` (column -> categories), ``layer``/``use_raw`` and ``n_obs``.
+    """
+    names = pd.Index(feature_source(adata, fields)[1]).astype(str)
+    if not len(names):
+        raise ValueError(f"Site {site!r} has no features (its matrix has no columns).")
+    check_unique_features(names, site)
+    return {
+        "var_names": list(names),
+        "categories": column_categories(adata, site, fields.label_key, what="label column")
+        if fields.label_key is not None
+        else [],
+        "covariates": {key: column_categories(adata, site, key) for key in covariate_keys},
+        "label_key": fields.label_key,
+        "layer": fields.layer,
+        "use_raw": fields.use_raw,
+        "n_obs": int(adata.n_obs),
+    }
+
+
+def build_schema(descriptions: Mapping[str, Mapping[str, Any]], *, join: Join = "inner") -> FederationSchema:
+    """Agree a schema from the sites' descriptions (:func:`describe_site`).
 
     Parameters
     ----------
-    sites
-        Site name -> AnnData.
-    fields
-        Site name -> where its features and labels live (see :func:`site_fields`); the same label column,
-        layer and raw choice must be used by every site.
+    descriptions
+        Site name -> what it published. Every site must use the same label column, layer and ``.raw``
+        choice.
     join
         ``"inner"``: the features every site has (in the first site's order); ``"outer"``: all features,
         zero-filled where a site lacks them.
     """
     if join not in ("inner", "outer"):
         raise ValueError(f"join must be 'inner' or 'outer', got {join!r}.")
-    if not sites:
+    if not descriptions:
         raise ValueError("No sites given.")
-    distinct = {(f.label_key, f.layer, f.use_raw) for f in fields.values()}
+    distinct = {(d.get("label_key"), d.get("layer"), bool(d.get("use_raw"))) for d in descriptions.values()}
     if len(distinct) > 1:
-        detail = "; ".join(f"{s}: {f}" for s, f in fields.items())
+        detail = "; ".join(
+            f"{s}: label_key={d.get('label_key')!r}, layer={d.get('layer')!r}, use_raw={bool(d.get('use_raw'))}"
+            for s, d in descriptions.items()
+        )
         raise ValueError(f"Sites disagree on the label column, layer or use_raw: {detail}.")
-    first = next(iter(fields.values()))
+    label_key, layer, use_raw = next(iter(distinct))
 
     ordered: list[str] = []
     seen: set[str] = set()
     shared: set[str] | None = None
-    for site, adata in sites.items():
-        names = pd.Index(feature_source(adata, fields[site])[1]).astype(str)
-        if not len(names):
+    sites = list(descriptions)
+    for site, description in descriptions.items():
+        names = [str(v) for v in description["var_names"]]
+        if not names:
             raise ValueError(f"Site {site!r} has no features (its matrix has no columns).")
-        check_unique_features(names, site)
         if join == "inner" and shared is not None and not shared & set(names):
-            earlier = list(sites)[: list(sites).index(site)]
+            earlier = sites[: sites.index(site)]
             raise ValueError(
                 f"Site {site!r} and the sites before it ({', '.join(map(repr, earlier))}) share no feature "
                 f"names (its first: {', '.join(names[:3])}; theirs in common: {', '.join(sorted(shared)[:3])})"
@@ -237,19 +287,21 @@ def build_schema(
     else:
         var_names = ordered
 
-    categories: list[str] = []
-    if first.label_key is not None:
-        union: set[str] = set()
-        for site, adata in sites.items():
-            union.update(_site_categories(adata, site, first.label_key))
-        categories = sorted(union)
+    def union(values) -> tuple[str, ...]:
+        return tuple(sorted(set().union(*values))) if values else ()
+
+    covariate_keys = list(dict.fromkeys(k for d in descriptions.values() for k in d.get("covariates", {})))
     return FederationSchema(
         var_names=tuple(var_names),
-        categories=tuple(categories),
-        label_key=first.label_key,
-        layer=first.layer,
-        use_raw=first.use_raw,
+        categories=union([set(d.get("categories", ())) for d in descriptions.values()]),
+        label_key=label_key,
+        layer=layer,
+        use_raw=use_raw,
         join=join,
+        covariates=tuple(
+            (key, union([set(d["covariates"].get(key, ())) for d in descriptions.values()]))
+            for key in covariate_keys
+        ),
     )
 
 

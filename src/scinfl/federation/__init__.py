@@ -1,18 +1,45 @@
-"""Rounds, client sampling, FedAvg and the key-version check; engines that run them."""
+"""One round loop over any transport: sampling, key-version gate, FedAvg, selection, checkpoint/resume.
 
-from .engine import FederationResult, KeyVersionError, Site, aggregate, run_local, sample_sites, site_seed
+:func:`federate` runs a :class:`RunSpec` over a transport: :class:`InProcess` (``engine="local"``) or
+Flower's Grid (:mod:`scinfl.federation.flower`, ``engine="flower"``). Sites are built and answered by the
+same functions on every engine (:mod:`scinfl.federation.site`).
+"""
+
 from .fedavg import fedavg
+from .local import InProcess
+from .rounds import (
+    FederationRun,
+    KeyVersionError,
+    SiteFailureError,
+    Transport,
+    aggregate,
+    federate,
+    sample_sites,
+    site_seed,
+)
+from .site import Hello, Instruction, Reply, answer, build_site, hello, initial_weights
+from .spec import RunSpec
 
 ENGINES = ("local", "flower")  # "flower": scinfl.federation.flower (pip install 'scinfl[flower]')
 
 __all__ = [
     "ENGINES",
-    "FederationResult",
+    "FederationRun",
+    "Hello",
+    "InProcess",
+    "Instruction",
     "KeyVersionError",
-    "Site",
+    "Reply",
+    "RunSpec",
+    "SiteFailureError",
+    "Transport",
     "aggregate",
+    "answer",
+    "build_site",
     "fedavg",
-    "run_local",
+    "federate",
+    "hello",
+    "initial_weights",
     "sample_sites",
     "site_seed",
 ]

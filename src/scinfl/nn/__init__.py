@@ -1,4 +1,4 @@
-"""Pure-torch building blocks: keyed layers, the key encoder, task networks. No AnnData here."""
+"""Pure-torch building blocks: keyed layers, the key encoder, task networks, likelihoods. No AnnData here."""
 
 from .hardened import (
     BlockMixing,
@@ -20,12 +20,12 @@ from .keyed import (
     use_key,
     use_key_vector,
 )
-from .mosaic import MOSAIC_LIKELIHOODS, MosaicAutoencoder, MosaicOutput, clr, modality_parameter_names
-from .networks import LIKELIHOODS, Autoencoder, PerturbationNetwork, ResidualBlock, ResidualMLPClassifier
+from .likelihoods import LIKELIHOODS, cell_losses, clr, read_counts
+from .mosaic import MosaicAutoencoder, MosaicOutput, modality_parameter_names
+from .networks import Autoencoder, PerturbationNetwork, ResidualBlock, ResidualMLPClassifier
 
 __all__ = [
     "LIKELIHOODS",
-    "MOSAIC_LIKELIHOODS",
     "Autoencoder",
     "BlockMixing",
     "CoordinateKeyEncoder",
@@ -43,11 +43,13 @@ __all__ = [
     "ResidualBlock",
     "ResidualMLPClassifier",
     "active_modulation",
+    "cell_losses",
     "clr",
     "derive_hardened_key",
     "harden",
     "keyify",
     "modality_parameter_names",
+    "read_counts",
     "use_key",
     "use_key_vector",
 ]

@@ -28,6 +28,7 @@ duration of a call; modules hold only the public layout.
 from __future__ import annotations
 
 import contextvars
+import copy
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -244,6 +245,22 @@ class HardenedKey(KeyMaterial):
             return plain.index_select(0, torch.argsort(self.output_order))
         return plain
 
+    def to(self, device: torch.device | str) -> HardenedKey:
+        """The same material with every tensor on ``device`` (where the network it keys lives)."""
+
+        def move(mixing: BlockMixing) -> BlockMixing:
+            return BlockMixing(
+                *(tuple(t.to(device) for t in part) for part in (mixing.orders, mixing.blocks, mixing.tails))
+            )
+
+        return HardenedKey(
+            mixing=move(self.mixing),
+            inverse_orders=tuple(t.to(device) for t in self.inverse_orders),
+            signs=tuple(t.to(device) for t in self.signs),
+            output_order=self.output_order.to(device),
+            input_mixings={i: move(m) for i, m in self.input_mixings.items()},
+        )
+
     def check(self, layout: HardenedLayout) -> None:
         widths = tuple(len(s) for s in self.signs)
         mixed = (0, *sorted(self.input_mixings))
@@ -413,6 +430,13 @@ class HardenedNetwork(KeyedModule):
                 if bias in state:
                     out[bias] = material.bias_from_plain(i, state[bias])
         return out
+
+    def plain_copy(self, material: HardenedKey) -> HardenedNetwork:
+        """A copy holding the equivalent plain weights (:meth:`to_plain`): run without a key, it computes
+        what this network computes under ``material``, at a plain network's cost."""
+        plain = copy.deepcopy(self)
+        plain.load_state_dict(self.to_plain(self.state_dict(), material))
+        return plain
 
     def key_material(self, derive: Callable[[str, int], bytes]) -> HardenedKey:
         """This network's key material, from a key's ``derive`` (e.g. ``FederationKey.derive``)."""

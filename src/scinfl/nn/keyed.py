@@ -186,17 +186,25 @@ class KeyedNetwork(KeyedModule):
         Maps the secret coordinates to the key vector ``k``.
     strength
         The key strength ``s``.
+    n_key_points
+        How many secret coordinates a key gives the encoder (public structure, like the layer sizes).
     """
 
     scheme = "infl"
 
     def __init__(
-        self, network: nn.Module, key_encoder: CoordinateKeyEncoder, *, strength: float = 1.0
+        self,
+        network: nn.Module,
+        key_encoder: CoordinateKeyEncoder,
+        *,
+        strength: float = 1.0,
+        n_key_points: int = 128,
     ) -> None:
         super().__init__()
         self.network = network
         self.key_encoder = key_encoder
         self.strength = float(strength)
+        self.n_key_points = int(n_key_points)
         layers = [m for m in network.modules() if isinstance(m, KeyedLinear)]
         if not layers:
             raise ValueError("KeyedNetwork needs at least one KeyedLinear layer in the network.")
@@ -326,6 +334,7 @@ def keyify(
     key_dim: int = 16,
     encoder_hidden: int = 64,
     coordinate_dim: int = 2,
+    n_key_points: int = 128,
 ) -> KeyedNetwork:
     """Make a copy of ``module`` with its ``nn.Linear`` layers keyed, plug-and-play.
 
@@ -345,6 +354,8 @@ def keyify(
         The key strength ``s``.
     key_dim, encoder_hidden, coordinate_dim
         Sizes of the coordinate key encoder (see :class:`CoordinateKeyEncoder`).
+    n_key_points
+        Secret coordinates per key.
     """
 
     def make(name: str, layer: nn.Linear, linears: list[tuple[str, nn.Linear]]) -> KeyedLinear:
@@ -353,4 +364,4 @@ def keyify(
 
     network = replace_linears(module, select, make, caller="keyify")
     encoder = CoordinateKeyEncoder(coordinate_dim=coordinate_dim, hidden=encoder_hidden, key_dim=key_dim)
-    return KeyedNetwork(network, encoder, strength=strength)
+    return KeyedNetwork(network, encoder, strength=strength, n_key_points=n_key_points)

@@ -23,17 +23,10 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from .likelihoods import LIKELIHOODS, read_counts
 from .networks import normalization
 
-__all__ = ["MOSAIC_LIKELIHOODS", "MosaicAutoencoder", "MosaicOutput", "clr", "modality_parameter_names"]
-
-MOSAIC_LIKELIHOODS = ("gaussian", "poisson", "clr")
-
-
-def clr(x: Tensor) -> Tensor:
-    """Centred log-ratio of counts, per cell: ``log1p(x) - mean_j log1p(x_j)`` (the usual ADT transform)."""
-    logged = torch.log1p(x)
-    return logged - logged.mean(dim=1, keepdim=True)
+__all__ = ["MosaicAutoencoder", "MosaicOutput", "modality_parameter_names"]
 
 
 @dataclass
@@ -67,7 +60,7 @@ class MosaicAutoencoder(nn.Module):
 
     ``features(x)`` is the joint latent (the cell embedding); ``head(z)`` decodes every modality from it
     (concatenated in the modalities' order); ``forward(x)`` returns a :class:`MosaicOutput` for the loss
-    (:class:`scinfl.train.MosaicTask`).
+    (:class:`scinfl.tasks.Mosaic`).
 
     Parameters
     ----------
@@ -75,7 +68,8 @@ class MosaicAutoencoder(nn.Module):
         ``(name, n_features, likelihood)`` per modality, in input order. ``likelihood``: ``"gaussian"``
         (normalised values, read and reconstructed as they are), ``"poisson"`` (raw counts: the encoder
         reads ``log1p(x)``, the decoder gives logits of each feature's share of the cell's counts) or
-        ``"clr"`` (raw counts, e.g. ADT: read and reconstructed as their centred log-ratio, :func:`clr`).
+        ``"clr"`` (raw counts, e.g. ADT: read and reconstructed as their centred log-ratio); see
+        :mod:`scinfl.nn.likelihoods`.
     n_latent
         Width of the joint latent.
     hidden
@@ -107,9 +101,9 @@ class MosaicAutoencoder(nn.Module):
         if len(set(names)) != len(names):
             raise ValueError(f"Modality names repeat: {names}.")
         for name, n, likelihood in modalities:
-            if likelihood not in MOSAIC_LIKELIHOODS:
+            if likelihood not in LIKELIHOODS:
                 raise ValueError(
-                    f"Modality {name!r}: likelihood must be one of {', '.join(map(repr, MOSAIC_LIKELIHOODS))}, "
+                    f"Modality {name!r}: likelihood must be one of {', '.join(map(repr, LIKELIHOODS))}, "
                     f"got {likelihood!r}."
                 )
             if n < 1:
@@ -180,11 +174,7 @@ class MosaicAutoencoder(nn.Module):
             rows = torch.nonzero(flags[:, i] > 0.5, as_tuple=True)[0]
             if not len(rows):
                 continue
-            values = x[rows, self._slices[name]]
-            if likelihood == "poisson":
-                values = torch.log1p(values)
-            elif likelihood == "clr":
-                values = clr(values)
+            values = read_counts(x[rows, self._slices[name]], likelihood)
             index[name], latents[name] = rows, self.encoders[name](values)
         return index, latents
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from torch import Tensor, nn
 
+from .likelihoods import LIKELIHOODS, read_counts
+
 __all__ = [
-    "LIKELIHOODS",
     "NORMS",
     "Autoencoder",
     "PerturbationNetwork",
@@ -18,7 +18,6 @@ __all__ = [
 ]
 
 NORMS = ("batch", "layer")
-LIKELIHOODS = ("gaussian", "poisson")
 
 
 def normalization(norm: Literal["batch", "layer"], width: int) -> nn.Module:
@@ -108,9 +107,10 @@ class Autoencoder(nn.Module):
     """An MLP autoencoder: ``features(x)`` is the latent cell embedding, ``head(z)`` its reconstruction.
 
     Encoder ``Linear-Norm-ReLU-Dropout-Linear`` to ``n_latent`` units; decoder ``Linear-Norm-ReLU-Linear``
-    back to the features. ``likelihood`` says what the input is: ``"gaussian"`` for log-normalised values
-    (the head outputs them), ``"poisson"`` for raw counts (the encoder reads ``log1p(x)`` and the head
-    outputs logits of each gene's share of a cell's counts; see :class:`scinfl.train.EmbeddingTask`).
+    back to the features. ``likelihood`` says what the input is (:mod:`scinfl.nn.likelihoods`):
+    ``"gaussian"`` for log-normalised values (the head outputs them), ``"poisson"`` for raw counts (the
+    encoder reads ``log1p(x)`` and the head outputs logits of each gene's share of a cell's counts),
+    ``"clr"`` for counts read and reconstructed as their centred log-ratio.
 
     Parameters
     ----------
@@ -125,7 +125,7 @@ class Autoencoder(nn.Module):
     norm
         ``"batch"`` or ``"layer"`` (see :func:`normalization`).
     likelihood
-        ``"gaussian"`` or ``"poisson"``.
+        ``"gaussian"``, ``"poisson"`` or ``"clr"``.
     """
 
     def __init__(
@@ -136,7 +136,7 @@ class Autoencoder(nn.Module):
         hidden: int = 256,
         dropout: float = 0.1,
         norm: Literal["batch", "layer"] = "batch",
-        likelihood: Literal["gaussian", "poisson"] = "gaussian",
+        likelihood: Literal["gaussian", "poisson", "clr"] = "gaussian",
     ) -> None:
         super().__init__()
         if likelihood not in LIKELIHOODS:
@@ -159,7 +159,7 @@ class Autoencoder(nn.Module):
 
     def features(self, x: Tensor) -> Tensor:
         """The latent embedding."""
-        return self.encoder(torch.log1p(x) if self.likelihood == "poisson" else x)
+        return self.encoder(read_counts(x, self.likelihood))
 
     def head(self, features: Tensor) -> Tensor:
         """The reconstruction (values, or count-share logits for ``"poisson"``)."""

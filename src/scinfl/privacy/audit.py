@@ -21,8 +21,9 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from ..key import FederationKey
-from ..nn import HardenedKey, HardenedNetwork, KeyedModule, MosaicAutoencoder, clr, use_key
-from ..train import ModelConfig, get_task, key_material
+from ..nn import HardenedKey, HardenedNetwork, KeyedModule, MosaicAutoencoder, read_counts, use_key
+from ..tasks import AuditView, ModelConfig
+from ..train import key_material
 from .analytic import (
     calibrate_gain_offset,
     calibrate_principal_axes,
@@ -53,9 +54,11 @@ from .utility import (
 
 __all__ = [
     "ATTACKS",
+    "FAMILIES",
     "NON_CLASSIFIER_ATTACKS",
     "AuditData",
     "AuditSettings",
+    "attacks_for",
     "check_attacks",
     "run_audit",
     "wrong_key",
@@ -131,20 +134,18 @@ def wrong_key(key: FederationKey | None, seed: int, index: int) -> FederationKey
     return FederationKey(secret, scheme=scheme)
 
 
-def _material(key: FederationKey | None, config: ModelConfig):
-    return None if key is None or config.scheme is None else key_material(key, config)
+def _material(key: FederationKey | None, network: nn.Module):
+    return None if key is None or not isinstance(network, KeyedModule) else key_material(key, network)
 
 
-def _views(
-    network: nn.Module, key: FederationKey | None, config: ModelConfig, seed: int
-) -> dict[str, Tensor | None]:
+def _views(network: nn.Module, key: FederationKey | None, seed: int) -> dict[str, Tensor | None]:
     """Attacker views: what each attacker runs the keyed network with."""
     if not isinstance(network, KeyedModule):
         return {"server": None}
     return {
         "server (no key)": None,
-        "server (wrong key)": _material(wrong_key(key, seed, 10_000), config),
-        "right key (positive control)": _material(key, config),
+        "server (wrong key)": _material(wrong_key(key, seed, 10_000), network),
+        "right key (positive control)": _material(key, network),
     }
 
 
@@ -190,13 +191,12 @@ def _input_parts(network: nn.Module, data: AuditData, first_layer: str) -> list[
     parts = []
     for (name, _, likelihood), layer in zip(mosaic.modalities, mosaic.input_layers, strict=True):
         columns = mosaic.modality_slice(name)
-        read = {"poisson": torch.log1p, "clr": clr}.get(likelihood, lambda v: v)
         parts.append(
             _InputPart(
                 f" [{name}]",
                 prefix + layer,
-                read(members[:, columns]).numpy(),
-                read(public[:, columns]).numpy(),
+                read_counts(members[:, columns], likelihood).numpy(),
+                read_counts(public[:, columns], likelihood).numpy(),
             )
         )
     return parts
@@ -259,16 +259,25 @@ def _keep(metrics: dict[str, float]) -> dict[str, float]:
 class _Context:
     """Everything an attack needs, computed once per audit."""
 
-    def __init__(self, network, config, data: AuditData, key: FederationKey | None, settings: AuditSettings):
+    def __init__(
+        self,
+        network,
+        config: ModelConfig,
+        view: AuditView,
+        data: AuditData,
+        key: FederationKey | None,
+        settings: AuditSettings,
+    ):
         self.network = network
         self.config = config
         self.data = data
         self.key = key
         self.settings = settings
-        self.right = _material(key, config)
-        # A perturbation model's rows are [observed | control | perturbation | covariates]: the cell's own
-        # profile, what reconstruction attacks are after, is the observed part (the loss's target).
-        self.profile = slice(0, config.n_features) if config.task == "perturbation" else slice(None)
+        self.view = view
+        self.right = _material(key, network)
+        # The columns of a row with the cell's own values, what reconstruction attacks are after (for a
+        # perturbation model, the observed profile, not the control profile it reads).
+        self.profile = view.profile
         public = data.public_x[:, self.profile]
         self.public_mean = public.mean(0).numpy()
         public_y = data.public_y.numpy()
@@ -278,17 +287,14 @@ class _Context:
         self.reference = torch.cat([data.members_x[:, self.profile], public]).numpy()
         self.first_layer, self.last_layer = _task_linear_names(network)
         self.parts = _input_parts(network, data, self.first_layer)
-        # What a client's gradient is of: None is the classifier's cross-entropy.
-        self.loss_task = (
-            None
-            if config.task == "classification"
-            else get_task(config.task, likelihood=config.likelihood, n_features=config.n_features)
-        )
+        # What a client's gradient is of: the task's training loss.
+        self.objective = view.objective
+        self.classifier = view.output == "classes"
 
     def predict(self, material) -> np.ndarray:
         """The public cells' labels under one key view: a classifier's predictions, or for a model without
         classes, label transfer from the labelled training cells embedded in the same view (15 neighbours)."""
-        if self.loss_task is None:
+        if self.classifier:
             return predict_labels(self.network, self.data.public_x, key_material=material)
         reference = embed(self.network, self.data.members_x, key_material=material)
         query = embed(self.network, self.data.public_x, key_material=material)
@@ -329,20 +335,20 @@ class _Context:
 
 def _utility(ctx: _Context, out: _Collector, seed: int) -> None:
     y = ctx.data.public_y.numpy()
-    net, config = ctx.network, ctx.config
-    name = "accuracy" if ctx.loss_task is None else "kNN label transfer"
+    net = ctx.network
+    name = "accuracy" if ctx.classifier else "kNN label transfer"
     if not isinstance(net, KeyedModule):
         out.add("utility", name, "server", scores(y, ctx.predict(None)))
     else:
         out.add("utility", name, "right key", scores(y, ctx.predict(ctx.right)))
         out.add("utility", name, "no key", scores(y, ctx.predict(None)))
         for i in range(ctx.settings.n_wrong_keys):
-            guess = _material(wrong_key(ctx.key, seed, i), config)
+            guess = _material(wrong_key(ctx.key, seed, i), net)
             out.add("utility", name, "wrong key", scores(y, ctx.predict(guess)))
             bit = int(np.random.default_rng([seed, i]).integers(0, 256))
-            flipped = _material(ctx.key.with_bit_flipped(bit), config)
+            flipped = _material(ctx.key.with_bit_flipped(bit), net)
             out.add("utility", name, "one-bit flip", scores(y, ctx.predict(flipped)))
-    if ctx.loss_task is not None:
+    if not ctx.classifier:
         # What the labelled cells give without any model: label transfer on the input profiles themselves.
         raw = knn_labels(ctx.data.members_x.numpy(), ctx.data.members_y.numpy(), ctx.data.public_x.numpy())
         out.add("utility", name, "input profiles (no model)", scores(y, raw))
@@ -366,7 +372,7 @@ def _key_recovery(ctx: _Context, out: _Collector, seed: int) -> None:
     aux, test = order[:n_aux], order[n_aux:]
     y_test = y[test].numpy()
     steps = ctx.settings.key_recovery_steps
-    start = _material(wrong_key(ctx.key, seed, 20_000), ctx.config)
+    start = _material(wrong_key(ctx.key, seed, 20_000), ctx.network)
     if isinstance(ctx.network, HardenedNetwork):
         # The continuous relaxation holds the true key: a dense map before every layer and after the last.
         for name, init in (
@@ -443,7 +449,7 @@ def _analytic_part(ctx: _Context, out: _Collector, seed: int, part: _InputPart) 
         x = ctx.data.members_x[victim : victim + 1]
         y = ctx.data.members_y[victim : victim + 1]
         grads = client_gradient(
-            ctx.network, x, y, key_material=ctx.right, private=ctx.settings.private, task=ctx.loss_task
+            ctx.network, x, y, key_material=ctx.right, private=ctx.settings.private, task=ctx.objective
         )
         # The server needs no key: it reads the first layer's gradient (what the client sent).
         if not torch.any(grads[bias]):
@@ -588,7 +594,7 @@ def _inversion(ctx: _Context, out: _Collector, seed: int) -> None:
         single[int(victim)] = client_gradient(ctx.network, x, y, key_material=ctx.right, private=s.private)
     if isinstance(ctx.network, HardenedNetwork):
         _hardened_inversion(ctx, out, seed, single)
-    for view, guess in _views(ctx.network, ctx.key, ctx.config, seed).items():
+    for view, guess in _views(ctx.network, ctx.key, seed).items():
         for victim in victims[: s.inversion_victims]:
             x, y = ctx.data.members_x[victim : victim + 1], ctx.data.members_y[victim : victim + 1]
             grads = single[int(victim)]
@@ -676,7 +682,7 @@ def _membership(ctx: _Context, out: _Collector, seed: int) -> None:
         reference.append(true_label_confidence(_probabilities(model, None), x, y))
     reference = np.stack(reference)
     names = {"lira_online": "LiRA (online)", "lira_offline": "LiRA (offline)", "rmia": "RMIA"}
-    for view, guess in _views(ctx.network, ctx.key, ctx.config, seed).items():
+    for view, guess in _views(ctx.network, ctx.key, seed).items():
         target = true_label_confidence(_probabilities(ctx.network, guess), x, y)
         scored = {"loss threshold": np.log(np.maximum(target, np.finfo(np.float64).tiny))}
         scored |= {names[k]: v for k, v in reference_model_scores(target, reference, included).items()}
@@ -698,18 +704,17 @@ def _perturbation_changes(
 ) -> list[tuple[np.ndarray, np.ndarray | None]]:
     """Per condition (perturbation and covariates) with 2 or more cells: the observed mean change from
     the control profile the cells read, and the predicted one (None without ``predicted``)."""
-    n = ctx.config.n_features
+    view = ctx.view
     x = x.numpy()
-    condition = np.column_stack([y.numpy(), x[:, 2 * n + ctx.config.n_classes :]])
-    _, group = np.unique(condition, axis=0, return_inverse=True)
+    _, group = np.unique(x[:, view.condition], axis=0, return_inverse=True)
     out = []
     for g in np.unique(group.reshape(-1)):
         rows = np.flatnonzero(group.reshape(-1) == g)
         if len(rows) < 2:
             continue
-        control = x[rows, n : 2 * n].mean(0)
+        control = x[rows, view.control].mean(0)
         change = None if predicted is None else predicted[rows].mean(0) - control
-        out.append((x[rows, :n].mean(0) - control, change))
+        out.append((x[rows, view.profile].mean(0) - control, change))
     return out
 
 
@@ -733,9 +738,9 @@ def _perturbation_utility(ctx: _Context, out: _Collector, seed: int) -> None:
         add("right key", ctx.right)
         add("no key", None)
         for i in range(ctx.settings.n_wrong_keys):
-            add("wrong key", _material(wrong_key(ctx.key, seed, i), ctx.config))
+            add("wrong key", _material(wrong_key(ctx.key, seed, i), ctx.network))
             bit = int(np.random.default_rng([seed, i]).integers(0, 256))
-            add("one-bit flip", _material(ctx.key.with_bit_flipped(bit), ctx.config))
+            add("one-bit flip", _material(ctx.key.with_bit_flipped(bit), ctx.network))
     # Without a model: the mean change of the trained-on cells' perturbed conditions, for every condition.
     members = _perturbation_changes(ctx, ctx.data.members_x, ctx.data.members_y, None)
     mean_change = np.mean([observed for observed, _ in members], axis=0)
@@ -747,7 +752,9 @@ def _perturbation_analytic(ctx: _Context, out: _Collector, seed: int) -> None:
     """What one cell's gradient gives the server: its perturbation from the first layer (whose inputs are
     the condition, not the cell), and its profile from the output layer's bias gradient, which for a mean
     squared error over ``n`` features is ``2 (prediction - profile) / n``."""
-    n, n_classes = ctx.config.n_features, ctx.config.n_classes
+    view = ctx.view
+    n = view.profile.stop  # the observed profile's width; the first layer reads the columns after it
+    label = slice(view.label.start - n, view.label.stop - n)  # the label's one-hot in the first layer's input
     victims = _victims(ctx, seed, ctx.settings.n_victims)
     weight, bias = f"{ctx.first_layer}.weight", f"{ctx.first_layer}.bias"
     residuals = []
@@ -756,7 +763,7 @@ def _perturbation_analytic(ctx: _Context, out: _Collector, seed: int) -> None:
         y = ctx.data.members_y[victim : victim + 1]
         truth = x[0, :n].numpy()
         grads = client_gradient(
-            ctx.network, x, y, key_material=ctx.right, private=ctx.settings.private, task=ctx.loss_task
+            ctx.network, x, y, key_material=ctx.right, private=ctx.settings.private, task=ctx.objective
         )
         # The prediction residual: no key needed to read it, only the position of each gene.
         residual = grads[f"{ctx.last_layer}.bias"].numpy() * n / 2
@@ -776,7 +783,7 @@ def _perturbation_analytic(ctx: _Context, out: _Collector, seed: int) -> None:
         if torch.any(grads[bias]):
             # The first layer's input, [control profile | perturbation | covariates], read from dW / db.
             inputs = invert_first_layer(grads[weight], grads[bias])
-            guess = int(np.argmax(inputs[n : n + n_classes]))
+            guess = int(np.argmax(inputs[label]))
             out.add(
                 "analytic",
                 "first layer (dW / db): perturbation",
@@ -808,21 +815,33 @@ def _perturbation_analytic(ctx: _Context, out: _Collector, seed: int) -> None:
             )
 
 
-_PERTURBATION_FAMILIES: dict[str, Callable[[_Context, _Collector, int], None]] = {
+_PROFILE_FAMILIES: dict[str, Callable[[_Context, _Collector, int], None]] = {
     "utility": _perturbation_utility,
     "analytic": _perturbation_analytic,
 }
+# The attack families for each kind of model output (scinfl.tasks.AuditView.output).
+FAMILIES = {
+    "classes": _FAMILIES,
+    "embedding": {name: _FAMILIES[name] for name in NON_CLASSIFIER_ATTACKS},
+    "profile": _PROFILE_FAMILIES,
+}
 
 
-def check_attacks(config: ModelConfig, attacks: Sequence[str]) -> None:
-    """Raise unless every attack family exists and applies to the model's task."""
+def attacks_for(view: AuditView) -> tuple[str, ...]:
+    """The attack families that apply to a model with this audit view."""
+    return tuple(FAMILIES[view.output])
+
+
+def check_attacks(view: AuditView, attacks: Sequence[str]) -> None:
+    """Raise unless every attack family exists and applies to the model (its audit view)."""
     unknown = set(attacks) - set(ATTACKS)
     if unknown:
         raise ValueError(f"Unknown attacks {sorted(unknown)}; available: {', '.join(ATTACKS)}.")
-    if config.task != "classification" and set(attacks) - set(NON_CLASSIFIER_ATTACKS):
+    applicable = attacks_for(view)
+    if set(attacks) - set(applicable):
         raise ValueError(
-            f"A {config.task!r} model is audited with {', '.join(map(repr, NON_CLASSIFIER_ATTACKS))} only; the "
-            f"other attacks read a classifier's outputs. Pass attacks={NON_CLASSIFIER_ATTACKS!r}."
+            f"A model whose output is {view.output!r} is audited with {', '.join(map(repr, applicable))} only; "
+            f"the other attacks read a classifier's outputs. Pass attacks={applicable!r}."
         )
 
 
@@ -832,7 +851,7 @@ def run_audit(
     data: AuditData,
     *,
     key: FederationKey | None,
-    attacks: Sequence[str] = ATTACKS,
+    attacks: Sequence[str] | None = None,
     settings: AuditSettings | None = None,
 ) -> pd.DataFrame:
     """Run the attacks on a trained network and return one row per (attack, view, metric).
@@ -842,14 +861,14 @@ def run_audit(
     network
         The aggregated network (plain or keyed), as the server holds it.
     config
-        Its architecture.
+        Its architecture; its task says what the audit attacks (:meth:`scinfl.tasks.Task.audit_view`).
     data
         Training cells (victims, members) and never-trained cells (public cohort, non-members, test set).
     key
         The federation key (None for a plain model): used to compute what the clients send, and as the
         positive-control view. Attackers other than the positive control never see it.
     attacks
-        Attack families to run, among :data:`ATTACKS`.
+        Attack families to run, among :data:`ATTACKS` (default: every family that applies).
     settings
         Sizes of the audit.
 
@@ -859,19 +878,20 @@ def run_audit(
         Columns ``family, attack, view, metric, mean, ci_low, ci_high, n`` (95% percentile bootstrap over
         items and seeds).
     """
-    check_attacks(config, attacks)
+    view = config.task.audit_view(config)
+    attacks = attacks_for(view) if attacks is None else tuple(attacks)
+    check_attacks(view, attacks)
     if (key is None) != (config.scheme is None):
         raise ValueError("Pass the model's key for a keyed model and key=None for a plain one.")
     settings = settings or AuditSettings()
-    ctx = _Context(network, config, data, key, settings)
+    ctx = _Context(network, config, view, data, key, settings)
     out = _Collector()
     was_training = network.training
     network.eval()
     try:
         for seed in settings.seeds:
-            families = _PERTURBATION_FAMILIES if config.task == "perturbation" else _FAMILIES
             for family in attacks:
-                families[family](ctx, out, seed)
+                FAMILIES[view.output][family](ctx, out, seed)
     finally:
         network.train(was_training)
     return out.table(settings.n_boot)

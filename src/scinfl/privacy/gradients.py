@@ -43,7 +43,7 @@ from torch.func import functional_call
 from ..nn import use_key
 
 if TYPE_CHECKING:
-    from ..train import Task
+    from ..train import Objective
 
 __all__ = [
     "PrivateGradient",
@@ -81,7 +81,7 @@ def loss_gradients(
     *,
     key_material: Tensor | None,
     create_graph: bool = False,
-    task: Task | None = None,
+    task: Objective | None = None,
 ) -> dict[str, Tensor]:
     """Gradient of the mean loss on ``(x, y)`` at ``parameters``, under one key view.
 
@@ -108,12 +108,12 @@ def loss_gradients(
     create_graph
         Keep the graph so that the gradients can be differentiated again (gradient matching).
     task
-        The model's task (:func:`scinfl.train.get_task`); None: classification.
+        The model's objective (:meth:`scinfl.tasks.Task.objective`); None: a classifier's cross-entropy.
     """
     with use_key(key_material):
         output = functional_call(network, dict(parameters), (x,))
     # Integer labels, or class probabilities (the attacker's soft labels when it optimises them too).
-    loss = F.cross_entropy(output, y) if task is None else task.loss(output, task.target(x, y))
+    loss = F.cross_entropy(output, y) if task is None else task.loss(output, x, y)
     names = list(parameters)
     grads = torch.autograd.grad(
         loss, [parameters[name] for name in names], create_graph=create_graph, allow_unused=True
@@ -180,7 +180,7 @@ def _private_gradient(
     key_material: Tensor | None,
     private: PrivateGradient,
     generator: torch.Generator,
-    task: Task | None = None,
+    task: Objective | None = None,
 ) -> dict[str, Tensor]:
     total = {name: torch.zeros_like(p) for name, p in parameters.items()}
     for i in range(len(x)):  # per-cell gradients, as Opacus computes them
@@ -210,7 +210,7 @@ def client_gradient(
     *,
     key_material: Tensor | None,
     private: PrivateGradient | None = None,
-    task: Task | None = None,
+    task: Objective | None = None,
 ) -> dict[str, Tensor]:
     """The gradient a client sends: its mean training loss on its batch, w.r.t. every trainable parameter.
 
@@ -231,7 +231,7 @@ def client_gradient(
     private
         For a DP-SGD client: clip each cell's gradient and add noise (:class:`PrivateGradient`).
     task
-        The model's task when it is not classification (its loss replaces the cross-entropy).
+        The model's objective (:meth:`scinfl.tasks.Task.objective`); None: a classifier's cross-entropy.
 
     Returns
     -------

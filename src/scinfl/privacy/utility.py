@@ -7,6 +7,7 @@ data alone.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
@@ -18,7 +19,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ..nn import KeyedModule, KeyedNetwork, use_key, use_key_vector
-from ..train import ModelConfig, build_network, fit_local, get_task
+from ..tasks import ModelConfig, build_network
+from ..train import fit_local
 
 __all__ = [
     "balanced_accuracy",
@@ -172,7 +174,7 @@ def train_fresh_model(
     What an attacker can build without the federation's weights: the key-recovery baseline and the
     reference models of membership inference.
     """
-    plain = ModelConfig(**{**config.to_dict(), "scheme": None})
+    plain = dataclasses.replace(config, scheme=None)
     torch.manual_seed(seed)
     network = build_network(plain)
     drop_last = len(x) % batch_size == 1  # BatchNorm cannot train on a batch of one
@@ -186,7 +188,7 @@ def train_fresh_model(
     fit_local(
         network,
         loader,
-        get_task(config.task, likelihood=config.likelihood, n_features=config.n_features),
+        config.task.objective(config),
         epochs=epochs,
         lr=lr,
         weight_decay=1e-5,

@@ -10,24 +10,10 @@ import torch
 from anndata import AnnData
 
 from .._settings import settings, torch_threads
-from ..data import (
-    AlignedMatrix,
-    MosaicMatrix,
-    check_finite,
-    label_codes,
-    site_fields,
-    site_modalities,
-)
+from ..data import label_codes
 from ..key import FederationKey
 from ..model import FederatedModel
-from ..privacy.audit import (
-    ATTACKS,
-    NON_CLASSIFIER_ATTACKS,
-    AuditData,
-    AuditSettings,
-    check_attacks,
-    run_audit,
-)
+from ..privacy.audit import AuditData, AuditSettings, check_attacks, run_audit
 from ..privacy.gradients import PrivateGradient
 
 __all__ = ["privacy_audit"]
@@ -35,34 +21,16 @@ __all__ = ["privacy_audit"]
 _MAX_CELLS = 2000  # per role: enough for every attack; keeps dense audit matrices small
 
 
-def _cells(model: FederatedModel, adata: AnnData, role: str, rng: np.random.Generator, labels: np.ndarray):
-    if adata.n_obs < 2:
-        raise ValueError(f"The {role} cells: {adata.n_obs} cell(s); the audit needs at least 2.")
-    if model.schema.modalities:  # a multi-omics mosaic: a MuData, or an AnnData of one modality
-        matrix = MosaicMatrix(site_modalities(adata, role), model.schema, adata.n_obs, role)
-        for name in matrix.modalities:
-            present, total = matrix.present(name)
-            if present < total:
-                raise ValueError(
-                    f"The {role} cells lack {total - present} of the model's {name!r} features; audit on "
-                    "data with the model's full feature set."
-                )
-        matrix.check_finite()
-        index = np.sort(rng.choice(adata.n_obs, size=min(adata.n_obs, _MAX_CELLS), replace=False))
-        return torch.from_numpy(matrix.rows(index)), torch.from_numpy(labels[index])
-    fields = site_fields(adata, role, layer=model.schema.layer, use_raw=model.schema.use_raw)
-    matrix = AlignedMatrix.from_adata(adata, model.schema, fields)
-    if matrix.n_present < model.schema.n_features:
-        raise ValueError(
-            f"The {role} cells lack {model.schema.n_features - matrix.n_present} of the model's features; "
-            "audit on data with the model's full feature set."
-        )
-    check_finite(matrix.matrix, role)
-    matrix = model.site_inputs(matrix, adata, role)  # spatial and perturbation models' inputs, as trained
-    index = np.sort(rng.choice(adata.n_obs, size=min(adata.n_obs, _MAX_CELLS), replace=False))
-    x = torch.from_numpy(matrix.rows(index))
-    y = torch.from_numpy(labels[index])
-    return x, y
+def _cells(model: FederatedModel, data, role: str, rng: np.random.Generator, labels: np.ndarray):
+    """Up to ``_MAX_CELLS`` of ``data``'s cells as the network reads them (as in training), with labels."""
+    if data.n_obs < 2:
+        raise ValueError(f"The {role} cells: {data.n_obs} cell(s); the audit needs at least 2.")
+    try:
+        inputs = model.inputs(data, site=role, min_overlap=1.0)
+    except ValueError as error:
+        raise ValueError(f"{error} The audit needs data with the model's full feature set.") from None
+    index = np.sort(rng.choice(data.n_obs, size=min(data.n_obs, _MAX_CELLS), replace=False))
+    return torch.from_numpy(inputs.rows(index)), torch.from_numpy(labels[index])
 
 
 def _labels(model: FederatedModel, cells: dict[str, AnnData], label_key: str | None) -> dict[str, np.ndarray]:
@@ -170,10 +138,9 @@ def privacy_audit(
     if not isinstance(model, FederatedModel):
         raise TypeError(f"model must be a scinfl.FederatedModel, got {type(model).__name__}.")
     model.check_key(key)
+    if attacks is not None:  # before any data is read
+        check_attacks(model.task.audit_view(model.config), attacks)
     rng = np.random.default_rng(0)
-    if attacks is None:
-        attacks = ATTACKS if model.config.task == "classification" else NON_CLASSIFIER_ATTACKS
-    check_attacks(model.config, attacks)
     labels = _labels(model, {"trained-on": adata, "public": public}, label_key)
     members_x, members_y = _cells(model, adata, "trained-on", rng, labels["trained-on"])
     public_x, public_y = _cells(model, public, "public", rng, labels["public"])
@@ -199,7 +166,7 @@ def privacy_audit(
             model.config,
             AuditData(members_x, members_y, public_x, public_y),
             key=key,
-            attacks=attacks,
+            attacks=None if attacks is None else tuple(attacks),
             settings=audit_settings,
         )
     adata.uns[f"{key_added}_privacy"] = table

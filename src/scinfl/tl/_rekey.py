@@ -53,12 +53,11 @@ def rekey(
     rounds
         Federated rounds under the new key.
     train_options
-        Passed to :func:`scinfl.tl.train_federated` (e.g. ``label_key``, ``use_raw``, ``seed``).
+        Passed to :func:`scinfl.tl.train_federated` (e.g. ``seed``, ``copy``).
 
     Returns
     -------
-    The re-keyed :class:`~scinfl.FederatedModel` (the original is left unchanged); with ``copy=True`` in
-    ``train_options``, ``(model, sites)`` as :func:`~scinfl.tl.train_federated` returns it.
+    The re-keyed :class:`~scinfl.FederatedModel` (the original is left unchanged).
     """
     if model.config.scheme is None:
         raise ValueError("This model has no key (plain FedAvg); there is nothing to re-key.")
@@ -82,13 +81,12 @@ def rekey(
             raise ValueError("method='convert' needs a scheme='hardened' model; use method='finetune'.")
         network = copy_module.deepcopy(model.network)
         with torch.no_grad():
-            plain = network.to_plain(network.state_dict(), key_material(old_key, model.config))
-            network.load_state_dict(network.from_plain(plain, key_material(new_key, model.config)))
+            plain = network.to_plain(network.state_dict(), key_material(old_key, network))
+            network.load_state_dict(network.from_plain(plain, key_material(new_key, network)))
         start = FederatedModel(
             network,
             model.config,
-            model.schema,
-            key_fingerprint=new_key.fingerprint,
+            model.spec.replace(key_fingerprint=new_key.fingerprint),
             history=model.history,
             params={**model.params, "rekeyed_from": model.key_fingerprint},
         )
@@ -96,7 +94,6 @@ def rekey(
             return start
     if sites is None:
         raise ValueError(f"method={method!r} with rounds > 0 needs the sites' data to train on.")
-    result = train_federated(sites, key=new_key, init=start, rounds=rounds, **train_options)
-    trained = result[0] if isinstance(result, tuple) else result  # copy=True returns the sites too
+    trained = train_federated(sites, key=new_key, init=start, rounds=rounds, **train_options)
     trained.params["rekeyed_from"] = model.key_fingerprint
-    return result
+    return trained

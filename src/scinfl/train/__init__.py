@@ -1,29 +1,33 @@
-"""Tasks, the Lightning training plan, and plain local fit/evaluate functions shared by all engines."""
+"""Local training, shared by every engine and task: the Lightning plan, fit/evaluate/infer, the site trainer."""
 
-from .config import ModelConfig, build_network, key_material
-from .local import LocalFitResult, TrainingPlan, copy_state, evaluate, fit_local, infer
-from .mosaic import MosaicTask
-from .site import FitSettings, SiteTrainer, site_datasets
-from .tasks import TASKS, ClassificationTask, EmbeddingTask, PerturbationTask, Task, get_task
+from .keys import key_material
+from .local import (
+    LocalFitResult,
+    Objective,
+    TrainingPlan,
+    copy_state,
+    evaluate,
+    fit_local,
+    fit_plan,
+    infer,
+    make_fabric,
+)
+from .settings import DPSettings, FitSettings
+from .site import SiteTrainer, site_datasets
 
 __all__ = [
-    "TASKS",
-    "ClassificationTask",
-    "EmbeddingTask",
+    "DPSettings",
     "FitSettings",
     "LocalFitResult",
-    "ModelConfig",
-    "MosaicTask",
-    "PerturbationTask",
+    "Objective",
     "SiteTrainer",
-    "Task",
     "TrainingPlan",
-    "build_network",
     "copy_state",
     "evaluate",
     "fit_local",
-    "get_task",
+    "fit_plan",
     "infer",
     "key_material",
+    "make_fabric",
     "site_datasets",
 ]

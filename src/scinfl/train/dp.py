@@ -35,11 +35,9 @@ Three choices to know about:
 from __future__ import annotations
 
 import functools
-import math
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -48,6 +46,7 @@ from torch.utils.data import DataLoader
 
 from ..data import SiteDataset
 from ..nn import HardenedLinear, KeyedLinear, KeyedModule
+from .settings import DPSettings
 
 try:
     from opacus.accountants import RDPAccountant
@@ -64,58 +63,6 @@ __all__ = ["DPSettings", "PrivateTraining", "calibrate_noise", "check_private_ne
 
 # get_noise_multiplier's binary search stops within this much below the target epsilon.
 EPSILON_TOLERANCE = 0.01
-
-
-@dataclass(frozen=True)
-class DPSettings:
-    """The privacy target of DP-SGD, the same at every site.
-
-    Attributes
-    ----------
-    epsilon
-        Target epsilon of each site over the whole federation (all rounds).
-    delta
-        Target delta; keep it well below ``1 / n_train`` of the smallest site.
-    max_grad_norm
-        Per-cell gradient clipping bound (L2 norm over all parameters).
-    """
-
-    epsilon: float
-    delta: float = 1e-5
-    max_grad_norm: float = 1.0
-
-    def __post_init__(self) -> None:
-        for name in ("epsilon", "delta", "max_grad_norm"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float | np.number):
-                raise TypeError(f"dp[{name!r}] must be a number, got {value!r}.")
-            object.__setattr__(self, name, float(value))
-        if not (math.isfinite(self.epsilon) and self.epsilon > 0):
-            raise ValueError(f"dp['epsilon'] must be a positive finite number, got {self.epsilon}.")
-        if not 0.0 < self.delta < 1.0:
-            raise ValueError(f"dp['delta'] must be in (0, 1), got {self.delta}.")
-        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
-            raise ValueError(
-                f"dp['max_grad_norm'] must be a positive finite number, got {self.max_grad_norm}."
-            )
-
-    @classmethod
-    def from_mapping(cls, dp: Mapping[str, float] | DPSettings) -> DPSettings:
-        """Settings from ``{"epsilon": ..., "delta": ..., "max_grad_norm": ...}`` (epsilon required)."""
-        if isinstance(dp, DPSettings):
-            return dp
-        if not isinstance(dp, Mapping):
-            raise TypeError(f"dp must be a dict such as {{'epsilon': 8.0}}, got {type(dp).__name__}.")
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(dp) - set(known), key=str)
-        if unknown:
-            raise ValueError(f"Unknown dp setting(s) {unknown}; allowed: {', '.join(known)}.")
-        if "epsilon" not in dp:
-            raise ValueError("dp needs a target 'epsilon', e.g. dp={'epsilon': 8.0, 'delta': 1e-5}.")
-        return cls(**dp)
-
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
 
 
 def check_private_network(network: nn.Module) -> None:

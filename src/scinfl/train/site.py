@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Set
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -12,33 +10,22 @@ import torch
 from torch import Tensor, nn
 
 from ..data import SiteDataset, batch_loader, stratified_split
-from ..key import FederationKey
-from ..nn import HardenedNetwork, modality_parameter_names
-from .config import ModelConfig, key_material
-from .local import LocalFitResult, copy_state, evaluate, fit_local
-from .tasks import get_task
+from ..nn import HardenedKey, HardenedNetwork
+from .local import LocalFitResult, Objective, TrainingPlan, copy_state, evaluate, fit_plan, make_fabric
+from .settings import FitSettings
 
 if TYPE_CHECKING:
     from .dp import PrivateTraining
 
-__all__ = ["FitSettings", "SiteTrainer"]
-
-
-@dataclass(frozen=True)
-class FitSettings:
-    """Local optimisation settings, the same at every site."""
-
-    local_epochs: int = 1
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 1e-5
+__all__ = ["SiteTrainer", "site_datasets"]
 
 
 class SiteTrainer:
     """Trains and evaluates the global model on one site's data.
 
     The key stays here, at the site: :meth:`fit` returns weights, the training cell count and the key's
-    fingerprint, never the key.
+    fingerprint, never the key. The site keeps one training plan for its whole federation, run by
+    Lightning Fabric on the accelerator of ``scinfl.settings``.
 
     Parameters
     ----------
@@ -47,17 +34,24 @@ class SiteTrainer:
     train, validation
         The site's training and validation cells.
     network
-        The architecture (copied; the site trains its own copy).
-    config
-        The model definition (task, scheme).
-    key
-        The federation key, or None for plain FedAvg.
+        The site's own copy of the network (trained in place; :func:`scinfl.federation.site.build_site` builds
+        one per site).
+    objective
+        The task's loss and metrics for this site (:meth:`scinfl.tasks.Task.objective`).
+    key_material
+        What the key gives this network (:func:`scinfl.train.key_material`), or None for plain FedAvg.
+    key_fingerprint
+        The key's public version tag (None without a key).
     settings
         Local optimisation settings.
     private
         This site's DP-SGD state (:class:`~scinfl.train.dp.PrivateTraining`, built for its training cells),
         or None for ordinary training. It lives as long as the site, so its accountant spans all rounds.
         A private site does not report its training loss: that is a noiseless statistic of its cells.
+    trained
+        The ``state_dict`` entries this site trains and sends (a multi-omics site holds only some
+        modalities); None: all of them. The others get no gradient, so Adam, weight decay included,
+        leaves them as received.
     """
 
     def __init__(
@@ -66,11 +60,13 @@ class SiteTrainer:
         train: SiteDataset,
         validation: SiteDataset,
         network: nn.Module,
-        config: ModelConfig,
-        key: FederationKey | None,
-        settings: FitSettings,
+        objective: Objective,
         *,
+        key_material,
+        key_fingerprint: str | None,
+        settings: FitSettings,
         private: PrivateTraining | None = None,
+        trained: Set[str] | None = None,
     ) -> None:
         if len(train) < 2:
             raise ValueError(
@@ -80,33 +76,25 @@ class SiteTrainer:
         self.name = name
         self.train = train
         self.validation = validation
-        self.network = copy.deepcopy(network)
-        # The features this site measures (outside its panel, a join="outer" input is zero-filled).
-        measured = getattr(train.matrix, "measured", None)
-        self.task = get_task(
-            config.task,
-            likelihood=config.likelihood,
-            n_features=config.n_features,
-            measured=None if measured is None else torch.from_numpy(measured),
-        )
-        # A multi-omics mosaic site trains and sends only the modules of the modalities it holds: the
-        # others get no gradient (so Adam, weight decay included, leaves them as received) and stay home.
-        modalities = getattr(train.matrix, "modalities", None)
-        self._held: frozenset[str] | None = None
-        if modalities is not None:
-            self._held = modality_parameter_names(self.network, modalities)
-            for parameter_name, parameter in self.network.named_parameters():
-                parameter.requires_grad_(parameter_name in self._held)
+        self.objective = objective
         self.settings = settings
-        self._key_material = key_material(key, config)
+        self.fabric = make_fabric()
+        self.network = network.to(self.fabric.device)
+        self._trained = None if trained is None else frozenset(trained)
+        if self._trained is not None:
+            for parameter_name, parameter in self.network.named_parameters():
+                parameter.requires_grad_(parameter_name in self._trained)
+        if isinstance(key_material, HardenedKey | Tensor):
+            key_material = key_material.to(self.fabric.device)
+        self._key_material = key_material
         # A hardened network trains as its equivalent plain network (so its optimisation is plain FedAvg's,
         # Adam included) and converts weights from and to the shared basis at the site.
-        self._hardened = isinstance(self.network, HardenedNetwork) and self._key_material is not None
-        self._fingerprint = None if key is None else key.fingerprint
+        self._hardened = isinstance(self.network, HardenedNetwork) and isinstance(key_material, HardenedKey)
+        self._fingerprint = key_fingerprint
         if private is not None:
             from .dp import check_private_network
 
-            if self._key_material is not None:
+            if key_material is not None:
                 raise ValueError(f"Site {name!r}: DP-SGD is available for plain models only (key=None).")
             check_private_network(self.network)
             if private.n_train != len(train):
@@ -115,6 +103,9 @@ class SiteTrainer:
                     f"the site trains on {len(train)}."
                 )
         self.private = private
+        self.plan = TrainingPlan(
+            self.network, objective, lr=settings.lr, weight_decay=settings.weight_decay, fused=private is None
+        )
         # The network's own tensors, to receive global weights by in-place copies: a federation loads
         # weights twice per site and round, and load_state_dict's module walk cost more than the copies.
         self._tensors = self.network.state_dict(keep_vars=True)
@@ -147,10 +138,13 @@ class SiteTrainer:
     def n_train(self) -> int:
         return len(self.train)
 
-    def fit(self, global_state: Mapping[str, Tensor], *, seed: int) -> LocalFitResult:
-        """Load the global weights, train locally, return the new weights.
+    @property
+    def key_fingerprint(self) -> str | None:
+        """The public version tag of the key this site holds (None without a key)."""
+        return self._fingerprint
 
-        A multi-omics mosaic site returns only the weights of the modalities it holds (and the shared ones).
+    def fit(self, global_state: Mapping[str, Tensor], *, seed: int) -> LocalFitResult:
+        """Load the global weights, train locally, return the new weights (only those it trains).
 
         Its metrics: ``train_loss``, or with DP-SGD ``dp_steps`` (steps of this fit) and ``dp_epsilon``
         (spent so far, all rounds).
@@ -163,13 +157,11 @@ class SiteTrainer:
         else:
             loader = self.private.loader(self.train, seed=seed)
             steps_before = self.private.steps_taken
-        train_loss = fit_local(
-            self.network,
+        train_loss = fit_plan(
+            self.fabric,
+            self.plan,
             loader,
-            self.task,
             epochs=self.settings.local_epochs,
-            lr=self.settings.lr,
-            weight_decay=self.settings.weight_decay,
             seed=seed,
             key_material=self._training_key,
             private=self.private,
@@ -185,8 +177,8 @@ class SiteTrainer:
         if self._hardened:
             with torch.no_grad():
                 state = self.network.from_plain(state, self._key_material)
-        if self._held is not None:
-            state = {name: tensor for name, tensor in state.items() if name in self._held}
+        if self._trained is not None:
+            state = {name: tensor for name, tensor in state.items() if name in self._trained}
         return LocalFitResult(
             state=copy_state(state),
             n_obs=self.n_train,
@@ -195,10 +187,19 @@ class SiteTrainer:
         )
 
     def local_state(self) -> dict[str, Any]:
-        """What this site carries across rounds besides the weights: a DP-SGD site's accountant."""
+        """What this site carries across rounds besides the weights: a DP-SGD site's accountant (its steps,
+        JSON-able) and what it spent (public accounting numbers, for the run's report)."""
         if self.private is None:
             return {}
-        return {"dp_history": list(self.private.accountant.history), "dp_steps": self.private.steps_taken}
+        private = self.private
+        return {
+            "dp_history": [list(step) for step in private.accountant.history],
+            "dp_steps": private.steps_taken,
+            "noise_multiplier": private.noise_multiplier,
+            "sample_rate": private.sample_rate,
+            "planned_steps": private.planned_steps,
+            "epsilon": private.epsilon,
+        }
 
     def restore_local_state(self, state: Mapping[str, Any]) -> None:
         """Continue from :meth:`local_state` of an earlier run (resuming a federation)."""
@@ -214,7 +215,7 @@ class SiteTrainer:
             return {"n": 0.0}
         self._load(global_state)
         loader = batch_loader(self.validation, batch_size=max(self.settings.batch_size, 512), shuffle=False)
-        return evaluate(self.network, loader, self.task, key_material=self._training_key)
+        return evaluate(self.network, loader, self.objective, key_material=self._training_key)
 
 
 def site_datasets(matrix, labels: np.ndarray, validation_fraction: float, rng: np.random.Generator):

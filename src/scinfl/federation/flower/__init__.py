@@ -3,27 +3,28 @@
 A consortium's Flower App is a ``pyproject.toml`` whose components point here::
 
     [tool.flwr.app.components]
-    serverapp = "scinfl.federation.flower.server:app"
-    clientapp = "scinfl.federation.flower.client:app"
+    serverapp = "scinfl.flower_apps:server_app"
+    clientapp = "scinfl.flower_apps:client_app"
 
+and whose ``[tool.flwr.app.config]`` is the run spec (:func:`~scinfl.federation.flower.deployment.run_config`).
 See ``docs/across_sites.md``. Needs ``pip install 'scinfl[flower]'``. Submodules are imported on use, so
 that a ClientApp process imports only :mod:`.client` and what it needs.
 """
 
 from __future__ import annotations
 
-__all__ = ["RunSettings", "SiteFailureError", "load_checkpoint", "run_server", "simulate"]
+__all__ = ["GridTransport", "run_config", "simulate"]
 
 
 def __getattr__(name: str):
-    if name == "RunSettings":
-        from .protocol import RunSettings
+    if name == "GridTransport":
+        from .server import GridTransport
 
-        return RunSettings
-    if name in ("SiteFailureError", "load_checkpoint", "run_server"):
-        from . import server
+        return GridTransport
+    if name == "run_config":
+        from .deployment import run_config
 
-        return getattr(server, name)
+        return run_config
     if name == "simulate":
         from .simulation import simulate
 

@@ -1,13 +1,17 @@
-"""scinfl's Flower ClientApp: one site's local fit, by the same :class:`~scinfl.train.SiteTrainer` the
-in-process engine calls.
+"""scinfl's Flower ClientApp: one site's answers, by the same functions the in-process engine calls
+(:mod:`scinfl.federation.site`).
 
-A SuperNode names its site in its own ``--node-config``::
+A SuperNode names its site, its data file and its key file in its own ``--node-config``, with the site's
+data fields (what :func:`scinfl.pp.register_site` records) where the file does not carry them::
 
-    flower-supernode ... --node-config 'site="A" data-path="/data/A.h5ad" key-path="/secure/consortium.key"'
+    flower-supernode ... --node-config 'site="A" data-path="/data/A.h5ad" key-path="/secure/consortium.key"
+                                        use-raw=true'
 
-The key file is read here, at the site, and never leaves it: replies carry the weights, the training cell
-count, metrics and the key's fingerprint. The import path is kept light on purpose (no scanpy, no
-plotting): in a deployment every message starts a new ClientApp process.
+The key file is read here, at the site, and never leaves it: replies carry descriptions, weights, the
+training cell count, metrics, DP accounting and the key's fingerprint. A site's running state (a DP-SGD
+accountant) lives in the SuperNode's context for the run (``context.state``), whichever process serves
+the next message. The import path is kept light on purpose (no scanpy, no plotting): in a deployment every
+message starts a new ClientApp process.
 """
 
 from __future__ import annotations
@@ -16,23 +20,21 @@ import json
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import anndata as ad
-import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from ..._settings import settings, torch_threads
-from ...data import AlignedMatrix, FederationSchema, check_finite, feature_source, label_codes, site_fields
-from ...data.schema import _site_categories
 from ...key import FederationKey
-from ...train import FitSettings, ModelConfig, SiteTrainer, build_network, site_datasets
+from ...train import SiteTrainer
+from ..site import answer, build_site, hello, initial_weights
 from . import protocol
 
-__all__ = ["SiteNode", "app", "make_client_app"]
+__all__ = ["SiteNode", "make_client_app"]
 
 logger = logging.getLogger("scinfl")
 
@@ -40,17 +42,22 @@ NodeResolver = Callable[[Context], Mapping[str, Any]]
 
 # Trainers kept per process, so that a ClientApp process serving several rounds (the simulation's Ray
 # actors) reads its data and splits it once. A deployment's subprocess per message starts empty.
-_TRAINERS: OrderedDict[tuple, tuple[SiteTrainer, str]] = OrderedDict()
+_TRAINERS: OrderedDict[tuple, SiteTrainer] = OrderedDict()
 _MAX_TRAINERS = 8
+_LOCAL_STATE = "scinfl-local-state"
+# Node-config keys of a site's data fields (the registration of scinfl.pp.register_site).
+_REGISTRATION = {"label-key": "label_key", "layer": "layer", "use-raw": "use_raw", "modality": "modality"}
 
 
 @dataclass(frozen=True)
 class SiteNode:
-    """What a SuperNode knows about its site, from its ``--node-config``: name, data and key file."""
+    """What a SuperNode knows about its site, from its ``--node-config``: name, data and key files, and
+    the data fields of its file (``label-key``, ``layer``, ``use-raw``, ``modality``) if given."""
 
     site: str
     data_path: Path
     key_path: Path | None
+    registration: tuple[tuple[str, Any], ...] = field(default=())
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> SiteNode:
@@ -61,109 +68,92 @@ class SiteNode:
                 '--node-config \'site="A" data-path="/data/A.h5ad" key-path="/secure/consortium.key"\'.'
             )
         key_path = str(node_config.get("key-path", "")).strip()
+        registration = []
+        for name, field_name in _REGISTRATION.items():
+            value = node_config.get(name, "")
+            if value == "":
+                continue
+            if field_name == "use_raw":
+                value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+            registration.append((field_name, value))
         return cls(
             site=str(node_config["site"]),
             data_path=Path(str(node_config["data-path"])).expanduser(),
             key_path=Path(key_path).expanduser() if key_path else None,
+            registration=tuple(registration),
         )
 
-    def read_data(self) -> ad.AnnData:
+    def read_data(self):
+        """The site's data: an h5ad read backed (the matrix stays on disk, read batch by batch), or an
+        h5mu (a multi-omics site), with the node config's data fields as its registration."""
         if not self.data_path.is_file():
             raise FileNotFoundError(f"Site {self.site!r}: no data file at {self.data_path}.")
-        # Backed: the matrix stays on disk, read batch by batch (scinfl.data.AlignedMatrix); answering the
-        # server's hello needs only names.
-        return ad.read_h5ad(self.data_path, backed="r")
+        if self.data_path.suffix == ".h5mu":
+            import mudata
+
+            data = mudata.read_h5mu(self.data_path)
+        else:
+            data = ad.read_h5ad(self.data_path, backed="r")
+        if self.registration:
+            entry = data.uns.get("scinfl", {})
+            entry = dict(entry) if isinstance(entry, Mapping) else {}
+            entry["registration"] = {
+                **dict(entry.get("registration", {})),
+                "site": self.site,
+                **dict(self.registration),
+            }
+            data.uns["scinfl"] = entry
+        return data
 
     def read_key(self) -> FederationKey | None:
         return None if self.key_path is None else FederationKey.load(self.key_path)
 
 
 def answer_hello(message: Message, node: SiteNode) -> Message:
-    """Name the site and publish its metadata: feature names, label categories, key fingerprint."""
-    instruction = message.content[protocol.INSTRUCTION]
-    adata = node.read_data()
-    fields = site_fields(
-        adata,
-        node.site,
-        label_key=str(instruction["label-key"]) or None,
-        layer=str(instruction["layer"]) or None,
-        use_raw=bool(instruction["use-raw"]),
-    )
-    key = node.read_key()
-    categories = _site_categories(adata, node.site, fields.label_key) if fields.label_key else []
-    reply = ConfigRecord(
-        {
-            "site": node.site,
-            "key-fingerprint": "" if key is None else key.fingerprint,
-            "var-names": [str(v) for v in feature_source(adata, fields)[1]],
-            "categories": categories,
-            "n-obs": int(adata.n_obs),
-        }
-    )
-    return Message(RecordDict({protocol.SITE: reply}), reply_to=message)
+    """Name the site and publish what the schema is agreed from, with the key's fingerprint."""
+    spec, _ = protocol.read_run(message.content[protocol.SITE])
+    answer_ = hello(spec, node.read_data(), node.site, node.read_key())
+    return Message(protocol.encode_hello(node.site, answer_), reply_to=message)
 
 
-def _trainer(node: SiteNode, instruction: ConfigRecord, run_id: int) -> tuple[SiteTrainer, str]:
-    """This site's trainer for the run, built as :func:`scinfl.tl.train_federated` builds it, and its
-    key's fingerprint (``""`` without a key)."""
-    cache_key = (
-        run_id,
-        node,
-        *(instruction[k] for k in ("schema", "model-config", "fit-settings", "validation-fraction")),
-        int(instruction["seed"]),
-        int(instruction["site-index"]),
-    )
+def answer_init(message: Message, node: SiteNode) -> Message:
+    """The run's initial weights, drawn here where the key is (a hardened network's)."""
+    spec, config = protocol.read_run(message.content[protocol.SITE])
+    with torch_threads(settings.torch_threads):
+        state = initial_weights(config, spec.seed, node.read_key())
+    return Message(RecordDict({protocol.WEIGHTS: protocol.state_to_arrays(state)}), reply_to=message)
+
+
+def _trainer(node: SiteNode, run: ConfigRecord, run_id: int) -> SiteTrainer:
+    """This site's trainer for the run, built by :func:`~scinfl.federation.site.build_site` (cached)."""
+    cache_key = (run_id, node, str(run["spec"]), str(run["config"]))
     if cache_key in _TRAINERS:
         _TRAINERS.move_to_end(cache_key)
         return _TRAINERS[cache_key]
-    schema = FederationSchema.from_dict(json.loads(str(instruction["schema"])))
-    config = ModelConfig.from_dict(json.loads(str(instruction["model-config"])))
-    fit_settings = FitSettings(**json.loads(str(instruction["fit-settings"])))
-    adata = node.read_data()
-    fields = site_fields(
-        adata, node.site, label_key=schema.label_key, layer=schema.layer, use_raw=schema.use_raw
-    )
-    check_finite(feature_source(adata, fields)[0], node.site)
-    matrix = AlignedMatrix.from_adata(adata, schema, fields)
-    labels = label_codes(adata, schema, node.site)
-    # The same split seed as train_federated gives the site at this index: same seed, same split.
-    rng = np.random.default_rng(
-        np.random.SeedSequence([int(instruction["seed"]), 0x5EED, int(instruction["site-index"])])
-    )
-    train, validation = site_datasets(matrix, labels, float(instruction["validation-fraction"]), rng)
-    key = node.read_key()
-    trainer = SiteTrainer(node.site, train, validation, build_network(config), config, key, fit_settings)
-    _TRAINERS[cache_key] = (trainer, "" if key is None else key.fingerprint)
+    spec, config = protocol.read_run(run)
+    trainer = build_site(spec, config, node.read_data(), node.site, node.read_key())
+    _TRAINERS[cache_key] = trainer
     while len(_TRAINERS) > _MAX_TRAINERS:
         _TRAINERS.popitem(last=False)
     return _TRAINERS[cache_key]
 
 
-def answer_train(message: Message, node: SiteNode, run_id: int) -> Message:
+def answer_train(message: Message, node: SiteNode, context: Context) -> Message:
     """Evaluate the received global weights (the previous round's), then train on them if asked.
 
     Evaluation rides in the training reply, so that a round is one exchange, not two.
     """
-    instruction = message.content[protocol.INSTRUCTION]
-    if str(instruction["site"]) != node.site:
-        raise ValueError(
-            f"This SuperNode serves site {node.site!r} but was addressed as {instruction['site']!r}."
-        )
-    global_state = protocol.arrays_to_state(message.content[protocol.GLOBAL_WEIGHTS])
-    trainer, fingerprint = _trainer(node, instruction, run_id)
-    metrics: dict[str, float | int] = {"n-train": trainer.n_train, "num-examples": trainer.n_train}
-    content = RecordDict()
+    site, state, instruction = protocol.decode_instruction(message.content)
+    if site != node.site:
+        raise ValueError(f"This SuperNode serves site {node.site!r} but was addressed as {site!r}.")
     with torch_threads(settings.torch_threads):
-        if bool(instruction["evaluate"]):
-            metrics |= {f"evaluate/{k}": float(v) for k, v in trainer.evaluate(global_state).items()}
-        if bool(instruction["train"]):
-            update = trainer.fit(global_state, seed=int(instruction["fit-seed"]))
-            fingerprint = update.key_fingerprint or ""
-            metrics |= {f"fit/{k}": float(v) for k, v in update.metrics.items()}
-            content[protocol.UPDATE] = protocol.state_to_arrays(update.state)
-    content[protocol.SITE] = ConfigRecord({"site": node.site, "key-fingerprint": fingerprint})
-    content[protocol.METRICS] = MetricRecord(metrics)
-    return Message(content, reply_to=message)
+        trainer = _trainer(node, message.content[protocol.SITE], context.run_id)
+        if instruction.restore is None and _LOCAL_STATE in context.state:
+            # This run's state of the site, wherever the previous message was served.
+            trainer.restore_local_state(json.loads(str(context.state[_LOCAL_STATE]["state"])))
+        reply = answer(trainer, state, instruction)
+    context.state[_LOCAL_STATE] = ConfigRecord({"state": json.dumps(reply.local_state)})
+    return Message(protocol.encode_reply(node.site, reply), reply_to=message)
 
 
 def _from_node_config(context: Context) -> Mapping[str, Any]:
@@ -180,14 +170,15 @@ def make_client_app(resolve_node: NodeResolver | None = None) -> ClientApp:
     client_app = ClientApp()
 
     @client_app.query()
-    def hello(message: Message, context: Context) -> Message:
+    def query(message: Message, context: Context) -> Message:
         return answer_hello(message, SiteNode.from_node_config(resolve(context)))
+
+    @client_app.query("init")
+    def init(message: Message, context: Context) -> Message:
+        return answer_init(message, SiteNode.from_node_config(resolve(context)))
 
     @client_app.train()
     def train(message: Message, context: Context) -> Message:
-        return answer_train(message, SiteNode.from_node_config(resolve(context)), context.run_id)
+        return answer_train(message, SiteNode.from_node_config(resolve(context)), context)
 
     return client_app
-
-
-app = make_client_app()

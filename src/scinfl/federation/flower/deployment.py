@@ -25,13 +25,22 @@ from typing import Any
 
 import tomli_w
 
-from .protocol import RunSettings
+from ..spec import RunSpec
 
-__all__ = ["LocalDeployment", "app_pyproject", "flower_environment", "free_port", "log_tail"]
+__all__ = [
+    "LocalDeployment",
+    "app_pyproject",
+    "flower_environment",
+    "free_port",
+    "log_tail",
+    "run_config",
+    "run_local_deployment",
+]
 
 logger = logging.getLogger("scinfl")
 
 CONNECTION = "scinfl-local"
+MODEL_DIR = "model"  # where scinfl.flower_apps.server_app writes the model, inside output-dir
 
 
 def free_port() -> int:
@@ -55,13 +64,19 @@ def flower_environment(flwr_home: Path, base: Mapping[str, str] | None = None) -
     return env
 
 
+def run_config(spec: RunSpec, output_dir: str | os.PathLike[str], *, resume: bool = False) -> dict[str, Any]:
+    """The run config of scinfl's ServerApp: the run spec (:meth:`~scinfl.federation.RunSpec.to_run_config`)
+    with ``output-dir`` (absolute, on the ServerApp's machine) and ``resume``."""
+    return {**spec.to_run_config(), "output-dir": str(Path(output_dir).absolute()), "resume": bool(resume)}
+
+
 def app_pyproject(
-    settings: RunSettings, *, name: str = "scinfl-consortium", publisher: str = "consortium"
+    config: Mapping[str, Any], *, name: str = "scinfl-consortium", publisher: str = "consortium"
 ) -> str:
     """A consortium's whole Flower App: a ``pyproject.toml`` pointing at scinfl's ServerApp and ClientApp.
 
-    ``[tool.flwr.app.config]`` lists every setting (``flwr run --run-config`` may only override keys
-    declared there); it holds the key's fingerprint, never the key.
+    ``[tool.flwr.app.config]`` is ``config`` (:func:`run_config`): every setting, since ``flwr run
+    --run-config`` may only override keys declared there. It holds the key's fingerprint, never the key.
     """
     document = {
         "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
@@ -78,10 +93,10 @@ def app_pyproject(
                 "app": {
                     "publisher": publisher,
                     "components": {
-                        "serverapp": "scinfl.federation.flower.server:app",
-                        "clientapp": "scinfl.federation.flower.client:app",
+                        "serverapp": "scinfl.flower_apps:server_app",
+                        "clientapp": "scinfl.flower_apps:client_app",
                     },
-                    "config": settings.to_run_config(),
+                    "config": dict(config),
                 }
             },
         },
@@ -207,21 +222,22 @@ class LocalDeployment:
         """Kill the SuperNode of ``site`` and its ClientApp processes at once (SIGKILL), as a crash would."""
         self._stop(self.processes.pop(f"supernode-{site}"), signal.SIGKILL, grace=10)
 
-    def write_app(self, settings: RunSettings) -> Path:
+    def write_app(self, config: Mapping[str, Any]) -> Path:
         app_dir = self.workdir / "app"
         app_dir.mkdir(exist_ok=True)
-        (app_dir / "pyproject.toml").write_text(app_pyproject(settings))
+        (app_dir / "pyproject.toml").write_text(app_pyproject(config))
         return app_dir
 
     def run(
-        self, settings: RunSettings, *, timeout: float = 900.0, echo: bool = False
+        self, config: Mapping[str, Any], *, timeout: float = 900.0, echo: bool = False
     ) -> subprocess.CompletedProcess:
-        """Submit a run of scinfl's apps with ``settings``; follow it until it ends (``flwr run --stream``).
+        """Submit a run of scinfl's apps with run config ``config`` (:func:`run_config`); follow it until it
+        ends (``flwr run --stream``).
 
         The output is returned, written to ``flwr-run.log`` and, with ``echo``, printed as it comes.
         Raises ``subprocess.TimeoutExpired`` (after stopping ``flwr run``) after ``timeout`` seconds.
         """
-        app_dir = self.write_app(settings)
+        app_dir = self.write_app(config)
         command = [str(Path(sys.executable).parent / "flwr"), "run", str(app_dir), CONNECTION, "--stream"]
         logger.info("Running %s", shlex.join(command))
         lines: list[str] = []
@@ -299,30 +315,39 @@ def run_local_deployment(
     *,
     key_path: str | os.PathLike[str] | None,
     output_dir: str | os.PathLike[str],
+    settings: Mapping[str, Any] | None = None,
+    fields: Mapping[str, Any] | None = None,
     workdir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
     timeout: float = 3600.0,
-    **settings: Any,
 ) -> Path:
-    """Train scinfl's apps across a local deployment (one SuperNode per .h5ad); return the model's path.
+    """Train scinfl's apps across a local deployment (one SuperNode per file); return the model's path.
 
-    Each site is named after its file (``a.h5ad`` -> ``a``) and reads the key file through its own node
-    config; the run config gets the key's fingerprint only. Every process started is stopped before
-    this returns, also on errors and Ctrl-C.
+    Each site is named after its file (``a.h5ad`` -> ``a``; an ``.h5mu`` file is a multi-omics site) and
+    reads the key file through its own node config; the run config gets the key's fingerprint only. Every
+    process started is stopped before this returns, also on errors and Ctrl-C.
 
     Parameters
     ----------
     data_paths
-        One .h5ad per site.
+        One .h5ad (or .h5mu) per site.
     key_path
         The consortium's key file (:meth:`scinfl.FederationKey.save`), or None for plain FedAvg.
     output_dir
         Where the ServerApp writes its checkpoint and the model (``<output_dir>/model``).
+    settings
+        The run's settings as run-config entries (:meth:`~scinfl.federation.RunSpec.to_run_config`), e.g.
+        ``{"task.name": "embedding", "task.n-latent": 32, "rounds": 10, "fit.lr": 0.01}``; the sites and
+        the key's fingerprint are filled in here. Default: a classification with the defaults.
+    fields
+        The sites' data fields, where their files do not register them (:func:`scinfl.pp.register_site`):
+        ``label_key``, ``layer``, ``use_raw``, ``modality``; each SuperNode gets them in its node config.
     workdir
         Logs, ``FLWR_HOME`` and the generated Flower App; None: ``<output_dir>/flower``.
+    resume
+        Continue the run checkpointed in ``output_dir``.
     timeout
         Seconds the whole run may take.
-    **settings
-        :class:`~scinfl.federation.flower.RunSettings` fields (``rounds``, ``label_key``, ...).
     """
     from ...key import FederationKey
 
@@ -332,16 +357,23 @@ def run_local_deployment(
         raise ValueError(f"Site files must have distinct names (a site is named after its file): {names}.")
     key = None if key_path is None else FederationKey.load(key_path)
     output_dir = Path(output_dir).expanduser().absolute()
-    run_settings = RunSettings(
-        sites=tuple(names),
-        key_fingerprint="" if key is None else key.fingerprint,
-        scheme="" if key is None else key.scheme,
-        output_dir=str(output_dir),
-        **settings,
+    run_spec = RunSpec.from_run_config(
+        {
+            "task.name": "classification",
+            **dict(settings or {}),
+            "sites": ",".join(names),
+            "key-fingerprint": "" if key is None else key.fingerprint,
+            "scheme": "" if key is None else key.scheme,
+        }
     )
     del key  # only its public fingerprint and scheme go into the run
+    node_fields = {
+        name.replace("_", "-"): value
+        for name, value in dict(fields or {}).items()
+        if value not in (None, False, "")
+    }
     nodes = {
-        name: {"data-path": str(path)}
+        name: {"data-path": str(path), **node_fields}
         | ({} if key_path is None else {"key-path": str(Path(key_path).absolute())})
         for name, path in zip(names, paths, strict=True)
     }
@@ -350,8 +382,10 @@ def run_local_deployment(
         logger.info(
             "SuperLink on 127.0.0.1:%d, %d SuperNodes; logs in %s.", deployment.port, len(nodes), workdir
         )
-        completed = deployment.run(run_settings, timeout=timeout, echo=True)
-    model = output_dir / "model"
+        completed = deployment.run(
+            run_config(run_spec, output_dir, resume=resume), timeout=timeout, echo=True
+        )
+    model = output_dir / MODEL_DIR
     if completed.returncode != 0 or not (model / "model.json").is_file():
         raise RuntimeError(
             f"The Flower run did not produce a model (flwr run exited with {completed.returncode}). "

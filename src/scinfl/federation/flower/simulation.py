@@ -27,17 +27,16 @@ import pandas as pd
 from flwr.app import Context
 from flwr.serverapp import ServerApp
 from flwr.simulation import run_simulation
-from torch import Tensor
 
-from ...data import FederationSchema, SiteFields, feature_source
+from ...data import feature_source, is_mudata, scinfl_entry
 from ...key import FederationKey
-from ...train import FitSettings, ModelConfig
-from ..engine import FederationResult
+from ...tasks import Task
+from ..rounds import FederationRun
+from ..spec import RunSpec
 from .client import make_client_app
-from .protocol import RunSettings
-from .server import FlowerRun, make_server_app
+from .server import make_server_app
 
-__all__ = ["SimulatedNodes", "private_workspace", "run_federated", "simulate", "write_site"]
+__all__ = ["SimulatedNodes", "private_workspace", "simulate", "write_site"]
 
 logger = logging.getLogger("scinfl")
 
@@ -45,7 +44,7 @@ logger = logging.getLogger("scinfl")
 class SimulatedNodes:
     """Resolves a simulated SuperNode (its ``partition-id``) to its site's node config (file paths)."""
 
-    def __init__(self, node_configs: list[dict[str, str]]) -> None:
+    def __init__(self, node_configs: list[dict[str, Any]]) -> None:
         self.node_configs = node_configs
 
     def __call__(self, context: Context) -> Mapping[str, Any]:
@@ -62,72 +61,111 @@ def private_workspace() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def write_site(adata: ad.AnnData, fields: SiteFields, path: Path) -> Path:
-    """Write what a site trains on -- its features (``.X``, layer or ``.raw``) and labels -- as an h5ad.
+def write_site(data: Any, task: Task, site: str, path: Path) -> Path:
+    """Write what a site trains on -- its features where its registration says (``.X``, a layer or
+    ``.raw``), the ``.obs`` columns and ``.obsm`` entries the task reads -- as an h5ad (an h5mu for a
+    MuData site, each modality's ``.X``). Returns the path written.
 
-    Only the fields the federation reads are written, so whatever else the AnnData holds (unwritable
-    ``.uns`` entries, other layers) neither slows nor breaks the run.
+    Only what the federation reads is written, so whatever else the data holds (unwritable ``.uns``
+    entries, other layers) neither slows nor breaks the run.
     """
-    matrix, var_names = feature_source(adata, fields)
-    obs = pd.DataFrame(index=adata.obs_names.copy())
-    if fields.label_key is not None:
-        obs[fields.label_key] = adata.obs[fields.label_key].values
-    ad.AnnData(X=matrix, obs=obs, var=pd.DataFrame(index=pd.Index(var_names).astype(str))).write_h5ad(path)
+    registered = scinfl_entry(data, site, "scinfl").get("registration", {})
+    label_key = getattr(task, "label_key", None) or registered.get("label_key")
+    obs_keys = [k for k in (label_key, *task.agreed_columns()) if k is not None]
+    obs = pd.DataFrame(index=data.obs_names.copy())
+    for key in obs_keys:
+        if key in data.obs:
+            obs[key] = data.obs[key].values
+    if is_mudata(data):
+        import mudata
+
+        modalities = {
+            name: ad.AnnData(
+                X=mod.X,
+                obs=pd.DataFrame(index=mod.obs_names.copy()),
+                var=pd.DataFrame(index=mod.var_names.copy()),
+            )
+            for name, mod in data.mod.items()
+        }
+        lean = mudata.MuData(modalities)
+        for key in obs.columns:
+            lean.obs[key] = obs[key].reindex(lean.obs_names).values
+        path = path.with_suffix(".h5mu")
+        lean.write(path)
+        return path
+    fields = task.site_fields(data, site)
+    matrix, var_names = feature_source(data, fields)
+    var = pd.DataFrame(index=pd.Index(var_names).astype(str))
+    obsm = {k: data.obsm[k] for k in task.obsm_keys() if k in data.obsm}
+    if fields.use_raw:
+        lean = ad.AnnData(obs=obs, obsm=obsm)
+        lean.raw = ad.AnnData(X=matrix, obs=obs, var=var)
+    elif fields.layer is not None:
+        lean = ad.AnnData(obs=obs, var=var, obsm=obsm, layers={fields.layer: matrix})
+    else:
+        lean = ad.AnnData(X=matrix, obs=obs, var=var, obsm=obsm)
+    path = path.with_suffix(".h5ad")
+    lean.write_h5ad(path)
     return path
 
 
+def node_config(data: Any, site: str) -> dict[str, Any]:
+    """A site's data fields (its registration) as node-config entries (``label-key``, ``layer``, ...)."""
+    registered = scinfl_entry(data, site, "scinfl").get("registration", {})
+    names = {"label_key": "label-key", "layer": "layer", "use_raw": "use-raw", "modality": "modality"}
+    return {names[k]: v for k, v in registered.items() if k in names and v is not None}
+
+
 def simulate(
-    sites: Mapping[str, ad.AnnData],
-    fields: Mapping[str, SiteFields],
+    sites: Mapping[str, Any],
     keys: Mapping[str, FederationKey | None],
-    settings: RunSettings,
+    spec: RunSpec,
     *,
     server_app: ServerApp | None = None,
     num_cpus: int | None = None,
-    **run_options: Any,
-) -> FlowerRun | None:
-    """Run a federation of in-memory sites on Flower's simulation runtime (Ray).
+    **federate_options: Any,
+) -> FederationRun | None:
+    """Run a federation of in-memory (or backed) sites on Flower's simulation runtime (Ray).
 
     Parameters
     ----------
     sites
-        Site name -> AnnData, in the order of ``settings.sites``.
-    fields
-        Where each site's features and labels live (:func:`scinfl.data.site_fields`).
+        Site name -> its data, in the order of ``spec.sites``.
     keys
         Site name -> the key that site holds (None: no key). A site holding another key version than
-        ``settings.key_fingerprint`` has its updates rejected, as in a deployment.
-    settings
-        The run's settings. Its ``label_key`` is the sites'; its ``layer``/``use_raw`` are ignored, as
-        each site's features are written out as ``.X``.
+        ``spec.key_fingerprint`` has its updates rejected, as in a deployment.
+    spec
+        The run.
     server_app
         Replaces scinfl's ServerApp (tests wrap the Grid to inspect every message).
     num_cpus
         CPUs Ray may use (one ClientApp worker per CPU); None: all of this machine's.
-    **run_options
-        Passed to :func:`~scinfl.federation.flower.server.run_server` (``config``, ``initial_state``).
+    **federate_options
+        Passed to :func:`~scinfl.federation.federate` (``initial_state``, ``checkpoint_dir``, ``resume``,
+        ``signature``).
 
     Returns
     -------
     The finished run (None with a custom ``server_app``, which keeps its own result).
     """
-    if list(sites) != list(settings.sites):
-        raise ValueError(f"settings.sites {list(settings.sites)} must list the sites {list(sites)} in order.")
-    settings = RunSettings.from_run_config({**settings.to_run_config(), "layer": "", "use-raw": False})
-    finished: list[FlowerRun] = []
+    if list(sites) != list(spec.sites):
+        raise ValueError(f"spec.sites {list(spec.sites)} must list the sites {list(sites)} in order.")
+    finished: list[FederationRun] = []
     with private_workspace() as workspace:
         node_configs = []
-        for index, (name, adata) in enumerate(sites.items()):
-            node = {
-                "site": name,
-                "data-path": str(write_site(adata, fields[name], workspace / f"site{index}.h5ad")),
-            }
+        for index, (name, data) in enumerate(sites.items()):
+            node = {"site": name, **node_config(data, name)}
+            if getattr(data, "isbacked", False):  # its file, read backed by the ClientApp as here
+                node["data-path"] = str(Path(data.filename).absolute())
+            else:
+                node["data-path"] = str(write_site(data, spec.task, name, workspace / f"site{index}"))
             if keys.get(name) is not None:
                 node["key-path"] = str(keys[name].save(workspace / f"site{index}.key"))  # 0600
             node_configs.append(node)
         cpus = num_cpus or os.cpu_count() or 1
         run_simulation(
-            server_app=server_app or make_server_app(settings, on_result=finished.append, **run_options),
+            server_app=server_app
+            or make_server_app(lambda run, *_: finished.append(run), spec, **federate_options),
             client_app=make_client_app(SimulatedNodes(node_configs)),
             num_supernodes=len(sites),
             backend_config={
@@ -138,55 +176,3 @@ def simulate(
     if server_app is None and not finished:
         raise RuntimeError("The Flower simulation ended without a result; see the log above.")
     return finished[0] if finished else None
-
-
-def run_federated(
-    sites: Mapping[str, ad.AnnData],
-    fields: Mapping[str, SiteFields],
-    *,
-    key: FederationKey | None,
-    schema: FederationSchema,
-    config: ModelConfig,
-    fit_settings: FitSettings,
-    rounds: int,
-    fraction: float,
-    validation_fraction: float,
-    join: str,
-    seed: int,
-    initial_state: Mapping[str, Tensor],
-) -> FederationResult:
-    """What :func:`scinfl.tl.train_federated` runs with ``engine="flower"``: every site holds ``key``.
-
-    The run starts from ``initial_state`` with ``config``'s architecture, as the in-process engine does.
-    """
-    settings = RunSettings(
-        sites=tuple(sites),
-        key_fingerprint="" if key is None else key.fingerprint,
-        scheme=config.scheme or "",
-        task=config.task,
-        rounds=rounds,
-        local_epochs=fit_settings.local_epochs,
-        fraction=fraction,
-        batch_size=fit_settings.batch_size,
-        lr=fit_settings.lr,
-        weight_decay=fit_settings.weight_decay,
-        hidden=config.hidden,
-        dropout=config.dropout,
-        key_strength=config.key_strength,
-        validation_fraction=validation_fraction,
-        label_key=schema.label_key or "",
-        join=join,
-        seed=seed,
-    )
-    run = simulate(
-        sites, fields, dict.fromkeys(sites, key), settings, config=config, initial_state=initial_state
-    )
-    # The ServerApp agreed its schema from the sites' published metadata; it must be the one computed here.
-    if (run.schema.var_names, run.schema.categories) != (
-        schema.var_names,
-        schema.categories,
-    ) or run.config != config:
-        raise RuntimeError(
-            "The Flower run agreed another schema or architecture than train_federated computed."
-        )
-    return run.result

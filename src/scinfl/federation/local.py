@@ -1,0 +1,63 @@
+"""The in-process transport (``engine="local"``): every site in this process, called directly."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor
+
+from ..key import FederationKey
+from ..tasks import ModelConfig
+from ..train import SiteTrainer
+from .site import Hello, Instruction, Reply, answer, build_site, hello, initial_weights
+from .spec import RunSpec
+
+__all__ = ["InProcess"]
+
+
+class InProcess:
+    """Sites held in this process (:class:`~scinfl.federation.Transport`).
+
+    Each site's trainer is built on the first exchange (:func:`~scinfl.federation.site.build_site`) and
+    lives as long as the transport, so a DP-SGD site's accountant spans every round. Errors at a site
+    raise at once, naming it.
+
+    Parameters
+    ----------
+    sites
+        Site name -> its data (AnnData, MuData, backed AnnData).
+    keys
+        Site name -> the key that site holds (None: no key; sites not named hold none).
+    """
+
+    remote = False
+
+    def __init__(self, sites: Mapping[str, Any], keys: Mapping[str, FederationKey | None]) -> None:
+        self.sites = dict(sites)
+        self.keys = dict(keys)
+        self.trainers: dict[str, SiteTrainer] = {}
+
+    def connect(self, spec: RunSpec) -> dict[str, Hello | str]:
+        return {site: hello(spec, self.sites[site], site, self.keys.get(site)) for site in spec.sites}
+
+    def initial_state(self, site: str, spec: RunSpec, config: ModelConfig) -> dict[str, Tensor]:
+        return initial_weights(config, spec.seed, self.keys.get(site))
+
+    def trainer(self, site: str, spec: RunSpec, config: ModelConfig) -> SiteTrainer:
+        if site not in self.trainers:
+            self.trainers[site] = build_site(spec, config, self.sites[site], site, self.keys.get(site))
+        return self.trainers[site]
+
+    def exchange(
+        self,
+        round_index: int,
+        state: Mapping[str, Tensor],
+        spec: RunSpec,
+        config: ModelConfig,
+        instructions: Mapping[str, Instruction],
+    ) -> dict[str, Reply | str]:
+        return {
+            site: answer(self.trainer(site, spec, config), state, instruction)
+            for site, instruction in instructions.items()
+        }

@@ -1,0 +1,150 @@
+"""The site side of every engine: what a site publishes, the one builder of its trainer, its answers.
+
+The in-process transport and Flower's ClientApp call the same functions here, so a site computes the
+same thing whichever engine drives it. The key is an argument of these functions, held by the caller at
+the site; what they return (descriptions, weights, counts, metrics, fingerprints, DP accounting) holds no
+key material.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..key import FederationKey
+from ..nn import HardenedNetwork
+from ..tasks import ModelConfig, build_network
+from ..train import LocalFitResult, SiteTrainer, copy_state, key_material, site_datasets
+from .spec import RunSpec
+
+__all__ = ["Hello", "Instruction", "Reply", "answer", "build_site", "hello", "initial_weights"]
+
+logger = logging.getLogger("scinfl")
+
+
+@dataclass(frozen=True)
+class Hello:
+    """A site's answer to the first exchange: its description (:meth:`scinfl.tasks.Task.describe`) and
+    the fingerprint of the key it holds (None without a key)."""
+
+    description: dict[str, Any]
+    key_fingerprint: str | None
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """What the round loop asks of one site in one exchange.
+
+    ``evaluate``: validation metrics of the weights sent (the previous round's aggregate); ``train``:
+    then train on them with ``fit_seed``; ``restore``: the site's running state to continue from (after a
+    resume), as its :meth:`~scinfl.train.SiteTrainer.local_state` gave it.
+    """
+
+    train: bool
+    evaluate: bool
+    fit_seed: int = 0
+    restore: Mapping[str, Any] | None = None
+
+
+@dataclass
+class Reply:
+    """A site's answer to an :class:`Instruction`."""
+
+    n_train: int
+    key_fingerprint: str | None
+    update: LocalFitResult | None = None
+    evaluation: dict[str, float] | None = None
+    local_state: dict[str, Any] = field(default_factory=dict)
+
+
+def hello(spec: RunSpec, data, site: str, key: FederationKey | None) -> Hello:
+    """What ``site`` publishes before training: names and counts, and its key's fingerprint."""
+    return Hello(spec.task.describe(data, site), None if key is None else key.fingerprint)
+
+
+def initial_weights(config: ModelConfig, seed: int, key: FederationKey | None = None) -> dict[str, Tensor]:
+    """The run's initial global weights, drawn from ``seed``.
+
+    A hardened network starts as the plain network's initialisation carried to the shared basis, so that
+    training is plain FedAvg's. That initialisation is drawn from a seed derived from the key and ``seed``:
+    the server, which knows ``seed``, must not hold both the plain weights and their keyed form. Only a key
+    holder computes it (in a deployment, the first site). Other networks need no key.
+    """
+    with torch.random.fork_rng(devices=[]):
+        hardened = config.scheme == "hardened"
+        if hardened and key is None:
+            raise ValueError("The initial weights of a hardened network are computed where the key is.")
+        draw = int.from_bytes(key.derive(f"initial-weights/{int(seed)}", 8), "little") if hardened else seed
+        torch.manual_seed(draw)
+        network = build_network(config)
+    state = network.state_dict()
+    if hardened:
+        assert isinstance(network, HardenedNetwork)
+        with torch.no_grad():
+            # Freshly built, the hardened network holds the plain network's initialisation, draw for draw.
+            state = network.from_plain(state, key_material(key, network))
+    return copy_state(state)
+
+
+def build_site(spec: RunSpec, config: ModelConfig, data, site: str, key: FederationKey | None) -> SiteTrainer:
+    """The one builder of a site's trainer, for every engine: its inputs (the task's), its training and
+    validation split (seeded by the run's seed and the site's position), its copy of the network, its key
+    material, its DP-SGD state."""
+    task = config.task
+    inputs = task.inputs(data, site, config.schema)
+    labels = task.labels(data, site, config.schema)
+    rng = np.random.default_rng(np.random.SeedSequence([spec.seed, 0x5EED, spec.sites.index(site)]))
+    train, validation = site_datasets(inputs, labels, spec.validation_fraction, rng)
+    with torch.random.fork_rng(devices=[]):  # the weights are the global model's: no draw of the caller's
+        network = build_network(config)
+    private = None
+    if spec.dp is not None:
+        from ..train.dp import PrivateTraining
+
+        private = PrivateTraining(
+            spec.dp,
+            n_train=len(train),
+            batch_size=spec.fit.batch_size,
+            epochs=spec.rounds * spec.fit.local_epochs,
+        )
+        if spec.dp.delta * len(train) > 1:
+            logger.warning(
+                "Site %r: delta=%g is not below 1/n_train (%d training cells); a meaningful guarantee needs "
+                "delta << 1/n.",
+                site,
+                spec.dp.delta,
+                len(train),
+            )
+    return SiteTrainer(
+        site,
+        train,
+        validation,
+        network,
+        task.objective(config, inputs.measured),
+        key_material=None if config.scheme is None else key_material(key, network),
+        key_fingerprint=None if key is None else key.fingerprint,
+        settings=spec.fit,
+        private=private,
+        trained=task.trained_parameters(network, inputs),
+    )
+
+
+def answer(trainer: SiteTrainer, state: Mapping[str, Tensor], instruction: Instruction) -> Reply:
+    """Carry out ``instruction``: evaluate the received weights, then train on them, as asked."""
+    if instruction.restore is not None:
+        trainer.restore_local_state(instruction.restore)
+    evaluation = trainer.evaluate(state) if instruction.evaluate else None
+    update = trainer.fit(state, seed=instruction.fit_seed) if instruction.train else None
+    return Reply(
+        n_train=trainer.n_train,
+        key_fingerprint=trainer.key_fingerprint,
+        update=update,
+        evaluation=evaluation,
+        local_state=trainer.local_state(),
+    )

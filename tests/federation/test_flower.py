@@ -1,0 +1,253 @@
+"""Flower: what crosses the wire (no key material), a wrong key version, and real loopback deployments.
+
+The simulation's equality with the in-process engine for every task is in ``test_engines.py``. Here a
+deployment (a SuperLink and one SuperNode per site as subprocesses on 127.0.0.1, scinfl's apps from
+``scinfl.flower_apps``) trains a classifier through a SuperNode crash and a resume, and a hardened
+perturbation model, and both equal the in-process models bit for bit.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import scinfl as si
+from helpers import (
+    FAST_TASK,
+    accuracy,
+    assert_no_secret,
+    assert_same_history,
+    assert_same_weights,
+    hardened_secrets,
+    key_secrets,
+)
+from scinfl.federation import InProcess, RunSpec, federate
+from scinfl.federation.checkpoint import CHECKPOINT, load_checkpoint
+from scinfl.federation.flower.deployment import LocalDeployment, log_tail, run_config
+from scinfl.federation.flower.server import GridTransport
+from scinfl.federation.flower.simulation import simulate
+from scinfl.train import key_material
+
+pytest.importorskip("flwr")
+pytest.importorskip("ray")
+
+pytestmark = pytest.mark.slow
+
+RUN = {"task": FAST_TASK, "rounds": 2, "seed": 0}
+
+
+class RecordingGrid:
+    """A Grid that hands everything to Flower's and keeps the bytes of every message it sends or gets."""
+
+    def __init__(self, grid, blobs: list[bytes]) -> None:
+        self.grid = grid
+        self.blobs = blobs
+
+    def _record(self, message) -> None:
+        from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+        # The serialised objects of the message and all its records: what goes over the wire.
+        self.blobs.append(b"".join(obj.deflate() for obj in get_all_nested_objects(message).values()))
+
+    def get_node_ids(self):
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        for message in messages:
+            self._record(message)
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        replies = list(self.grid.pull_messages(message_ids))
+        for reply in replies:
+            self._record(reply)
+        return replies
+
+
+def test_wrong_key_version_rejected_and_messages_hold_no_key_material(pbmc_split, scinfl_log):
+    """A hardened run: every message (hello, the initial weights a site draws, the rounds) is recorded as
+    it crosses the wire and searched for the key, its hex and its derived transforms; the model equals the
+    in-process one."""
+    from flwr.serverapp import ServerApp
+
+    sites = pbmc_split[0]
+    key = si.FederationKey(hashlib.sha256(b"wire key").digest(), scheme="hardened")
+    stale = si.FederationKey.generate(scheme="hardened")
+    keys = {"site_0": key, "site_1": key, "site_2": stale}
+    spec = RunSpec(
+        task=FAST_TASK, sites=tuple(sites), key_fingerprint=key.fingerprint, scheme="hardened", rounds=1
+    )
+    blobs: list[bytes] = []
+    runs = []
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid, context):
+        runs.append(federate(GridTransport(RecordingGrid(grid, blobs)), spec))
+
+    simulate(sites, keys, spec, server_app=server_app)
+    (run,) = runs
+    assert run.history.set_index("site")["rejected"].to_dict() == {
+        "site_0": False,
+        "site_1": False,
+        "site_2": True,
+    }
+    assert "rejected the update of site 'site_2'" in scinfl_log.text
+    assert stale.fingerprint in scinfl_log.text
+
+    # hello (3 + 3), the initial weights from site_0 (1 + 1), round 1 (3 + 3), final evaluation (3 + 3)
+    assert len(blobs) == 20
+    wire = b"".join(blobs)
+    # Positive controls: the search runs over the real payloads -- the fingerprints and the weights.
+    assert key.fingerprint.encode() in wire
+    assert stale.fingerprint.encode() in wire
+    final_weight = next(t for n, t in run.final_state.items() if n.endswith("weight"))
+    assert final_weight.numpy().tobytes() in wire
+    network = si.tasks.build_network(run.config)
+    # and the hardened classifier the simulation trained is the in-process one, bit for bit
+    in_process = federate(InProcess(sites, keys), spec)
+    for name, tensor in in_process.final_state.items():
+        assert torch.equal(run.final_state[name], tensor), name
+    assert_same_history(in_process.history, run.history)
+    for k in (key, stale):
+        assert_no_secret(wire, key_secrets(k) + hardened_secrets(key_material(k, network)))
+
+
+def test_unknown_engine_is_refused(pbmc_split):
+    with pytest.raises(ValueError, match="Unknown engine"):
+        si.tl.train_federated(pbmc_split[0], key=None, engine="grpc", **RUN)
+
+
+def _alive(process_groups: list[int]) -> list[str]:
+    """Processes (other than zombies) still in any of these process groups."""
+    alive = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (command) "
+        state, pgid = fields[0], int(fields[2])
+        if pgid in process_groups and state != "Z":
+            alive.append(stat[: stat.rindex(")") + 1])
+    return alive
+
+
+def _wait_for_checkpoint(output_dir: Path, round_index: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (output_dir / CHECKPOINT).is_file() and load_checkpoint(output_dir)["round"] >= round_index:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"No checkpoint of round {round_index} after {timeout} s.")
+
+
+def _nodes(sites, tmp_path: Path, key_path: Path | None) -> dict[str, dict[str, str]]:
+    """Each site's file (its registration travels inside it) and the key file, as node configs."""
+    nodes = {}
+    for name, adata in sites.items():
+        adata.write_h5ad(tmp_path / f"{name}.h5ad")
+        nodes[name] = {"data-path": str(tmp_path / f"{name}.h5ad")}
+        if key_path is not None:
+            nodes[name]["key-path"] = str(key_path)
+    return nodes
+
+
+def _assert_all_stopped(groups: list[int]) -> None:
+    deadline = time.monotonic() + 15
+    while _alive(groups) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _alive(groups)
+
+
+def test_deployment_survives_a_killed_supernode_by_resuming_and_matches_in_process(pbmc_split, key, tmp_path):
+    """A SuperLink and two SuperNodes as subprocesses on loopback ports: kill one SuperNode after round 1,
+    the run stops with a clear error instead of hanging; restart it, resume from the checkpoint, and the
+    model equals the in-process run's."""
+    sites = {name: pbmc_split[0][name] for name in ("site_0", "site_1")}
+    held_out = pbmc_split[1]
+    key_path = key.save(tmp_path / "consortium.key")
+    output_dir = tmp_path / "run"
+    spec = RunSpec(
+        task=FAST_TASK,
+        sites=tuple(sites),
+        key_fingerprint=key.fingerprint,
+        scheme=key.scheme,
+        rounds=RUN["rounds"],
+        seed=RUN["seed"],
+        round_timeout=60,  # a ClientApp process per message: imports, data and a fit, on a busy CI machine
+        connect_timeout=120,
+    )
+    deployment = LocalDeployment(tmp_path / "flower", _nodes(sites, tmp_path, key_path))
+    groups: list[int] = []
+    try:
+        deployment.start()
+        groups += deployment.pids()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            first = pool.submit(deployment.run, run_config(spec, output_dir), timeout=300)
+            _wait_for_checkpoint(output_dir, 1, timeout=240)
+            deployment.kill_supernode("site_1")
+            started = time.monotonic()
+            failed = first.result()  # returns: the run must not hang on the dead site
+        assert time.monotonic() - started < spec.round_timeout + 60
+        assert "1 site(s) answered" in failed.stdout, failed.stdout[-3000:]
+        assert "min-sites" in failed.stdout
+        assert load_checkpoint(output_dir)["round"] == 1
+        assert not (output_dir / "model").exists()
+
+        groups.append(deployment.start_supernode("site_1").pid)
+        resumed = deployment.run(run_config(spec, output_dir, resume=True), timeout=300)
+        assert "Resuming from the checkpoint of round 1" in resumed.stdout, resumed.stdout[-3000:]
+    finally:
+        deployment.close()
+    _assert_all_stopped(groups)  # every process started, and every process they started, is gone
+
+    assert (output_dir / "model" / "model.json").is_file(), log_tail(tmp_path / "flower" / "flwr-run.log")
+    deployed = si.FederatedModel.load(output_dir / "model")
+    local = si.tl.train_federated(sites, key=key, engine="local", copy=True, **RUN)
+    assert deployed.spec == local.spec.replace(round_timeout=60, connect_timeout=120)
+    assert_same_weights(local, deployed)
+    assert accuracy(deployed, held_out, key) == pytest.approx(accuracy(local, held_out, key), abs=1e-6)
+    assert_same_history(local.history, deployed.history)
+    # the saved model never holds the key
+    saved = b"".join(p.read_bytes() for p in (output_dir / "model").iterdir())
+    assert_no_secret(saved, key_secrets(key))
+
+
+def test_deployed_hardened_perturbation_model_equals_the_in_process_one(pbmc, tmp_path):
+    """Another task on a deployment: perturbation response with the hardened scheme, whose first weights a
+    site draws (only a key holder can); sites publish their covariates' categories and build their control
+    profiles where their data is."""
+    key = si.FederationKey(hashlib.sha256(b"deployed perturbation").digest(), scheme="hardened")
+    sites = si.pp.split_sites(pbmc, n_sites=2, label_key="bulk_labels", alpha=5.0, seed=0)
+    for site in sites.values():
+        site.obs["guide"] = site.obs["louvain"].astype(str)
+    task = si.tasks.Perturbation(perturbation_key="guide", control="0", covariate_keys=("phase",), hidden=32)
+    key_path = key.save(tmp_path / "consortium.key")
+    output_dir = tmp_path / "run"
+    spec = RunSpec(
+        task=task, sites=tuple(sites), key_fingerprint=key.fingerprint, scheme="hardened", rounds=2, seed=1
+    )
+    with LocalDeployment(tmp_path / "flower", _nodes(sites, tmp_path, key_path)) as deployment:
+        groups = deployment.pids()
+        completed = deployment.run(run_config(spec, output_dir), timeout=400)
+    _assert_all_stopped(groups)
+    assert completed.returncode == 0, completed.stdout[-3000:]
+    deployed = si.FederatedModel.load(output_dir / "model")
+    local = si.tl.train_federated(sites, key=key, task=task, rounds=2, seed=1, copy=True)
+    assert deployed.task == task
+    assert deployed.params["engine"] == "flower"
+    assert_same_weights(local, deployed)
+    assert_same_history(local.history, deployed.history)
+    query = sites["site_1"].copy()
+    predicted = deployed.predict(query, key=key).expression
+    np.testing.assert_array_equal(predicted, local.predict(query, key=key).expression)

@@ -42,17 +42,18 @@ def main() -> None:
     si.settings.progress = False
     logging.getLogger("scinfl").setLevel(logging.WARNING)
     pbmc = sc.datasets.pbmc68k_reduced()
+    si.pp.register_site(pbmc, use_raw=True)  # its log-normalised values; the sites split from it inherit it
     labels = pbmc.obs["bulk_labels"]
-    options = {"task": "embedding", "use_raw": True, "rounds": args.rounds, "hidden": 128, "n_latent": 16}
+    options = {"task": si.tasks.Embedding(hidden=128, n_latent=16), "rounds": args.rounds}
     rows: dict[str, list[tuple[float, float]]] = {}
     for seed in range(args.seeds):
         key = si.FederationKey.generate()
         sites = si.pp.split_sites(pbmc, n_sites=3, label_key="bulk_labels", alpha=0.5, seed=seed)
         federated = si.tl.train_federated(sites, key=key, seed=seed, **options)
         central = si.tl.train_federated({"all": pbmc.copy()}, key=key, seed=seed, **options)
-        plain = si.tl.train_federated(sites, key=None, seed=seed, copy=True, **options)[0]
+        plain = si.tl.train_federated(sites, key=None, seed=seed, copy=True, **options)
         infl_key = si.FederationKey.generate(scheme="infl")
-        infl = si.tl.train_federated(sites, key=infl_key, seed=seed, copy=True, **options)[0]
+        infl = si.tl.train_federated(sites, key=infl_key, seed=seed, copy=True, **options)
         scores = {
             "PCA (scanpy, pooled data)": leiden_scores(pbmc.obsm["X_pca"], labels),
             "autoencoder, centralised": leiden_scores(central.predict(pbmc, key=key).embedding, labels),

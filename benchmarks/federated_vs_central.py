@@ -1,8 +1,9 @@
 """Wall time of keyed federated training against centralised training of the same model.
 
-Both arms are the same call, :func:`scinfl.tl.train_federated` with a key, ``use_raw=True``,
-``label_key="bulk_labels"`` and ``progress=False``, on scanpy's bundled ``pbmc68k_reduced`` (700 cells,
-765 genes):
+Both arms are the same call, :func:`scinfl.tl.train_federated` with a key and ``label_key="bulk_labels"``
+(``scinfl.settings.progress = False``), on scanpy's bundled ``pbmc68k_reduced`` (700 cells, 765 genes),
+registered with ``scinfl.pp.register_site(adata, use_raw=True)`` (its log-normalised values are in ``.raw``;
+the sites split from it inherit the registration):
 
 ``federated``
     5 label-skewed sites (``scinfl.pp.split_sites(adata, n_sites=5, label_key="bulk_labels", alpha=0.5,
@@ -46,7 +47,7 @@ from anndata import AnnData
 import scinfl as si
 from scinfl import FederatedModel
 from scinfl.data import SiteDataset
-from scinfl.federation import run_local
+from scinfl.federation import federate
 from scinfl.train import SiteTrainer, TrainingPlan
 
 GOAL = 1.25
@@ -63,9 +64,7 @@ def train(sites: dict[str, AnnData], key: si.FederationKey, rounds: int) -> floa
     """Seconds taken by one ``train_federated`` call on fresh copies of ``sites``."""
     fresh = {name: adata.copy() for name, adata in sites.items()}
     t0 = time.perf_counter()
-    si.tl.train_federated(
-        fresh, key=key, label_key="bulk_labels", use_raw=True, rounds=rounds, local_epochs=1, progress=False
-    )
+    si.tl.train_federated(fresh, key=key, label_key="bulk_labels", rounds=rounds, local_epochs=1)
     return time.perf_counter() - t0
 
 
@@ -105,14 +104,14 @@ class Recorder:
 
 
 ROWS = (
-    ("fit: fit_local, rest", "Fabric setup, backward, Adam step, loop"),
+    ("fit: fit_plan, rest", "Fabric setup, backward, Adam step, loop"),
     ("fit: training_step", "forward + loss"),
     ("fit: batch loading", "SiteDataset.__getitem__ during local fits"),
     ("fit: SiteTrainer.fit, rest", "load global weights, build the loader, copy the state"),
     ("aggregate", "key-version check + FedAvg"),
     ("evaluate: SiteTrainer.evaluate, rest", "validation forward passes and metrics"),
     ("evaluate: batch loading", "SiteDataset.__getitem__ during evaluation"),
-    ("run_local, rest", "round loop bookkeeping, history rows"),
+    ("federate, rest", "round loop bookkeeping, history rows"),
     ("predict: FederatedModel.predict", "final predictions for every site (without batch loading)"),
     ("predict: batch loading", "SiteDataset.__getitem__ during predictions"),
     ("train_federated, rest", "validation, schema, matrices, network build, writing outputs"),
@@ -125,13 +124,13 @@ def instrumented(recorder: Recorder) -> Iterator[None]:
     # Patch each name where its caller looks it up (the module that defines the caller).
     tl_module = sys.modules[si.tl.train_federated.__module__]
     site_module = sys.modules[SiteTrainer.__module__]
-    engine_module = sys.modules[run_local.__module__]
+    rounds_module = sys.modules[federate.__module__]
     targets = [
-        (tl_module, "run_local", "run_local, rest"),
+        (tl_module, "federate", "federate, rest"),
         (SiteTrainer, "fit", "fit: SiteTrainer.fit, rest"),
-        (site_module, "fit_local", "fit: fit_local, rest"),
+        (site_module, "fit_plan", "fit: fit_plan, rest"),
         (TrainingPlan, "training_step", "fit: training_step"),
-        (engine_module, "aggregate", "aggregate"),
+        (rounds_module, "aggregate", "aggregate"),
         (SiteTrainer, "evaluate", "evaluate: SiteTrainer.evaluate, rest"),
         (FederatedModel, "predict", "predict: FederatedModel.predict"),
     ]
@@ -165,7 +164,7 @@ def breakdown(arms: dict[str, dict[str, AnnData]], key: si.FederationKey, rounds
             fresh = {name: adata.copy() for name, adata in sites.items()}
             call = recorder.wrap("train_federated, rest", si.tl.train_federated)
             t0 = time.perf_counter()
-            call(fresh, key=key, label_key="bulk_labels", use_raw=True, rounds=rounds, progress=False)
+            call(fresh, key=key, label_key="bulk_labels", rounds=rounds)
             totals[arm] = time.perf_counter() - t0
         results[arm] = recorder
 
@@ -208,7 +207,9 @@ def main() -> None:
     args = parser.parse_args()
 
     logging.getLogger("scinfl").setLevel(logging.WARNING)  # no per-run "Selected round" line
+    si.settings.progress = False
     adata = sc.datasets.pbmc68k_reduced()
+    si.pp.register_site(adata, use_raw=True)  # its log-normalised values; copies and splits inherit it
     if args.replicate > 1:
         # Real profiles drawn with replacement: more cells per site, the same biology and sparsity.
         rows = np.random.default_rng(0).integers(0, adata.n_obs, size=args.replicate * adata.n_obs)

@@ -1,9 +1,9 @@
 """What running the rounds on Flower costs, against the in-process engine.
 
 Sites: scanpy's bundled ``pbmc68k_reduced`` split into 3 label-skewed sites
-(``scinfl.pp.split_sites(adata, n_sites=3, label_key="bulk_labels", alpha=0.5, seed=0)``), trained with
-:func:`scinfl.tl.train_federated` (a key, ``use_raw=True``, ``label_key="bulk_labels"``, default network,
-R rounds x 1 local epoch):
+(``scinfl.pp.split_sites(adata, n_sites=3, label_key="bulk_labels", alpha=0.5, seed=0)``), registered with
+``use_raw=True`` (``scinfl.pp.register_site``), trained with :func:`scinfl.tl.train_federated` (a key,
+``label_key="bulk_labels"``, default network, R rounds x 1 local epoch):
 
 ``in-process``
     ``engine="local"``.
@@ -12,9 +12,11 @@ R rounds x 1 local epoch):
     Its weights are checked to equal the in-process run's.
 ``deployment``
     A SuperLink and one SuperNode per site on 127.0.0.1 (:class:`scinfl.federation.flower.deployment.
-    LocalDeployment`), then ``flwr run``: the time of the whole ``flwr run``, and per round as the
-    ServerApp logs it (each round's exchange: the SuperNodes' poll, one ClientApp process per site and
-    message, the local fit, the reply).
+    LocalDeployment`) running ``scinfl.flower_apps``, then ``flwr run`` with the in-process run's spec as
+    run config (:func:`scinfl.federation.flower.deployment.run_config`): the time of the whole ``flwr run``,
+    and per round as the ServerApp logs it (each round's exchange: the SuperNodes' poll, one ClientApp
+    process per site and message, the local fit, the reply). Its weights are checked to equal the
+    in-process run's.
 
 Each call's wall time includes setup and writing predictions; the simulation's includes Ray's start-up.
 
@@ -40,8 +42,7 @@ import scanpy as sc
 import torch
 
 import scinfl as si
-from scinfl.federation.flower.deployment import LocalDeployment
-from scinfl.federation.flower.protocol import RunSettings
+from scinfl.federation.flower.deployment import LocalDeployment, run_config
 
 SIMULATION_GOAL = 1.5  # x the in-process wall time
 DEPLOYMENT_GOAL = 5.0  # seconds per round
@@ -58,11 +59,12 @@ def main() -> None:
     torch.set_num_threads(1)
 
     adata = sc.datasets.pbmc68k_reduced()
+    si.pp.register_site(adata, use_raw=True)  # its log-normalised values; the sites inherit the registration
     sites = si.pp.split_sites(adata, n_sites=args.sites, label_key="bulk_labels", alpha=0.5, seed=0)
-    # scheme="infl": a deployment then starts from the same weights as the in-process run (a hardened
-    # deployment's ServerApp initialises without the key; docs/across_sites.md), so weights compare bit for bit.
+    # Every engine starts from the same weights (a hardened run's are drawn by the first site, with the key),
+    # so the weights of the three arms compare bit for bit. scheme="infl", as in the earlier measurements.
     key = si.FederationKey(hashlib.sha256(b"flower overhead benchmark").digest(), scheme="infl")
-    common = {"key": key, "label_key": "bulk_labels", "use_raw": True, "rounds": args.rounds, "seed": 0}
+    common = {"key": key, "label_key": "bulk_labels", "rounds": args.rounds, "seed": 0}
     print(
         f"{args.sites} sites x {args.rounds} rounds, pbmc68k_reduced, {os.cpu_count()} CPUs, "
         f"load average {os.getloadavg()[0]:.2f}"
@@ -107,18 +109,11 @@ def main() -> None:
         for name, site in sites.items():
             site.write_h5ad(tmp / f"{name}.h5ad")
             nodes[name] = {"data-path": str(tmp / f"{name}.h5ad"), "key-path": str(key_path)}
-        settings = RunSettings(
-            sites=tuple(sites),
-            key_fingerprint=key.fingerprint,
-            scheme=key.scheme,
-            output_dir=str(tmp / "run"),
-            label_key="bulk_labels",
-            use_raw=True,
-            rounds=args.rounds,
-        )
+        # The in-process run's spec: the same task, sites, key version, rounds and seed.
+        config = run_config(models["local"].spec, tmp / "run")
         with LocalDeployment(tmp / "flower", nodes) as deployment:
             started = time.perf_counter()
-            completed = deployment.run(settings, timeout=1800)
+            completed = deployment.run(config, timeout=1800)
             total = time.perf_counter() - started
         if completed.returncode != 0:
             raise SystemExit(f"flwr run failed:\n{completed.stdout[-3000:]}")

@@ -36,12 +36,11 @@ def audit_key(index: int, rounds: int, seeds: int, victims: int) -> pd.DataFrame
     si.settings.progress = False
     logging.getLogger("scinfl").setLevel(logging.WARNING)
     adata = sc.datasets.pbmc68k_reduced()
+    si.pp.register_site(adata, use_raw=True)  # log-normalised values in .raw; the splits inherit it
     train, public = si.pp.split_holdout(adata, label_key="bulk_labels", fraction=0.2, seed=0)
     sites = si.pp.split_sites(train, n_sites=3, label_key="bulk_labels", alpha=0.5, seed=0)
     key = si.FederationKey.generate(scheme="hardened")
-    model = si.tl.train_federated(
-        sites, key=key, label_key="bulk_labels", use_raw=True, rounds=rounds, seed=0
-    )
+    model = si.tl.train_federated(sites, key=key, label_key="bulk_labels", rounds=rounds, seed=0)
     audited = max(sites, key=lambda s: sites[s].n_obs)
     table = si.tl.privacy_audit(
         model,

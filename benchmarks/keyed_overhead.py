@@ -52,8 +52,10 @@ from scipy import sparse
 from torch import Tensor, nn
 
 from scinfl import FederationKey
+from scinfl.data import FederationSchema
 from scinfl.nn import CoordinateKeyEncoder, use_key
-from scinfl.train import ModelConfig, build_network, key_material
+from scinfl.tasks import Classification, ModelConfig, build_network
+from scinfl.train import key_material
 
 N_FEATURES = 2000
 N_CLASSES = 10
@@ -148,9 +150,16 @@ class NaiveKeyedNetwork(nn.Module):
 
 
 def config(scheme: str | None) -> ModelConfig:
-    return ModelConfig(
-        task="classification", n_features=N_FEATURES, n_classes=N_CLASSES, hidden=256, scheme=scheme
+    """The classifier's architecture: ``N_FEATURES`` genes, ``N_CLASSES`` classes, hidden 256."""
+    schema = FederationSchema(
+        var_names=tuple(f"gene_{i}" for i in range(N_FEATURES)),
+        categories=tuple(f"class_{i}" for i in range(N_CLASSES)),
+        label_key="bulk_labels",
+        layer=None,
+        use_raw=False,
+        join="inner",
     )
+    return ModelConfig(task=Classification(hidden=256), schema=schema, scheme=scheme)
 
 
 @dataclass
@@ -276,7 +285,7 @@ def run_hardened_extras(batches: list[tuple[Tensor, Tensor]], *, repeats: int, p
     hardened = build_network(config("hardened")).eval()
     torch.manual_seed(0)
     plain = build_network(config(None)).eval()
-    material = key_material(FederationKey.generate(scheme="hardened"), config("hardened"))
+    material = key_material(FederationKey.generate(scheme="hardened"), hardened)
     state = hardened.state_dict()
     conversion = []
     with torch.no_grad():

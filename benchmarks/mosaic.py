@@ -29,7 +29,6 @@ Run::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import subprocess
@@ -98,12 +97,10 @@ def main() -> None:
     central_site = md.MuData({"rna": mdata["rna"].copy(), "prot": mdata["prot"][is_paired].copy()})
     central_site.obs[LABEL] = mdata.obs[LABEL].astype(str).to_numpy()
     options = {
-        "task": "mosaic",
+        "task": si.tasks.Mosaic(
+            hidden=128, n_latent=16, likelihood={"rna": "poisson", "prot": "clr"}, label_key=LABEL
+        ),
         "rounds": args.rounds,
-        "hidden": 128,
-        "n_latent": 16,
-        "likelihood": {"rna": "poisson", "prot": "clr"},
-        "label_key": LABEL,
     }
 
     def score(model: si.FederatedModel, key: si.FederationKey | None) -> float:
@@ -138,9 +135,9 @@ def main() -> None:
     pca = pca_baseline(mdata)
     seed = args.only_seed
     key = si.FederationKey.generate()
-    federated = si.tl.train_federated(sites, key=key, seed=seed, copy=True, **options)[0]
-    central = si.tl.train_federated({"all": central_site}, key=key, seed=seed, copy=True, **options)[0]
-    plain = si.tl.train_federated(sites, key=None, seed=seed, copy=True, **options)[0]
+    federated = si.tl.train_federated(sites, key=key, seed=seed, copy=True, **options)
+    central = si.tl.train_federated({"all": central_site}, key=key, seed=seed, copy=True, **options)
+    plain = si.tl.train_federated(sites, key=None, seed=seed, copy=True, **options)
     results = {
         "federated mosaic, hardened, right key": score(federated, key),
         "federated mosaic, hardened, 3 wrong keys": np.mean(
@@ -160,19 +157,8 @@ def main() -> None:
 
 def train_unaligned(sites, key, seed, options) -> si.FederatedModel:
     """The federated model without modality dropout and without the latent-consistency term."""
-    original_configure, original_init = si.tl._mosaic.MosaicSites.configure, si.train.MosaicTask.__init__
-
-    def configure(self, config):
-        return dataclasses.replace(original_configure(self, config), modality_dropout=0.0)
-
-    def init(self, alignment=1.0, measured=None):
-        original_init(self, 0.0, measured)
-
-    si.tl._mosaic.MosaicSites.configure, si.train.MosaicTask.__init__ = configure, init
-    try:
-        return si.tl.train_federated(sites, key=key, seed=seed, copy=True, **options)[0]
-    finally:
-        si.tl._mosaic.MosaicSites.configure, si.train.MosaicTask.__init__ = original_configure, original_init
+    task = options["task"].replace(modality_dropout=0.0, alignment=0.0)
+    return si.tl.train_federated(sites, key=key, seed=seed, copy=True, **(options | {"task": task}))
 
 
 def audit(sites, options, n_seeds: int, n_genes: int = 2000) -> None:
@@ -196,7 +182,7 @@ def audit(sites, options, n_seeds: int, n_genes: int = 2000) -> None:
             key = si.FederationKey.generate(scheme=scheme)
             model = si.tl.train_federated(
                 {"paired": members, "rna_only": sites["rna_only"]}, key=key, seed=seed, copy=True, **options
-            )[0]
+            )
             table = si.tl.privacy_audit(model, members, key=key, public=public, seeds=(seed,))
             tables.append(table.assign(scheme=scheme))
     table = pd.concat(tables)

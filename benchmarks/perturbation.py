@@ -73,11 +73,8 @@ def main() -> None:
     pkey = args.perturbation_key
     adata = load(args.genes)
     options = {
-        "task": "perturbation",
-        "perturbation_key": pkey,
-        "covariate_keys": ["condition"],
+        "task": si.tasks.Perturbation(perturbation_key=pkey, covariate_keys=("condition",), hidden=128),
         "rounds": args.rounds,
-        "hidden": 128,
     }
     tables = []
     for seed in range(args.seeds):
@@ -87,16 +84,12 @@ def main() -> None:
         key, wrong = si.FederationKey.generate(), si.FederationKey.generate()
         runs = {}
         start = time.perf_counter()
-        runs["federated, hardened"] = si.tl.train_federated(sites, key=key, seed=seed, copy=True, **options)[
-            0
-        ]
+        runs["federated, hardened"] = si.tl.train_federated(sites, key=key, seed=seed, copy=True, **options)
         runs["centralised, hardened"] = si.tl.train_federated(
             {"all": train}, key=key, seed=seed, copy=True, **options
-        )[0]
+        )
         infl_key = si.FederationKey.generate(scheme="infl")
-        runs["federated, infl"] = si.tl.train_federated(sites, key=infl_key, seed=seed, copy=True, **options)[
-            0
-        ]
+        runs["federated, infl"] = si.tl.train_federated(sites, key=infl_key, seed=seed, copy=True, **options)
         elapsed = time.perf_counter() - start
         keys = {"federated, hardened": key, "centralised, hardened": key, "federated, infl": infl_key}
         for name, model in runs.items():

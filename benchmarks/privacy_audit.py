@@ -94,21 +94,26 @@ def audit_one(name: str, settings: dict, args: argparse.Namespace) -> tuple[str,
     si.settings.progress = False
     start = time.perf_counter()
     key = si.FederationKey.generate(scheme=settings.get("scheme", "infl")) if settings["key"] else None
-    options = {k: v for k, v in settings.items() if k not in ("key", "scheme")}
+    options = {k: v for k, v in settings.items() if k not in ("key", "scheme", "task", "hidden", "n_latent")}
     rounds = options.pop("rounds", args.rounds)
-    if settings.get("task") == "perturbation":
+    task = settings.get("task", "classification")
+    network = {k: settings[k] for k in ("hidden", "n_latent") if k in settings}  # the task's options
+    if task == "perturbation":
         from perturbation import load
 
         adata = load(500)
         train, public = si.pp.split_holdout(adata, label_key="perturbation", fraction=0.2, seed=0)
         sites = si.pp.split_sites(train, n_sites=2, label_key="perturbation", alpha=100.0, seed=0)
-        options |= {"perturbation_key": "perturbation", "covariate_keys": ["condition"]}
+        task = si.tasks.Perturbation(
+            perturbation_key="perturbation", covariate_keys=("condition",), **network
+        )
     else:
         adata = sc.datasets.pbmc68k_reduced()
+        si.pp.register_site(adata, use_raw=True)  # log-normalised values in .raw; the splits inherit it
         train, public = si.pp.split_holdout(adata, label_key="bulk_labels", fraction=0.2, seed=0)
         sites = si.pp.split_sites(train, n_sites=3, label_key="bulk_labels", alpha=0.5, seed=0)
-        options |= {"label_key": "bulk_labels", "use_raw": True}
-    model = si.tl.train_federated(sites, key=key, rounds=rounds, seed=0, **options)
+        task = si.tasks.get_task(task).replace(label_key="bulk_labels", **network)
+    model = si.tl.train_federated(sites, key=key, task=task, rounds=rounds, seed=0, **options)
     audited = max(sites, key=lambda s: sites[s].n_obs)
     table = si.tl.privacy_audit(
         model,

@@ -309,13 +309,11 @@ def run_config(manifest: dict, mode: str, scheme: str, args: argparse.Namespace)
     si.tl.train_federated(
         sites,
         key=si.FederationKey.generate(scheme=scheme),
-        label_key="cell_type",
+        task=si.tasks.Classification(label_key="cell_type", hidden=args.hidden),
         rounds=args.rounds,
         local_epochs=args.local_epochs,
         batch_size=args.batch_size,
-        hidden=args.hidden,
         seed=0,
-        progress=False,
     )
     total_s = time.perf_counter() - start
     load.append(os.getloadavg()[0])

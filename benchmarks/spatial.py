@@ -53,7 +53,7 @@ def main() -> None:
     torch.set_num_threads(1)
     si.settings.progress = False
     logging.getLogger("scinfl").setLevel(logging.WARNING)
-    options = {"task": "embedding", "rounds": args.rounds, "hidden": 128, "n_latent": 16}
+    task = si.tasks.Embedding(hidden=128, n_latent=16)
     print(f"{'data':24s} {'labels':16s} {'spatial_key':12s} {'coherence':>16s} {'ARI':>16s}")
     for name, label in SETS.items():
         adata = ad.read_h5ad(DATA / f"{name}.h5ad")
@@ -68,8 +68,13 @@ def main() -> None:
             for seed in range(args.seeds):
                 key = si.FederationKey.generate()
                 model = si.tl.train_federated(
-                    sites, key=key, seed=seed, spatial_key=spatial_key, copy=True, **options
-                )[0]
+                    sites,
+                    key=key,
+                    task=task.replace(spatial_key=spatial_key),
+                    rounds=args.rounds,
+                    seed=seed,
+                    copy=True,
+                )
                 results.append(scores(model.predict(adata, key=key).embedding, adata, label))
             values = np.asarray(results)
             print(

@@ -1,14 +1,15 @@
 """Sphinx configuration for scinfl's documentation.
 
 Build it with ``pip install -e ".[docs]" && sphinx-build -b html docs docs/_build/html``; CI builds it with
-warnings as errors (``tests/test_docs.py``). The tutorials are notebooks in ``tutorials/`` at the repository
-root, reached through the committed symlink ``docs/tutorials``; they are rendered with the outputs they were
-saved with, not re-executed here.
+warnings as errors (``tests/docs/test_docs.py``). The tutorials are notebooks in ``tutorials/`` at the
+repository root, reached through the committed symlink ``docs/tutorials``; they are rendered with the outputs
+they were saved with, not re-executed here.
 """
 
 from __future__ import annotations
 
 from importlib.metadata import version as _version
+from importlib.util import find_spec
 from pathlib import Path
 
 from sphinx import addnodes
@@ -50,6 +51,9 @@ autosummary_generate = False
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
 autodoc_default_options = {"members": True, "show-inheritance": False}
+# The Flower pieces (scinfl.flower_apps, scinfl.federation.flower) import Flower, an optional extra: without it
+# (`pip install -e ".[docs]"` alone) their pages are built from mocks of flwr and of its tomli_w.
+autodoc_mock_imports = [] if find_spec("flwr") else ["flwr", "tomli_w"]
 autodoc_inherit_docstrings = False  # Lightning's own docstrings (TrainingPlan's hooks) are not scinfl's docs
 napoleon_google_docstring = False
 napoleon_numpy_docstring = True

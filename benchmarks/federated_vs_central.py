@@ -182,7 +182,7 @@ def breakdown(arms: dict[str, dict[str, AnnData]], key: si.FederationKey, rounds
         print(f"  {label:<50} {cells[0]:>18} {cells[1]:>18} {ms[0] - ms[1]:>6.0f}  {what}")
     ms = [1e3 * totals[arm] for arm in arms]
     print(f"  {'total':<50} {ms[0]:>18.0f} {ms[1]:>18.0f} {ms[0] - ms[1]:>6.0f}")
-    calls = {arm: results[arm].calls.get("fit: optimizer steps", 0) for arm in arms}
+    calls = {arm: results[arm].calls.get("fit: training_step", 0) for arm in arms}
     fits = {arm: results[arm].calls.get("fit: SiteTrainer.fit, rest", 0) for arm in arms}
     print(
         f"  local fits: {fits['federated']} vs {fits['central']}; optimizer steps: "

@@ -4,7 +4,7 @@ Configurations: plain FedAvg (no key), the paper's scheme (``scheme="infl"``) at
 scinfl's hardened scheme (``scheme="hardened"``), and DP-SGD (plain network) at epsilon 1, 3 and 8. Each is trained on the same 3 label-skewed sites (a
 stratified 20% of the cells held out as the never-trained "public" cohort), then audited on the largest
 site's cells with ``scinfl.tl.privacy_audit``: utility under wrong / near-miss / no keys, key recovery,
-analytic first-layer inversion and calibration, gradient and update inversion, membership inference.
+analytic first-layer inversion and calibration, gradient and update inversion.
 Each figure is a mean over victims (or keys) and seeds with a 95% percentile-bootstrap interval.
 
     python benchmarks/privacy_audit.py                  # full audit, writes docs/privacy.md
@@ -13,6 +13,18 @@ Each figure is a mean over victims (or keys) and seeds with a 95% percentile-boo
         "embedding, hardened"                           # the embedding task, its own section
     python benchmarks/privacy_audit.py --configs "perturbation, plain FedAvg" "perturbation, INFL s=1" \
         "perturbation, hardened"                        # the perturbation task (needs ../shared/data)
+
+Membership inference has its own section, measured like with like over keys, splits and sites:
+
+    python benchmarks/privacy_audit.py --membership     # every classification configuration, ~10 min
+    python benchmarks/privacy_audit.py --membership --quick
+
+For each configuration and each of ``--repeats`` draws (a new split into sites and a new key), every site
+keeps 25% of its cells (stratified) out of training; each site is then audited with those cells and its
+validation cells as non-members (``privacy_audit(..., site=, nonmembers=)``), matched by label to its
+trained-on cells. Figures are the mean over draws and sites, with the spread (min-max); the model-free
+rows must sit at 0.5. Beside them, the earlier design's label-frequency score (public cells as
+non-members, unmatched) shows what that design measured before any model was looked at.
 
 The perturbation configurations use the Datlinger et al. 2021 screen of ``../shared/data`` as
 benchmarks/perturbation.py prepares it (500 most expressed genes, log-normalised), 20% of every guide
@@ -80,7 +92,6 @@ REPORT_METRICS = {
     "prior": ("pearson_minus_mean", "reidentified"),
     "analytic": ("pearson_minus_mean", "reidentified", "accuracy"),  # accuracy: a cell's perturbation
     "inversion": ("pearson_minus_mean", "reidentified", "label_recovered"),
-    "membership": ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr"),
 }
 
 
@@ -115,11 +126,17 @@ def audit_one(name: str, settings: dict, args: argparse.Namespace) -> tuple[str,
         task = si.tasks.get_task(task).replace(label_key="bulk_labels", **network)
     model = si.tl.train_federated(sites, key=key, task=task, rounds=rounds, seed=0, **options)
     audited = max(sites, key=lambda s: sites[s].n_obs)
+    # Membership inference has its own section (--membership): like with like, over draws and sites.
+    attacks = (
+        ("utility", "key_recovery", "analytic", "inversion") if model.task.name == "classification" else None
+    )
     table = si.tl.privacy_audit(
         model,
         sites[audited],
         key=key,
         public=public,
+        site=audited,
+        attacks=attacks,
         n_victims=args.victims,
         seeds=tuple(range(args.seeds)),
         n_wrong_keys=args.wrong_keys,
@@ -129,6 +146,131 @@ def audit_one(name: str, settings: dict, args: argparse.Namespace) -> tuple[str,
     )
     info = {"audited site": f"{audited} ({sites[audited].n_obs} cells)", "dp": model.params.get("dp")}
     return name, table, time.perf_counter() - start, info
+
+
+MEMBERSHIP_CONFIGS = (
+    "plain FedAvg",
+    "INFL s=1",
+    "INFL s=5",
+    "INFL s=20",
+    "hardened",
+    "DP-SGD eps=1",
+    "DP-SGD eps=3",
+    "DP-SGD eps=8",
+)
+SITE_HOLDOUT = 0.25  # of each site's cells, out of training: the site's own non-members
+
+
+def membership_one(name: str, settings: dict, repeat: int, args: argparse.Namespace) -> pd.DataFrame:
+    """One draw (split and key) of one configuration: every site's membership audit, like with like."""
+    import numpy as np
+    import scanpy as sc
+    import torch
+
+    import scinfl as si
+    from scinfl.data import label_codes
+    from scinfl.privacy.metrics import membership_metrics
+
+    torch.set_num_threads(1)
+    si.settings.progress = False
+    key = si.FederationKey.generate(scheme=settings.get("scheme", "infl")) if settings["key"] else None
+    options = {k: v for k, v in settings.items() if k not in ("key", "scheme", "hidden")}
+    adata = sc.datasets.pbmc68k_reduced()
+    si.pp.register_site(adata, use_raw=True)
+    train, public = si.pp.split_holdout(adata, label_key="bulk_labels", fraction=0.2, seed=repeat)
+    sites = si.pp.split_sites(train, n_sites=3, label_key="bulk_labels", alpha=0.5, seed=repeat)
+    kept, held = {}, {}
+    for site, cells in sites.items():
+        kept[site], held[site] = si.pp.split_holdout(
+            cells, label_key="bulk_labels", fraction=SITE_HOLDOUT, seed=repeat
+        )
+    task = si.tasks.Classification(label_key="bulk_labels", hidden=settings.get("hidden", 256))
+    model = si.tl.train_federated(kept, key=key, task=task, rounds=args.rounds, seed=repeat, **options)
+    rows = []
+    for site in kept:
+        table = si.tl.privacy_audit(
+            model,
+            kept[site],
+            key=key,
+            public=public,
+            site=site,
+            nonmembers=held[site],
+            attacks=("membership",),
+            seeds=tuple(range(args.seeds)),
+        )
+        rows.append(table.assign(config=name, repeat=repeat, site=site))
+        # The earlier design: public cells as non-members, unmatched, scored by the site's label mix.
+        members = label_codes(kept[site], model.schema, site)
+        outside = label_codes(public, model.schema, "public")
+        frequency = np.bincount(members, minlength=model.schema.n_classes) / len(members)
+        rng = np.random.default_rng(repeat)
+        n = min(len(members), len(outside), 250)
+        auc = membership_metrics(
+            frequency[rng.choice(members, n, replace=False)], frequency[rng.choice(outside, n, replace=False)]
+        )["auc"]
+        rows.append(
+            pd.DataFrame(
+                [["membership", "label frequency, earlier design", "no model", "auc", auc, auc, auc, 1]],
+                columns=table.columns,
+            ).assign(config=name, repeat=repeat, site=site)
+        )
+    return pd.concat(rows, ignore_index=True)
+
+
+def membership_report(table: pd.DataFrame, configs: list[str]) -> str:
+    """Mean [min, max] over draws and sites of each membership row, one column per configuration."""
+    lines = []
+    for metric in ("auc", "tpr_at_1pct_fpr"):
+        part = table[table["metric"] == metric]
+        summary = part.groupby(["attack", "view", "config"], sort=False)["mean"].agg(
+            ["mean", "min", "max", "count"]
+        )
+        cells = summary.apply(lambda r: f"{r['mean']:.3f} [{r['min']:.2f}, {r['max']:.2f}]", axis=1)
+        wide = cells.unstack("config").reindex(columns=configs)
+        lines += [
+            f"#### {metric}",
+            "",
+            "| attack | attacker view | " + " | ".join(configs) + " |",
+            "|" + "---|" * (2 + len(configs)),
+        ]
+        for (attack, view), row in wide.iterrows():
+            lines.append(f"| {attack} | {view} | " + " | ".join("-" if pd.isna(v) else v for v in row) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def run_membership(args: argparse.Namespace) -> int:
+    configs = (
+        [c for c in args.configs if c in MEMBERSHIP_CONFIGS]
+        if args.configs != list(CONFIGS)
+        else list(MEMBERSHIP_CONFIGS)
+    )
+    start = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+        futures = [
+            pool.submit(membership_one, name, CONFIGS[name], repeat, args)
+            for name in configs
+            for repeat in range(args.repeats)
+        ]
+        table = pd.concat([future.result() for future in futures], ignore_index=True)
+    elapsed = time.perf_counter() - start
+    command = "python benchmarks/privacy_audit.py " + shlex.join(sys.argv[1:])
+    n_members = "members and non-members matched by label, at most 250 a side"
+    header = (
+        f"Measured {date.today().isoformat()} with `{command}` in {elapsed / 60:.1f} min on "
+        f"{os.cpu_count()} CPU cores ({platform.machine()}), {args.workers} worker processes. "
+        f"{args.repeats} draws (split into 3 sites at Dirichlet 0.5, key) x 3 sites per configuration; "
+        f"{int(SITE_HOLDOUT * 100)}% of each site held out of training; {args.rounds} federated rounds; "
+        f"{args.seeds} audit seeds per site ({n_members}; 4 reference models of 30 epochs per seed). "
+        "Cells: mean [min, max] over draws and sites."
+    )
+    body = membership_report(table, configs)
+    print(header)
+    print(body)
+    if not args.quick:
+        _replace_section(Path(args.output), f"{header}\n\n{body}", *MEMBERSHIP_MARKERS)
+        print(f"wrote {args.output}")
+    return 0
 
 
 def _cell(row: pd.Series) -> str:
@@ -179,6 +321,8 @@ def main() -> int:
     parser.add_argument("--inversion-steps", type=int, default=300)
     parser.add_argument("--inversion-batches", type=int, nargs="+", default=[8, 32], help="batch sizes")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--membership", action="store_true", help="membership inference over draws and sites")
+    parser.add_argument("--repeats", type=int, default=3, help="draws (split and key) with --membership")
     parser.add_argument("--output", default=str(Path(__file__).resolve().parents[1] / "docs" / "privacy.md"))
     args = parser.parse_args()
     if args.quick:
@@ -192,6 +336,10 @@ def main() -> int:
     unknown = set(args.configs) - set(CONFIGS)
     if unknown:
         parser.error(f"unknown configurations {sorted(unknown)}")
+    if args.membership:
+        if args.quick:
+            args.repeats, args.seeds, args.rounds = 1, 1, 5
+        return run_membership(args)
     tasks = {CONFIGS[name].get("task", "classification") for name in args.configs}
     if len(tasks) > 1:
         parser.error("run classification, embedding and perturbation configurations separately (own tables)")
@@ -234,6 +382,7 @@ def main() -> int:
     return 0
 
 
+MEMBERSHIP_MARKERS = ("<!-- privacy-membership:start -->", "<!-- privacy-membership:end -->")
 MARKERS = {
     "classification": ("<!-- privacy-audit:start -->", "<!-- privacy-audit:end -->"),
     "embedding": ("<!-- privacy-audit-embedding:start -->", "<!-- privacy-audit-embedding:end -->"),

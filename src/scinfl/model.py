@@ -15,7 +15,7 @@ from torch import nn
 
 from ._version import __version__
 from .data import FederationSchema, SiteDataset, batch_loader
-from .federation import FederationRun, RunSpec
+from .federation import FederationRun, RunSpec, site_split
 from .key import FederationKey
 from .tasks import ModelConfig, Predictions, Task, build_network
 from .train import infer, key_material
@@ -118,6 +118,34 @@ class FederatedModel:
     def inputs(self, data, *, site: str = "query", min_overlap: float | None = 0.5, **fields):
         """``data`` as the network reads it, as in training (:meth:`scinfl.tasks.Task.inputs`)."""
         return self.task.inputs(data, site, self.schema, min_overlap=min_overlap, **fields)
+
+    def validation_mask(self, adata, *, site: str) -> np.ndarray:
+        """Which cells of ``adata`` the run held out at ``site`` to select the best round.
+
+        These cells were never trained on: the privacy audit uses them as the site's non-members
+        (:func:`scinfl.tl.privacy_audit` with ``site=``). The split is recomputed as every engine draws it
+        (the run's seed, the site's place in the roster, its labels), so ``adata`` must be the data the
+        site trained on, with the same cells in the same order; a split that disagrees with the training
+        cell count the run recorded raises.
+
+        Returns
+        -------
+        Boolean array over ``adata``'s cells, True for a validation cell.
+        """
+        if site not in self.spec.sites:
+            raise ValueError(f"{site!r} is not a site of this run; its sites are {list(self.spec.sites)}.")
+        train, validation = site_split(self.spec, site, self.task.labels(adata, site, self.schema))
+        if {"site", "n_train"} <= set(self.history.columns):
+            recorded = self.history.loc[self.history["site"] == site, "n_train"].dropna()
+            if len(recorded) and int(recorded.iloc[0]) != len(train):
+                raise ValueError(
+                    f"Site {site!r}: the run trained on {int(recorded.iloc[0])} cells there, but this data "
+                    f"splits into {len(train)} training cells. Pass the data the site trained on (the same "
+                    "cells, in the same order)."
+                )
+        mask = np.zeros(adata.n_obs, dtype=bool)
+        mask[validation] = True
+        return mask
 
     def predict(
         self,

@@ -7,6 +7,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import warnings
+
+import anndata as ad
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -15,8 +18,10 @@ import torch
 
 import scinfl as si
 from helpers import FAST
-from scinfl.privacy.audit import COLUMNS
+from scinfl.data import label_codes
+from scinfl.privacy.audit import COLUMNS, membership_candidates, two_sample_scores
 from scinfl.privacy.gradients import PrivateGradient, client_gradient
+from scinfl.privacy.metrics import membership_metrics
 
 SMALL = {
     "seeds": (0,),
@@ -137,3 +142,86 @@ def test_dp_client_payload_is_clipped_and_noised(pbmc_split):
     first = "embedding.0"
     estimate = si.privacy.analytic.invert_first_layer(noised[f"{first}.weight"], noised[f"{first}.bias"])
     assert abs(np.corrcoef(estimate, x[0].numpy())[0, 1]) < 0.3  # the analytic attack no longer works
+
+
+def test_membership_candidates_are_matched_by_label():
+    rng = np.random.default_rng(0)
+    members = np.r_[np.zeros(80, int), np.ones(15, int), np.full(5, 2)]
+    nonmembers = np.r_[np.zeros(10, int), np.ones(30, int), np.full(3, 3)]
+    m, n, matched = membership_candidates(members, nonmembers, rng, cap=250)
+    assert matched
+    assert np.bincount(members[m], minlength=4).tolist() == [10, 15, 0, 0]
+    assert np.bincount(nonmembers[n], minlength=4).tolist() == [10, 15, 0, 0]
+    m, n, _ = membership_candidates(members, nonmembers, rng, cap=5)  # scaled down together
+    assert len(m) == len(n) <= 5
+    m, n, matched = membership_candidates(np.zeros(50, int), np.ones(50, int), rng, cap=250)
+    assert not matched  # nothing to match: unmatched draws
+    assert len(m) == len(n) == 50
+
+
+def test_two_sample_scores_sit_at_chance_within_one_population_and_see_a_shift(pbmc):
+    """The values-alone score is unbiased when members and non-members are one population (label-matched
+    halves of the same cells) and separates them when the non-members are another batch."""
+    values = pbmc.raw.X.toarray()
+    labels = pbmc.obs["bulk_labels"].cat.codes.to_numpy()
+    rng = np.random.default_rng(0)
+    same, shifted = [], []
+    for seed in range(12):
+        order = rng.permutation(len(values))[:300]
+        is_member = np.zeros(300, bool)
+        for label in np.unique(labels[order]):
+            where = rng.permutation(np.flatnonzero(labels[order] == label))
+            is_member[where[: len(where) // 2]] = True
+        x = values[order]
+        scores = two_sample_scores(x, is_member, labels[order], seed=seed)
+        same.append(membership_metrics(scores[is_member], scores[~is_member])["auc"])
+        x = x.copy()
+        x[~is_member] *= 1.3  # the non-members from another protocol
+        scores = two_sample_scores(x, is_member, labels[order], seed=seed)
+        shifted.append(membership_metrics(scores[is_member], scores[~is_member])["auc"])
+    assert abs(np.mean(same) - 0.5) < 0.03
+    assert np.mean(shifted) > 0.8
+
+
+def test_membership_compares_like_with_like_on_a_label_skewed_site(pbmc_split):
+    """On a label-skewed site the earlier design (public cells as non-members, unmatched) separates members
+    from non-members by the site's label mix alone; with the site's own held-out cells, matched by label,
+    the model-free rows sit at 0.5 and the audit stays silent. Non-members of another batch make it warn."""
+    sites, public = pbmc_split
+    site = "site_0"  # 92 of its 113 cells are dendritic; the public cohort is stratified
+    kept, held = si.pp.split_holdout(sites[site], label_key="bulk_labels", fraction=0.3, seed=0)
+    model = si.tl.train_federated({**sites, site: kept}, key=None, **FAST)
+    validation = model.validation_mask(kept, site=site)
+    assert validation.sum() == model.history.query("site == @site")["n_val"].iloc[0] > 0
+    with pytest.raises(ValueError, match="the run trained on"):
+        model.validation_mask(sites["site_1"], site=site)
+
+    members = label_codes(kept, model.schema, site)[~validation]
+    frequency = np.bincount(members, minlength=model.schema.n_classes) / len(members)
+    outside = label_codes(public, model.schema, "public")
+    earlier = membership_metrics(frequency[members], frequency[outside])["auc"]
+    assert earlier > 0.7
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        table = si.tl.privacy_audit(
+            model,
+            kept,
+            key=None,
+            public=public,
+            site=site,
+            nonmembers=held,
+            attacks=("membership",),
+            seeds=(0, 1),
+        )
+    assert _value(table, "label frequency", "no model", "auc") == 0.5
+    assert abs(_value(table, "untrained network", "no model", "auc") - 0.5) < 0.1
+    assert abs(_value(table, "values alone (nearest neighbours)", "no model", "auc") - 0.5) < 0.15
+    assert {"loss threshold", "LiRA (online)", "LiRA (offline)", "RMIA"} <= set(table["attack"])
+
+    other_batch = held.copy()
+    other_batch.raw = ad.AnnData(held.raw.X * 1.3, var=held.raw.var)
+    with pytest.warns(UserWarning, match="values alone .* separates members from non-members"):
+        si.tl.privacy_audit(
+            model, kept, key=None, public=public, nonmembers=other_batch, attacks=("membership",), seeds=(0,)
+        )

@@ -17,7 +17,7 @@ from .rounds import (
     sample_sites,
     site_seed,
 )
-from .site import Hello, Instruction, Reply, answer, build_site, hello, initial_weights
+from .site import Hello, Instruction, Reply, answer, build_site, hello, initial_weights, site_split
 from .spec import RunSpec
 
 ENGINES = ("local", "flower")  # "flower": scinfl.federation.flower (pip install 'scinfl[flower]')
@@ -42,4 +42,5 @@ __all__ = [
     "initial_weights",
     "sample_sites",
     "site_seed",
+    "site_split",
 ]

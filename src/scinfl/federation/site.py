@@ -17,13 +17,23 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..data import SiteDataset, stratified_split
 from ..key import FederationKey
 from ..nn import HardenedNetwork
 from ..tasks import ModelConfig, build_network
-from ..train import LocalFitResult, SiteTrainer, copy_state, key_material, site_datasets
+from ..train import LocalFitResult, SiteTrainer, copy_state, key_material
 from .spec import RunSpec
 
-__all__ = ["Hello", "Instruction", "Reply", "answer", "build_site", "hello", "initial_weights"]
+__all__ = [
+    "Hello",
+    "Instruction",
+    "Reply",
+    "answer",
+    "build_site",
+    "hello",
+    "initial_weights",
+    "site_split",
+]
 
 logger = logging.getLogger("scinfl")
 
@@ -92,6 +102,14 @@ def initial_weights(config: ModelConfig, seed: int, key: FederationKey | None = 
     return copy_state(state)
 
 
+def site_split(spec: RunSpec, site: str, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``site``'s training and validation cells (sorted indices), as every engine draws them: stratified
+    by ``labels`` (rare classes kept for training), seeded by the run's seed and the site's position in
+    the roster. The validation cells are never trained on; they only select the best round."""
+    rng = np.random.default_rng(np.random.SeedSequence([spec.seed, 0x5EED, spec.sites.index(site)]))
+    return stratified_split(labels, spec.validation_fraction, rng)
+
+
 def build_site(spec: RunSpec, config: ModelConfig, data, site: str, key: FederationKey | None) -> SiteTrainer:
     """The one builder of a site's trainer, for every engine: its inputs (the task's), its training and
     validation split (seeded by the run's seed and the site's position), its copy of the network, its key
@@ -99,8 +117,9 @@ def build_site(spec: RunSpec, config: ModelConfig, data, site: str, key: Federat
     task = config.task
     inputs = task.inputs(data, site, config.schema)
     labels = task.labels(data, site, config.schema)
-    rng = np.random.default_rng(np.random.SeedSequence([spec.seed, 0x5EED, spec.sites.index(site)]))
-    train, validation = site_datasets(inputs, labels, spec.validation_fraction, rng)
+    train_index, validation_index = site_split(spec, site, labels)
+    train = SiteDataset(inputs, train_index, labels)
+    validation = SiteDataset(inputs, validation_index, labels)
     with torch.random.fork_rng(devices=[]):  # the weights are the global model's: no draw of the caller's
         network = build_network(config)
     private = None

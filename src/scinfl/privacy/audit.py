@@ -8,7 +8,9 @@ keys) and seeds with a percentile-bootstrap 95% confidence interval.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ from torch import Tensor, nn
 
 from ..key import FederationKey
 from ..nn import HardenedKey, HardenedNetwork, KeyedModule, MosaicAutoencoder, read_counts, use_key
-from ..tasks import AuditView, ModelConfig
+from ..tasks import AuditView, ModelConfig, build_network
 from ..train import key_material
 from .analytic import (
     calibrate_gain_offset,
@@ -83,14 +85,24 @@ class AuditData:
         members of membership inference.
     public_x, public_y
         Cells never used in training, of the same tissue: the attacker's public reference cohort (mean
-        profiles, calibration), its labelled auxiliary data (key recovery), the non-members of membership
-        inference, and the test set of utility.
+        profiles, calibration), its labelled auxiliary data (key recovery), and the test set of utility.
+    nonmembers_x, nonmembers_y
+        Cells of the audited site held out from training: the non-members of membership inference, drawn
+        from the members' own distribution. Without them the non-members are public cells, which may
+        differ from the members before any model is looked at (another label mix, another site); the
+        audit's model-free membership rows measure that difference, and it warns when they leave 0.5.
     """
 
     members_x: Tensor
     members_y: Tensor
     public_x: Tensor
     public_y: Tensor
+    nonmembers_x: Tensor | None = None
+    nonmembers_y: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.nonmembers_x is None) != (self.nonmembers_y is None):
+            raise ValueError("Pass both nonmembers_x and nonmembers_y, or neither.")
 
     @property
     def n_features(self) -> int:
@@ -285,6 +297,8 @@ class _Context:
             int(c): public[torch.from_numpy(public_y == c)].mean(0).numpy() for c in np.unique(public_y)
         }
         self.reference = torch.cat([data.members_x[:, self.profile], public]).numpy()
+        # Membership inference's model-free scores, per seed: (attack, auc, members, non-members).
+        self.model_free: list[tuple[str, float, int, int]] = []
         self.first_layer, self.last_layer = _task_linear_names(network)
         self.parts = _input_parts(network, data, self.first_layer)
         # What a client's gradient is of: the task's training loss.
@@ -657,21 +671,130 @@ def _probabilities(network: nn.Module, key_material: Tensor | None) -> Callable[
     return predict_proba
 
 
-def _membership(ctx: _Context, out: _Collector, seed: int) -> None:
-    """Loss threshold and reference-model attacks (LiRA, RMIA) on the released global model.
+# Candidates per side (members, non-members) for membership inference.
+MEMBERSHIP_CANDIDATES = 250
+# Below this many label-matched candidates per side, membership falls back to unmatched draws (the
+# model-free label row then shows the difference in label mix).
+MIN_MATCHED_CANDIDATES = 20
 
-    Candidates: as many trained-on cells as never-trained ones (at most 250 each). Reference models are
-    plain networks of the same architecture trained by the attacker on random halves of the candidates;
-    the attacker cannot train keyed ones under the right key, so this is the strongest attack it can run.
+
+def membership_candidates(
+    members_y: np.ndarray, nonmembers_y: np.ndarray, rng: np.random.Generator, *, cap: int
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Members and non-members with the same number of cells of every label (at most ``cap`` a side).
+
+    Each label gets the smaller of its two counts, scaled down together to fit ``cap``. When fewer than
+    :data:`MIN_MATCHED_CANDIDATES` a side can be matched, the draw is unmatched (``matched=False``).
+
+    Returns
+    -------
+    (member indices, non-member indices, matched)
+    """
+    labels = np.intersect1d(members_y, nonmembers_y)
+    counts = np.array([min(np.sum(members_y == c), np.sum(nonmembers_y == c)) for c in labels], dtype=int)
+    if counts.sum() >= MIN_MATCHED_CANDIDATES:
+        counts = np.floor(counts * min(1.0, cap / counts.sum())).astype(int)
+        members, nonmembers = [], []
+        for label, k in zip(labels, counts, strict=True):
+            members.append(rng.choice(np.flatnonzero(members_y == label), size=k, replace=False))
+            nonmembers.append(rng.choice(np.flatnonzero(nonmembers_y == label), size=k, replace=False))
+        return np.concatenate(members), np.concatenate(nonmembers), True
+    n = min(len(members_y), len(nonmembers_y), cap)
+    return (
+        rng.choice(len(members_y), size=n, replace=False),
+        rng.choice(len(nonmembers_y), size=n, replace=False),
+        False,
+    )
+
+
+def two_sample_scores(
+    x: np.ndarray,
+    is_member: np.ndarray,
+    labels: np.ndarray,
+    *,
+    seed: int,
+    k: int = 10,
+    n_components: int = 20,
+) -> np.ndarray:
+    """Membership scores from the cells' values alone: how much closer a candidate lies to its ``k``
+    nearest members than to its ``k`` nearest non-members (mean Euclidean distances between the candidates' first ``n_components``
+    principal components). A two-sample test,
+    not an attack: it needs the answer. Both pools leave out one cell of the candidate's label (itself,
+    and a random cell of the other group; of any label if the other group has none), so that when
+    membership is unrelated to the values members and non-members score alike; its AUC is then 0.5 up
+    to noise, as when both are label-matched cells of one site."""
+    rng = np.random.default_rng([seed, 0x2A])
+    # Distances between whole profiles are dominated by noise in thousands of features: compare the
+    # candidates' principal components instead.
+    x = np.asarray(x, dtype=np.float64)
+    x = x - x.mean(0)
+    u, singular, _ = np.linalg.svd(x, full_matrices=False)
+    x = u[:, :n_components] * singular[:n_components]
+    squared = (x**2).sum(1)
+    distances = np.sqrt(np.maximum(squared[:, None] + squared[None, :] - 2 * x @ x.T, 0.0))
+    rows = np.arange(len(x))
+    distances[rows, rows] = np.inf
+    for i in rows:  # drop a random cell of the other group, of the candidate's label where there is one
+        others = np.flatnonzero(is_member != is_member[i])
+        alike = others[labels[others] == labels[i]]
+        distances[i, rng.choice(alike if len(alike) else others)] = np.inf
+
+    def nearest(columns: np.ndarray) -> np.ndarray:
+        near = min(k, len(columns) - 1)
+        return np.partition(distances[:, columns], near - 1, axis=1)[:, :near].mean(axis=1)
+
+    return nearest(np.flatnonzero(~is_member)) - nearest(np.flatnonzero(is_member))
+
+
+def _membership(ctx: _Context, out: _Collector, seed: int) -> None:
+    """Loss threshold and reference-model attacks (LiRA, RMIA) on the released global model, beside two
+    model-free scores that must sit at AUC 0.5.
+
+    Candidates: trained-on cells and never-trained ones (the site's held-out cells when given, else public
+    cells), the same number of each label on both sides (at most 250 a side). Reference models are plain
+    networks of the same architecture trained by the attacker on random halves of the candidates; the
+    attacker cannot train keyed ones under the right key, so this is the strongest attack it can run.
+    The model-free scores look at no model: the frequency of a candidate's label among the site's
+    trained-on cells, the confidence of an untrained network of the same architecture (it reads the
+    cell's values but learned nothing), and a nearest-neighbour two-sample test of the values
+    (:func:`two_sample_scores`). Above 0.5 they measure a difference between the two groups that any
+    attack would also pick up.
     """
     s = ctx.settings
+    data = ctx.data
     rng = np.random.default_rng([seed, 0x313])
-    n = min(len(ctx.data.members_x), len(ctx.data.public_x), 250)
-    members = rng.choice(len(ctx.data.members_x), size=n, replace=False)
-    nonmembers = rng.choice(len(ctx.data.public_x), size=n, replace=False)
-    x = torch.cat([ctx.data.members_x[members], ctx.data.public_x[nonmembers]])
-    y = torch.cat([ctx.data.members_y[members], ctx.data.public_y[nonmembers]])
-    is_member = np.r_[np.ones(n, bool), np.zeros(n, bool)]
+    outside_x, outside_y = (
+        (data.public_x, data.public_y)
+        if data.nonmembers_x is None
+        else (data.nonmembers_x, data.nonmembers_y)
+    )
+    members, nonmembers, matched = membership_candidates(
+        data.members_y.numpy(), outside_y.numpy(), rng, cap=MEMBERSHIP_CANDIDATES
+    )
+    x = torch.cat([data.members_x[members], outside_x[nonmembers]])
+    y = torch.cat([data.members_y[members], outside_y[nonmembers]])
+    is_member = np.r_[np.ones(len(members), bool), np.zeros(len(nonmembers), bool)]
+
+    def add(attack: str, view: str, values: np.ndarray) -> dict[str, float]:
+        metrics = membership_metrics(values[is_member], values[~is_member])
+        out.add("membership", attack, view, metrics)
+        return metrics
+
+    frequency = np.bincount(data.members_y.numpy(), minlength=int(y.max()) + 1) / len(data.members_y)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1000 + 0x313)
+        untrained = build_network(dataclasses.replace(ctx.config, scheme=None)).eval()
+    model_free = {
+        "label frequency": frequency[y.numpy()],
+        "untrained network": true_label_confidence(_probabilities(untrained, None), x, y),
+        "values alone (nearest neighbours)": two_sample_scores(x.numpy(), is_member, y.numpy(), seed=seed),
+    }
+    for attack, values in model_free.items():
+        auc = add(attack, "no model", values)["auc"]
+        ctx.model_free.append(
+            (attack if matched else f"{attack}, labels unmatched", auc, len(members), len(nonmembers))
+        )
+
     included = split_inclusion(s.membership_reference_models, len(x), seed=seed)
     reference = []
     for k in range(s.membership_reference_models):
@@ -687,7 +810,35 @@ def _membership(ctx: _Context, out: _Collector, seed: int) -> None:
         scored = {"loss threshold": np.log(np.maximum(target, np.finfo(np.float64).tiny))}
         scored |= {names[k]: v for k, v in reference_model_scores(target, reference, included).items()}
         for attack, values in scored.items():
-            out.add("membership", attack, view, membership_metrics(values[is_member], values[~is_member]))
+            add(attack, view, values)
+
+
+def _warn_unless_model_free_at_chance(ctx: _Context) -> None:
+    """Warn when a model-free membership score separates members from non-members beyond chance: more
+    than 4 standard errors of an AUC under no difference (Mann-Whitney; the nearest-neighbour score varies
+    up to 1.4 times more), averaged over seeds."""
+    by_attack: dict[str, list[tuple[float, int, int]]] = defaultdict(list)
+    for attack, auc, n_members, n_nonmembers in ctx.model_free:
+        by_attack[attack].append((auc, n_members, n_nonmembers))
+    for attack, rows in by_attack.items():
+        auc, n1, n2 = (float(np.mean(column)) for column in zip(*rows, strict=True))
+        standard_error = np.sqrt((n1 + n2 + 1) / (12 * n1 * n2))
+        if abs(auc - 0.5) > 4 * standard_error:
+            cause = (
+                "labels could not be matched between members and non-members"
+                if "unmatched" in attack
+                else "the non-members are not cells of the trained-on site"
+                if ctx.data.nonmembers_x is None
+                else "the held-out cells differ from the trained-on ones (another batch, another split)"
+            )
+            warnings.warn(
+                f"Membership inference: the model-free score '{attack}' separates members from "
+                f"non-members at AUC {auc:.2f} (0.5 expected, standard error {standard_error:.2f}), so the "
+                f"membership rows measure that difference as well as the model. Likely cause: {cause}. "
+                "Pass the site's held-out cells (scinfl.tl.privacy_audit(..., site=) or nonmembers=).",
+                UserWarning,
+                stacklevel=4,  # the caller of tl.privacy_audit
+            )
 
 
 _FAMILIES: dict[str, Callable[[_Context, _Collector, int], None]] = {
@@ -894,4 +1045,5 @@ def run_audit(
                 FAMILIES[view.output][family](ctx, out, seed)
     finally:
         network.train(was_training)
+    _warn_unless_model_free_at_chance(ctx)
     return out.table(settings.n_boot)

@@ -13,7 +13,7 @@ from .._settings import settings, torch_threads
 from ..data import label_codes
 from ..key import FederationKey
 from ..model import FederatedModel
-from ..privacy.audit import AuditData, AuditSettings, check_attacks, run_audit
+from ..privacy.audit import AuditData, AuditSettings, attacks_for, check_attacks, run_audit
 from ..privacy.gradients import PrivateGradient
 
 __all__ = ["privacy_audit"]
@@ -21,15 +21,24 @@ __all__ = ["privacy_audit"]
 _MAX_CELLS = 2000  # per role: enough for every attack; keeps dense audit matrices small
 
 
-def _cells(model: FederatedModel, data, role: str, rng: np.random.Generator, labels: np.ndarray):
-    """Up to ``_MAX_CELLS`` of ``data``'s cells as the network reads them (as in training), with labels."""
-    if data.n_obs < 2:
-        raise ValueError(f"The {role} cells: {data.n_obs} cell(s); the audit needs at least 2.")
+def _cells(
+    model: FederatedModel,
+    data,
+    role: str,
+    rng: np.random.Generator,
+    labels: np.ndarray,
+    rows: np.ndarray | None = None,
+):
+    """Up to ``_MAX_CELLS`` of ``data``'s cells (of ``rows``, default all) as the network reads them (as in
+    training: a site's inputs are built from all its cells, e.g. its control profiles), with labels."""
+    rows = np.arange(data.n_obs) if rows is None else rows
+    if len(rows) < 2:
+        raise ValueError(f"The {role} cells: {len(rows)} cell(s); the audit needs at least 2.")
     try:
         inputs = model.inputs(data, site=role, min_overlap=1.0)
     except ValueError as error:
         raise ValueError(f"{error} The audit needs data with the model's full feature set.") from None
-    index = np.sort(rng.choice(data.n_obs, size=min(data.n_obs, _MAX_CELLS), replace=False))
+    index = np.sort(rng.choice(rows, size=min(len(rows), _MAX_CELLS), replace=False))
     return torch.from_numpy(inputs.rows(index)), torch.from_numpy(labels[index])
 
 
@@ -61,6 +70,8 @@ def privacy_audit(
     *,
     key: FederationKey | None,
     public: AnnData,
+    site: str | None = None,
+    nonmembers: AnnData | None = None,
     attacks: Sequence[str] | None = None,
     label_key: str | None = None,
     n_victims: int = 32,
@@ -89,7 +100,19 @@ def privacy_audit(
         The model's key (None for a plain model): the audit simulates the clients, who hold it.
     public
         Cells of the same kind never used in training: the attacker's public cohort, its labelled
-        auxiliary data, the non-members, and the utility test set.
+        auxiliary data and the utility test set (and membership inference's non-members when the site
+        gives none of its own).
+    site
+        The name ``adata`` trained under. The run's validation cells of that site
+        (:meth:`scinfl.FederatedModel.validation_mask`), never trained on, are then left out of the
+        members and become non-members of membership inference. ``adata`` must be the site's data as
+        trained (same cells, same order).
+    nonmembers
+        More cells of the same site held out from training (non-members of membership inference).
+        Membership inference compares like with like only when its non-members come from the members'
+        own site: with neither ``site`` nor ``nonmembers`` they are public cells, and the model-free rows
+        (label frequency, untrained network; view ``"no model"``) show how far apart the two groups
+        are before any model is looked at. Members and non-members are matched by label.
     attacks
         Attack families (default: all that apply to the model's task). ``"utility"`` (wrong keys,
         one-bit flips, no key; for an embedding model, kNN label transfer in the embedding of each key
@@ -140,10 +163,28 @@ def privacy_audit(
     model.check_key(key)
     if attacks is not None:  # before any data is read
         check_attacks(model.task.audit_view(model.config), attacks)
+    view = model.task.audit_view(model.config)
+    wants_membership = "membership" in (attacks_for(view) if attacks is None else attacks)
+    held_out = np.zeros(adata.n_obs, bool) if site is None else model.validation_mask(adata, site=site)
     rng = np.random.default_rng(0)
-    labels = _labels(model, {"trained-on": adata, "public": public}, label_key)
-    members_x, members_y = _cells(model, adata, "trained-on", rng, labels["trained-on"])
+    roles = {"trained-on": adata, "public": public}
+    if nonmembers is not None and wants_membership:
+        roles["held-out"] = nonmembers
+    labels = _labels(model, roles, label_key)
+    members_x, members_y = _cells(
+        model, adata, "trained-on", rng, labels["trained-on"], np.flatnonzero(~held_out)
+    )
     public_x, public_y = _cells(model, public, "public", rng, labels["public"])
+    outside = []  # the site's cells never trained on: its validation cells and ``nonmembers``
+    if wants_membership and held_out.sum() >= 2:
+        outside.append(
+            _cells(model, adata, "trained-on", rng, labels["trained-on"], np.flatnonzero(held_out))
+        )
+    if "held-out" in roles:
+        outside.append(_cells(model, nonmembers, "held-out", rng, labels["held-out"]))
+    nonmembers_x, nonmembers_y = (
+        (torch.cat([x for x, _ in outside]), torch.cat([y for _, y in outside])) if outside else (None, None)
+    )
     dp = model.params.get("dp")
     # A DP-SGD model's clients clip and noise what they send; the least noisy site is the attacker's best.
     private = (
@@ -164,7 +205,7 @@ def privacy_audit(
         table = run_audit(
             model.network,
             model.config,
-            AuditData(members_x, members_y, public_x, public_y),
+            AuditData(members_x, members_y, public_x, public_y, nonmembers_x, nonmembers_y),
             key=key,
             attacks=None if attacks is None else tuple(attacks),
             settings=audit_settings,

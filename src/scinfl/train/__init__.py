@@ -13,7 +13,7 @@ from .local import (
     make_fabric,
 )
 from .settings import DPSettings, FitSettings
-from .site import SiteTrainer, site_datasets
+from .site import SiteTrainer
 
 __all__ = [
     "DPSettings",
@@ -29,5 +29,4 @@ __all__ = [
     "infer",
     "key_material",
     "make_fabric",
-    "site_datasets",
 ]

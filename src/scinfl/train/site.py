@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Set
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..data import SiteDataset, batch_loader, stratified_split
+from ..data import SiteDataset, batch_loader
 from ..nn import HardenedKey, HardenedNetwork
 from .local import LocalFitResult, Objective, TrainingPlan, copy_state, evaluate, fit_plan, make_fabric
 from .settings import FitSettings
@@ -17,7 +16,7 @@ from .settings import FitSettings
 if TYPE_CHECKING:
     from .dp import PrivateTraining
 
-__all__ = ["SiteTrainer", "site_datasets"]
+__all__ = ["SiteTrainer"]
 
 
 class SiteTrainer:
@@ -216,9 +215,3 @@ class SiteTrainer:
         self._load(global_state)
         loader = batch_loader(self.validation, batch_size=max(self.settings.batch_size, 512), shuffle=False)
         return evaluate(self.network, loader, self.objective, key_material=self._training_key)
-
-
-def site_datasets(matrix, labels: np.ndarray, validation_fraction: float, rng: np.random.Generator):
-    """Split one site's cells into training and validation datasets (stratified, rare classes kept)."""
-    train_idx, val_idx = stratified_split(labels, validation_fraction, rng)
-    return SiteDataset(matrix, train_idx, labels), SiteDataset(matrix, val_idx, labels)

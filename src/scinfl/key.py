@@ -17,7 +17,7 @@ from typing import Final
 
 import numpy as np
 
-__all__ = ["DEFAULT_SCHEME", "SCHEMES", "FederationKey", "KeyFileError"]
+__all__ = ["DEFAULT_SCHEME", "SCHEMES", "FederationKey", "KeyFileError", "as_key"]
 
 SCHEMES: Final = ("infl", "hardened")
 # The hardened scheme is the default: the privacy audit (docs/privacy.md) measures that it closes the
@@ -205,3 +205,16 @@ class FederationKey:
     def __reduce__(self):
         # Pickling would silently copy the secret into caches, multiprocessing payloads or saved objects.
         raise TypeError("A FederationKey cannot be pickled; pass its file path and FederationKey.load it.")
+
+
+def as_key(key: FederationKey | str | os.PathLike[str] | None, *, name: str = "key") -> FederationKey | None:
+    """``key`` as the functions taking a key want it: a :class:`FederationKey`, None (a plain model), or the
+    path of a key file written by :meth:`FederationKey.save`, which is loaded."""
+    if key is None or isinstance(key, FederationKey):
+        return key
+    if isinstance(key, str | os.PathLike):
+        return FederationKey.load(key)
+    raise TypeError(
+        f"{name} must be a scinfl.FederationKey, the path of a key file, or None (a plain model); got "
+        f"{type(key).__name__}. Load a saved key with scinfl.FederationKey.load(path)."
+    )

@@ -16,11 +16,11 @@ from torch import nn
 from ._version import __version__
 from .data import FederationSchema, SiteDataset, batch_loader
 from .federation import FederationRun, RunSpec, site_split
-from .key import FederationKey
+from .key import FederationKey, as_key
 from .tasks import ModelConfig, Predictions, Task, build_network
 from .train import infer, key_material
 
-__all__ = ["FederatedModel", "KeyMismatchError", "Predictions"]
+__all__ = ["FederatedModel", "KeyMismatchError", "ModelFileError", "Predictions"]
 
 _WEIGHTS = "weights.safetensors"
 _META = "model.json"
@@ -29,6 +29,10 @@ _HISTORY = "history.csv"
 
 class KeyMismatchError(ValueError):
     """The key given is not the version the model was trained under."""
+
+
+class ModelFileError(ValueError):
+    """A saved model's file that cannot be read: truncated, corrupt, or not written by scinfl."""
 
 
 class FederatedModel:
@@ -100,16 +104,25 @@ class FederatedModel:
             f"{self.schema.n_features} features, {self.schema.n_classes} classes)"
         )
 
-    def check_key(self, key: FederationKey | None) -> None:
+    def check_key(self, key: FederationKey | str | os.PathLike[str] | None) -> None:
         """Raise :class:`KeyMismatchError` unless ``key`` is the version the model was trained under."""
+        key = as_key(key)
         given = None if key is None else key.fingerprint
-        if given != self.key_fingerprint:
-            expected = self.key_fingerprint or "no key"
+        if given == self.key_fingerprint:
+            return
+        if self.key_fingerprint is None:
             raise KeyMismatchError(
-                f"This model was trained under key {expected}, but key {given or 'None'} was given. "
-                "Use the consortium's key (scinfl.FederationKey.load(path)); the privacy audit passes "
-                "check_key=False to evaluate other keys on purpose."
+                f"This is a plain model (trained without a key), but key {given} was given: pass key=None."
             )
+        if given is None:
+            raise KeyMismatchError(
+                f"This model was trained under key {self.key_fingerprint}, but no key was given. Pass the "
+                "consortium's key: key=scinfl.FederationKey.load(path), or the key file's path."
+            )
+        raise KeyMismatchError(
+            f"This model was trained under key {self.key_fingerprint}, but key {given} was given. Pass the "
+            "consortium's key of that version: key=scinfl.FederationKey.load(path), or the key file's path."
+        )
 
     def key_material(self, key: FederationKey | None):
         """What ``key`` gives this model's network (None for a plain model, whatever the key)."""
@@ -151,7 +164,7 @@ class FederatedModel:
         self,
         adata: AnnData,
         *,
-        key: FederationKey | None,
+        key: FederationKey | str | os.PathLike[str] | None,
         check_key: bool = True,
         batch_size: int = 1024,
         min_overlap: float = 0.5,
@@ -169,6 +182,7 @@ class FederatedModel:
         ``use_raw`` says where this AnnData keeps the same kind of values. A mosaic model takes a MuData,
         or an AnnData holding one modality (``modality``, else its registration's, else ``"rna"``).
         """
+        key = as_key(key)
         if check_key:
             self.check_key(key)
         fields = {
@@ -199,6 +213,7 @@ class FederatedModel:
             "config": self.config.to_dict(),
             "spec": self.spec.to_dict(),
             "params": self.params,
+            "history_rows": len(self.history),  # a truncated history.csv would otherwise load silently
         }
         (path / _META).write_text(json.dumps(meta, indent=1, default=_json_default))
         self.history.to_csv(path / _HISTORY, index=False)
@@ -206,19 +221,46 @@ class FederatedModel:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> FederatedModel:
-        """Read a model written by :meth:`save` (no pickle: safetensors and JSON only)."""
+        """Read a model written by :meth:`save` (no pickle: safetensors and JSON only).
+
+        A file that is missing raises :class:`FileNotFoundError`; one that is truncated or corrupt raises
+        :class:`ModelFileError`, naming it.
+        """
         path = Path(path)
         for name in (_WEIGHTS, _META):
             if not (path / name).is_file():
                 raise FileNotFoundError(f"{path} is not a saved scinfl model: {name} is missing.")
-        meta = json.loads((path / _META).read_text())
-        config = ModelConfig.from_dict(meta["config"])
+        meta_path, weights_path, history_path = path / _META, path / _WEIGHTS, path / _HISTORY
+        try:
+            meta = json.loads(meta_path.read_text())
+            config = ModelConfig.from_dict(meta["config"])
+            spec = RunSpec.from_dict(meta["spec"])
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ModelFileError(f"{meta_path} is truncated or corrupt (not JSON: {error}).") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise ModelFileError(
+                f"{meta_path} is not a scinfl model description ({type(error).__name__}: {error})."
+            ) from None
         network = build_network(config)
-        network.load_state_dict(load_file(path / _WEIGHTS))
-        history = pd.read_csv(path / _HISTORY) if (path / _HISTORY).is_file() else None
-        return cls(
-            network, config, RunSpec.from_dict(meta["spec"]), history=history, params=meta.get("params")
-        )
+        try:
+            network.load_state_dict(load_file(weights_path))
+        except Exception as error:  # safetensors raises its own error type for a truncated file
+            raise ModelFileError(
+                f"{weights_path} is truncated, corrupt or of another architecture "
+                f"({type(error).__name__}: {str(error).splitlines()[0][:200]})."
+            ) from None
+        history = None
+        if history_path.is_file():
+            try:
+                history = pd.read_csv(history_path)
+            except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+                raise ModelFileError(f"{history_path} is truncated or corrupt ({error}).") from None
+            expected = meta.get("history_rows")
+            if expected is not None and len(history) != expected:
+                raise ModelFileError(
+                    f"{history_path} holds {len(history)} rows; the model wrote {expected}: it is truncated."
+                )
+        return cls(network, config, spec, history=history, params=meta.get("params"))
 
 
 def _json_default(value: Any) -> Any:

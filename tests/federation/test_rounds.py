@@ -8,7 +8,7 @@ import scanpy as sc
 import torch
 
 import scinfl as si
-from helpers import FAST_TASK, assert_no_secret, key_secrets, serialised
+from helpers import FAST, FAST_TASK, assert_no_secret, key_secrets, serialised
 from scinfl.federation import (
     InProcess,
     Instruction,
@@ -259,3 +259,12 @@ def test_a_reused_checkpoint_directory_is_refused_unless_resuming(pbmc_sites, tm
         federate(InProcess(pbmc_sites, {}), spec, checkpoint_dir=tmp_path)
     with pytest.raises(ValueError, match="needs checkpoint_dir"):
         federate(InProcess(pbmc_sites, {}), spec, resume=True)
+
+
+def test_a_site_of_a_few_cells_trains_with_a_warning_that_names_it(pbmc_sites):
+    sites = {"big": pbmc_sites["site_1"], "tiny": pbmc_sites["site_2"][:4].copy()}
+    with pytest.warns(UserWarning, match=r"Site 'tiny' has 4 cells \(fewer than 20\)") as record:
+        model = si.tl.train_federated(sites, key=None, **{**FAST, "rounds": 2})
+    assert [w.filename for w in record if "'tiny'" in str(w.message)] == [__file__]  # the user's call
+    assert not any("'big'" in str(w.message) for w in record)
+    assert set(model.history["site"]) == {"big", "tiny"}

@@ -167,6 +167,36 @@ def test_predict_checks_the_key_version(trained, pbmc_split, key):
     assert np.abs(p - unkeyed.obsm["scinfl_probabilities"]).max() > 1e-3
 
 
+def test_key_errors_say_what_to_pass(trained, pbmc_split, key, tmp_path):
+    """A plain model given a key is told to take key=None; a keyed one given none or another, which key."""
+    model, _ = trained
+    _, test = pbmc_split
+    plain = si.tl.train_federated({"a": test[:70].copy(), "b": test[70:].copy()}, key=None, **FAST)
+    with pytest.raises(KeyMismatchError, match=r"plain model \(trained without a key\).*pass key=None"):
+        si.tl.predict(test.copy(), plain, key=key)
+    with pytest.raises(KeyMismatchError, match=f"trained under key {key.fingerprint}, but no key was given"):
+        si.tl.predict(test.copy(), model, key=None)
+    with pytest.raises(KeyMismatchError, match="FederationKey.load"):
+        si.tl.predict(test.copy(), model, key=si.FederationKey.generate(scheme="infl"))
+
+
+def test_a_key_files_path_is_loaded(trained, pbmc_split, key, tmp_path):
+    model, _ = trained
+    _, test = pbmc_split
+    path = key.save(tmp_path / "consortium.key")
+    by_path = si.tl.predict(test, model, key=str(path), copy=True)
+    by_key = si.tl.predict(test, model, key=key, copy=True)
+    np.testing.assert_array_equal(by_path.obsm["scinfl_probabilities"], by_key.obsm["scinfl_probabilities"])
+    with pytest.raises(FileNotFoundError, match="No key file"):
+        si.tl.predict(test, model, key=str(tmp_path / "missing.key"), copy=True)
+    with pytest.raises(
+        TypeError, match=r"key must be a scinfl.FederationKey, the path of a key file.*FederationKey.load"
+    ):
+        si.tl.predict(test, model, key=key.fingerprint.encode(), copy=True)
+    with pytest.raises(TypeError, match="the path of a key file"):
+        si.tl.train_federated({"a": test[:70].copy(), "b": test[70:].copy()}, key=123, **FAST)
+
+
 def test_predict_aligns_genes_by_name(trained, pbmc_split, key):
     model, _ = trained
     _, test = pbmc_split

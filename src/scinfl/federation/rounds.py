@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -35,6 +36,10 @@ from .checkpoint import checkpoint_path, load_checkpoint, round_checkpoint, save
 from .fedavg import fedavg
 from .site import Hello, Instruction, Reply, initial_weights
 from .spec import RunSpec
+
+# Below this many cells a site trains, with a warning: its local fit is one small batch, and its few
+# validation cells say little when the loop selects the best round.
+MIN_SITE_CELLS = 20
 
 __all__ = [
     "FederationRun",
@@ -226,6 +231,16 @@ def federate(
             "it, or choose another checkpoint directory."
         )
     connected = _connect(transport, spec)
+    for site, hello in connected.items():
+        n_obs = hello.description.get("n_obs")
+        if n_obs is not None and n_obs < MIN_SITE_CELLS:
+            warnings.warn(
+                f"Site {site!r} has {n_obs} cells (fewer than {MIN_SITE_CELLS}): it trains on one small "
+                f"batch per round, its validation split ({spec.validation_fraction:.0%} of its cells per "
+                "label) holds at most a few cells, and the best round is chosen almost without it.",
+                UserWarning,
+                stacklevel=3,  # the caller of train_federated
+            )
     schema = spec.task.agree({site: hello.description for site, hello in connected.items()}, join=spec.join)
     config = spec.model_config(schema)
     nodes = list(connected)  # the sites still in the run, in the spec's order

@@ -62,7 +62,9 @@ __all__ = [
     "AuditSettings",
     "attacks_for",
     "check_attacks",
+    "membership_candidates",
     "run_audit",
+    "two_sample_scores",
     "wrong_key",
 ]
 

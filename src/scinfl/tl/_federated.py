@@ -17,7 +17,7 @@ from anndata import AnnData
 from .._settings import logger, settings, torch_threads
 from ..data import is_mudata, scinfl_entry
 from ..federation import ENGINES, InProcess, RunSpec, federate
-from ..key import FederationKey
+from ..key import FederationKey, as_key
 from ..model import FederatedModel
 from ..tasks import Task, get_task
 from ..train import DPSettings, FitSettings
@@ -136,7 +136,7 @@ def _check_init(init: FederatedModel, task: Task, key: FederationKey | None, sch
 def train_federated(
     sites: Mapping[str, SiteInput] | Sequence[SiteInput],
     *,
-    key: FederationKey | None,
+    key: FederationKey | str | os.PathLike[str] | None,
     task: str | Task | None = None,
     label_key: str | None = None,
     join: Literal["inner", "outer"] = "inner",
@@ -176,7 +176,8 @@ def train_federated(
         layers. With ``task="mosaic"`` a site may also be a ``mudata.MuData``.
     key
         The federation key, held by the sites only. ``None`` trains the same network without keyed modules
-        (plain FedAvg, the baseline). There is no default, so that an unkeyed run is always a choice.
+        (plain FedAvg, the baseline). There is no default, so that an unkeyed run is always a choice. The
+        path of a key file (:meth:`scinfl.FederationKey.save`) is loaded.
     task
         What to learn: a task object with its options (:mod:`scinfl.tasks`), e.g.
         ``si.tasks.Embedding(n_latent=32, likelihood="poisson")``,
@@ -198,7 +199,8 @@ def train_federated(
     key_strength
         Strength ``s`` of the paper scheme's key modulation (``scheme="infl"``).
     validation_fraction
-        Fraction of each site's cells held out for model selection.
+        Fraction of each site's cells held out for model selection (stratified by label). A site with
+        fewer than 20 cells trains, with a warning: its validation split is then a few cells at most.
     engine
         ``"local"``: all sites in this process. ``"flower"``: the same rounds on Flower's simulation runtime
         (``pip install 'scinfl[flower]'``): the round loop in a ServerApp in this process, one ClientApp per
@@ -262,8 +264,7 @@ def train_federated(
     site_data, opened = _as_site_dict(sites)
     if engine not in ENGINES:
         raise ValueError(f"Unknown engine {engine!r}; available: {', '.join(ENGINES)}.")
-    if key is not None and not isinstance(key, FederationKey):
-        raise TypeError(f"key must be a scinfl.FederationKey or None, got {type(key).__name__}.")
+    key = as_key(key)
     if engine == "flower":
         try:
             import flwr  # noqa: F401
@@ -357,7 +358,7 @@ def predict(
     adata: AnnData | MuData,
     model: FederatedModel,
     *,
-    key: FederationKey | None,
+    key: FederationKey | str | os.PathLike[str] | None,
     check_key: bool = True,
     min_overlap: float = 0.5,
     batch_size: int = 1024,
@@ -380,7 +381,7 @@ def predict(
     model
         A trained :class:`~scinfl.FederatedModel`.
     key
-        The federation key (None for a plain model).
+        The federation key, or its file's path (None for a plain model).
     check_key
         Refuse a key of another version than the model's. The privacy audit passes False to measure what
         a wrong key gives.
@@ -411,6 +412,7 @@ def predict(
         raise TypeError(
             f"adata must be an AnnData, got {type(adata).__name__} (a mosaic model also takes a MuData)."
         )
+    key = as_key(key)
     scinfl_entry(adata, "query", key_added)  # before anything is written
     if copy:
         adata = adata.copy()

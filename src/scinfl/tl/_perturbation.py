@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -9,7 +10,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .._settings import settings, torch_threads
-from ..key import FederationKey
+from ..key import FederationKey, as_key
 from ..model import FederatedModel
 from ._federated import _h5ad_safe
 
@@ -22,7 +23,7 @@ def predict_perturbation(
     adata: AnnData,
     model: FederatedModel,
     *,
-    key: FederationKey | None,
+    key: FederationKey | str | os.PathLike[str] | None,
     perturbations: Sequence[str] | None = None,
     observed: AnnData | None = None,
     check_key: bool = True,
@@ -44,7 +45,7 @@ def predict_perturbation(
     model
         A model trained with ``task="perturbation"`` (:class:`scinfl.tasks.Perturbation`).
     key
-        The federation key (None for a plain model).
+        The federation key, or its file's path (None for a plain model).
     perturbations
         Perturbations to predict (default: every perturbation of the model but the control).
     observed
@@ -81,6 +82,7 @@ def predict_perturbation(
     for name, data in (("adata", adata), ("observed", observed)):
         if data is not None and not isinstance(data, AnnData):
             raise TypeError(f"{name} is a {type(data).__name__}, not an AnnData.")
+    key = as_key(key)
     if check_key:
         model.check_key(key)
     with torch_threads(settings.torch_threads):

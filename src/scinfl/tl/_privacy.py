@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -11,7 +12,7 @@ from anndata import AnnData
 
 from .._settings import settings, torch_threads
 from ..data import label_codes
-from ..key import FederationKey
+from ..key import FederationKey, as_key
 from ..model import FederatedModel
 from ..privacy.audit import AuditData, AuditSettings, attacks_for, check_attacks, run_audit
 from ..privacy.gradients import PrivateGradient
@@ -68,7 +69,7 @@ def privacy_audit(
     model: FederatedModel,
     adata: AnnData,
     *,
-    key: FederationKey | None,
+    key: FederationKey | str | os.PathLike[str] | None,
     public: AnnData,
     site: str | None = None,
     nonmembers: AnnData | None = None,
@@ -97,7 +98,8 @@ def privacy_audit(
     adata
         Cells the model was trained on (a site's data): the victims and the members.
     key
-        The model's key (None for a plain model): the audit simulates the clients, who hold it.
+        The model's key, or its file's path (None for a plain model): the audit simulates the clients,
+        who hold it.
     public
         Cells of the same kind never used in training: the attacker's public cohort, its labelled
         auxiliary data and the utility test set (and membership inference's non-members when the site
@@ -160,6 +162,7 @@ def privacy_audit(
     """
     if not isinstance(model, FederatedModel):
         raise TypeError(f"model must be a scinfl.FederatedModel, got {type(model).__name__}.")
+    key = as_key(key)
     model.check_key(key)
     if attacks is not None:  # before any data is read
         check_attacks(model.task.audit_view(model.config), attacks)

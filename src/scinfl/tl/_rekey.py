@@ -9,7 +9,7 @@ from typing import Any, Literal
 import torch
 from anndata import AnnData
 
-from ..key import FederationKey
+from ..key import FederationKey, as_key
 from ..model import FederatedModel
 from ..nn import HardenedNetwork
 from ..train import key_material
@@ -61,9 +61,10 @@ def rekey(
     """
     if model.config.scheme is None:
         raise ValueError("This model has no key (plain FedAvg); there is nothing to re-key.")
+    old_key, new_key = as_key(old_key, name="old_key"), as_key(new_key, name="new_key")
     for name, key in (("old_key", old_key), ("new_key", new_key)):
-        if not isinstance(key, FederationKey):
-            raise TypeError(f"{name} must be a scinfl.FederationKey, got {type(key).__name__}.")
+        if key is None:
+            raise TypeError(f"{name} must be a scinfl.FederationKey or the path of a key file, got None.")
     if old_key.fingerprint != model.key_fingerprint:
         raise ValueError(
             f"old_key (fingerprint {old_key.fingerprint}) is not the key this model was trained under "

@@ -1,0 +1,52 @@
+"""FederatedModel's files: a damaged saved model raises ModelFileError naming the file, never a raw
+parser error or a silently shorter history."""
+
+from __future__ import annotations
+
+import pytest
+
+import scinfl as si
+from helpers import FAST
+from scinfl.model import ModelFileError
+
+
+@pytest.fixture(scope="module")
+def saved(pbmc_split, tmp_path_factory):
+    sites, _ = pbmc_split
+    model = si.tl.train_federated(sites, key=None, **{**FAST, "rounds": 2})
+    return model.save(tmp_path_factory.mktemp("model") / "model")
+
+
+def _damaged(saved, tmp_path, name, damage):
+    target = tmp_path / "model"
+    target.mkdir()
+    for file in saved.iterdir():
+        (target / file.name).write_bytes(file.read_bytes())
+    data = (target / name).read_bytes()
+    (target / name).write_bytes(damage(data))
+    return target
+
+
+def test_an_intact_model_loads(saved):
+    loaded = si.FederatedModel.load(saved)
+    assert len(loaded.history) == 2 * 3  # rounds x sites
+    assert loaded.key_fingerprint is None
+
+
+@pytest.mark.parametrize(
+    ("name", "damage", "message"),
+    [
+        ("model.json", lambda b: b[: len(b) // 2], r"model\.json is truncated or corrupt"),
+        ("model.json", lambda b: b"{}", r"model\.json is not a scinfl model description \(KeyError"),
+        ("model.json", lambda b: b"[1, 2]", r"model\.json is not a scinfl model description"),
+        ("weights.safetensors", lambda b: b[: len(b) // 2], r"weights\.safetensors is truncated, corrupt"),
+        ("weights.safetensors", lambda b: b"", r"weights\.safetensors is truncated, corrupt"),
+        ("history.csv", lambda b: b[: len(b) // 2], r"history\.csv holds \d+ rows; the model wrote 6"),
+        ("history.csv", lambda b: b"", r"history\.csv is truncated or corrupt"),
+    ],
+)
+def test_a_damaged_file_is_named(saved, tmp_path, name, damage, message):
+    path = _damaged(saved, tmp_path, name, damage)
+    with pytest.raises(ModelFileError, match=message) as error:
+        si.FederatedModel.load(path)
+    assert str(path / name) in str(error.value)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -13,6 +15,7 @@ from sklearn.metrics import adjusted_rand_score
 import scinfl as si
 from scinfl.data import FederationSchema
 from scinfl.tasks import ModelConfig
+from scinfl.tasks.embedding import check_counts
 from scinfl.train import SiteTrainer
 
 pytest.importorskip("igraph")  # scanpy's Leiden
@@ -231,3 +234,21 @@ def test_sites_with_different_panels_mask_their_absent_genes(pbmc):
     assert set(order[seen["a"].numpy()]) == set(genes[:500])
     assert set(order[seen["b"].numpy()]) == set(genes[265:])
     assert a.obsm["X_scinfl"].shape == (350, N_LATENT)
+
+
+def test_a_count_likelihood_checks_for_counts():
+    """pbmc68k_reduced's .X is scaled (negative values): Poisson refuses it, naming the site; its .raw is
+    log-normalised (not whole numbers): Poisson warns. Nothing trains to NaN in silence."""
+    pbmc = sc.datasets.pbmc68k_reduced()
+    task = si.tasks.Embedding(likelihood="poisson", hidden=32, n_latent=4)
+    scaled = si.pp.split_sites(pbmc, n_sites=2, label_key="bulk_labels", alpha=100.0, seed=0)
+    with pytest.raises(ValueError, match=r"Site 'site_0': likelihood='poisson' models raw counts.*negative"):
+        si.tl.train_federated(scaled, key=None, task=task, rounds=1)
+    assert "X_scinfl" not in scaled["site_0"].obsm
+    logged = si.pp.split_sites(pbmc.raw.to_adata(), n_sites=2, label_key="bulk_labels", alpha=100.0, seed=0)
+    with pytest.warns(UserWarning, match=r"Site 'site_1': likelihood='poisson'.*not whole numbers"):
+        si.tl.train_federated(logged, key=None, task=task, rounds=1)
+    counts = np.round(np.expm1(logged["site_0"].X.toarray()))  # whole numbers again
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        check_counts(counts, "poisson", "site_0")

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
+import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -113,6 +114,21 @@ def sample_sites(names: list[str], fraction: float, rng: np.random.Generator) ->
     n = max(1, round(fraction * len(names)))
     chosen = set(rng.choice(len(names), size=n, replace=False).tolist())
     return [name for i, name in enumerate(names) if i in chosen]
+
+
+def check_finite(update: LocalFitResult, site: str, round_index: int, spec: RunSpec) -> None:
+    """Stop the run, naming the site and the round, when an update's loss or weights are not finite: every
+    later round would average NaN into the model."""
+    loss = update.metrics.get("train_loss", 0.0)
+    if np.isfinite(loss) and all(bool(torch.isfinite(t).all()) for t in update.state.values()):
+        return
+    raise FloatingPointError(
+        f"Round {round_index}: site {site!r} trained to a non-finite "
+        + (f"loss ({loss})" if not np.isfinite(loss) else "update")
+        + ". Likely causes: values its task's likelihood cannot take (a count likelihood such as 'poisson' "
+        "needs raw counts, non-negative integers), values of very different scales (log-normalise or "
+        f"scale them), or too high a learning rate (lr={spec.fit.lr:g})."
+    )
 
 
 def aggregate(
@@ -378,6 +394,8 @@ def federate(
             raise SiteFailureError(
                 f"Round {round_index}: none of the sampled sites ({', '.join(chosen)}) answered."
             )
+        for site, update in updates.items():
+            check_finite(update, site, round_index, spec)
         state, rejected = aggregate(updates, spec.key_fingerprint, round_index, base=state)
         for site, reply in replies.items():
             update = updates.get(site)

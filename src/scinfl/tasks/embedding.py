@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -12,6 +13,33 @@ from torch import Tensor, nn
 from ..data import FederationSchema, NeighbourhoodMatrix, spatial_graph
 from ..nn import LIKELIHOODS, Autoencoder, cell_losses
 from ._base import ModelConfig, Task, register
+
+# Likelihoods of raw counts: their losses need non-negative values and model whole numbers.
+COUNT_LIKELIHOODS = ("poisson", "clr")
+
+
+def check_counts(values: np.ndarray, likelihood: str, site: str) -> None:
+    """Refuse negative values under a count likelihood; warn when the values are not whole numbers (they
+    look normalised or log-transformed), as scvi-tools does for its count models."""
+    advice = (
+        "Register the site's raw counts (si.pp.register_site(adata, layer='counts')) or use "
+        "likelihood='gaussian' for normalised values."
+    )
+    if values.size and values.min() < 0:
+        raise ValueError(
+            f"Site {site!r}: likelihood={likelihood!r} models raw counts, but its values include negative "
+            f"ones (minimum {values.min():.3g}); they look scaled. {advice}"
+        )
+    fractional = values[values != np.round(values)]
+    if fractional.size:
+        warnings.warn(
+            f"Site {site!r}: likelihood={likelihood!r} models raw counts, but {fractional.size / values.size:.0%} "
+            f"of its values are not whole numbers (e.g. {fractional[0]:.3g}); they look normalised or "
+            f"log-transformed. {advice}",
+            UserWarning,
+            stacklevel=2,
+        )
+
 
 __all__ = ["Embedding", "Reconstruction"]
 
@@ -88,8 +116,12 @@ class Embedding(Task):
     def inputs(
         self, data, site: str, schema: FederationSchema, *, min_overlap: float | None = None, **fields
     ):
-        """Each cell's profile, or with ``spatial_key`` each spot averaged with its neighbours' mean."""
+        """Each cell's profile, or with ``spatial_key`` each spot averaged with its neighbours' mean. A
+        count likelihood checks that the values are counts."""
         matrix = self.aligned(data, site, schema, min_overlap=min_overlap, **fields)
+        if self.likelihood in COUNT_LIKELIHOODS:
+            rows = np.random.default_rng(0).choice(matrix.n_obs, size=min(matrix.n_obs, 500), replace=False)
+            check_counts(matrix.rows(np.sort(rows)), self.likelihood, site)
         if self.spatial_key is None:
             return matrix
         return NeighbourhoodMatrix(

@@ -61,6 +61,15 @@ def test_cli_usage_error():
     assert "demo" in result.stderr
 
 
+def test_demo_help_reads_as_written(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["demo", "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "a 20% held-out test set" in text
+    assert "%%" not in text
+
+
 @pytest.fixture
 def flower_local(monkeypatch, tmp_path):
     """``scinfl flower-local ARGS`` without a deployment: what it asks :func:`run_local_deployment` for."""

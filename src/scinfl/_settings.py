@@ -32,7 +32,7 @@ class Settings:
         afterwards). Small networks on
         few cores run fastest on one thread (see docs/benchmarks.md); None leaves torch's own setting.
     progress
-        Show a progress bar over federated rounds.
+        Show a progress bar over federated rounds (in a notebook or a terminal; never in a log file).
     accelerator
         Where sites train: Lightning's accelerator name (``"auto"``: a GPU when there is one, else the
         CPU; ``"cpu"``; ``"gpu"``).

@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser(
         "demo",
         help="train centralised, per-site, FedAvg and INFL models on real PBMCs and compare them",
-        description="Real data (scanpy's pbmc68k_reduced), 3 label-skewed sites, a 20%% held-out test set.",
+        description="Real data (scanpy's pbmc68k_reduced), 3 label-skewed sites, a 20% held-out test set.",
     )
     demo.add_argument("--rounds", type=int, default=20, help="federated rounds (default 20)")
     demo.add_argument("--seeds", type=int, default=3, help="training seeds to average over (default 3)")

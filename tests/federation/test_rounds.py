@@ -276,3 +276,10 @@ def test_a_non_finite_update_stops_the_run_naming_site_and_round(pbmc_sites):
     ):
         si.tl.train_federated(pbmc_sites, key=None, **{**FAST, "rounds": 3}, lr=1e12)
     assert "X_scinfl" not in pbmc_sites["site_0"].obsm
+
+
+def test_no_progress_bar_goes_into_a_log(pbmc_sites, capfd, monkeypatch):
+    """A progress bar needs a notebook or a terminal; written to a log file it is noise."""
+    monkeypatch.setattr(si.settings, "progress", True)
+    si.tl.train_federated(pbmc_sites, key=None, **{**FAST, "rounds": 2})
+    assert "federated rounds" not in capfd.readouterr().err

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 import warnings
 from collections.abc import Mapping
@@ -114,6 +115,11 @@ def sample_sites(names: list[str], fraction: float, rng: np.random.Generator) ->
     n = max(1, round(fraction * len(names)))
     chosen = set(rng.choice(len(names), size=n, replace=False).tolist())
     return [name for i, name in enumerate(names) if i in chosen]
+
+
+def _interactive() -> bool:
+    """Whether a progress bar has somewhere to draw: a notebook, or a terminal (not a log file)."""
+    return "notebook" in tqdm.__module__ or sys.stderr.isatty()
 
 
 def check_finite(update: LocalFitResult, site: str, round_index: int, spec: RunSpec) -> None:
@@ -372,7 +378,7 @@ def federate(
         range(first_round, spec.rounds + 1),
         desc="federated rounds",
         unit="round",
-        disable=not progress,
+        disable=not (progress and _interactive()),
         leave=False,
         initial=first_round - 1,
         total=spec.rounds,

@@ -228,7 +228,7 @@ def membership_report(table: pd.DataFrame, configs: list[str]) -> str:
         cells = summary.apply(lambda r: f"{r['mean']:.3f} [{r['min']:.2f}, {r['max']:.2f}]", axis=1)
         wide = cells.unstack("config").reindex(columns=configs)
         lines += [
-            f"#### {metric}",
+            f"### {metric}",
             "",
             "| attack | attacker view | " + " | ".join(configs) + " |",
             "|" + "---|" * (2 + len(configs)),

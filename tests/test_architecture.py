@@ -28,6 +28,7 @@ LAYERS = {
     "flower_apps": 5,
     "__init__": 6,
     "_version": 0,
+    "_warnings": -1,  # imports nothing of scinfl: every layer may warn
     "demo": 6,
     "cli": 7,
     "__main__": 8,

@@ -213,6 +213,12 @@ def as_key(key: FederationKey | str | os.PathLike[str] | None, *, name: str = "k
     if key is None or isinstance(key, FederationKey):
         return key
     if isinstance(key, str | os.PathLike):
+        if not Path(key).is_file():
+            raise FileNotFoundError(
+                f"{name}={str(key)!r} names no key file. Pass a scinfl.FederationKey "
+                "(FederationKey.generate(), or FederationKey.load(path) of a saved key) or the path of a saved "
+                "key file."
+            )
         return FederationKey.load(key)
     raise TypeError(
         f"{name} must be a scinfl.FederationKey, the path of a key file, or None (a plain model); got "

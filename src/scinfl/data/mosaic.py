@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from .._warnings import warn
 from .loader import AlignedMatrix, check_finite
 from .schema import (
     FederationSchema,
@@ -179,7 +180,7 @@ def build_mosaic_schema(
             warnings.simplefilter("always")
             schema = build_schema(holders, join=join)
         for warning in caught:
-            warnings.warn(f"Modality {modality!r}: {warning.message}", UserWarning, stacklevel=2)
+            warn(f"Modality {modality!r}: {warning.message}")
         var_names += [f"{modality}{_SEPARATOR}{name}" for name in schema.var_names]
         layout.append((modality, schema.n_features))
     label_keys = {d.get("label_key") for d in descriptions.values()}

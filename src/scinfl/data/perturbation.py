@@ -7,7 +7,6 @@ expression. The control profile never leaves the site: it is an input of the sit
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -15,6 +14,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from .._warnings import warn
 from .schema import FederationSchema, label_codes
 
 __all__ = [
@@ -136,11 +136,9 @@ def control_profiles(
     mean, _, counts = group_moments(matrix, np.flatnonzero(is_control), group, len(groups))
     empty = counts == 0
     if empty.any():
-        warnings.warn(
+        warn(
             f"Site {site!r}: {int(empty.sum())} covariate group(s) have no control cells; their cells read "
-            "the site's pooled control profile.",
-            UserWarning,
-            stacklevel=3,
+            "the site's pooled control profile."
         )
         pooled = (mean[~empty] * counts[~empty, None]).sum(axis=0) / counts.sum()
         mean[empty] = pooled

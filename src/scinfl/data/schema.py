@@ -8,7 +8,6 @@ first exchange, so every engine agrees the same schema by the same code.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -16,6 +15,8 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 from anndata import AnnData
+
+from .._warnings import warn
 
 __all__ = [
     "FederationSchema",
@@ -278,11 +279,9 @@ def build_schema(descriptions: Mapping[str, Mapping[str, Any]], *, join: Join = 
         var_names = [v for v in ordered if v in shared]
         n_dropped = len(ordered) - len(var_names)
         if n_dropped:
-            warnings.warn(
+            warn(
                 f"{n_dropped} features are not held by every site and are left out (join='inner'); "
-                f"{len(var_names)} shared features remain.",
-                UserWarning,
-                stacklevel=3,
+                f"{len(var_names)} shared features remain."
             )
     else:
         var_names = ordered

@@ -20,7 +20,6 @@ import logging
 import os
 import sys
 import time
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -31,6 +30,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .._warnings import warn
 from ..data import FederationSchema
 from ..tasks import ModelConfig
 from ..train import LocalFitResult, copy_state
@@ -256,12 +256,10 @@ def federate(
     for site, hello in connected.items():
         n_obs = hello.description.get("n_obs")
         if n_obs is not None and n_obs < MIN_SITE_CELLS:
-            warnings.warn(
+            warn(
                 f"Site {site!r} has {n_obs} cells (fewer than {MIN_SITE_CELLS}): it trains on one small "
                 f"batch per round, its validation split ({spec.validation_fraction:.0%} of its cells per "
-                "label) holds at most a few cells, and the best round is chosen almost without it.",
-                UserWarning,
-                stacklevel=3,  # the caller of train_federated
+                "label) holds at most a few cells, and the best round is chosen almost without it."
             )
     schema = spec.task.agree({site: hello.description for site, hello in connected.items()}, join=spec.join)
     config = spec.model_config(schema)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from .._warnings import warn
 from ..key import FederationKey
 from ..nn import HardenedKey, HardenedNetwork, KeyedModule, MosaicAutoencoder, read_counts, use_key
 from ..tasks import AuditView, ModelConfig, build_network
@@ -833,13 +833,11 @@ def _warn_unless_model_free_at_chance(ctx: _Context) -> None:
                 if ctx.data.nonmembers_x is None
                 else "the held-out cells differ from the trained-on ones (another batch, another split)"
             )
-            warnings.warn(
+            warn(
                 f"Membership inference: the model-free score '{attack}' separates members from "
                 f"non-members at AUC {auc:.2f} (0.5 expected, standard error {standard_error:.2f}), so the "
                 f"membership rows measure that difference as well as the model. Likely cause: {cause}. "
-                "Pass the site's held-out cells (scinfl.tl.privacy_audit(..., site=) or nonmembers=).",
-                UserWarning,
-                stacklevel=4,  # the caller of tl.privacy_audit
+                "Pass the site's held-out cells (scinfl.tl.privacy_audit(..., site=) or nonmembers=)."
             )
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Literal
@@ -36,6 +35,7 @@ import pandas as pd
 from anndata import AnnData
 from torch import nn
 
+from .._warnings import warn
 from ..data import (
     AlignedMatrix,
     FederationSchema,
@@ -368,11 +368,9 @@ def _check_overlap(site: str, present: int, total: int, min_overlap: float, what
             "where the values are read from (layer, use_raw, modality)."
         )
     if present < total:
-        warnings.warn(
+        warn(
             f"Site {site!r} lacks {total - present} of the model's {total} {what}features; they are filled "
-            "with zeros.",
-            UserWarning,
-            stacklevel=4,
+            "with zeros."
         )
 
 
@@ -396,11 +394,9 @@ def _clear_other_outputs(data: Any, own: Mapping[str, tuple[str, ...]], key_adde
                 stale.append(f".{attribute}[{name!r}]")
                 del store[name]
     if stale:
-        warnings.warn(
+        warn(
             f"Removed {', '.join(stale)}: an earlier model's outputs under key_added={key_added!r}, which this "
-            "model does not write. Pass another key_added= to keep both models' outputs.",
-            UserWarning,
-            stacklevel=4,
+            "model does not write. Pass another key_added= to keep both models' outputs."
         )
 
 

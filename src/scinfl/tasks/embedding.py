@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -10,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .._warnings import warn
 from ..data import FederationSchema, NeighbourhoodMatrix, spatial_graph
 from ..nn import LIKELIHOODS, Autoencoder, cell_losses
 from ._base import ModelConfig, Task, register
@@ -32,12 +32,10 @@ def check_counts(values: np.ndarray, likelihood: str, site: str) -> None:
         )
     fractional = values[values != np.round(values)]
     if fractional.size:
-        warnings.warn(
+        warn(
             f"Site {site!r}: likelihood={likelihood!r} models raw counts, but {fractional.size / values.size:.0%} "
             f"of its values are not whole numbers (e.g. {fractional[0]:.3g}); they look normalised or "
-            f"log-transformed. {advice}",
-            UserWarning,
-            stacklevel=2,
+            f"log-transformed. {advice}"
         )
 
 

@@ -8,7 +8,6 @@ averages each parameter over the sites that sent it (:func:`scinfl.federation.fe
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -19,6 +18,7 @@ import torch
 from anndata import AnnData
 from torch import Tensor, nn
 
+from .._warnings import warn
 from ..data import (
     FederationSchema,
     MosaicMatrix,
@@ -190,10 +190,8 @@ class Mosaic(Task):
                 f"(it knows {', '.join(map(repr, sorted(known)))}); name an AnnData's modality with modality=."
             )
         if unknown:
-            warnings.warn(
-                f"Site {site!r}: the model does not know modality {', '.join(map(repr, unknown))}; it is ignored.",
-                UserWarning,
-                stacklevel=3,
+            warn(
+                f"Site {site!r}: the model does not know modality {', '.join(map(repr, unknown))}; it is ignored."
             )
         matrix = MosaicMatrix(modalities, schema, data.n_obs, site)
         if min_overlap is not None:

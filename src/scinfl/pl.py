@@ -23,11 +23,32 @@ _LABELS = {
 }
 
 
-def _panels(ax: Axes | Sequence[Axes] | None, n: int, what: str, size: tuple[float, float]):
-    """The given Axes (checked: one per panel), or a new row of ``n`` panels of ``size`` inches each."""
+def _panels(
+    ax: Axes | Sequence[Axes] | None,
+    n: int,
+    what: str,
+    size: tuple[float, float],
+    *,
+    ncols: int | None = None,
+    heights: Sequence[float] | None = None,
+):
+    """The given Axes (checked: one per panel), or new panels of ``size`` inches each: one row, or a grid
+    of ``ncols`` columns whose rows are as tall as ``heights`` (inches per panel) asks."""
     if ax is None:
-        fig, axes = plt.subplots(1, n, figsize=(size[0] * n, size[1]), squeeze=False)
-        return fig, list(axes[0])
+        ncols = min(n, ncols or n)
+        nrows = -(-n // ncols)
+        heights = list(heights) if heights is not None else [size[1]] * n
+        row_heights = [max(heights[r * ncols : (r + 1) * ncols]) for r in range(nrows)]
+        fig, axes = plt.subplots(
+            nrows,
+            ncols,
+            figsize=(size[0] * ncols, sum(row_heights)),
+            squeeze=False,
+            gridspec_kw={"height_ratios": row_heights},
+        )
+        for extra in axes.ravel()[n:]:
+            extra.remove()
+        return fig, list(axes.ravel()[:n])
     axes = [ax] if isinstance(ax, Axes) else list(ax)
     if len(axes) != n:
         raise ValueError(f"Got {len(axes)} Axes for {n} {what}.")
@@ -140,7 +161,14 @@ def privacy(
     missing = [f for f in families if f not in present]
     if missing or not families:
         raise ValueError(f"The audit has no family {missing or families}; it has {', '.join(present)}.")
-    fig, axes = _panels(ax, len(families), "families", (5.0, 4.2))
+    n_bars = [  # a perturbation model's utility panel shows its Pearson delta instead of accuracy
+        int(((audit["family"] == f) & audit["metric"].isin((_PRIVACY_PANELS[f][0], "pearson_delta"))).sum())
+        for f in families
+    ]
+    # Two columns, each panel as tall as its bars need, so that every label stays readable in a notebook.
+    fig, axes = _panels(
+        ax, len(families), "families", (6.5, 3.0), ncols=2, heights=[1.2 + 0.32 * n for n in n_bars]
+    )
     for axis, family in zip(axes, families, strict=True):
         metric, label = _PRIVACY_PANELS[family]
         if family == "utility" and not ((audit["family"] == family) & (audit["metric"] == metric)).any():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,25 @@ def test_committed_tutorial_carries_its_outputs(path: Path):
     figures = [output for output in outputs if "image/png" in output.get("data", {})]
     assert figures, f"{path.name} has no figure (image/png output) for the documentation"
     assert path.stat().st_size < MAX_BYTES, f"{path.name}: {path.stat().st_size} bytes"
+
+
+# A home, user or temporary directory of the machine that executed a notebook, in POSIX or Windows form.
+ABSOLUTE_PATH = re.compile(r"(?<![\w.])(?:/(?:home|root|Users|tmp|work|private|var/folders)/|[A-Z]:\\Users)")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids)
+def test_committed_tutorial_holds_no_absolute_path(path: Path):
+    """Outputs must not show where the notebook was executed (a user name, a temporary directory)."""
+    outputs = [output for cell in _code_cells(_read(path)) for output in cell.outputs]
+    text = "\n".join(
+        "".join(output.get("text", "")) + "".join(output.get("data", {}).get("text/plain", ""))
+        for output in outputs
+    )
+    found = sorted({match.group(0) for match in ABSOLUTE_PATH.finditer(text)})
+    assert not found, f"{path.name}: outputs hold absolute paths starting {found}"
+
+
+def test_absolute_paths_are_recognised():
+    assert ABSOLUTE_PATH.search("written to /tmp/scinfl-xyz/model")
+    assert ABSOLUTE_PATH.search("C:\\Users\\ana\\site.h5ad")
+    assert not ABSOLUTE_PATH.search("model written to <workdir>/run/model; 20/30 rounds")

@@ -183,7 +183,7 @@ def test_two_sample_scores_sit_at_chance_within_one_population_and_see_a_shift(p
     assert np.mean(shifted) > 0.8
 
 
-def test_membership_compares_like_with_like_on_a_label_skewed_site(pbmc_split):
+def test_membership_compares_like_with_like_on_a_label_skewed_site(pbmc_split, scinfl_log):
     """On a label-skewed site the earlier design (public cells as non-members, unmatched) separates members
     from non-members by the site's label mix alone; with the site's own held-out cells, matched by label,
     the model-free rows sit at 0.5 and the audit stays silent. Non-members of another batch make it warn."""
@@ -218,6 +218,11 @@ def test_membership_compares_like_with_like_on_a_label_skewed_site(pbmc_split):
     assert abs(_value(table, "untrained network", "no model", "auc") - 0.5) < 0.1
     assert abs(_value(table, "values alone (nearest neighbours)", "no model", "auc") - 0.5) < 0.15
     assert {"loss threshold", "LiRA (online)", "LiRA (offline)", "RMIA"} <= set(table["attack"])
+    progress = [r.getMessage() for r in scinfl_log.records if r.getMessage().startswith("Audit ")]
+    assert [m.split(" (")[0] for m in progress] == [
+        "Audit 1 of 2: membership, seed 0",
+        "Audit 2 of 2: membership, seed 1",
+    ]
 
     other_batch = held.copy()
     other_batch.raw = ad.AnnData(held.raw.X * 1.3, var=held.raw.var)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -67,6 +69,8 @@ __all__ = [
     "two_sample_scores",
     "wrong_key",
 ]
+
+logger = logging.getLogger("scinfl")
 
 ATTACKS = ("utility", "key_recovery", "analytic", "inversion", "membership")
 # A model that is not a classifier (tasks "embedding" and "perturbation"): its utility is label transfer in
@@ -1039,10 +1043,19 @@ def run_audit(
     out = _Collector()
     was_training = network.training
     network.eval()
+    steps = [(seed, family) for seed in settings.seeds for family in attacks]
     try:
-        for seed in settings.seeds:
-            for family in attacks:
-                FAMILIES[view.output][family](ctx, out, seed)
+        for done, (seed, family) in enumerate(steps, start=1):
+            started = time.monotonic()
+            FAMILIES[view.output][family](ctx, out, seed)
+            logger.info(
+                "Audit %d of %d: %s, seed %d (%.1f s).",
+                done,
+                len(steps),
+                family,
+                seed,
+                time.monotonic() - started,
+            )
     finally:
         network.train(was_training)
     _warn_unless_model_free_at_chance(ctx)

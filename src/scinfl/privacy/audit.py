@@ -723,12 +723,14 @@ def two_sample_scores(
     n_components: int = 20,
 ) -> np.ndarray:
     """Membership scores from the cells' values alone: how much closer a candidate lies to its ``k``
-    nearest members than to its ``k`` nearest non-members (mean Euclidean distances between the candidates' first ``n_components``
-    principal components). A two-sample test,
-    not an attack: it needs the answer. Both pools leave out one cell of the candidate's label (itself,
-    and a random cell of the other group; of any label if the other group has none), so that when
-    membership is unrelated to the values members and non-members score alike; its AUC is then 0.5 up
-    to noise, as when both are label-matched cells of one site."""
+    nearest members than to its ``k`` nearest non-members (mean Euclidean distances between the
+    candidates' first ``n_components`` principal components).
+
+    A two-sample test, not an attack: it needs the answer. Both pools leave out one cell of the
+    candidate's label (itself, and a random cell of the other group; of any label if the other group has
+    none), so that when membership is unrelated to the values, members and non-members score alike: the
+    AUC is then 0.5 up to noise, as when both are label-matched cells of one site.
+    """
     rng = np.random.default_rng([seed, 0x2A])
     # Distances between whole profiles are dominated by noise in thousands of features: compare the
     # candidates' principal components instead.
@@ -753,7 +755,7 @@ def two_sample_scores(
 
 
 def _membership(ctx: _Context, out: _Collector, seed: int) -> None:
-    """Loss threshold and reference-model attacks (LiRA, RMIA) on the released global model, beside two
+    """Loss threshold and reference-model attacks (LiRA, RMIA) on the released global model, beside three
     model-free scores that must sit at AUC 0.5.
 
     Candidates: trained-on cells and never-trained ones (the site's held-out cells when given, else public

@@ -22,23 +22,19 @@ __all__ = ["privacy_audit"]
 _MAX_CELLS = 2000  # per role: enough for every attack; keeps dense audit matrices small
 
 
-def _cells(
-    model: FederatedModel,
-    data,
-    role: str,
-    rng: np.random.Generator,
-    labels: np.ndarray,
-    rows: np.ndarray | None = None,
-):
-    """Up to ``_MAX_CELLS`` of ``data``'s cells (of ``rows``, default all) as the network reads them (as in
-    training: a site's inputs are built from all its cells, e.g. its control profiles), with labels."""
-    rows = np.arange(data.n_obs) if rows is None else rows
-    if len(rows) < 2:
-        raise ValueError(f"The {role} cells: {len(rows)} cell(s); the audit needs at least 2.")
+def _inputs(model: FederatedModel, data, role: str):
+    """``data`` as the network reads it, as in training (a site's inputs come from all its cells, e.g. its
+    control profiles)."""
     try:
-        inputs = model.inputs(data, site=role, min_overlap=1.0)
+        return model.inputs(data, site=role, min_overlap=1.0)
     except ValueError as error:
         raise ValueError(f"{error} The audit needs data with the model's full feature set.") from None
+
+
+def _cells(inputs, labels: np.ndarray, rows: np.ndarray, role: str, rng: np.random.Generator):
+    """Up to ``_MAX_CELLS`` of ``rows`` of ``inputs``, with their labels, as tensors."""
+    if len(rows) < 2:
+        raise ValueError(f"The {role} cells: {len(rows)} cell(s); the audit needs at least 2.")
     index = np.sort(rng.choice(rows, size=min(len(rows), _MAX_CELLS), replace=False))
     return torch.from_numpy(inputs.rows(index)), torch.from_numpy(labels[index])
 
@@ -113,8 +109,9 @@ def privacy_audit(
         More cells of the same site held out from training (non-members of membership inference).
         Membership inference compares like with like only when its non-members come from the members'
         own site: with neither ``site`` nor ``nonmembers`` they are public cells, and the model-free rows
-        (label frequency, untrained network; view ``"no model"``) show how far apart the two groups
-        are before any model is looked at. Members and non-members are matched by label.
+        (view ``"no model"``: label frequency, an untrained network, a nearest-neighbour test of the
+        values) show how far apart the two groups are before any model is looked at; the audit warns
+        when they leave 0.5. Members and non-members are matched by label.
     attacks
         Attack families (default: all that apply to the model's task). ``"utility"`` (wrong keys,
         one-bit flips, no key; for an embedding model, kNN label transfer in the embedding of each key
@@ -164,9 +161,9 @@ def privacy_audit(
         raise TypeError(f"model must be a scinfl.FederatedModel, got {type(model).__name__}.")
     key = as_key(key)
     model.check_key(key)
-    if attacks is not None:  # before any data is read
-        check_attacks(model.task.audit_view(model.config), attacks)
     view = model.task.audit_view(model.config)
+    if attacks is not None:  # before any data is read
+        check_attacks(view, attacks)
     wants_membership = "membership" in (attacks_for(view) if attacks is None else attacks)
     held_out = np.zeros(adata.n_obs, bool) if site is None else model.validation_mask(adata, site=site)
     rng = np.random.default_rng(0)
@@ -174,17 +171,17 @@ def privacy_audit(
     if nonmembers is not None and wants_membership:
         roles["held-out"] = nonmembers
     labels = _labels(model, roles, label_key)
-    members_x, members_y = _cells(
-        model, adata, "trained-on", rng, labels["trained-on"], np.flatnonzero(~held_out)
-    )
-    public_x, public_y = _cells(model, public, "public", rng, labels["public"])
+    inputs = {role: _inputs(model, data, role) for role, data in roles.items()}
+    trained_on = (inputs["trained-on"], labels["trained-on"])
+    members_x, members_y = _cells(*trained_on, np.flatnonzero(~held_out), "trained-on", rng)
+    public_x, public_y = _cells(inputs["public"], labels["public"], np.arange(public.n_obs), "public", rng)
     outside = []  # the site's cells never trained on: its validation cells and ``nonmembers``
     if wants_membership and held_out.sum() >= 2:
-        outside.append(
-            _cells(model, adata, "trained-on", rng, labels["trained-on"], np.flatnonzero(held_out))
-        )
+        outside.append(_cells(*trained_on, np.flatnonzero(held_out), "validation", rng))
     if "held-out" in roles:
-        outside.append(_cells(model, nonmembers, "held-out", rng, labels["held-out"]))
+        outside.append(
+            _cells(inputs["held-out"], labels["held-out"], np.arange(nonmembers.n_obs), "held-out", rng)
+        )
     nonmembers_x, nonmembers_y = (
         (torch.cat([x for x, _ in outside]), torch.cat([y for _, y in outside])) if outside else (None, None)
     )

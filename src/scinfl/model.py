@@ -224,7 +224,7 @@ class FederatedModel:
         """Read a model written by :meth:`save` (no pickle: safetensors and JSON only).
 
         A file that is missing raises :class:`FileNotFoundError`; one that is truncated or corrupt raises
-        :class:`ModelFileError`, naming it.
+        :class:`~scinfl.model.ModelFileError`, naming it.
         """
         path = Path(path)
         for name in (_WEIGHTS, _META):

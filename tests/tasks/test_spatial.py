@@ -115,7 +115,7 @@ def test_spatial_option_gives_more_coherent_domains(name, label):
 
 def test_audit_reads_the_spots_as_the_model_does(pbmc):
     # The privacy audit must attack what the network reads: each spot with its neighbours.
-    from scinfl.tl._privacy import _cells
+    from scinfl.tl._privacy import _cells, _inputs
 
     sites = {"left": pbmc[:350].copy(), "right": pbmc[350:].copy()}
     options = {**SPATIAL, "rounds": 1, "task": PLAIN_TASK.replace(spatial_key="X_umap", spatial_neighbors=4)}
@@ -125,6 +125,7 @@ def test_audit_reads_the_spots_as_the_model_does(pbmc):
     inputs = model.inputs(site, site="left")
     assert isinstance(inputs, NeighbourhoodMatrix)
     labels = np.zeros(site.n_obs, dtype=np.int64)
-    x, _ = _cells(model, site, "trained-on", np.random.default_rng(0), labels)
+    audited = _inputs(model, site, "trained-on")
+    x, _ = _cells(audited, labels, np.arange(site.n_obs), "trained-on", np.random.default_rng(0))
     np.testing.assert_array_equal(x.numpy(), inputs.rows(np.arange(site.n_obs)))
     assert not np.array_equal(x.numpy(), aligned.rows(np.arange(site.n_obs)))

@@ -33,7 +33,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import pandas as pd
 from anndata import AnnData
-from torch import nn
+from torch import Tensor, nn
 
 from .._warnings import warn
 from ..data import (
@@ -65,6 +65,20 @@ __all__ = [
 ]
 
 TASKS: dict[str, type[Task]] = {}
+
+
+class PerCellObjective:
+    """An objective whose loss is the mean of a per-cell loss (``cell_losses(output, x)``), reported as
+    its sum so that a site's evaluation can be averaged over cells."""
+
+    def cell_losses(self, output: Any, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def loss(self, output: Any, x: Tensor, y: Tensor) -> Tensor:
+        return self.cell_losses(output, x).mean()
+
+    def metric_sums(self, output: Any, x: Tensor, y: Tensor) -> dict[str, float]:
+        return {"loss": float(self.cell_losses(output, x).sum())}
 
 
 def register(cls: type[Task]) -> type[Task]:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from .._warnings import warn
 from ..data import FederationSchema, NeighbourhoodMatrix, spatial_graph
 from ..nn import LIKELIHOODS, Autoencoder, cell_losses
-from ._base import ModelConfig, Task, register
+from ._base import ModelConfig, PerCellObjective, Task, register
 
 # Likelihoods of raw counts: their losses need non-negative values and model whole numbers.
 COUNT_LIKELIHOODS = ("poisson", "clr")
@@ -42,7 +42,7 @@ def check_counts(values: np.ndarray, likelihood: str, site: str) -> None:
 __all__ = ["Embedding", "Reconstruction"]
 
 
-class Reconstruction:
+class Reconstruction(PerCellObjective):
     """The autoencoder's objective: a per-cell reconstruction loss (:func:`scinfl.nn.cell_losses`) of the
     input, over the features the site measures (``measured``), averaged over cells."""
 
@@ -53,12 +53,6 @@ class Reconstruction:
     def cell_losses(self, output: Tensor, x: Tensor) -> Tensor:
         measured = None if self.measured is None else self.measured.to(x.device)
         return cell_losses(self.likelihood, output, x, measured)
-
-    def loss(self, output: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        return self.cell_losses(output, x).mean()
-
-    def metric_sums(self, output: Tensor, x: Tensor, y: Tensor) -> dict[str, float]:
-        return {"loss": float(self.cell_losses(output, x).sum())}
 
 
 @register

@@ -29,12 +29,12 @@ from ..data import (
     site_modalities,
 )
 from ..nn import LIKELIHOODS, MosaicAutoencoder, MosaicOutput, cell_losses, modality_parameter_names
-from ._base import ModelConfig, Task, _check_overlap, register
+from ._base import ModelConfig, PerCellObjective, Task, _check_overlap, register
 
 __all__ = ["Mosaic", "MosaicReconstruction"]
 
 
-class MosaicReconstruction:
+class MosaicReconstruction(PerCellObjective):
     """The mosaic objective: per cell, the sum over its modalities of that modality's reconstruction loss
     from the joint latent (:func:`scinfl.nn.cell_losses`, over the features the site measures), plus, for a
     cell with several modalities, ``alignment`` times the mean squared distance of each modality's latent
@@ -65,12 +65,6 @@ class MosaicReconstruction:
                 count = count.index_add(0, rows, torch.ones_like(distance))
             losses = losses + self.alignment * torch.where(count > 1, spread, 0.0)
         return losses
-
-    def loss(self, output: MosaicOutput, x: Tensor, y: Tensor) -> Tensor:
-        return self.cell_losses(output, x).mean()
-
-    def metric_sums(self, output: MosaicOutput, x: Tensor, y: Tensor) -> dict[str, float]:
-        return {"loss": float(self.cell_losses(output, x).sum())}
 
 
 @register

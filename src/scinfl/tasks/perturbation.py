@@ -22,12 +22,12 @@ from ..data import (
 )
 from ..nn import PerturbationNetwork, cell_losses
 from ..train import infer
-from ._base import AuditView, ModelConfig, Predictions, Task, register
+from ._base import AuditView, ModelConfig, PerCellObjective, Predictions, Task, register
 
 __all__ = ["Perturbation", "ProfileError"]
 
 
-class ProfileError:
+class ProfileError(PerCellObjective):
     """The perturbation model's objective: per-cell mean squared error of the predicted profile against
     the observed one (the first ``n_features`` columns of a row), over the features the site measures.
 
@@ -43,12 +43,6 @@ class ProfileError:
     def cell_losses(self, output: Tensor, x: Tensor) -> Tensor:
         measured = None if self.measured is None else self.measured.to(x.device)
         return cell_losses("gaussian", output, x[:, : self.n_features], measured)
-
-    def loss(self, output: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        return self.cell_losses(output, x).mean()
-
-    def metric_sums(self, output: Tensor, x: Tensor, y: Tensor) -> dict[str, float]:
-        return {"loss": float(self.cell_losses(output, x).sum())}
 
 
 @register

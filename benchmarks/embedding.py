@@ -50,7 +50,9 @@ def main() -> None:
         key = si.FederationKey.generate()
         sites = si.pp.split_sites(pbmc, n_sites=3, label_key="bulk_labels", alpha=0.5, seed=seed)
         federated = si.tl.train_federated(sites, key=key, seed=seed, **options)
-        central = si.tl.train_federated({"all": pbmc.copy()}, key=key, seed=seed, **options)
+        central = si.tl.train_federated(
+            {"all": pbmc.copy()}, key=key, seed=seed, secure_aggregation=False, **options
+        )
         plain = si.tl.train_federated(sites, key=None, seed=seed, copy=True, **options)
         infl_key = si.FederationKey.generate(scheme="infl")
         infl = si.tl.train_federated(sites, key=infl_key, seed=seed, copy=True, **options)

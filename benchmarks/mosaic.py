@@ -101,6 +101,7 @@ def main() -> None:
             hidden=128, n_latent=16, likelihood={"rna": "poisson", "prot": "clr"}, label_key=LABEL
         ),
         "rounds": args.rounds,
+        "min_cohort": 2,  # two donors: secure aggregation hides each from the server, not from each other
     }
 
     def score(model: si.FederatedModel, key: si.FederationKey | None) -> float:
@@ -136,7 +137,9 @@ def main() -> None:
     seed = args.only_seed
     key = si.FederationKey.generate()
     federated = si.tl.train_federated(sites, key=key, seed=seed, copy=True, **options)
-    central = si.tl.train_federated({"all": central_site}, key=key, seed=seed, copy=True, **options)
+    central = si.tl.train_federated(
+        {"all": central_site}, key=key, seed=seed, copy=True, **(options | {"secure_aggregation": False})
+    )
     plain = si.tl.train_federated(sites, key=None, seed=seed, copy=True, **options)
     results = {
         "federated mosaic, hardened, right key": score(federated, key),

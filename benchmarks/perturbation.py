@@ -75,6 +75,7 @@ def main() -> None:
     options = {
         "task": si.tasks.Perturbation(perturbation_key=pkey, covariate_keys=("condition",), hidden=128),
         "rounds": args.rounds,
+        "min_cohort": 2,  # two sites: secure aggregation hides each from the server, not from each other
     }
     tables = []
     for seed in range(args.seeds):
@@ -86,7 +87,7 @@ def main() -> None:
         start = time.perf_counter()
         runs["federated, hardened"] = si.tl.train_federated(sites, key=key, seed=seed, copy=True, **options)
         runs["centralised, hardened"] = si.tl.train_federated(
-            {"all": train}, key=key, seed=seed, copy=True, **options
+            {"all": train}, key=key, seed=seed, copy=True, **(options | {"secure_aggregation": False})
         )
         infl_key = si.FederationKey.generate(scheme="infl")
         runs["federated, infl"] = si.tl.train_federated(sites, key=infl_key, seed=seed, copy=True, **options)

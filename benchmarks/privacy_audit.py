@@ -115,6 +115,7 @@ def audit_one(name: str, settings: dict, args: argparse.Namespace) -> tuple[str,
         adata = load(500)
         train, public = si.pp.split_holdout(adata, label_key="perturbation", fraction=0.2, seed=0)
         sites = si.pp.split_sites(train, n_sites=2, label_key="perturbation", alpha=100.0, seed=0)
+        options = {**options, "min_cohort": 2}
         task = si.tasks.Perturbation(
             perturbation_key="perturbation", covariate_keys=("condition",), **network
         )

@@ -82,12 +82,12 @@ def flower_local(monkeypatch, tmp_path):
     monkeypatch.setattr(deployment, "run_local_deployment", fake_deployment)
 
     def run(*args: str):
-        assert cli.main(["flower-local", "--sites", "a.h5ad", "b.h5ad", *args]) == 0
+        assert cli.main(["flower-local", "--sites", "a.h5ad", "b.h5ad", "c.h5ad", *args]) == 0
         assert len(calls) == 1
         paths, options = calls.pop()
-        assert paths == ["a.h5ad", "b.h5ad"]
+        assert paths == ["a.h5ad", "b.h5ad", "c.h5ad"]
         # The settings are the run config the deployment reads (sites and key filled in there).
-        spec = RunSpec.from_run_config({**options["settings"], "sites": "a,b"})
+        spec = RunSpec.from_run_config({**options["settings"], "sites": "a,b,c"})
         return spec, options
 
     return run
@@ -97,6 +97,7 @@ def test_flower_local_defaults(flower_local, capsys):
     spec, options = flower_local()
     assert spec.task == si.tasks.Classification()
     assert (spec.rounds, spec.seed, spec.min_sites, spec.round_timeout) == (20, 0, 0, 600.0)
+    assert (spec.secure_aggregation, spec.min_cohort) == (True, 3)
     assert options["key_path"] is None
     assert options["output_dir"] == "scinfl-flower"
     assert options["resume"] is False
@@ -137,6 +138,13 @@ def test_flower_local_task_settings_and_site_fields(flower_local):
     assert (spec.fit.lr, spec.fit.local_epochs, spec.validation_fraction) == (0.01, 2, 0.2)
     assert options["fields"] == {"layer": "counts", "use_raw": True, "modality": "rna"}
     assert (options["key_path"], options["output_dir"], options["resume"]) == ("k.key", "out", True)
+
+
+def test_flower_local_secure_aggregation_options(flower_local):
+    spec, _ = flower_local("--min-cohort", "2")
+    assert (spec.secure_aggregation, spec.min_cohort) == (True, 2)
+    spec, _ = flower_local("--no-secure-aggregation")
+    assert not spec.secure_aggregation
 
 
 def test_flower_local_label_key_and_dp(flower_local):

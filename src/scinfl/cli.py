@@ -45,6 +45,18 @@ def main(argv: list[str] | None = None) -> int:
     flower.add_argument("--min-sites", type=int, default=0, help="sites that must answer each round (0: all)")
     flower.add_argument("--round-timeout", type=float, default=600.0, help="seconds per round (default 600)")
     flower.add_argument(
+        "--min-cohort",
+        type=int,
+        default=3,
+        help="fewest sites a round sums under secure aggregation (default 3; 2 lets each of two sites "
+        "learn the other's update)",
+    )
+    flower.add_argument(
+        "--no-secure-aggregation",
+        action="store_true",
+        help="send updates in the clear (default: masked, the server learns only each round's sum)",
+    )
+    flower.add_argument(
         "--set",
         nargs="+",
         default=[],
@@ -74,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             "seed": args.seed,
             "min-sites": args.min_sites,
             "round-timeout": args.round_timeout,
+            "min-cohort": args.min_cohort,
+            "secure-aggregation": not args.no_secure_aggregation,
             **({"task.label-key": args.label_key} if args.label_key else {}),
             **_run_config_overrides(args.set),
         }

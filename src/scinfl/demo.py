@@ -111,10 +111,15 @@ def _run_demo(rounds, seeds, n_wrong_keys, hidden, output_dir, say, start) -> De
     model = None
     for seed in range(seeds):
         say(f"seed {seed}: centralised, each site alone, plain FedAvg, INFL, hardened ...")
-        central = tl.train_federated({"all": train}, key=None, seed=seed, **common)
+        # One site: no federation, nothing for secure aggregation to hide in.
+        central = tl.train_federated({"all": train}, key=None, seed=seed, secure_aggregation=False, **common)
         rows["centralised"].append(_scores(central, test, None))
         alone = [
-            _scores(tl.train_federated({n: s}, key=None, seed=seed, **common), test, None)
+            _scores(
+                tl.train_federated({n: s}, key=None, seed=seed, secure_aggregation=False, **common),
+                test,
+                None,
+            )
             for n, s in sites.items()
         ]
         rows["site alone"].append(tuple(np.mean(alone, axis=0)))

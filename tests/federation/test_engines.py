@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 
 HARDENED = si.FederationKey(hashlib.sha256(b"engine matrix key").digest(), scheme="hardened")
 INFL = si.FederationKey(hashlib.sha256(b"engine matrix key").digest(), scheme="infl")
-RUN = {"rounds": 2, "seed": 3}
+RUN = {"rounds": 2, "seed": 3, "min_cohort": 2}  # masked updates on both engines (secure aggregation)
 
 
 def _pbmc_sites(pbmc):

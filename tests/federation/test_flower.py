@@ -81,7 +81,12 @@ def test_wrong_key_version_rejected_and_messages_hold_no_key_material(pbmc_split
     stale = si.FederationKey.generate(scheme="hardened")
     keys = {"site_0": key, "site_1": key, "site_2": stale}
     spec = RunSpec(
-        task=FAST_TASK, sites=tuple(sites), key_fingerprint=key.fingerprint, scheme="hardened", rounds=1
+        task=FAST_TASK,
+        sites=tuple(sites),
+        key_fingerprint=key.fingerprint,
+        scheme="hardened",
+        rounds=1,
+        min_cohort=2,
     )
     blobs: list[bytes] = []
     runs = []
@@ -98,7 +103,7 @@ def test_wrong_key_version_rejected_and_messages_hold_no_key_material(pbmc_split
         "site_1": False,
         "site_2": True,
     }
-    assert "rejected the update of site 'site_2'" in scinfl_log.text
+    assert "left site 'site_2' out of the sum" in scinfl_log.text  # masked updates cannot be taken out
     assert stale.fingerprint in scinfl_log.text
 
     # hello (3 + 3), the initial weights from site_0 (1 + 1), round 1 (3 + 3), final evaluation (3 + 3)
@@ -117,6 +122,29 @@ def test_wrong_key_version_rejected_and_messages_hold_no_key_material(pbmc_split
     assert_same_history(in_process.history, run.history)
     for k in (key, stale):
         assert_no_secret(wire, key_secrets(k) + hardened_secrets(key_material(k, network)))
+    # Secure aggregation: no site's update crosses the wire, only masked vectors (the updates are those
+    # of the same round in the clear, in process)
+    clear = _InProcessUpdates(sites, keys)
+    federate(clear, spec.replace(secure_aggregation=False))
+    for site in ("site_0", "site_1"):
+        for name, tensor in clear.updates[site].items():
+            if tensor.is_floating_point() and tensor.numel() >= 16:
+                assert tensor.reshape(-1)[:16].numpy().tobytes() not in wire, (site, name)
+
+
+class _InProcessUpdates(InProcess):
+    """In-process sites that keep each site's first update."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.updates: dict[str, dict] = {}
+
+    def exchange(self, round_index, state, spec, config, instructions):
+        replies = super().exchange(round_index, state, spec, config, instructions)
+        for site, reply in replies.items():
+            if reply.update is not None:
+                self.updates.setdefault(site, reply.update.state)
+        return replies
 
 
 def test_unknown_engine_is_refused(pbmc_split):
@@ -190,6 +218,7 @@ def test_deployed_hardened_perturbation_run_survives_a_killed_supernode_and_equa
         seed=1,
         round_timeout=60,  # a ClientApp process per message: imports, data and a fit, on a busy CI machine
         connect_timeout=120,
+        min_cohort=2,  # masked updates: each SuperNode keeps its masking key in its run context
     )
     deployment = LocalDeployment(tmp_path / "flower", _nodes(sites, tmp_path, key_path))
     groups: list[int] = []
@@ -217,7 +246,7 @@ def test_deployed_hardened_perturbation_run_survives_a_killed_supernode_and_equa
 
     assert (output_dir / "model" / "model.json").is_file(), log_tail(tmp_path / "flower" / "flwr-run.log")
     deployed = si.FederatedModel.load(output_dir / "model")
-    local = si.tl.train_federated(sites, key=key, task=task, rounds=2, seed=1, copy=True)
+    local = si.tl.train_federated(sites, key=key, task=task, rounds=2, seed=1, copy=True, min_cohort=2)
     assert deployed.task == task
     assert deployed.params["engine"] == "flower"
     assert deployed.spec == local.spec.replace(round_timeout=60, connect_timeout=120)

@@ -19,7 +19,7 @@ from scinfl.federation.checkpoint import CHECKPOINT, load_checkpoint
 from scinfl.train import SiteTrainer, key_material
 
 # Sampling a fraction of sites per round makes the sampling generator part of what a resume must restore.
-RUN = {**FAST, "rounds": 5, "fraction": 0.67, "seed": 11}
+RUN = {**FAST, "rounds": 5, "fraction": 0.67, "min_cohort": 2, "seed": 11}
 N_SITES = 3
 
 # Trains RUN in a fresh interpreter and kills itself with SIGKILL, a crash that runs no cleanup, in the

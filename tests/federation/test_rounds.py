@@ -150,20 +150,25 @@ def test_updates_sent_to_the_aggregator_hold_no_key_material(pbmc_sites, key):
     assert moved > 1e-4
 
 
-def test_site_with_another_key_version_is_rejected_every_round(pbmc_sites, key, scinfl_log):
+@pytest.mark.parametrize("secure", [True, False])
+def test_site_with_another_key_version_is_rejected_every_round(pbmc_sites, key, scinfl_log, secure):
     stale = si.FederationKey.generate(scheme="infl")
     keys = {"site_0": key, "site_1": key, "site_2": stale}
-    run = federate(InProcess(pbmc_sites, keys), _spec(pbmc_sites, key))
+    spec = _spec(pbmc_sites, key, secure_aggregation=secure, min_cohort=2)
+    run = federate(InProcess(pbmc_sites, keys), spec)
     history = run.history
     assert history.loc[history.site == "site_2", "rejected"].all()
+    assert history.sampled.all()
     assert not history.loc[history.site != "site_2", "rejected"].any()
-    assert scinfl_log.text.count("rejected the update of site 'site_2'") == 2
+    # in the clear its update is thrown away; masked, it is never made (it could not be taken out of the sum)
+    said = "left site 'site_2' out of the sum" if secure else "rejected the update of site 'site_2'"
+    assert scinfl_log.text.count(said) == 2
     assert "Site 'site_2' holds key version" in scinfl_log.text  # said when it joined
 
 
 def test_federate_is_deterministic_and_seed_sensitive(pbmc_sites, key):
     def run(seed):
-        spec = _spec(pbmc_sites, key, seed=seed, fraction=0.67)
+        spec = _spec(pbmc_sites, key, seed=seed, fraction=0.67, min_cohort=2)
         return federate(InProcess(pbmc_sites, dict.fromkeys(pbmc_sites, key)), spec)
 
     first, again, other = run(0), run(0), run(1)
@@ -200,7 +205,7 @@ class FailingSite(InProcess):
 
 
 def test_a_site_that_stops_answering_is_dropped_and_the_run_goes_on_above_min_sites(pbmc_sites, scinfl_log):
-    spec = _spec(pbmc_sites, None, rounds=3, min_sites=2)
+    spec = _spec(pbmc_sites, None, rounds=3, min_sites=2, min_cohort=2)
     run = federate(FailingSite(pbmc_sites, {}, failing="site_1", from_round=2), spec)
     assert run.dropped == ["site_1"]
     assert "site 'site_1' dropped from the run (no reply before the deadline)" in scinfl_log.text
@@ -213,7 +218,8 @@ def test_a_site_that_stops_answering_is_dropped_and_the_run_goes_on_above_min_si
         SiteFailureError, match=r"Round 2: 2 site\(s\) answered.*needs at least 3 \(min-sites\)"
     ):
         federate(
-            FailingSite(pbmc_sites, {}, failing="site_1", from_round=2), _spec(pbmc_sites, None, min_sites=3)
+            FailingSite(pbmc_sites, {}, failing="site_1", from_round=2),
+            _spec(pbmc_sites, None, min_sites=3, min_cohort=2),
         )
 
 
@@ -231,7 +237,7 @@ def test_hardened_initial_weights_are_drawn_by_a_key_holder(pbmc_sites):
 
     keys = {"site_0": None, "site_1": hardened, "site_2": hardened}
     transport = Recording(pbmc_sites, keys)
-    run = federate(transport, _spec(pbmc_sites, hardened, rounds=1))
+    run = federate(transport, _spec(pbmc_sites, hardened, rounds=1, min_cohort=2))
     assert asked == ["site_1"]
     assert run.history.set_index("site")["rejected"].to_dict() == {
         "site_0": True,
@@ -264,7 +270,7 @@ def test_a_reused_checkpoint_directory_is_refused_unless_resuming(pbmc_sites, tm
 def test_a_site_of_a_few_cells_trains_with_a_warning_that_names_it(pbmc_sites):
     sites = {"big": pbmc_sites["site_1"], "tiny": pbmc_sites["site_2"][:4].copy()}
     with pytest.warns(UserWarning, match=r"Site 'tiny' has 4 cells \(fewer than 20\)") as record:
-        model = si.tl.train_federated(sites, key=None, **{**FAST, "rounds": 2})
+        model = si.tl.train_federated(sites, key=None, **{**FAST, "rounds": 2}, min_cohort=2)
     assert [w.filename for w in record if "'tiny'" in str(w.message)] == [__file__]  # the user's call
     assert not any("'big'" in str(w.message) for w in record)
     assert set(model.history["site"]) == {"big", "tiny"}

@@ -22,6 +22,8 @@ SPEC = RunSpec(
     join="outer",
     seed=3,
     min_sites=1,
+    secure_aggregation=False,  # a cohort of one
+    min_cohort=2,
 )
 
 
@@ -35,6 +37,8 @@ def test_spec_round_trips_through_json_and_the_flower_run_config():
     assert config["fit.batch-size"] == 64
     assert config["sites"] == "lab_a,lab_b"
     assert config["dp"] == ""
+    assert config["secure-aggregation"] is False
+    assert config["min-cohort"] == 2
     assert all(isinstance(v, bool | int | float | str) for v in config.values())
     assert RunSpec.from_run_config(config) == SPEC
     # `flwr run --run-config` overrides any key, with Flower's typed values or text
@@ -46,6 +50,7 @@ def test_spec_round_trips_through_json_and_the_flower_run_config():
             "task.name": "classification",
             "task.hidden": 64,
             "sites": "a,b",
+            "min-cohort": 2,
             "dp.epsilon": 3.0,
             "dp.delta": 1e-6,
         }
@@ -87,6 +92,31 @@ def test_spec_refuses_what_no_run_can_do():
         RunSpec.from_run_config({"sites": "a"})
 
 
+def test_secure_aggregation_refuses_a_cohort_smaller_than_min_cohort():
+    task = si.tasks.Classification()
+    assert RunSpec(task=task, sites=("a", "b", "c")).secure_aggregation  # the default
+    with pytest.raises(
+        ValueError, match=r"min_cohort=3 .* 2 site\(s\).*learn the other's.*Pass min_cohort=2"
+    ):
+        RunSpec(task=task, sites=("a", "b"))
+    with pytest.raises(ValueError, match=r"samples 1 of 3 .*alone\. Raise fraction"):
+        RunSpec(task=task, sites=("a", "b", "c"), fraction=0.3)
+    with pytest.raises(ValueError, match="min_cohort must be a positive"):
+        RunSpec(task=task, sites=("a", "b", "c"), min_cohort=0)
+    with pytest.raises(ValueError, match="min_cohort=1: secure aggregation needs at least 2"):
+        RunSpec(task=task, sites=("a", "b", "c"), min_cohort=1)
+    with pytest.raises(ValueError, match="secure_aggregation must be True or False"):
+        RunSpec(task=task, sites=("a", "b", "c"), secure_aggregation="yes")
+    # chosen explicitly, a two-site sum or updates in the clear are accepted
+    assert RunSpec(task=task, sites=("a", "b"), min_cohort=2).min_cohort == 2
+    assert not RunSpec(task=task, sites=("a",), secure_aggregation=False).secure_aggregation
+    # Flower's run config spells booleans as text or TOML booleans
+    plain = RunSpec.from_run_config(
+        {"task.name": "classification", "sites": "a", "secure-aggregation": "false"}
+    )
+    assert not plain.secure_aggregation
+
+
 def test_signature_leaves_out_what_a_resumed_run_may_change():
     signature = SPEC.signature()
     assert "rounds" not in signature
@@ -94,9 +124,15 @@ def test_signature_leaves_out_what_a_resumed_run_may_change():
     assert "min_sites" not in signature
     assert signature["task"]["n_latent"] == 8
     assert signature["seed"] == 3
-    assert SPEC.replace(rounds=20, min_sites=2).signature() == signature
+    assert SPEC.replace(rounds=20, min_sites=2, min_cohort=1).signature() == signature
+    assert (
+        SPEC.replace(secure_aggregation=True, fraction=1.0).signature()
+        != SPEC.replace(fraction=1.0).signature()
+    )
     assert SPEC.replace(seed=4).signature() != signature
     # DP-SGD's noise is calibrated to the planned rounds: they are part of a private run's signature
-    private = RunSpec(task=si.tasks.Classification(), sites=("a",), dp={"epsilon": 8.0}, rounds=3)
+    private = RunSpec(
+        task=si.tasks.Classification(), sites=("a",), dp={"epsilon": 8.0}, rounds=3, secure_aggregation=False
+    )
     assert private.signature()["rounds"] == 3
     json.dumps(signature)  # it is what a checkpoint stores

@@ -59,7 +59,7 @@ def test_task_options_round_trip_through_json(name):
     # Flower spells the keys with hyphens
     assert Task.from_dict({k.replace("_", "-"): v for k, v in data.items()}) == task
     # and a run config carries them flat, nested keys joined by dots
-    spec = RunSpec(task=task, sites=("a", "b"))
+    spec = RunSpec(task=task, sites=("a", "b"), min_cohort=2)
     config = spec.to_run_config()
     assert config["task.name"] == name
     assert RunSpec.from_run_config(config).task == task
@@ -103,14 +103,16 @@ def test_mosaic_likelihood_mapping_is_stored_as_data():
 
 def test_mosaic_likelihood_keeps_modality_names_through_a_run_config():
     task = si.tasks.Mosaic(likelihood={"gene_expr": "poisson", "prot": "clr"})
-    config = RunSpec(task=task, sites=("a", "b")).to_run_config()
+    config = RunSpec(task=task, sites=("a", "b"), min_cohort=2).to_run_config()
     assert config["task.likelihood.gene_expr"] == "poisson"  # a modality's name is data: kept as spelt
     assert RunSpec.from_run_config(config).task == task
     # what a flat run config cannot carry is refused, not silently changed
     with pytest.raises(ValueError, match="'site,b' cannot be written to a Flower run config"):
-        RunSpec(task=task, sites=("a", "site,b")).to_run_config()
+        RunSpec(task=task, sites=("a", "site,b"), min_cohort=2).to_run_config()
     with pytest.raises(ValueError, match="name with '.' cannot be written"):
-        RunSpec(task=si.tasks.Mosaic(likelihood={"rna.v2": "poisson"}), sites=("a",)).to_run_config()
+        RunSpec(
+            task=si.tasks.Mosaic(likelihood={"rna.v2": "poisson"}), sites=("a",), secure_aggregation=False
+        ).to_run_config()
 
 
 def test_perturbation_covariates_from_a_flower_run_config():
@@ -134,7 +136,7 @@ def test_perturbation_covariates_from_a_flower_run_config():
     none = Task.from_dict({"name": "perturbation", "perturbation-key": "guide", "covariate-keys": ""})
     assert none.covariate_keys == ()
     # the flat config RunSpec writes for Flower spells them so too
-    config = RunSpec(task=EXAMPLES["perturbation"], sites=("a", "b")).to_run_config()
+    config = RunSpec(task=EXAMPLES["perturbation"], sites=("a", "b"), min_cohort=2).to_run_config()
     assert config["task.covariate-keys"] == "condition,donor"
     # a string given to the task itself is one column, not a list to split
     assert si.tasks.Perturbation(perturbation_key="guide", covariate_keys="condition").covariate_keys == (

@@ -22,7 +22,7 @@ pytest.importorskip("igraph")  # scanpy's Leiden
 
 # 60 rounds: where the federated autoencoder's validation loss levels off on these 700 cells.
 N_LATENT = 16
-EMBED = {"task": si.tasks.Embedding(hidden=128, n_latent=N_LATENT), "rounds": 60, "seed": 0}
+EMBED = {"task": si.tasks.Embedding(hidden=128, n_latent=N_LATENT), "rounds": 60, "seed": 0, "min_cohort": 2}
 SECRET = bytes(range(32))  # a fixed hardened key; hardened training does not depend on the key's bytes
 
 
@@ -53,15 +53,32 @@ def embedded(_pbmc):
     pbmc = _registered(_pbmc)
     sites = si.pp.split_sites(pbmc, n_sites=3, label_key="bulk_labels", alpha=0.5, seed=0)
     model = si.tl.train_federated(sites, key=key, **EMBED)
-    central = si.tl.train_federated({"all": pbmc}, key=key, **EMBED)
+    central = si.tl.train_federated({"all": pbmc}, key=key, **{**EMBED, "secure_aggregation": False})
     return key, sites, model, central
 
 
 def test_federated_embedding_clusters_like_central_and_pca(embedded, pbmc):
-    key, _, model, central = embedded
+    key, sites, model, central = embedded
     labels = pbmc.obs["bulk_labels"]
-    federated = _leiden_ari(model.predict(pbmc, key=key).embedding, labels)
-    centralised = _leiden_ari(central.predict(pbmc, key=key).embedding, labels)
+    # Leiden's ARI moves by about 0.02-0.03 from seed to seed: compare means over two seeds
+    second = {"seed": 1}
+    federated = np.mean(
+        [
+            _leiden_ari(m.predict(pbmc, key=key).embedding, labels)
+            for m in (model, si.tl.train_federated(sites, key=key, copy=True, **{**EMBED, **second}))
+        ]
+    )
+    centralised = np.mean(
+        [
+            _leiden_ari(m.predict(pbmc, key=key).embedding, labels)
+            for m in (
+                central,
+                si.tl.train_federated(
+                    {"all": pbmc}, key=key, copy=True, **{**EMBED, **second, "secure_aggregation": False}
+                ),
+            )
+        ]
+    )
     pca = _leiden_ari(pbmc.obsm["X_pca"], labels)
     # the targets: within 0.05 of the same autoencoder trained centrally, and of PCA + Leiden
     assert federated > centralised - 0.05
@@ -243,11 +260,11 @@ def test_a_count_likelihood_checks_for_counts():
     task = si.tasks.Embedding(likelihood="poisson", hidden=32, n_latent=4)
     scaled = si.pp.split_sites(pbmc, n_sites=2, label_key="bulk_labels", alpha=100.0, seed=0)
     with pytest.raises(ValueError, match=r"Site 'site_0': likelihood='poisson' models raw counts.*negative"):
-        si.tl.train_federated(scaled, key=None, task=task, rounds=1)
+        si.tl.train_federated(scaled, key=None, task=task, rounds=1, min_cohort=2)
     assert "X_scinfl" not in scaled["site_0"].obsm
     logged = si.pp.split_sites(pbmc.raw.to_adata(), n_sites=2, label_key="bulk_labels", alpha=100.0, seed=0)
     with pytest.warns(UserWarning, match=r"Site 'site_1': likelihood='poisson'.*not whole numbers"):
-        si.tl.train_federated(logged, key=None, task=task, rounds=1)
+        si.tl.train_federated(logged, key=None, task=task, rounds=1, min_cohort=2)
     counts = np.round(np.expm1(logged["site_0"].X.toarray()))  # whole numbers again
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)

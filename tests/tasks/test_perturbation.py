@@ -40,7 +40,7 @@ METRICS = ["mse", "mse_top_de", "pearson_delta", "pearson_delta_top_de"]
 PBMC_TASK = si.tasks.Perturbation(
     perturbation_key="bulk_labels", control="Dendritic", covariate_keys=("phase",), hidden=64
 )
-PBMC = {"task": PBMC_TASK, "rounds": 120, "seed": 0}
+PBMC = {"task": PBMC_TASK, "rounds": 120, "seed": 0, "min_cohort": 2}
 
 
 def _summary(scores: pd.DataFrame) -> pd.DataFrame:
@@ -57,7 +57,9 @@ def screen():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*have no control cells")  # few G2M cells
         model = si.tl.train_federated(sites, key=key, **PBMC)
-        central = si.tl.train_federated({"all": train.copy()}, key=key, **PBMC)
+        central = si.tl.train_federated(
+            {"all": train.copy()}, key=key, **{**PBMC, "secure_aggregation": False}
+        )
     return key, train, held, sites, model, central
 
 
@@ -302,6 +304,7 @@ def test_predict_perturbation_refuses_what_the_model_cannot_predict(screen):
         key=key,
         task=si.tasks.Classification(label_key="bulk_labels", hidden=16),
         rounds=1,
+        secure_aggregation=False,  # one site
     )
     with pytest.raises(ValueError, match="trained for task 'classification'; predict_perturbation needs"):
         si.tl.predict_perturbation(train, classifier, key=key)
@@ -328,8 +331,11 @@ def test_datlinger_screen_federated_matches_central_and_beats_baselines_on_de_ge
         "rounds": 60,
     }
     key = si.FederationKey(SECRET)
-    federated = si.tl.train_federated(sites, key=key, **options)
-    central = si.tl.train_federated({"all": train}, key=key, copy=True, **options)
+    # In the clear: the threshold below sits within seed-to-seed noise (secure aggregation's sum equals
+    # FedAvg's to 1e-9, but over 60 rounds that moves the trajectory as another seed would); the
+    # equivalence of the two is tested in tests/federation/test_secure.py.
+    federated = si.tl.train_federated(sites, key=key, **options, secure_aggregation=False)
+    central = si.tl.train_federated({"all": train}, key=key, copy=True, **options, secure_aggregation=False)
     scores = {
         name: si.tl.score_perturbation(si.tl.predict_perturbation(train, model, key=key, observed=held))
         for name, model in (("federated", federated), ("central", central))

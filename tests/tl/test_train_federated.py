@@ -171,7 +171,9 @@ def test_key_errors_say_what_to_pass(trained, pbmc_split, key, tmp_path):
     """A plain model given a key is told to take key=None; a keyed one given none or another, which key."""
     model, _ = trained
     _, test = pbmc_split
-    plain = si.tl.train_federated({"a": test[:70].copy(), "b": test[70:].copy()}, key=None, **FAST)
+    plain = si.tl.train_federated(
+        {"a": test[:70].copy(), "b": test[70:].copy()}, key=None, **FAST, min_cohort=2
+    )
     with pytest.raises(KeyMismatchError, match=r"plain model \(trained without a key\).*pass key=None"):
         si.tl.predict(test.copy(), plain, key=key)
     with pytest.raises(KeyMismatchError, match=f"trained under key {key.fingerprint}, but no key was given"):
@@ -265,6 +267,7 @@ def test_spec_round_trips_through_save_and_load_without_key_bytes(pbmc_sites, ke
         key_strength=0.5,
         validation_fraction=0.2,
         seed=3,
+        min_cohort=2,
     )
     expected = RunSpec(
         task=task,
@@ -278,6 +281,7 @@ def test_spec_round_trips_through_save_and_load_without_key_bytes(pbmc_sites, ke
         validation_fraction=0.2,
         join="outer",
         seed=3,
+        min_cohort=2,
     )
     assert model.spec == expected
     path = model.save(tmp_path / "model")

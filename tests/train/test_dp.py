@@ -117,7 +117,12 @@ def test_spent_epsilon_is_the_accountants_for_the_steps_taken(runs):
 def test_sites_that_sit_out_spend_nothing(split):
     sites, _ = split
     model = si.tl.train_federated(
-        sites, key=None, copy=True, dp={"epsilon": 3.0}, **{**SETTINGS, "rounds": 4, "fraction": 0.5}
+        sites,
+        key=None,
+        copy=True,
+        dp={"epsilon": 3.0},
+        **{**SETTINGS, "rounds": 4, "fraction": 0.5},
+        min_cohort=2,
     )
     steps = _check_accounting(model, target=3.0)
     history = model.history.sort_values(["site", "round"])

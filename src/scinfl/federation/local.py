@@ -10,6 +10,7 @@ from torch import Tensor
 from ..key import FederationKey
 from ..tasks import ModelConfig
 from ..train import SiteTrainer
+from .secure import MaskingKey
 from .site import Hello, Instruction, Reply, answer, build_site, hello, initial_weights
 from .spec import RunSpec
 
@@ -37,9 +38,15 @@ class InProcess:
         self.sites = dict(sites)
         self.keys = dict(keys)
         self.trainers: dict[str, SiteTrainer] = {}
+        self.masking_keys: dict[str, MaskingKey] = {}  # each site's, for a run with secure aggregation
 
     def connect(self, spec: RunSpec) -> dict[str, Hello | str]:
-        return {site: hello(spec, self.sites[site], site, self.keys.get(site)) for site in spec.sites}
+        if spec.secure_aggregation:
+            self.masking_keys = {site: MaskingKey.generate() for site in spec.sites}
+        return {
+            site: hello(spec, self.sites[site], site, self.keys.get(site), self.masking_keys.get(site))
+            for site in spec.sites
+        }
 
     def initial_state(self, site: str, spec: RunSpec, config: ModelConfig) -> dict[str, Tensor]:
         return initial_weights(config, spec.seed, self.keys.get(site))
@@ -58,6 +65,6 @@ class InProcess:
         instructions: Mapping[str, Instruction],
     ) -> dict[str, Reply | str]:
         return {
-            site: answer(self.trainer(site, spec, config), state, instruction)
+            site: answer(self.trainer(site, spec, config), state, instruction, self.masking_keys.get(site))
             for site, instruction in instructions.items()
         }

@@ -36,6 +36,7 @@ from ..tasks import ModelConfig
 from ..train import LocalFitResult, copy_state
 from .checkpoint import checkpoint_path, load_checkpoint, round_checkpoint, save_checkpoint
 from .fedavg import fedavg
+from .secure import MaskedUpdate, SecureRound, run_digest, unmask_sum
 from .site import Hello, Instruction, Reply, initial_weights
 from .spec import RunSpec
 
@@ -103,9 +104,11 @@ class FederationRun:
     site_states: dict[str, dict]  # each site's last running state (e.g. its DP-SGD accounting)
 
 
-def site_seed(seed: int, round_index: int, site_index: int) -> int:
-    """An independent seed for one site's local fit in one round."""
-    return int(np.random.SeedSequence([seed, round_index, site_index]).generate_state(1)[0])
+def site_seed(seed: int, round_index: int, site_index: int, attempt: int = 0) -> int:
+    """An independent seed for one site's local fit in one round (and, when a secure round is retried,
+    in each attempt: a retried site does not send the same update again)."""
+    entropy = [seed, round_index, site_index] + ([attempt] if attempt else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 def sample_sites(names: list[str], fraction: float, rng: np.random.Generator) -> list[str]:
@@ -122,11 +125,12 @@ def _interactive() -> bool:
     return "notebook" in tqdm.__module__ or sys.stderr.isatty()
 
 
-def check_finite(update: LocalFitResult, site: str, round_index: int, spec: RunSpec) -> None:
+def check_finite(update: LocalFitResult | MaskedUpdate, site: str, round_index: int, spec: RunSpec) -> None:
     """Stop the run, naming the site and the round, when an update's loss or weights are not finite: every
-    later round would average NaN into the model."""
+    later round would average NaN into the model. (A masked update's site checked its own.)"""
     loss = update.metrics.get("train_loss", 0.0)
-    if np.isfinite(loss) and all(bool(torch.isfinite(t).all()) for t in update.state.values()):
+    finite = update.finite if isinstance(update, MaskedUpdate) else True
+    if finite and np.isfinite(loss) and all(bool(torch.isfinite(t).all()) for t in update.state.values()):
         return
     raise FloatingPointError(
         f"Round {round_index}: site {site!r} trained to a non-finite "
@@ -318,20 +322,34 @@ def federate(
     dropped: list[str] = []
     level = logging.INFO if transport.remote else logging.DEBUG
 
-    def send(round_index: int, chosen: list[str], evaluate: bool) -> dict[str, Reply]:
-        instructions = {
+    digest = run_digest(spec.to_json())
+
+    def instructions(
+        round_index: int,
+        targets: list[str],
+        cohort: list[str],
+        evaluate: bool,
+        attempt: int = 0,
+        secure: SecureRound | None = None,
+    ) -> dict[str, Instruction]:
+        return {
             site: Instruction(
-                train=site in chosen,
+                train=site in cohort,
                 evaluate=evaluate,
-                fit_seed=site_seed(spec.seed, round_index, spec.sites.index(site)) if site in chosen else 0,
+                fit_seed=site_seed(spec.seed, round_index, spec.sites.index(site), attempt)
+                if site in cohort
+                else 0,
                 restore=restore.get(site),
+                secure=secure if site in cohort else None,
             )
-            for site in nodes
+            for site in targets
         }
-        replies = transport.exchange(round_index, state, spec, config, instructions)
+
+    def send(round_index: int, targets: Mapping[str, Instruction]) -> dict[str, Reply]:
+        replies = transport.exchange(round_index, state, spec, config, targets)
         restore.clear()
         answered = {}
-        for site in list(nodes):
+        for site in targets:
             reply = replies.get(site)
             if isinstance(reply, Reply):
                 answered[site] = reply
@@ -342,14 +360,71 @@ def federate(
             )
             nodes.remove(site)
             dropped.append(site)
-        if len(answered) < spec.required_sites:
+        if len(nodes) < spec.required_sites:
             raise SiteFailureError(
-                f"Round {round_index}: {len(answered)} site(s) answered within {spec.round_timeout:g} s "
-                f"({', '.join(answered) or 'none'}; dropped: {', '.join(dropped)}); the run needs at least "
+                f"Round {round_index}: {len(nodes)} site(s) answered within {spec.round_timeout:g} s "
+                f"({', '.join(nodes) or 'none'}; dropped: {', '.join(dropped)}); the run needs at least "
                 f"{spec.required_sites} (min-sites). Restart the missing sites and resume the run "
                 "(resume=True, or run config resume=true)."
             )
         return answered
+
+    def secure_round(
+        round_index: int, chosen: list[str]
+    ) -> tuple[dict[str, Reply], dict[str, MaskedUpdate], list[str]]:
+        """One round under secure aggregation: the evaluations of every site's replies, the cohort's
+        masked updates, and the sites left out for their key version.
+
+        A masked update cannot be taken out of the sum afterwards, so the cohort holds only sites that
+        said they hold the run's key version; if one of them fails or answers under another version, the
+        round is retried with the others (new attempt: new masks and new local shuffles)."""
+        rejected = [s for s in chosen if connected[s].key_fingerprint != spec.key_fingerprint]
+        for site in rejected:
+            logger.warning(
+                "Round %d: left site %r out of the sum: it holds key version %s instead of %s.",
+                round_index,
+                site,
+                connected[site].key_fingerprint or "none",
+                spec.key_fingerprint or "none",
+            )
+        cohort = [s for s in chosen if s not in rejected]
+        evaluated: dict[str, Reply] = {}
+        for attempt in range(len(chosen) + 1):
+            if len(cohort) < spec.min_cohort:
+                raise SiteFailureError(
+                    f"Round {round_index}: {len(cohort)} site(s) can be summed ({', '.join(cohort) or 'none'}"
+                    + (f"; left out for their key version: {', '.join(rejected)}" if rejected else "")
+                    + f"), but secure aggregation sums at least min_cohort={spec.min_cohort} sites: a smaller "
+                    "sum hides too little. Restart the missing sites and resume the run."
+                )
+            secure = SecureRound(
+                round_index, attempt, tuple(cohort), {s: connected[s].masking_key for s in cohort}, digest
+            )
+            targets = list(nodes) if attempt == 0 else cohort
+            replies = send(
+                round_index,
+                instructions(round_index, targets, cohort, round_index > 1 and attempt == 0, attempt, secure),
+            )
+            evaluated = evaluated or replies
+            updates = {s: replies[s].update for s in cohort if s in replies}
+            for site, update in updates.items():
+                if isinstance(update, MaskedUpdate):
+                    check_finite(update, site, round_index, spec)
+            wrong = [s for s, u in updates.items() if u is None or u.key_fingerprint != spec.key_fingerprint]
+            failed = [s for s in cohort if s not in updates] + wrong
+            if not failed:
+                return evaluated, updates, rejected
+            rejected += wrong
+            cohort = [s for s in cohort if s not in failed]
+            logger.warning(
+                "Round %d: %s sent no usable masked update, so the others' masks cannot cancel; retrying "
+                "the round with %s (attempt %d).",
+                round_index,
+                ", ".join(failed),
+                ", ".join(cohort) or "no site",
+                attempt + 1,
+            )
+        raise AssertionError("unreachable: every attempt removes a site from the cohort")
 
     def record_evaluation(evaluated_round: int, replies: Mapping[str, Reply]) -> float:
         """Complete the evaluated round's rows; keep its weights if they are the best so far; return the
@@ -384,39 +459,49 @@ def federate(
     for round_index in bar:
         started = time.monotonic()
         chosen = sample_sites(nodes, spec.fraction, rng)
-        replies = send(round_index, chosen, evaluate=round_index > 1)
+        if spec.secure_aggregation:
+            replies, masked, rejected = secure_round(round_index, chosen)
+            updates: dict[str, LocalFitResult | MaskedUpdate] = dict(masked)
+        else:
+            replies = send(round_index, instructions(round_index, list(nodes), chosen, round_index > 1))
+            updates = {
+                site: replies[site].update
+                for site in spec.sites
+                if site in replies and replies[site].update is not None
+            }
+            if not updates:
+                raise SiteFailureError(
+                    f"Round {round_index}: none of the sampled sites ({', '.join(chosen)}) answered."
+                )
+            for site, update in updates.items():
+                check_finite(update, site, round_index, spec)
         if round_index > 1:
             loss = record_evaluation(round_index - 1, replies)
             if progress and not np.isnan(loss):
                 bar.set_postfix(val_loss=f"{loss:.3f}")
-        updates = {
-            site: replies[site].update
-            for site in spec.sites
-            if site in replies and replies[site].update is not None
-        }
-        if not updates:
-            raise SiteFailureError(
-                f"Round {round_index}: none of the sampled sites ({', '.join(chosen)}) answered."
-            )
-        for site, update in updates.items():
-            check_finite(update, site, round_index, spec)
-        state, rejected = aggregate(updates, spec.key_fingerprint, round_index, base=state)
+        if spec.secure_aggregation:
+            state = unmask_sum(list(masked.values()), base=state)
+            n_summed = len(masked)
+        else:
+            state, rejected = aggregate(updates, spec.key_fingerprint, round_index, base=state)
+            n_summed = len(updates) - len(rejected)
         for site, reply in replies.items():
             update = updates.get(site)
             pending[site] = {
                 "round": round_index,
                 "site": site,
-                "sampled": update is not None,
+                "sampled": site in chosen,
                 "rejected": site in rejected,
                 "n_train": reply.n_train,
                 **(update.metrics if update else {}),  # what the site reports of its fit
             }
         logger.log(
             level,
-            "Round %d of %d: averaged %d update(s)%s (%.1f s).",
+            "Round %d of %d: averaged %d update(s)%s%s (%.1f s).",
             round_index,
             spec.rounds,
-            len(updates) - len(rejected),
+            n_summed,
+            " (secure aggregation)" if spec.secure_aggregation else "",
             f", rejected {', '.join(rejected)}" if rejected else "",
             time.monotonic() - started,
         )
@@ -437,7 +522,9 @@ def federate(
                 checkpoint_dir,
             )
     # The last round's weights are evaluated by a final exchange without training.
-    record_evaluation(spec.rounds, send(spec.rounds + 1, [], evaluate=True))
+    record_evaluation(
+        spec.rounds, send(spec.rounds + 1, instructions(spec.rounds + 1, list(nodes), [], True))
+    )
     history = pd.DataFrame(rows)
     history["n_val"] = history["n_val"].astype(int)
     return FederationRun(

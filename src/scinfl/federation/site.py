@@ -22,6 +22,7 @@ from ..key import FederationKey
 from ..nn import HardenedNetwork
 from ..tasks import ModelConfig, build_network
 from ..train import LocalFitResult, SiteTrainer, copy_state, key_material
+from .secure import MaskedUpdate, MaskingKey, SecureRound, mask_update
 from .spec import RunSpec
 
 __all__ = [
@@ -40,11 +41,13 @@ logger = logging.getLogger("scinfl")
 
 @dataclass(frozen=True)
 class Hello:
-    """A site's answer to the first exchange: its description (:meth:`scinfl.tasks.Task.describe`) and
-    the fingerprint of the key it holds (None without a key)."""
+    """A site's answer to the first exchange: its description (:meth:`scinfl.tasks.Task.describe`), the
+    fingerprint of the key it holds (None without a key) and, for a run with secure aggregation, the
+    public half of its masking key for the run (:class:`~scinfl.federation.secure.MaskingKey`)."""
 
     description: dict[str, Any]
     key_fingerprint: str | None
+    masking_key: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -53,29 +56,38 @@ class Instruction:
 
     ``evaluate``: validation metrics of the weights sent (the previous round's aggregate); ``train``:
     then train on them with ``fit_seed``; ``restore``: the site's running state to continue from (after a
-    resume), as its :meth:`~scinfl.train.SiteTrainer.local_state` gave it.
+    resume), as its :meth:`~scinfl.train.SiteTrainer.local_state` gave it; ``secure``: send the update
+    masked for this cohort (:mod:`scinfl.federation.secure`), not in the clear.
     """
 
     train: bool
     evaluate: bool
     fit_seed: int = 0
     restore: Mapping[str, Any] | None = None
+    secure: SecureRound | None = None
 
 
 @dataclass
 class Reply:
-    """A site's answer to an :class:`Instruction`."""
+    """A site's answer to an :class:`Instruction`: its update in the clear, or masked in a secure round."""
 
     n_train: int
     key_fingerprint: str | None
-    update: LocalFitResult | None = None
+    update: LocalFitResult | MaskedUpdate | None = None
     evaluation: dict[str, float] | None = None
     local_state: dict[str, Any] = field(default_factory=dict)
 
 
-def hello(spec: RunSpec, data, site: str, key: FederationKey | None) -> Hello:
-    """What ``site`` publishes before training: names and counts, and its key's fingerprint."""
-    return Hello(spec.task.describe(data, site), None if key is None else key.fingerprint)
+def hello(
+    spec: RunSpec, data, site: str, key: FederationKey | None, masking_key: MaskingKey | None = None
+) -> Hello:
+    """What ``site`` publishes before training: names and counts, its key's fingerprint, and the public
+    half of its masking key for a run with secure aggregation."""
+    return Hello(
+        spec.task.describe(data, site),
+        None if key is None else key.fingerprint,
+        None if masking_key is None else masking_key.public,
+    )
 
 
 def initial_weights(config: ModelConfig, seed: int, key: FederationKey | None = None) -> dict[str, Tensor]:
@@ -154,16 +166,48 @@ def build_site(spec: RunSpec, config: ModelConfig, data, site: str, key: Federat
     )
 
 
-def answer(trainer: SiteTrainer, state: Mapping[str, Tensor], instruction: Instruction) -> Reply:
-    """Carry out ``instruction``: evaluate the received weights, then train on them, as asked."""
+def answer(
+    trainer: SiteTrainer,
+    state: Mapping[str, Tensor],
+    instruction: Instruction,
+    masking_key: MaskingKey | None = None,
+) -> Reply:
+    """Carry out ``instruction``: evaluate the received weights, then train on them, as asked; in a
+    secure round, mask the update with ``masking_key`` (the site's, from its hello)."""
     if instruction.restore is not None:
         trainer.restore_local_state(instruction.restore)
     evaluation = trainer.evaluate(state) if instruction.evaluate else None
     update = trainer.fit(state, seed=instruction.fit_seed) if instruction.train else None
+    if update is not None and instruction.secure is not None:
+        update = _masked(trainer.name, update, state, instruction.secure, masking_key)
     return Reply(
         n_train=trainer.n_train,
         key_fingerprint=trainer.key_fingerprint,
         update=update,
         evaluation=evaluation,
         local_state=trainer.local_state(),
+    )
+
+
+def _masked(
+    site: str,
+    update: LocalFitResult,
+    state: Mapping[str, Tensor],
+    secure: SecureRound,
+    masking_key: MaskingKey | None,
+) -> MaskedUpdate:
+    """``update`` as a secure round sends it. A non-finite update is not masked: the site says so, and
+    the round loop stops naming it."""
+    if masking_key is None:
+        raise RuntimeError(
+            f"Site {site!r} was asked for a masked update but holds no masking key for the run."
+        )
+    finite = all(bool(torch.isfinite(t).all()) for t in update.state.values())
+    finite = finite and bool(np.isfinite(update.metrics.get("train_loss", 0.0)))
+    return MaskedUpdate(
+        masked=mask_update(update.state, update.n_obs, state, secure, site, masking_key) if finite else None,
+        n_obs=update.n_obs,
+        key_fingerprint=update.key_fingerprint,
+        metrics=dict(update.metrics),
+        finite=finite,
     )

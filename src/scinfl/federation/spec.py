@@ -55,6 +55,11 @@ class RunSpec:
         The run goes on while at least this many sites answer each round (0: every listed site).
     round_timeout, connect_timeout
         Seconds to wait for a round's replies, and for the sites to connect (sites on other machines).
+    secure_aggregation
+        Sites send their updates masked (:mod:`scinfl.federation.secure`): the server learns only each
+        round's sum over its cohort, never one site's update.
+    min_cohort
+        With secure aggregation, the fewest sites a round may sum; fewer is an error, never a lone update.
     """
 
     task: Task
@@ -72,6 +77,8 @@ class RunSpec:
     min_sites: int = 0
     round_timeout: float = 600.0
     connect_timeout: float = 120.0
+    secure_aggregation: bool = True
+    min_cohort: int = 3
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "task", get_task(self.task))
@@ -81,7 +88,7 @@ class RunSpec:
             raise ValueError("A run needs the consortium's site names.")
         if len(set(self.sites)) != len(self.sites):
             raise ValueError(f"Site names must be unique, got {list(self.sites)}.")
-        for name in ("rounds", "seed", "min_sites"):
+        for name in ("rounds", "seed", "min_sites", "min_cohort"):
             value = getattr(self, name)
             if isinstance(value, bool) or int(value) != value:
                 raise ValueError(f"{name} must be an integer, got {value!r}.")
@@ -117,6 +124,38 @@ class RunSpec:
             raise ValueError(f"min_sites must be in [0, {len(self.sites)}], got {self.min_sites}.")
         if not (self.round_timeout > 0 and self.connect_timeout > 0):
             raise ValueError("round_timeout and connect_timeout must be positive (seconds).")
+        if not isinstance(self.secure_aggregation, bool):
+            raise ValueError(f"secure_aggregation must be True or False, got {self.secure_aggregation!r}.")
+        if self.min_cohort < 1:
+            raise ValueError(f"min_cohort must be a positive integer, got {self.min_cohort}.")
+        if self.secure_aggregation and self.min_cohort < 2:
+            raise ValueError(
+                f"min_cohort={self.min_cohort}: secure aggregation needs at least 2 (a sum of one site's update "
+                "is that update); pass secure_aggregation=False to send updates in the clear."
+            )
+        if self.secure_aggregation:
+            cohort = max(1, round(self.fraction * len(self.sites)))
+            if cohort < self.min_cohort:
+                sampled = f"fraction={self.fraction:g} samples {cohort} of" if self.fraction < 1 else "it has"
+                raise ValueError(
+                    f"Secure aggregation sums at least min_cohort={self.min_cohort} sites per round, but {sampled} "
+                    f"{len(self.sites)} site(s). "
+                    + (
+                        "A sum of two hides each update from the server, but each site can subtract its own "
+                        "update from it and learn the other's. "
+                        if cohort == 2
+                        else "One site's update would reach the server alone. "
+                    )
+                    + ", or ".join(
+                        (["Pass min_cohort=2 to accept that"] if cohort == 2 else [])
+                        + ([("R" if cohort < 2 else "r") + "aise fraction"] if self.fraction < 1 else [])
+                        + [
+                            ("P" if cohort < 2 and self.fraction == 1 else "p")
+                            + "ass secure_aggregation=False"
+                        ]
+                    )
+                    + " to send updates in the clear."
+                )
 
     @property
     def required_sites(self) -> int:
@@ -198,7 +237,9 @@ class RunSpec:
         """What a run that resumes this one's checkpoint must share: everything but the number of rounds
         (which a resumed run may raise, except with DP-SGD, whose noise is calibrated to the planned rounds)
         and how long it waits for the sites."""
-        loose = {"min_sites", "round_timeout", "connect_timeout"} | ({"rounds"} if self.dp is None else set())
+        loose = {"min_sites", "min_cohort", "round_timeout", "connect_timeout"} | (
+            {"rounds"} if self.dp is None else set()
+        )
         return {k: v for k, v in json.loads(self.to_json()).items() if k not in loose}
 
     def replace(self, **changes: Any) -> RunSpec:

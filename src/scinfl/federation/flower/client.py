@@ -31,6 +31,7 @@ from flwr.clientapp import ClientApp
 from ..._settings import settings, torch_threads
 from ...key import FederationKey
 from ...train import SiteTrainer
+from ..secure import MaskingKey
 from ..site import answer, build_site, hello, initial_weights
 from . import protocol
 
@@ -45,6 +46,7 @@ NodeResolver = Callable[[Context], Mapping[str, Any]]
 _TRAINERS: OrderedDict[tuple, SiteTrainer] = OrderedDict()
 _MAX_TRAINERS = 8
 _LOCAL_STATE = "scinfl-local-state"
+_MASKING_KEY = "scinfl-masking-key"  # the site's masking key pair for the run (node-local, never sent)
 # Node-config keys of a site's data fields (the registration of scinfl.pp.register_site).
 _REGISTRATION = {"label-key": "label_key", "layer": "layer", "use-raw": "use_raw", "modality": "modality"}
 
@@ -109,10 +111,16 @@ class SiteNode:
         return None if self.key_path is None else FederationKey.load(self.key_path)
 
 
-def answer_hello(message: Message, node: SiteNode) -> Message:
-    """Name the site and publish what the schema is agreed from, with the key's fingerprint."""
+def answer_hello(message: Message, node: SiteNode, context: Context) -> Message:
+    """Name the site and publish what the schema is agreed from, with the key's fingerprint and, for a
+    run with secure aggregation, the public half of a masking key drawn for the run (the private half
+    stays in this SuperNode's run context)."""
     spec, _ = protocol.read_run(message.content[protocol.SITE])
-    answer_ = hello(spec, node.read_data(), node.site, node.read_key())
+    masking_key = None
+    if spec.secure_aggregation:
+        masking_key = MaskingKey.generate()
+        context.state[_MASKING_KEY] = ConfigRecord({"private": masking_key.to_bytes()})
+    answer_ = hello(spec, node.read_data(), node.site, node.read_key(), masking_key)
     return Message(protocol.encode_hello(node.site, answer_), reply_to=message)
 
 
@@ -151,7 +159,15 @@ def answer_train(message: Message, node: SiteNode, context: Context) -> Message:
         if instruction.restore is None and _LOCAL_STATE in context.state:
             # This run's state of the site, wherever the previous message was served.
             trainer.restore_local_state(json.loads(str(context.state[_LOCAL_STATE]["state"])))
-        reply = answer(trainer, state, instruction)
+        masking_key = None
+        if instruction.secure is not None:
+            if _MASKING_KEY not in context.state:
+                raise RuntimeError(
+                    f"Site {node.site!r} was asked for a masked update but drew no masking key in this run "
+                    "(its SuperNode restarted since the run began): resume the run to reconnect it."
+                )
+            masking_key = MaskingKey.from_bytes(bytes(context.state[_MASKING_KEY]["private"]))
+        reply = answer(trainer, state, instruction, masking_key)
     context.state[_LOCAL_STATE] = ConfigRecord({"state": json.dumps(reply.local_state)})
     return Message(protocol.encode_reply(node.site, reply), reply_to=message)
 
@@ -171,7 +187,7 @@ def make_client_app(resolve_node: NodeResolver | None = None) -> ClientApp:
 
     @client_app.query()
     def query(message: Message, context: Context) -> Message:
-        return answer_hello(message, SiteNode.from_node_config(resolve(context)))
+        return answer_hello(message, SiteNode.from_node_config(resolve(context)), context)
 
     @client_app.query("init")
     def init(message: Message, context: Context) -> Message:

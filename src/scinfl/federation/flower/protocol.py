@@ -14,11 +14,12 @@ import json
 from collections.abc import Mapping
 from typing import Final
 
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import Tensor
 
 from ...tasks import ModelConfig
 from ...train import LocalFitResult
+from ..secure import MaskedUpdate, SecureRound
 from ..site import Hello, Instruction, Reply
 from ..spec import RunSpec
 
@@ -37,6 +38,7 @@ __all__ = [
 WEIGHTS: Final = "weights"
 UPDATE: Final = "update"
 INSTRUCTION: Final = "instruction"
+SECURE: Final = "secure"
 SITE: Final = "site"
 METRICS: Final = "metrics"
 
@@ -78,6 +80,7 @@ def encode_hello(site: str, answer: Hello) -> RecordDict:
                     "site": site,
                     "key-fingerprint": answer.key_fingerprint or "",
                     "description": json.dumps(answer.description),
+                    "masking-key": answer.masking_key or b"",
                 }
             )
         }
@@ -86,14 +89,18 @@ def encode_hello(site: str, answer: Hello) -> RecordDict:
 
 def decode_hello(content: RecordDict) -> tuple[str, Hello]:
     record = content[SITE]
-    hello = Hello(json.loads(str(record["description"])), str(record["key-fingerprint"]) or None)
+    masking_key = bytes(record["masking-key"]) if "masking-key" in record else b""
+    hello = Hello(
+        json.loads(str(record["description"])), str(record["key-fingerprint"]) or None, masking_key or None
+    )
     return str(record["site"]), hello
 
 
 def encode_instruction(
     site: str, round_index: int, state: Mapping[str, Tensor], run: ConfigRecord, instruction: Instruction
 ) -> RecordDict:
-    return RecordDict(
+    secure = instruction.secure
+    content = RecordDict(
         {
             WEIGHTS: state_to_arrays(state),
             SITE: run,
@@ -109,16 +116,38 @@ def encode_instruction(
             ),
         }
     )
+    if secure is not None:  # the cohort and its public masking keys
+        content[SECURE] = ConfigRecord(
+            {
+                "round": secure.round_index,
+                "attempt": secure.attempt,
+                "cohort": list(secure.cohort),
+                "public-keys": [bytes(secure.public_keys[s]) for s in secure.cohort],
+                "run": secure.run,
+            }
+        )
+    return content
 
 
 def decode_instruction(content: RecordDict) -> tuple[str, dict[str, Tensor], Instruction]:
     record = content[INSTRUCTION]
     restore = str(record["restore"])
+    secure = None
+    if SECURE in content:
+        cohort = tuple(str(s) for s in content[SECURE]["cohort"])
+        secure = SecureRound(
+            round_index=int(content[SECURE]["round"]),
+            attempt=int(content[SECURE]["attempt"]),
+            cohort=cohort,
+            public_keys=dict(zip(cohort, (bytes(k) for k in content[SECURE]["public-keys"]), strict=True)),
+            run=str(content[SECURE]["run"]),
+        )
     instruction = Instruction(
         train=bool(record["train"]),
         evaluate=bool(record["evaluate"]),
         fit_seed=int(record["fit-seed"]),
         restore=json.loads(restore) if restore else None,
+        secure=secure,
     )
     return str(record["site"]), arrays_to_state(content[WEIGHTS]), instruction
 
@@ -128,14 +157,20 @@ def encode_reply(site: str, reply: Reply) -> RecordDict:
     if reply.evaluation is not None:
         metrics |= {f"evaluate/{k}": float(v) for k, v in reply.evaluation.items()}
     content = RecordDict()
+    masked = isinstance(reply.update, MaskedUpdate)
     if reply.update is not None:
         metrics |= {f"fit/{k}": float(v) for k, v in reply.update.metrics.items()}
-        content[UPDATE] = state_to_arrays(reply.update.state)
+        if not masked:
+            content[UPDATE] = state_to_arrays(reply.update.state)
+        elif reply.update.masked is not None:  # the one array a secure round sends
+            content[UPDATE] = ArrayRecord({"masked": Array(reply.update.masked)})
     content[SITE] = ConfigRecord(
         {
             "site": site,
             "key-fingerprint": reply.key_fingerprint or "",
             "trained": reply.update is not None,
+            "masked": masked,
+            "finite": reply.update.finite if masked else True,
             "local-state": json.dumps(reply.local_state),
         }
     )
@@ -148,12 +183,21 @@ def decode_reply(content: RecordDict) -> Reply:
     fingerprint = str(record["key-fingerprint"]) or None
     n_train = int(metrics["n-train"])
     update = None
-    if bool(record["trained"]):
+    fit_metrics = {k.split("/", 1)[1]: float(v) for k, v in metrics.items() if k.startswith("fit/")}
+    if bool(record["trained"]) and bool(record.get("masked", False)):
+        update = MaskedUpdate(
+            masked=content[UPDATE]["masked"].numpy() if UPDATE in content else None,
+            n_obs=n_train,
+            key_fingerprint=fingerprint,
+            metrics=fit_metrics,
+            finite=bool(record["finite"]),
+        )
+    elif bool(record["trained"]):
         update = LocalFitResult(
             state=arrays_to_state(content[UPDATE]),
             n_obs=n_train,
             key_fingerprint=fingerprint,
-            metrics={k.split("/", 1)[1]: float(v) for k, v in metrics.items() if k.startswith("fit/")},
+            metrics=fit_metrics,
         )
     evaluation = {k.split("/", 1)[1]: float(v) for k, v in metrics.items() if k.startswith("evaluate/")}
     return Reply(

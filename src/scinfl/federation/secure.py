@@ -1,0 +1,223 @@
+"""Secure aggregation: the server learns the sum of a round's updates, never one site's.
+
+Pairwise masking (Bonawitz et al., CCS 2017, the honest-but-curious variant without double masking):
+
+1. When a site joins a run it draws a fresh X25519 key pair (:class:`MaskingKey`) and publishes the public
+   half with its description. The private half stays at the site for the run (in process; in a Flower
+   deployment, in the SuperNode's node-local run context). It is not the federation key and is never
+   derived from it, so a site, an insider that holds the federation key, cannot compute another pair's
+   masks: it learns only what the sum and its own update tell it.
+2. A secure round names its cohort (the sites whose updates are summed, at least ``min_cohort``) with
+   their public keys and an attempt number. Each cohort site encodes its update as integers modulo
+   2^64: for every entry of the global state, ``round(n * x * 2^24)`` (``n``: its training cells), and
+   for every tensor, ``n`` if it trains that tensor and 0 if not (a mosaic site trains only its
+   modalities' modules). It adds, for every other cohort site, a mask expanded by ChaCha20 from a seed
+   agreed by the pair (X25519, then HKDF-SHA256 over the run, the round, the attempt and the cohort):
+   added by the site that comes first in the roster, subtracted by the other. ``cryptography``'s
+   primitives (OpenSSL) do all of it.
+3. The server adds the masked vectors modulo 2^64: every mask cancels exactly, and what is left is the
+   fixed-point sum, which it divides per tensor by the summed cell counts (FedAvg). The error is at most
+   ``cohort size * 2^-25 / cells`` per entry, far below float32's resolution for weights near 1.
+
+A site that fails mid-round leaves masks that do not cancel: the round loop retries the round with the
+sites that answered (new attempt, new masks, new local shuffles), or stops if fewer than ``min_cohort``
+remain. What that retry allows (a server that keeps the late update of a site it declared dropped) is
+written in ``docs/privacy.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from torch import Tensor
+
+__all__ = [
+    "FRACTION_BITS",
+    "MaskedUpdate",
+    "MaskingKey",
+    "SecureRound",
+    "mask_update",
+    "unmask_sum",
+]
+
+FRACTION_BITS = 24  # fixed point: values are carried as round(value * 2^24) in int64, modulo 2^64
+_SCALE = float(2**FRACTION_BITS)
+_LIMIT = float(2 ** (63 - FRACTION_BITS))  # |sum of n * x| must stay below this to decode
+
+
+class MaskingKey:
+    """A site's X25519 key pair for one run's pairwise masks (see the module docstring)."""
+
+    def __init__(self, private: X25519PrivateKey) -> None:
+        self._private = private
+
+    @classmethod
+    def generate(cls) -> MaskingKey:
+        return cls(X25519PrivateKey.generate())
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> MaskingKey:
+        """A key pair kept by :meth:`to_bytes` (a SuperNode's run context, between messages)."""
+        return cls(X25519PrivateKey.from_private_bytes(bytes(raw)))
+
+    def to_bytes(self) -> bytes:
+        return self._private.private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
+
+    @property
+    def public(self) -> bytes:
+        """The public half, published with the site's description."""
+        return self._private.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+
+    def pair_seed(self, peer_public: bytes, context: bytes) -> bytes:
+        """The 32-byte seed this site shares with the holder of ``peer_public`` for ``context``."""
+        shared = self._private.exchange(X25519PublicKey.from_public_bytes(bytes(peer_public)))
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=context).derive(shared)
+
+    def __repr__(self) -> str:  # never print the private half
+        return f"MaskingKey(public={self.public.hex()[:16]}...)"
+
+
+@dataclass(frozen=True)
+class SecureRound:
+    """What a cohort site needs to mask its update: the round, the attempt and the cohort (roster order)
+    with each member's public masking key; ``run`` identifies the run (a digest of its spec)."""
+
+    round_index: int
+    attempt: int
+    cohort: tuple[str, ...]
+    public_keys: Mapping[str, bytes]
+    run: str
+
+    def context(self) -> bytes:
+        """What the pair seeds are bound to: a mask is never reused across runs, rounds, attempts or
+        cohorts."""
+        text = f"scinfl-secagg/v1/{self.run}/{self.round_index}/{self.attempt}/{','.join(self.cohort)}"
+        return text.encode()
+
+
+@dataclass
+class MaskedUpdate:
+    """A site's update as the server receives it under secure aggregation: one masked vector of integers
+    modulo 2^64 (uniformly random on its own), the training cell count (public, as the FedAvg weight),
+    the key's fingerprint and the site's fit metrics (scalars). ``finite`` is False when the site's own
+    update was not finite (it then sends no vector)."""
+
+    masked: np.ndarray | None
+    n_obs: int
+    key_fingerprint: str | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    finite: bool = True
+
+    @property
+    def state(self) -> dict:  # the round loop's finiteness check reads a state; a masked one has none
+        return {}
+
+
+def run_digest(spec_json: str) -> str:
+    """A short identifier of a run spec, for :attr:`SecureRound.run`."""
+    return hashlib.sha256(spec_json.encode()).hexdigest()[:32]
+
+
+def _layout(base: Mapping[str, Tensor]) -> tuple[list[str], list[int]]:
+    names = list(base)
+    return names, [int(base[name].numel()) for name in names]
+
+
+def _expand(seed: bytes, length: int) -> np.ndarray:
+    """``length`` uniformly random 64-bit integers from ``seed`` (ChaCha20 keystream)."""
+    encryptor = Cipher(algorithms.ChaCha20(seed, b"\x00" * 16), mode=None).encryptor()
+    stream = encryptor.update(bytes(8 * length))
+    return np.frombuffer(stream, dtype="<u8").astype(np.uint64, copy=False)
+
+
+def mask_update(
+    state: Mapping[str, Tensor],
+    n_obs: int,
+    base: Mapping[str, Tensor],
+    secure: SecureRound,
+    site: str,
+    masking_key: MaskingKey,
+) -> np.ndarray:
+    """``site``'s masked vector: its fixed-point ``n * update`` and per-tensor ``n`` (see the module
+    docstring) plus its pairwise masks with the rest of ``secure.cohort``.
+
+    ``state`` holds the entries the site trained (a subset of ``base``, the global state it received).
+    """
+    if site not in secure.cohort:
+        raise ValueError(f"Site {site!r} is not in the round's cohort ({', '.join(secure.cohort)}).")
+    if len(secure.cohort) < 2:  # a server that names a cohort of one would receive the update itself
+        raise ValueError(
+            f"Site {site!r} refuses to mask its update for a cohort of one: that sum is the update."
+        )
+    names, sizes = _layout(base)
+    values = np.zeros(sum(sizes) + len(names), dtype=np.float64)
+    offset = 0
+    for index, (name, size) in enumerate(zip(names, sizes, strict=True)):
+        if name in state:
+            values[offset : offset + size] = state[name].detach().cpu().double().reshape(-1).numpy()
+            values[offset : offset + size] *= n_obs
+            values[sum(sizes) + index] = n_obs
+        offset += size
+    worst = float(np.abs(values[: sum(sizes)]).max(initial=0.0)) * len(secure.cohort)
+    if worst >= _LIMIT:
+        raise OverflowError(
+            f"Site {site!r}: its update holds values too large for secure aggregation's fixed point "
+            f"(|cells * value| up to {worst / len(secure.cohort):.3g}, limit {_LIMIT / len(secure.cohort):.3g}); "
+            "scale the inputs, or pass secure_aggregation=False."
+        )
+    vector = np.rint(values * _SCALE).astype(np.int64).view(np.uint64)
+    context = secure.context()
+    for peer in secure.cohort:
+        if peer == site:
+            continue
+        mask = _expand(masking_key.pair_seed(secure.public_keys[peer], context), len(vector))
+        # The pair's two sites add and subtract the same mask: it cancels in the sum (mod 2^64).
+        if secure.cohort.index(site) < secure.cohort.index(peer):
+            vector += mask
+        else:
+            vector -= mask
+    return vector
+
+
+def unmask_sum(updates: Sequence[MaskedUpdate], base: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """FedAvg from the cohort's masked vectors: their sum modulo 2^64, decoded and divided per tensor by
+    the summed cell counts of the sites that trained it. A tensor no site trained keeps its value in
+    ``base``; integer entries (BatchNorm's batch counters) take the rounded weighted mean."""
+    if not updates:
+        raise ValueError("Secure aggregation needs at least one masked update.")
+    names, sizes = _layout(base)
+    total = np.zeros(sum(sizes) + len(names), dtype=np.uint64)
+    for update in updates:
+        if update.masked is None or update.masked.shape != total.shape:
+            raise ValueError(
+                f"A masked update has {None if update.masked is None else update.masked.shape} entries, "
+                f"the global model {total.shape}: the sites run different models."
+            )
+        total += update.masked
+    decoded = total.view(np.int64).astype(np.float64) / _SCALE
+    counts = np.rint(decoded[sum(sizes) :])
+    out: dict[str, Tensor] = {}
+    offset = 0
+    for index, (name, size) in enumerate(zip(names, sizes, strict=True)):
+        reference = base[name]
+        if counts[index] <= 0:
+            out[name] = reference.detach().clone()
+        else:
+            mean = torch.from_numpy(decoded[offset : offset + size] / counts[index]).reshape(reference.shape)
+            if not reference.is_floating_point():
+                mean = mean.round()
+            out[name] = mean.to(reference.dtype)
+        offset += size
+    return out

@@ -33,6 +33,22 @@ def test_an_intact_model_loads(saved):
     assert loaded.key_fingerprint is None
 
 
+def test_a_model_saved_before_secure_aggregation_loads_as_trained_in_the_clear(saved, tmp_path):
+    """model.json files written before secure aggregation existed have no such setting: those runs sent
+    their updates in the clear, and a two-site one must still load (min_cohort=3 would refuse it)."""
+    import json
+
+    target = _damaged(saved, tmp_path, "model.json", lambda b: b)
+    meta = json.loads((target / "model.json").read_text())
+    assert meta["spec"].pop("secure_aggregation") is True
+    del meta["spec"]["min_cohort"]
+    meta["spec"]["sites"] = meta["spec"]["sites"][:2]
+    (target / "model.json").write_text(json.dumps(meta))
+    loaded = si.FederatedModel.load(target)
+    assert not loaded.spec.secure_aggregation
+    assert loaded.spec.sites == ("site_0", "site_1")
+
+
 @pytest.mark.parametrize(
     ("name", "damage", "message"),
     [

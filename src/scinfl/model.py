@@ -234,7 +234,8 @@ class FederatedModel:
         try:
             meta = json.loads(meta_path.read_text())
             config = ModelConfig.from_dict(meta["config"])
-            spec = RunSpec.from_dict(meta["spec"])
+            # A model saved before secure aggregation existed was trained with its updates in the clear.
+            spec = RunSpec.from_dict({"secure_aggregation": False, **meta["spec"]})
         except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise ModelFileError(f"{meta_path} is truncated or corrupt (not JSON: {error}).") from None
         except (KeyError, TypeError, ValueError, AttributeError) as error:

@@ -135,11 +135,16 @@ def _layout(base: Mapping[str, Tensor]) -> tuple[list[str], list[int]]:
     return names, [int(base[name].numel()) for name in names]
 
 
-def _expand(seed: bytes, length: int) -> np.ndarray:
-    """``length`` uniformly random 64-bit integers from ``seed`` (ChaCha20 keystream)."""
+def _add_mask(vector: np.ndarray, seed: bytes, sign: int, zeros: bytes, stream: bytearray) -> None:
+    """Add (``sign`` 1) or subtract (-1) the mask expanded from ``seed``: ``len(vector)`` uniformly random
+    64-bit integers, the ChaCha20 keystream (written into ``stream``, a buffer of ``zeros``' length)."""
     encryptor = Cipher(algorithms.ChaCha20(seed, b"\x00" * 16), mode=None).encryptor()
-    stream = encryptor.update(bytes(8 * length))
-    return np.frombuffer(stream, dtype="<u8").astype(np.uint64, copy=False)
+    encryptor.update_into(zeros, stream)
+    mask = np.frombuffer(stream, dtype="<u8", count=len(vector))
+    if sign > 0:
+        vector += mask
+    else:
+        vector -= mask
 
 
 def mask_update(
@@ -162,32 +167,35 @@ def mask_update(
             f"Site {site!r} refuses to mask its update for a cohort of one: that sum is the update."
         )
     names, sizes = _layout(base)
-    values = np.zeros(sum(sizes) + len(names), dtype=np.float64)
+    n_values = sum(sizes)
+    values = np.zeros(n_values + len(names), dtype=np.float64)
     offset = 0
     for index, (name, size) in enumerate(zip(names, sizes, strict=True)):
         if name in state:
-            values[offset : offset + size] = state[name].detach().cpu().double().reshape(-1).numpy()
-            values[offset : offset + size] *= n_obs
-            values[sum(sizes) + index] = n_obs
+            values[offset : offset + size] = state[name].detach().cpu().reshape(-1).numpy()
+            values[n_values + index] = 1.0
         offset += size
-    worst = float(np.abs(values[: sum(sizes)]).max(initial=0.0)) * len(secure.cohort)
+    largest = max(float(values.max()), -float(values.min()))  # without a temporary of |values|
+    worst = largest * n_obs * len(secure.cohort)
     if worst >= _LIMIT:
         raise OverflowError(
             f"Site {site!r}: its update holds values too large for secure aggregation's fixed point "
             f"(|cells * value| up to {worst / len(secure.cohort):.3g}, limit {_LIMIT / len(secure.cohort):.3g}); "
             "scale the inputs, or pass secure_aggregation=False."
         )
-    vector = np.rint(values * _SCALE).astype(np.int64).view(np.uint64)
+    # n * value * 2^24 in one rounding (n * 2^24 is exact in float64), in place: the vector is large
+    np.multiply(values, float(n_obs) * _SCALE, out=values)
+    np.rint(values, out=values)
+    vector = values.astype(np.int64).view(np.uint64)
     context = secure.context()
+    zeros, stream = bytes(8 * len(vector)), bytearray(8 * len(vector))
+    position = secure.cohort.index(site)
     for peer in secure.cohort:
         if peer == site:
             continue
-        mask = _expand(masking_key.pair_seed(secure.public_keys[peer], context), len(vector))
         # The pair's two sites add and subtract the same mask: it cancels in the sum (mod 2^64).
-        if secure.cohort.index(site) < secure.cohort.index(peer):
-            vector += mask
-        else:
-            vector -= mask
+        sign = 1 if position < secure.cohort.index(peer) else -1
+        _add_mask(vector, masking_key.pair_seed(secure.public_keys[peer], context), sign, zeros, stream)
     return vector
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -208,15 +209,18 @@ class FederatedModel:
         path.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.network.state_dict().items()}
         save_file(state, path / _WEIGHTS)
+        os.chmod(path / _WEIGHTS, 0o600)  # weights: readable by their owner only
+        self.history.to_csv(path / _HISTORY, index=False)
         meta = {
             "scinfl_version": __version__,
             "config": self.config.to_dict(),
             "spec": self.spec.to_dict(),
             "params": self.params,
             "history_rows": len(self.history),  # a truncated history.csv would otherwise load silently
+            # checked at load: a damaged file that still parses (a flipped bit) is refused, not used
+            "sha256": {name: _sha256(path / name) for name in (_WEIGHTS, _HISTORY)},
         }
         (path / _META).write_text(json.dumps(meta, indent=1, default=_json_default))
-        self.history.to_csv(path / _HISTORY, index=False)
         return path
 
     @classmethod
@@ -242,6 +246,12 @@ class FederatedModel:
             raise ModelFileError(
                 f"{meta_path} is not a scinfl model description ({type(error).__name__}: {error})."
             ) from None
+        for name, digest in dict(meta.get("sha256") or {}).items():  # models saved before have none
+            if (path / name).is_file() and _sha256(path / name) != digest:
+                raise ModelFileError(
+                    f"{path / name} is truncated or altered: its SHA-256 differs from the one {meta_path.name} "
+                    "recorded when the model was saved."
+                )
         network = build_network(config)
         try:
             network.load_state_dict(load_file(weights_path))
@@ -262,6 +272,10 @@ class FederatedModel:
                     f"{history_path} holds {len(history)} rows; the model wrote {expected}: it is truncated."
                 )
         return cls(network, config, spec, history=history, params=meta.get("params"))
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _json_default(value: Any) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import stat
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import torch
 
 import scinfl as si
 from helpers import FAST, hardened_secrets
-from scinfl.federation.checkpoint import CHECKPOINT, load_checkpoint
+from scinfl.federation.checkpoint import CHECKPOINT, CheckpointError, load_checkpoint
 from scinfl.train import SiteTrainer, key_material
 
 # Sampling a fraction of sites per round makes the sampling generator part of what a resume must restore.
@@ -177,6 +178,32 @@ def test_checkpoints_hold_no_key_material(pbmc_sites, resume_key, tmp_path):
     for needle in [secret, secret.hex().encode(), *hardened_secrets(key_material(resume_key, model.network))]:
         assert needle not in blob
     assert resume_key.fingerprint.encode() in blob  # the version tag travels; the key does not
+
+
+def test_a_checkpoint_is_private_checked_at_load_and_torn_writes_are_cleaned(
+    pbmc_sites, resume_key, tmp_path
+):
+    """0600 (it holds weights), a SHA-256 checked at load (a damaged one is refused by name), and the
+    temporary file of a writer killed mid-write does not accumulate."""
+    torn = tmp_path / f".{CHECKPOINT}.99999.tmp"  # what a writer SIGKILLed during a write leaves
+    torn.write_bytes(b"half a checkpoint")
+    one_round = {**RUN, "rounds": 1}
+    si.tl.train_federated(pbmc_sites, key=resume_key, checkpoint_dir=tmp_path, copy=True, **one_round)
+    path = tmp_path / CHECKPOINT
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert not list(tmp_path.glob(f".{CHECKPOINT}.*.tmp"))
+    assert load_checkpoint(tmp_path)["round"] == 1
+    intact = path.read_bytes()
+    for damaged, problem in (
+        (intact[:-1] + bytes([intact[-1] ^ 1]), "truncated or altered"),  # one flipped bit
+        (intact[: len(intact) // 2], "truncated or altered"),
+        (b"not a checkpoint", "not a readable scinfl checkpoint"),
+    ):
+        path.write_bytes(damaged)
+        with pytest.raises(CheckpointError, match=rf"{CHECKPOINT} is {problem}"):
+            si.tl.train_federated(
+                pbmc_sites, key=resume_key, checkpoint_dir=tmp_path, resume=True, copy=True, **one_round
+            )
 
 
 def test_dp_accountant_resumes_with_the_run(pbmc_sites, tmp_path, monkeypatch):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -150,6 +152,47 @@ class _InProcessUpdates(InProcess):
 def test_unknown_engine_is_refused(pbmc_split):
     with pytest.raises(ValueError, match="Unknown engine"):
         si.tl.train_federated(pbmc_split[0], key=None, engine="grpc", **RUN)
+
+
+def test_flower_processes_find_their_commands_and_a_failed_start_says_why(tmp_path, monkeypatch):
+    """flower-superlink starts flower-superexec by name: the deployment puts this environment's bin
+    directory on PATH, and when a process still cannot start, its error carries the cause from its log."""
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # a virtual environment used without activating it
+    deployment = LocalDeployment(tmp_path / "flower", {})
+    assert deployment.env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
+    deployment.env["PATH"] = str(tmp_path / "nothing")  # now flower-superexec cannot be found
+    try:
+        with pytest.raises(
+            RuntimeError, match=r"(?s)flower-superlink exited with code \d+ while starting.*flower-superexec"
+        ):
+            deployment.start()
+    finally:
+        deployment.close()
+
+
+def test_a_site_that_cannot_join_names_itself_and_the_cause(tmp_path, monkeypatch):
+    """A SuperNode whose data file is missing answers the hello with its site's name and the error, so
+    the ServerApp logs the site, not only a node ID."""
+    from flwr.app import Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from scinfl.federation.flower import protocol
+    from scinfl.federation.flower.client import make_client_app
+
+    for name in ("_run_id", "_node_id", "_task_id"):  # what a ClientApp process is given by Flower
+        monkeypatch.setattr(TaskIdentity, name, 1, raising=False)
+    spec = RunSpec(task=FAST_TASK, sites=("ucsf", "charite", "kcl"))
+    missing = tmp_path / "ucsf.h5ad"
+    app = make_client_app(lambda context: {"site": "ucsf", "data-path": str(missing)})
+    hello = Message(
+        RecordDict({protocol.SITE: protocol.run_record(spec)}), dst_node_id=7, message_type=protocol.HELLO
+    )
+    context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+    reply = app(hello, context)
+    assert not reply.has_error()
+    site, failure = protocol.decode_hello(reply.content)
+    assert site == "ucsf"
+    assert failure == f"FileNotFoundError: Site 'ucsf': no data file at {missing}."
 
 
 def _alive(process_groups: list[int]) -> list[str]:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import stat
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap

@@ -187,7 +187,13 @@ def make_client_app(resolve_node: NodeResolver | None = None) -> ClientApp:
 
     @client_app.query()
     def query(message: Message, context: Context) -> Message:
-        return answer_hello(message, SiteNode.from_node_config(resolve(context)), context)
+        node_config = resolve(context)
+        try:
+            return answer_hello(message, SiteNode.from_node_config(node_config), context)
+        except Exception as error:  # name the site and the cause: the server knows only a node ID
+            site = str(node_config.get("site", "")) or "(no site in --node-config)"
+            reason = f"{type(error).__name__}: {error}"
+            return Message(protocol.encode_failure(site, reason), reply_to=message)
 
     @client_app.query("init")
     def init(message: Message, context: Context) -> Message:

@@ -53,6 +53,12 @@ def free_port() -> int:
 def flower_environment(flwr_home: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment for Flower's processes: a private ``FLWR_HOME``, no telemetry, no update check."""
     env = dict(os.environ if base is None else base)
+    # flower-superlink starts flower-superexec by name: find it beside this interpreter even when the
+    # environment's bin directory is not on PATH (a virtual environment used without activating it)
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join(
+        [bin_dir, *(p for p in env.get("PATH", "").split(os.pathsep) if p and p != bin_dir)]
+    )
     env.update(
         FLWR_HOME=str(flwr_home),
         FLWR_TELEMETRY_ENABLED="0",
@@ -104,11 +110,14 @@ def app_pyproject(
     return tomli_w.dumps(document)
 
 
-def _wait_for_port(port: int, process: subprocess.Popen, timeout: float, what: str) -> None:
+def _wait_for_port(port: int, process: subprocess.Popen, timeout: float, what: str, log: Path) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with code {process.returncode} while starting.")
+        if process.poll() is not None:  # its cause is in its log: say it here, not only there
+            raise RuntimeError(
+                f"{what} exited with code {process.returncode} while starting. Its log ({log}) ends with:\n"
+                f"{log_tail(log, lines=15)}"
+            )
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.settimeout(0.5)
             if sock.connect_ex(("127.0.0.1", port)) == 0:
@@ -192,7 +201,9 @@ class LocalDeployment:
                 str(self.port),
             ],
         )
-        _wait_for_port(self.port, superlink, self.start_timeout, "flower-superlink")
+        _wait_for_port(
+            self.port, superlink, self.start_timeout, "flower-superlink", self.workdir / "superlink.log"
+        )
         for site in self.nodes:
             self.start_supernode(site)
         return self

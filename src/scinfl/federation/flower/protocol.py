@@ -28,6 +28,7 @@ __all__ = [
     "decode_hello",
     "decode_instruction",
     "decode_reply",
+    "encode_failure",
     "encode_hello",
     "encode_instruction",
     "encode_reply",
@@ -87,8 +88,17 @@ def encode_hello(site: str, answer: Hello) -> RecordDict:
     )
 
 
-def decode_hello(content: RecordDict) -> tuple[str, Hello]:
+def encode_failure(site: str, reason: str) -> RecordDict:
+    """A SuperNode's answer when its site cannot join (its data or key file is missing or wrong): the site
+    it serves, from its node config, and why. Without it the server could name only a node ID."""
+    return RecordDict({SITE: ConfigRecord({"site": site, "failure": reason})})
+
+
+def decode_hello(content: RecordDict) -> tuple[str, Hello | str]:
+    """The site's name and its :class:`Hello`, or the reason it cannot join (:func:`encode_failure`)."""
     record = content[SITE]
+    if "failure" in record:
+        return str(record["site"]), str(record["failure"])
     masking_key = bytes(record["masking-key"]) if "masking-key" in record else b""
     hello = Hello(
         json.loads(str(record["description"])), str(record["key-fingerprint"]) or None, masking_key or None

@@ -108,6 +108,11 @@ class GridTransport:
                     logger.warning("SuperNode %d did not say which site it serves (%s).", node, problem)
                     continue
                 site, hello = protocol.decode_hello(reply.content)
+                if isinstance(hello, str):  # the SuperNode named its site, which cannot join
+                    logger.warning("Site %r (SuperNode %d) cannot join the run: %s", site, node, hello)
+                    if site in spec.sites:
+                        found.setdefault(site, hello)
+                    continue
                 if site not in spec.sites:
                     logger.warning(
                         "SuperNode %d serves site %r, which is not in the run's sites; left out.", node, site

@@ -195,6 +195,38 @@ def test_a_site_that_cannot_join_names_itself_and_the_cause(tmp_path, monkeypatc
     assert failure == f"FileNotFoundError: Site 'ucsf': no data file at {missing}."
 
 
+def test_a_killed_simulation_leaves_no_key_behind_once_the_next_one_starts(
+    pbmc, tmp_path, monkeypatch, scinfl_log
+):
+    """A process SIGKILLed during engine="flower" cannot remove its workspace (key files, site data): the
+    next workspace removes those of processes that are gone, and keeps those of live ones."""
+    import stat
+    import subprocess
+    import tempfile
+
+    from scinfl.federation.flower.simulation import private_workspace, write_site
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    finished = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    orphan = tmp_path / f"scinfl-flower-{int(finished.stdout)}-x1"  # the workspace of a killed run
+    orphan.mkdir()
+    si.FederationKey.generate().save(orphan / "consortium.key")
+    running = tmp_path / f"scinfl-flower-{os.getpid()}-x2"  # another run of a live process
+    running.mkdir()
+    with private_workspace() as workspace:
+        assert workspace.parent == tmp_path
+        assert workspace.name.startswith(f"scinfl-flower-{os.getpid()}-")
+        assert stat.S_IMODE(workspace.stat().st_mode) == 0o700
+        written = write_site(pbmc, FAST_TASK, "site_0", workspace / "site_0")
+        assert stat.S_IMODE(written.stat().st_mode) == 0o600
+    assert not orphan.exists()
+    assert running.exists()
+    assert not workspace.exists()
+    assert "whose process was killed (they held key files)" in scinfl_log.text
+
+
 def _alive(process_groups: list[int]) -> list[str]:
     """Processes (other than zombies) still in any of these process groups."""
     alive = []

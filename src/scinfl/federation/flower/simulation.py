@@ -36,7 +36,7 @@ from ..spec import RunSpec
 from .client import make_client_app
 from .server import make_server_app
 
-__all__ = ["SimulatedNodes", "private_workspace", "simulate", "write_site"]
+__all__ = ["SimulatedNodes", "private_workspace", "remove_orphaned_workspaces", "simulate", "write_site"]
 
 logger = logging.getLogger("scinfl")
 
@@ -51,14 +51,54 @@ class SimulatedNodes:
         return self.node_configs[int(context.node_config["partition-id"])]
 
 
+_WORKSPACE_PREFIX = "scinfl-flower-"
+
+
 @contextmanager
 def private_workspace() -> Iterator[Path]:
-    """A temporary directory only this user can read (0700), removed afterwards."""
-    path = Path(tempfile.mkdtemp(prefix="scinfl-flower-"))  # mkdtemp creates it 0700
+    """A temporary directory only this user can read (0700), removed afterwards.
+
+    Its name carries this process's ID. A process killed outright (SIGKILL, the machine's OOM killer)
+    cannot remove it, and it holds the sites' key files: the next workspace this user creates removes the
+    workspaces of processes that no longer run (:func:`remove_orphaned_workspaces`).
+    """
+    remove_orphaned_workspaces()
+    path = Path(tempfile.mkdtemp(prefix=f"{_WORKSPACE_PREFIX}{os.getpid()}-"))  # mkdtemp creates it 0700
     try:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_orphaned_workspaces(directory: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Remove this user's simulation workspaces whose process is gone; return them."""
+    removed = []
+    for path in Path(directory or tempfile.gettempdir()).glob(f"{_WORKSPACE_PREFIX}*-*"):
+        pid = path.name[len(_WORKSPACE_PREFIX) :].split("-", 1)[0]
+        try:
+            if not pid.isdigit() or path.stat().st_uid != os.getuid() or _alive(int(pid)):
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    if removed:
+        logger.warning(
+            "Removed %d workspace(s) of Flower simulations whose process was killed (they held key files): %s",
+            len(removed),
+            ", ".join(str(p) for p in removed),
+        )
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process of that ID: not ours to judge
+        return True
+    return True
 
 
 def write_site(data: Any, task: Task, site: str, path: Path) -> Path:
@@ -92,6 +132,7 @@ def write_site(data: Any, task: Task, site: str, path: Path) -> Path:
             lean.obs[key] = obs[key].reindex(lean.obs_names).values
         path = path.with_suffix(".h5mu")
         lean.write(path)
+        os.chmod(path, 0o600)
         return path
     fields = task.site_fields(data, site)
     matrix, var_names = feature_source(data, fields)
@@ -106,6 +147,7 @@ def write_site(data: Any, task: Task, site: str, path: Path) -> Path:
         lean = ad.AnnData(X=matrix, obs=obs, var=var, obsm=obsm)
     path = path.with_suffix(".h5ad")
     lean.write_h5ad(path)
+    os.chmod(path, 0o600)  # a site's data: its owner's only, as the key files beside it
     return path
 
 

@@ -15,6 +15,9 @@ inversion
     Gradient inversion (DLG-style L2, inverting-gradients cosine), label recovery (iDLG), unrolled updates.
 analytic
     Analytic first-layer inversion, and calibration attacks against a fixed transform of the input.
+geometry
+    Keyless reading of many leaked vectors by matching their geometry to a public cohort (entropic
+    Gromov-Wasserstein): cell types, reconstructions, linkage of a leaked vector to its own cell.
 membership
     Loss-threshold and reference-model (LiRA/RMIA-style) membership inference.
 utility
@@ -26,6 +29,16 @@ audit
     Runs the attacks for every attacker view and returns a tidy DataFrame.
 """
 
-from . import analytic, audit, gradients, hardened, inversion, membership, metrics, utility
+from . import analytic, audit, geometry, gradients, hardened, inversion, membership, metrics, utility
 
-__all__ = ["analytic", "audit", "gradients", "hardened", "inversion", "membership", "metrics", "utility"]
+__all__ = [
+    "analytic",
+    "audit",
+    "geometry",
+    "gradients",
+    "hardened",
+    "inversion",
+    "membership",
+    "metrics",
+    "utility",
+]

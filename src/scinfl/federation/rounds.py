@@ -395,7 +395,8 @@ def federate(
                     f"Round {round_index}: {len(cohort)} site(s) can be summed ({', '.join(cohort) or 'none'}"
                     + (f"; left out for their key version: {', '.join(rejected)}" if rejected else "")
                     + f"), but secure aggregation sums at least min_cohort={spec.min_cohort} sites: a smaller "
-                    "sum hides too little. Restart the missing sites and resume the run."
+                    "sum hides too little. Restart the missing sites (or give them the run's key version) "
+                    "and resume the run."
                 )
             secure = SecureRound(
                 round_index, attempt, tuple(cohort), {s: connected[s].masking_key for s in cohort}, digest

@@ -227,6 +227,41 @@ def test_a_killed_simulation_leaves_no_key_behind_once_the_next_one_starts(
     assert "whose process was killed (they held key files)" in scinfl_log.text
 
 
+def test_a_run_whose_serverapp_died_is_not_reported_as_done(tmp_path, monkeypatch):
+    """``flwr run`` exits 0 when its ServerApp is killed: only a model this run wrote counts, not none and
+    not an earlier run's."""
+    import subprocess
+
+    from scinfl.federation.flower import deployment
+
+    class EndsWithoutModel:  # a deployment whose ServerApp died: flwr run still exits 0
+        port = 0
+
+        def __init__(self, workdir, nodes, **options) -> None:
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            pass
+
+        def run(self, config, **options):
+            return subprocess.CompletedProcess(["flwr", "run"], 0, stdout="")
+
+    monkeypatch.setattr(deployment, "LocalDeployment", EndsWithoutModel)
+    files = [tmp_path / f"{name}.h5ad" for name in ("a", "b", "c")]
+    output = tmp_path / "run"
+    with pytest.raises(RuntimeError, match=r"did not produce a model \(flwr run exited with 0\).*--resume"):
+        deployment.run_local_deployment(files, key_path=None, output_dir=output)
+    earlier = output / "model" / "model.json"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text("{}")
+    os.utime(earlier, (1, 1))  # an earlier run's model
+    with pytest.raises(RuntimeError, match=r"exited with 0; .* is an earlier run's"):
+        deployment.run_local_deployment(files, key_path=None, output_dir=output)
+
+
 def _alive(process_groups: list[int]) -> list[str]:
     """Processes (other than zombies) still in any of these process groups."""
     alive = []

@@ -389,6 +389,7 @@ def run_local_deployment(
         for name, path in zip(names, paths, strict=True)
     }
     workdir = Path(workdir) if workdir is not None else output_dir / "flower"
+    started = time.time()
     with LocalDeployment(workdir, nodes) as deployment:
         logger.info(
             "SuperLink on 127.0.0.1:%d, %d SuperNodes; logs in %s.", deployment.port, len(nodes), workdir
@@ -397,9 +398,13 @@ def run_local_deployment(
             run_config(run_spec, output_dir, resume=resume), timeout=timeout, echo=True
         )
     model = output_dir / MODEL_DIR
-    if completed.returncode != 0 or not (model / "model.json").is_file():
+    written = (model / "model.json").stat().st_mtime if (model / "model.json").is_file() else None
+    # flwr run exits 0 even when the ServerApp was killed: only a model written by this run is success
+    if completed.returncode != 0 or written is None or written < started:
+        stale = "" if written is None else f"; {model} is an earlier run's"
         raise RuntimeError(
-            f"The Flower run did not produce a model (flwr run exited with {completed.returncode}). "
-            f"Its output ends with:\n{log_tail(workdir / 'flwr-run.log')}"
+            f"The Flower run did not produce a model (flwr run exited with {completed.returncode}{stale}): "
+            "the ServerApp failed or was killed. Resume from the last checkpoint with resume=True "
+            f"(scinfl flower-local --resume). Its output ends with:\n{log_tail(workdir / 'flwr-run.log')}"
         )
     return model

@@ -262,6 +262,62 @@ def test_a_run_whose_serverapp_died_is_not_reported_as_done(tmp_path, monkeypatc
         deployment.run_local_deployment(files, key_path=None, output_dir=output)
 
 
+def test_the_grid_transport_takes_back_a_restarted_supernode(pbmc, tmp_path, monkeypatch):
+    """A restarted SuperNode registers with a new node ID: before each round the ServerApp asks new nodes
+    which site they serve and maps a dropped site to its new node; nodes asked once are not asked again."""
+    from types import SimpleNamespace
+
+    from flwr.app import Context, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from scinfl.federation.flower.client import make_client_app
+
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1, raising=False)
+    path = tmp_path / "site_1.h5ad"
+    pbmc.write_h5ad(path)
+    app = make_client_app(lambda context: {"site": "site_1", "data-path": str(path), "use-raw": True})
+
+    class Grid:  # node 7 served site_1 and died; node 9 is its SuperNode restarted
+        def __init__(self) -> None:
+            self.nodes, self.pushed = [3, 7], []
+
+        def get_node_ids(self):
+            return list(self.nodes)
+
+        def push_messages(self, messages):
+            messages = list(messages)
+            self.pushed += [m.metadata.dst_node_id for m in messages]
+            self.replies = [
+                SimpleNamespace(
+                    metadata=SimpleNamespace(reply_to_message_id=f"m{m.metadata.dst_node_id}"),
+                    content=app(m, Context(1, 9, {}, RecordDict(), {})).content,
+                    has_error=lambda: False,
+                )
+                for m in messages
+            ]
+            return [f"m{m.metadata.dst_node_id}" for m in messages]
+
+        def pull_messages(self, ids):
+            return [r for r in self.replies if r.metadata.reply_to_message_id in ids]
+
+    grid = Grid()
+    transport = GridTransport(grid)
+    transport.nodes, transport.asked = {"site_0": 3, "site_1": 7}, {3, 7}
+    spec = RunSpec(task=FAST_TASK, sites=("site_0", "site_1", "site_2"))
+    assert transport.rejoin(spec, ["site_1"]) == {}  # nothing new: nobody is asked, nothing waits
+    assert grid.pushed == []
+    grid.nodes.append(9)
+    back = transport.rejoin(spec, ["site_1"])
+    assert list(back) == ["site_1"]
+    assert back["site_1"].description["n_obs"] == pbmc.n_obs
+    assert back["site_1"].masking_key is not None  # a new masking key for the rest of the run
+    assert transport.nodes["site_1"] == 9
+    assert grid.pushed == [9]
+    transport.rejoin(spec, [])
+    assert grid.pushed == [9]  # asked once
+
+
 def _alive(process_groups: list[int]) -> list[str]:
     """Processes (other than zombies) still in any of these process groups."""
     alive = []

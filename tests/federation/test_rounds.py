@@ -223,6 +223,47 @@ def test_a_site_that_stops_answering_is_dropped_and_the_run_goes_on_above_min_si
         )
 
 
+class ComingBack(FailingSite):
+    """A site that stops answering in one round and whose SuperNode is back from the next, as a restarted
+    one would be (``data`` replaces its data when it comes back)."""
+
+    def __init__(self, sites, keys, *, failing: str, in_round: int, data=None) -> None:
+        super().__init__(sites, keys, failing=failing, from_round=in_round)
+        self.in_round, self.data, self.rounds = in_round, data, []
+
+    def exchange(self, round_index, state, spec, config, instructions):
+        self.rounds.append(round_index)
+        replies = InProcess.exchange(self, round_index, state, spec, config, instructions)
+        if round_index == self.in_round:
+            replies[self.failing] = "no reply before the deadline"
+        return replies
+
+    def rejoin(self, spec, sites):
+        if not self.rounds or self.rounds[-1] < self.in_round or self.failing not in sites:
+            return {}
+        if self.data is not None:
+            self.sites[self.failing] = self.data
+            self.trainers.pop(self.failing, None)
+        return {self.failing: self.connect(spec)[self.failing]}
+
+
+@pytest.mark.parametrize("secure", [True, False])
+def test_a_site_that_comes_back_rejoins_at_the_next_round(pbmc_sites, scinfl_log, secure):
+    spec = _spec(pbmc_sites, None, rounds=4, min_sites=2, min_cohort=2, secure_aggregation=secure)
+    run = federate(ComingBack(pbmc_sites, {}, failing="site_1", in_round=2), spec)
+    assert run.dropped == []
+    assert "Round 3: site 'site_1' rejoined the run." in scinfl_log.text
+    h = run.history
+    assert sorted(h.loc[h.site == "site_1", "round"]) == [1, 3, 4]  # gone in round 2 only
+    assert h.loc[(h.site == "site_1") & (h["round"] >= 3), "sampled"].all()
+    assert all(torch.isfinite(t).all() for t in run.final_state.values() if t.is_floating_point())
+    # the same site with other data is not taken back
+    other = pbmc_sites["site_1"][:-5].copy()
+    run = federate(ComingBack(pbmc_sites, {}, failing="site_1", in_round=2, data=other), spec)
+    assert run.dropped == ["site_1"]
+    assert "site 'site_1' is back but not as it joined" in scinfl_log.text
+
+
 def test_hardened_initial_weights_are_drawn_by_a_key_holder(pbmc_sites):
     """The server cannot draw a hardened network's first weights (they come from a key-derived seed): the
     loop asks the first site holding the run's key, and a run with no such site stops."""

@@ -70,7 +70,9 @@ class Transport(Protocol):
     """Delivers the round loop's messages to the sites and brings back their answers.
 
     ``remote`` says whether the sites are other processes (the loop then logs every round). A reply that
-    did not come (deadline, error) is a string saying why; in-process sites raise instead.
+    did not come (deadline, error) is a string saying why; in-process sites raise instead. A transport
+    whose sites can come back after dropping out (a restarted SuperNode) also has ``rejoin(spec,
+    sites)``: the :class:`Hello` of each of those sites that is back, asked before every round.
     """
 
     remote: bool
@@ -345,6 +347,29 @@ def federate(
             for site in targets
         }
 
+    def rejoin(round_index: int) -> None:
+        """Take back dropped sites whose SuperNode is back, if they are the same site: the same key version
+        and the same description (features, categories, cell counts). Their running state (a DP-SGD
+        accountant) is handed back with their next instruction."""
+        if not dropped or not hasattr(transport, "rejoin"):
+            return
+        for site, hello in transport.rejoin(spec, list(dropped)).items():
+            before = connected[site]
+            if hello.key_fingerprint != before.key_fingerprint or hello.description != before.description:
+                logger.warning(
+                    "Round %d: site %r is back but not as it joined (another key version or other data); "
+                    "it stays out of the run.",
+                    round_index,
+                    site,
+                )
+                continue
+            connected[site] = hello  # its new masking key, if any
+            dropped.remove(site)
+            nodes[:] = [s for s in spec.sites if s in nodes or s == site]
+            if site in site_states:
+                restore[site] = site_states[site]
+            logger.warning("Round %d: site %r rejoined the run.", round_index, site)
+
     def send(round_index: int, targets: Mapping[str, Instruction]) -> dict[str, Reply]:
         replies = transport.exchange(round_index, state, spec, config, targets)
         restore.clear()
@@ -459,6 +484,7 @@ def federate(
     )
     for round_index in bar:
         started = time.monotonic()
+        rejoin(round_index)
         chosen = sample_sites(nodes, spec.fraction, rng)
         if spec.secure_aggregation:
             replies, masked, rejected = secure_round(round_index, chosen)

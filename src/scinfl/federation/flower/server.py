@@ -80,16 +80,38 @@ class GridTransport:
     def __init__(self, grid: Grid) -> None:
         self.grid = grid
         self.nodes: dict[str, int] = {}  # site -> node id
+        self.asked: set[int] = set()  # every node asked which site it serves
 
     def connect(self, spec: RunSpec) -> dict[str, Hello | str]:
         """Ask every SuperNode which site it serves until the spec's sites answered or time is up."""
         run = protocol.run_record(spec)
         deadline = time.monotonic() + spec.connect_timeout
-        asked: set[int] = set()
         found: dict[str, Hello | str] = {}
         while len(self.nodes) < len(spec.sites):
-            new = [node for node in self.grid.get_node_ids() if node not in asked]
-            asked.update(new)
+            remaining = max(deadline - time.monotonic(), 1.0)
+            for site, hello in self._hello(spec, run, min(remaining, spec.round_timeout)).items():
+                if isinstance(hello, Hello) or site not in found:  # a site that came back wins
+                    found[site] = hello
+            if time.monotonic() >= deadline:
+                break
+            if len(self.nodes) < len(spec.sites):
+                time.sleep(0.2)
+        return found
+
+    def rejoin(self, spec: RunSpec, sites: list[str]) -> dict[str, Hello]:
+        """Ask SuperNodes that appeared since (a restarted one registers anew) which site they serve; the
+        :class:`Hello` of each of ``sites`` (dropped ones) that is back. Waits only when one appeared."""
+        for site in sites:
+            self.nodes.pop(site, None)
+        found = self._hello(spec, protocol.run_record(spec), min(spec.round_timeout, 60.0))
+        return {site: hello for site, hello in found.items() if site in sites and isinstance(hello, Hello)}
+
+    def _hello(self, spec: RunSpec, run, timeout: float) -> dict[str, Hello | str]:
+        """Ask the SuperNodes not asked yet which site they serve; record the new ones' nodes."""
+        new = [node for node in self.grid.get_node_ids() if node not in self.asked]
+        self.asked.update(new)
+        found: dict[str, Hello | str] = {}
+        if new:
             messages = {
                 node: Message(
                     RecordDict({protocol.SITE: run}),
@@ -99,8 +121,7 @@ class GridTransport:
                 )
                 for node in new
             }
-            remaining = max(deadline - time.monotonic(), 1.0)
-            replies = exchange(self.grid, messages, min(remaining, spec.round_timeout))
+            replies = exchange(self.grid, messages, timeout)
             for node in new:
                 reply = replies.get(node)
                 problem = _failure(reply)
@@ -127,10 +148,6 @@ class GridTransport:
                 else:
                     self.nodes[site] = node
                     found[site] = hello
-            if time.monotonic() >= deadline:
-                break
-            if len(self.nodes) < len(spec.sites):
-                time.sleep(0.2)
         return found
 
     def initial_state(self, site: str, spec: RunSpec, config: ModelConfig) -> dict[str, Tensor]:

@@ -318,6 +318,26 @@ def test_the_grid_transport_takes_back_a_restarted_supernode(pbmc, tmp_path, mon
     assert grid.pushed == [9]  # asked once
 
 
+def test_close_stops_what_the_deployment_started_in_other_sessions(tmp_path):
+    """The SuperExec starts each ServerApp in a session of its own: after a SuperLink crash it would
+    outlive the deployment. close() finds such processes by the deployment's FLWR_HOME and stops them."""
+    import subprocess
+
+    deployment = LocalDeployment(tmp_path / "flower", {})
+    orphan = subprocess.Popen(  # as a detached ServerApp: its own session, the deployment's environment
+        [sys.executable, "-c", "import time; time.sleep(120)"], env=deployment.env, start_new_session=True
+    )
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        deployment.close()
+        assert orphan.wait(timeout=10) == -9
+        assert bystander.poll() is None  # not the deployment's
+    finally:
+        for process in (orphan, bystander):
+            process.kill()
+            process.wait()
+
+
 def _alive(process_groups: list[int]) -> list[str]:
     """Processes (other than zombies) still in any of these process groups."""
     alive = []

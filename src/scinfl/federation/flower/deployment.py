@@ -295,10 +295,16 @@ class LocalDeployment:
         process.wait(timeout=grace)
 
     def close(self) -> None:
-        """Stop every process this deployment started (SuperNodes first, then the SuperLink)."""
+        """Stop every process this deployment started (SuperNodes first, then the SuperLink), and those
+        its processes started in sessions of their own: the SuperExec runs each ServerApp detached, so
+        after a SuperLink crash the ServerApp would outlive it. They are found by this deployment's
+        private ``FLWR_HOME`` in their environment."""
         for name in sorted(self.processes, key=lambda n: n == "superlink"):
             self._stop(self.processes[name])
         self.processes.clear()
+        for pid in _processes_with_environment("FLWR_HOME", self.env["FLWR_HOME"]):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def pids(self) -> list[int]:
         return [p.pid for p in self.processes.values()]
@@ -312,6 +318,21 @@ class LocalDeployment:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _processes_with_environment(name: str, value: str) -> list[int]:
+    """This user's processes (Linux ``/proc``) whose environment sets ``name=value``."""
+    wanted = f"{name}={value}".encode()
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if entry.stat().st_uid != os.getuid() or int(entry.name) == os.getpid():
+                continue
+            if wanted in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except (OSError, ValueError):
+            continue  # gone, or not ours to read
+    return found
 
 
 def log_tail(path: Path, lines: int = 40) -> str:

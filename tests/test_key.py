@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import scinfl.key as key_module
-from scinfl.key import FederationKey, KeyFileError
+from scinfl.key import PASSPHRASE_ENV, FederationKey, KeyFileError
 
 # A fixed secret makes the checks below independent of the random draw and lets them look for the secret
 # text where it must not appear.
@@ -415,3 +415,79 @@ def test_constructor_rejects_non_bytes(secret):
 def test_key_is_not_equal_to_its_bytes(fixed_key):
     assert fixed_key != SECRET
     assert fixed_key != fixed_key.fingerprint
+
+
+# --- a key at rest under a passphrase ----------------------------------------------------------------
+
+
+def test_a_protected_key_file_holds_no_secret_and_needs_its_passphrase(tmp_path, fixed_key, monkeypatch):
+    for name in PASSPHRASE_ENV:
+        monkeypatch.delenv(name, raising=False)
+    path = fixed_key.save(tmp_path / "k.key", passphrase="correct horse battery")
+    blob = path.read_bytes()
+    for secret in (
+        fixed_key._secret,
+        fixed_key._secret.hex().encode(),
+        fixed_key._secret.hex().upper().encode(),
+    ):
+        assert secret not in blob
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert fixed_key.fingerprint.encode() in blob  # public: which key this is
+    assert FederationKey.load(path, passphrase="correct horse battery") == fixed_key
+    with pytest.raises(
+        KeyFileError, match="protected by a passphrase: pass passphrase=, or set SCINFL_KEY_PASSPHRASE"
+    ):
+        FederationKey.load(path)
+    with pytest.raises(KeyFileError, match="wrong passphrase, or the file was altered"):
+        FederationKey.load(path, passphrase="wrong")
+    # for services: the environment, or a file it names (a systemd credential, /dev/fd/N)
+    monkeypatch.setenv("SCINFL_KEY_PASSPHRASE", "correct horse battery")
+    assert FederationKey.load(path) == fixed_key
+    monkeypatch.delenv("SCINFL_KEY_PASSPHRASE")
+    (tmp_path / "passphrase").write_text("correct horse battery\n")
+    monkeypatch.setenv("SCINFL_KEY_PASSPHRASE_FILE", str(tmp_path / "passphrase"))
+    assert FederationKey.load(path) == fixed_key
+    with pytest.raises(ValueError, match="empty passphrase"):
+        fixed_key.save(tmp_path / "empty.key", passphrase="")
+
+
+def test_a_protected_key_file_cannot_be_altered_unnoticed(tmp_path, fixed_key):
+    import json
+
+    path = fixed_key.save(tmp_path / "k.key", passphrase="pw")
+    payload = json.loads(path.read_text())
+    other = FederationKey.generate(scheme="infl")
+    swapped = {**payload, "scheme": "infl", "fingerprint": other.fingerprint}  # authenticated with the secret
+    path.write_text(json.dumps(swapped))
+    with pytest.raises(KeyFileError, match="wrong passphrase, or the file was altered"):
+        FederationKey.load(path, passphrase="pw")
+    payload["protected"]["ciphertext"] = payload["protected"]["ciphertext"][:-2]
+    path.write_text(json.dumps(payload))
+    with pytest.raises(KeyFileError, match="wrong passphrase, or the file was altered|corrupt"):
+        FederationKey.load(path, passphrase="pw")
+
+
+def test_key_command_line_verbs(tmp_path, monkeypatch, capsys):
+    from scinfl import cli
+
+    monkeypatch.setenv("SCINFL_KEY_PASSPHRASE", "from the environment")
+    path = tmp_path / "consortium.key"
+    assert cli.main(["key", "generate", str(path), "--protect"]) == 0
+    key = FederationKey.load(path)
+    assert key.scheme == "hardened"
+    assert key._secret.hex() not in path.read_text()
+    capsys.readouterr()
+    assert cli.main(["key", "fingerprint", str(path)]) == 0
+    assert capsys.readouterr().out.strip() == key.fingerprint
+    plain = tmp_path / "plain.key"
+    assert cli.main(["key", "generate", str(plain), "--scheme", "infl"]) == 0
+    assert cli.main(["key", "protect", str(plain)]) == 0
+    assert "protected" in plain.read_text()
+    assert FederationKey.load(plain).scheme == "infl"
+    assert cli.main(["key", "rotate", str(path), str(tmp_path / "next.key")]) == 0
+    rotated = FederationKey.load(tmp_path / "next.key")
+    assert rotated.scheme == key.scheme
+    assert rotated != key
+    assert "scinfl.tl.rekey" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="No key file"):
+        cli.main(["key", "fingerprint", str(tmp_path / "missing.key")])

@@ -1,4 +1,4 @@
-"""Command line: ``scinfl demo``, ``scinfl flower-local``."""
+"""Command line: ``scinfl demo``, ``scinfl flower-local``, ``scinfl key``."""
 
 from __future__ import annotations
 
@@ -65,6 +65,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     flower.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR's checkpoint")
     flower.add_argument("--output-dir", default="scinfl-flower", help="checkpoint, model and logs")
+    key = commands.add_parser(
+        "key",
+        help="generate, inspect, protect and rotate the consortium's key file",
+        description="Passphrases are read from SCINFL_KEY_PASSPHRASE (or the file named by "
+        "SCINFL_KEY_PASSPHRASE_FILE), else asked for on the terminal: never from the command line, where "
+        "every user of the machine can read them.",
+    )
+    verbs = key.add_subparsers(dest="verb", required=True)
+    generate = verbs.add_parser("generate", help="write a new key file (0600)")
+    generate.add_argument("path")
+    generate.add_argument("--scheme", default="hardened", choices=("hardened", "infl"))
+    generate.add_argument("--protect", action="store_true", help="encrypt it under a passphrase")
+    fingerprint = verbs.add_parser("fingerprint", help="print a key file's public fingerprint")
+    fingerprint.add_argument("path")
+    protect = verbs.add_parser("protect", help="encrypt an existing key file under a passphrase, in place")
+    protect.add_argument("path")
+    rotate = verbs.add_parser(
+        "rotate", help="write a new key of the same scheme (move models with scinfl.tl.rekey)"
+    )
+    rotate.add_argument("old")
+    rotate.add_argument("new")
+    rotate.add_argument("--protect", action="store_true", help="encrypt the new key under a passphrase")
     args = parser.parse_args(argv)
 
     if args.command == "demo":
@@ -100,7 +122,73 @@ def main(argv: list[str] | None = None) -> int:
             resume=args.resume,
         )
         print(f"Model written to {model} (load it with scinfl.FederatedModel.load).")
+    elif args.command == "key":
+        _key_command(args)
     return 0
+
+
+def _new_passphrase() -> str:
+    """A passphrase to protect a key with: from the environment, else typed twice on the terminal."""
+    import getpass
+    import os
+
+    from .key import PASSPHRASE_ENV
+
+    value, file = (os.environ.get(name) for name in PASSPHRASE_ENV)
+    if value or file:
+        from pathlib import Path
+
+        return value or Path(file).read_text().rstrip("\r\n")
+    first = getpass.getpass("Passphrase for the key file: ")
+    if first != getpass.getpass("The same passphrase again: "):
+        raise SystemExit("The two passphrases differ; nothing was written.")
+    return first
+
+
+def _load_key(path: str):
+    """A key file, asking for its passphrase on the terminal if it is protected and none is set."""
+    import getpass
+
+    from .key import FederationKey, KeyFileError
+
+    try:
+        return FederationKey.load(path)
+    except KeyFileError as err:
+        if "protected by a passphrase" not in str(err):
+            raise SystemExit(str(err)) from None
+        try:
+            return FederationKey.load(path, passphrase=getpass.getpass(f"Passphrase of {path}: "))
+        except KeyFileError as again:
+            raise SystemExit(str(again)) from None
+    except FileNotFoundError as err:
+        raise SystemExit(str(err)) from None
+
+
+def _key_command(args) -> None:
+    from .key import FederationKey
+
+    if args.verb == "generate":
+        key = FederationKey.generate(scheme=args.scheme)
+        key.save(args.path, passphrase=_new_passphrase() if args.protect else None)
+        print(
+            f"Wrote a {key.scheme} key to {args.path} (0600{', protected' if args.protect else ''}); fingerprint {key.fingerprint}."
+        )
+    elif args.verb == "fingerprint":
+        key = _load_key(args.path)
+        print(key.fingerprint)
+    elif args.verb == "protect":
+        key = _load_key(args.path)
+        key.save(args.path, overwrite=True, passphrase=_new_passphrase())
+        print(f"{args.path} is now protected by a passphrase (fingerprint {key.fingerprint}).")
+    elif args.verb == "rotate":
+        old = _load_key(args.old)
+        new = FederationKey.generate(scheme=old.scheme)
+        new.save(args.new, passphrase=_new_passphrase() if args.protect else None)
+        print(
+            f"Wrote a new {new.scheme} key to {args.new}: fingerprint {new.fingerprint} (was {old.fingerprint}). "
+            "Move a trained model to it with scinfl.tl.rekey(model, old_key=..., new_key=...), then give the new "
+            "file to every site."
+        )
 
 
 def _run_config_overrides(pairs: list[str]) -> dict[str, object]:

@@ -17,7 +17,7 @@ from typing import Final
 
 import numpy as np
 
-__all__ = ["DEFAULT_SCHEME", "SCHEMES", "FederationKey", "KeyFileError", "as_key"]
+__all__ = ["DEFAULT_SCHEME", "PASSPHRASE_ENV", "SCHEMES", "FederationKey", "KeyFileError", "as_key"]
 
 SCHEMES: Final = ("infl", "hardened")
 # The hardened scheme is the default: the privacy audit (docs/privacy.md) measures that it closes the
@@ -27,6 +27,10 @@ KEY_BYTES: Final = 32
 _FILE_FORMAT: Final = "scinfl-federation-key"
 _FILE_VERSION: Final = 1
 _DOMAIN: Final = b"scinfl/v1/"
+# Where a service gives the passphrase of a protected key file: the passphrase itself, or a file holding
+# it (a systemd credential, /dev/fd/N). Never a command-line argument: process lists are readable by all.
+PASSPHRASE_ENV: Final = ("SCINFL_KEY_PASSPHRASE", "SCINFL_KEY_PASSPHRASE_FILE")
+_SCRYPT: Final = {"n": 2**15, "r": 8, "p": 1}  # ~64 MiB and ~0.1 s per attempt
 
 
 class KeyFileError(ValueError):
@@ -113,20 +117,28 @@ class FederationKey:
         flipped[bit // 8] ^= 1 << (bit % 8)
         return FederationKey(bytes(flipped), scheme=self._scheme)
 
-    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    def save(
+        self, path: str | os.PathLike[str], *, overwrite: bool = False, passphrase: str | bytes | None = None
+    ) -> Path:
         """Write the key to ``path``, readable by the owner only (mode 0600).
 
         Refuses to replace an existing file unless ``overwrite=True``. The file carries the fingerprint so
-        that :meth:`load` detects corruption.
+        that :meth:`load` detects corruption. With ``passphrase`` the secret is stored encrypted (AES-256-GCM
+        under a key stretched from the passphrase by scrypt, n=2^15, r=8, p=1, with a random salt; the
+        scheme and fingerprint are authenticated with it), so a copied file is useless without the
+        passphrase.
         """
         path = Path(path)
         payload = {
             "format": _FILE_FORMAT,
             "version": _FILE_VERSION,
             "scheme": self._scheme,
-            "secret": self._secret.hex(),
             "fingerprint": self.fingerprint,
         }
+        if passphrase is None:
+            payload["secret"] = self._secret.hex()
+        else:
+            payload["protected"] = _encrypt(self._secret, _passphrase_bytes(passphrase), _header(payload))
         data = (json.dumps(payload, indent=1) + "\n").encode()
         if path.exists() and not overwrite:
             raise FileExistsError(
@@ -149,7 +161,13 @@ class FederationKey:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], *, scheme: str | None = None) -> FederationKey:
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        scheme: str | None = None,
+        passphrase: str | bytes | None = None,
+    ) -> FederationKey:
         """Read a key written by :meth:`save`.
 
         Parameters
@@ -158,6 +176,10 @@ class FederationKey:
             The key file.
         scheme
             If given, the scheme the caller expects; a key of another scheme raises :class:`KeyFileError`.
+        passphrase
+            For a protected key file: its passphrase. Default: the environment variable
+            ``SCINFL_KEY_PASSPHRASE``, else the file named by ``SCINFL_KEY_PASSPHRASE_FILE`` (for services:
+            a SuperNode reads its key file this way).
         """
         path = Path(path)
         if not path.is_file():
@@ -177,10 +199,13 @@ class FederationKey:
             )
         if scheme is not None and file_scheme != scheme:
             raise KeyFileError(f"Key file {path} holds a {file_scheme!r} key; a {scheme!r} key was expected.")
-        try:
-            secret = bytes.fromhex(payload["secret"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise KeyFileError(f"Key file {path} is corrupt: its secret is missing or not hex.") from err
+        if "protected" in payload:
+            secret = _decrypt(path, payload, passphrase)
+        else:
+            try:
+                secret = bytes.fromhex(payload["secret"])
+            except (KeyError, TypeError, ValueError) as err:
+                raise KeyFileError(f"Key file {path} is corrupt: its secret is missing or not hex.") from err
         if len(secret) != KEY_BYTES:
             raise KeyFileError(
                 f"Key file {path} is truncated: {len(secret)} secret bytes instead of {KEY_BYTES}."
@@ -205,6 +230,83 @@ class FederationKey:
     def __reduce__(self):
         # Pickling would silently copy the secret into caches, multiprocessing payloads or saved objects.
         raise TypeError("A FederationKey cannot be pickled; pass its file path and FederationKey.load it.")
+
+
+def _header(payload: dict) -> bytes:
+    """What the encryption authenticates besides the secret: a protected file's scheme and fingerprint
+    cannot be swapped."""
+    return json.dumps(
+        {k: payload[k] for k in ("format", "version", "scheme", "fingerprint")}, sort_keys=True
+    ).encode()
+
+
+def _passphrase_bytes(passphrase: str | bytes) -> bytes:
+    data = passphrase.encode() if isinstance(passphrase, str) else bytes(passphrase)
+    if not data:
+        raise ValueError("An empty passphrase protects nothing.")
+    return data
+
+
+def _stretch(passphrase: bytes, salt: bytes) -> bytes:
+    from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+    return Scrypt(salt=salt, length=32, **_SCRYPT).derive(passphrase)
+
+
+def _encrypt(secret: bytes, passphrase: bytes, header: bytes) -> dict:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    salt, nonce = secrets.token_bytes(16), secrets.token_bytes(12)
+    ciphertext = AESGCM(_stretch(passphrase, salt)).encrypt(nonce, secret, header)
+    return {
+        "kdf": "scrypt",
+        **_SCRYPT,
+        "salt": salt.hex(),
+        "cipher": "aes-256-gcm",
+        "nonce": nonce.hex(),
+        "ciphertext": ciphertext.hex(),
+    }
+
+
+def _environment_passphrase() -> bytes | None:
+    value, file = (os.environ.get(name) for name in PASSPHRASE_ENV)
+    if value:
+        return value.encode()
+    if file:
+        return Path(file).read_bytes().rstrip(b"\r\n")
+    return None
+
+
+def _decrypt(path: Path, payload: dict, passphrase: str | bytes | None) -> bytes:
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    given = _passphrase_bytes(passphrase) if passphrase is not None else _environment_passphrase()
+    if given is None:
+        raise KeyFileError(
+            f"Key file {path} is protected by a passphrase: pass passphrase=, or set {PASSPHRASE_ENV[0]} (or "
+            f"{PASSPHRASE_ENV[1]}, the path of a file holding it) in the environment of the process that loads it."
+        )
+    protected = payload["protected"]
+    try:
+        if protected.get("kdf") != "scrypt" or protected.get("cipher") != "aes-256-gcm":
+            raise KeyFileError(f"Key file {path} is protected by an unknown method.")
+        salt, nonce = bytes.fromhex(protected["salt"]), bytes.fromhex(protected["nonce"])
+        ciphertext = bytes.fromhex(protected["ciphertext"])
+        from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+        stretched = Scrypt(
+            salt=salt, length=32, n=int(protected["n"]), r=int(protected["r"]), p=int(protected["p"])
+        )
+        return AESGCM(stretched.derive(given)).decrypt(nonce, ciphertext, _header(payload))
+    except InvalidTag:
+        raise KeyFileError(
+            f"Key file {path}: wrong passphrase, or the file was altered (its authentication failed)."
+        ) from None
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        if isinstance(err, KeyFileError):
+            raise
+        raise KeyFileError(f"Key file {path} is corrupt: its protected secret is incomplete.") from err
 
 
 def as_key(key: FederationKey | str | os.PathLike[str] | None, *, name: str = "key") -> FederationKey | None:

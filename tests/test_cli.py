@@ -98,6 +98,7 @@ def test_flower_local_defaults(flower_local, capsys):
     assert spec.task == si.tasks.Classification()
     assert (spec.rounds, spec.seed, spec.min_sites, spec.round_timeout) == (20, 0, 0, 600.0)
     assert (spec.secure_aggregation, spec.min_cohort) == (True, 3)
+    assert options["tls"] is True
     assert options["key_path"] is None
     assert options["output_dir"] == "scinfl-flower"
     assert options["resume"] is False
@@ -138,6 +139,11 @@ def test_flower_local_task_settings_and_site_fields(flower_local):
     assert (spec.fit.lr, spec.fit.local_epochs, spec.validation_fraction) == (0.01, 2, 0.2)
     assert options["fields"] == {"layer": "counts", "use_raw": True, "modality": "rna"}
     assert (options["key_path"], options["output_dir"], options["resume"]) == ("k.key", "out", True)
+
+
+def test_flower_local_insecure_is_an_explicit_choice(flower_local):
+    _, options = flower_local("--insecure")
+    assert options["tls"] is False
 
 
 def test_flower_local_secure_aggregation_options(flower_local):

@@ -64,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         help="any other run setting, as in the run config: task.hidden=64 task.n-latent=32 fit.lr=0.01 dp.epsilon=8",
     )
     flower.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR's checkpoint")
+    flower.add_argument(
+        "--insecure",
+        action="store_true",
+        help="connections in the clear (default: TLS with a certificate authority of the deployment's own)",
+    )
     flower.add_argument("--output-dir", default="scinfl-flower", help="checkpoint, model and logs")
     key = commands.add_parser(
         "key",
@@ -120,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             settings=settings,
             fields={"layer": args.layer, "use_raw": args.use_raw, "modality": args.modality},
             resume=args.resume,
+            tls=not args.insecure,
         )
         print(f"Model written to {model} (load it with scinfl.FederatedModel.load).")
     elif args.command == "key":

@@ -338,6 +338,59 @@ def test_close_stops_what_the_deployment_started_in_other_sessions(tmp_path):
             process.wait()
 
 
+def test_a_local_deployment_runs_tls_and_a_supernode_without_its_ca_is_not_let_in(tmp_path):
+    """TLS by default: the deployment's own CA signs the SuperLink's certificate; a SuperNode that verifies
+    it registers, one that talks in the clear (--insecure) does not. (The deployment test below trains
+    over TLS.)"""
+    import json
+    import stat
+    import subprocess
+
+    from scinfl.federation.flower.deployment import CONNECTION, free_port
+
+    bin_dir = Path(sys.executable).parent
+    deployment = LocalDeployment(tmp_path / "flower", {})
+    assert deployment.tls is not None
+    assert stat.S_IMODE(deployment.tls["private_key"].stat().st_mode) == 0o600
+    supernodes = []
+
+    def registered() -> int:
+        listed = subprocess.run(
+            [str(bin_dir / "flwr"), "supernode", "list", CONNECTION, "--format", "json"],
+            env=deployment.env,
+            cwd=deployment.workdir,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        return len(json.loads(listed.stdout)["nodes"])
+
+    try:
+        deployment.start()
+        # in the clear: not registered; verifying the deployment's CA: registered
+        for flags, expected in ((["--insecure"], 0), (["--root-certificates", str(deployment.tls["ca"])], 1)):
+            supernodes.append(
+                subprocess.Popen(
+                    [
+                        str(bin_dir / "flower-supernode"),
+                        *flags,
+                        *("--superlink", f"127.0.0.1:{deployment.port}", "--port", str(free_port())),
+                    ],
+                    env=deployment.env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            )
+            time.sleep(8)
+            assert registered() == expected
+    finally:
+        for supernode in supernodes:
+            supernode.kill()
+            supernode.wait()
+        deployment.close()
+
+
 def _alive(process_groups: list[int]) -> list[str]:
     """Processes (other than zombies) still in any of these process groups."""
     alive = []

@@ -35,6 +35,7 @@ __all__ = [
     "log_tail",
     "run_config",
     "run_local_deployment",
+    "write_local_ca",
 ]
 
 logger = logging.getLogger("scinfl")
@@ -126,6 +127,74 @@ def _wait_for_port(port: int, process: subprocess.Popen, timeout: float, what: s
     raise TimeoutError(f"{what} did not open port {port} within {timeout:g} s.")
 
 
+def write_local_ca(directory: str | os.PathLike[str]) -> dict[str, Path]:
+    """A certificate authority of this deployment's own and a SuperLink certificate it signs, for
+    127.0.0.1 and localhost (ECDSA P-256, 30 days), written into ``directory`` (private keys 0600).
+
+    Returns the paths: ``ca`` (what SuperNodes and ``flwr`` verify the SuperLink with), ``certificate``
+    and ``private_key`` (the SuperLink's). Across machines, use your institution's certificates instead.
+    """
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    valid = {
+        "not_valid_before": now - datetime.timedelta(minutes=5),
+        "not_valid_after": now + datetime.timedelta(days=30),
+    }
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "scinfl local deployment CA")])
+    ca = (
+        x509.CertificateBuilder(
+            issuer_name=ca_name,
+            subject_name=ca_name,
+            serial_number=x509.random_serial_number(),
+            public_key=ca_key.public_key(),
+            **valid,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    certificate = (
+        x509.CertificateBuilder(
+            issuer_name=ca_name,
+            subject_name=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]),
+            serial_number=x509.random_serial_number(),
+            public_key=key.public_key(),
+            **valid,
+        )
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+            ),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = {
+        "ca": directory / "ca.crt",
+        "certificate": directory / "superlink.crt",
+        "private_key": directory / "superlink.key",
+    }
+    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths["certificate"].write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    descriptor = os.open(paths["private_key"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as fh:
+        fh.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+    return paths
+
+
 class LocalDeployment:
     """A SuperLink and one SuperNode per site on 127.0.0.1, each in its own process group.
 
@@ -138,6 +207,10 @@ class LocalDeployment:
         ``site`` is set from the name).
     start_timeout
         Seconds the SuperLink may take to open its port.
+    tls
+        Encrypt every connection with TLS (the default): the deployment makes a certificate authority of its
+        own (:func:`write_local_ca`), the SuperLink serves its certificate and the SuperNodes and ``flwr``
+        verify it. ``False`` runs with ``--insecure``: traffic in the clear, an explicit choice.
 
     Use it as a context manager: leaving the block stops every process it started.
     """
@@ -148,6 +221,7 @@ class LocalDeployment:
         nodes: Mapping[str, Mapping[str, Any]],
         *,
         start_timeout: float = 60.0,
+        tls: bool = True,
     ) -> None:
         self.workdir = Path(workdir).absolute()
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -156,6 +230,7 @@ class LocalDeployment:
         self.env = flower_environment(self.workdir / "flwr_home")
         self.port = 0
         self.processes: dict[str, subprocess.Popen] = {}
+        self.tls = write_local_ca(self.workdir / "tls") if tls else None
 
     def _spawn(self, name: str, command: Sequence[str]) -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 -- lives as long as the process
@@ -184,7 +259,12 @@ class LocalDeployment:
                 {
                     "superlink": {
                         "default": CONNECTION,
-                        CONNECTION: {"address": f"127.0.0.1:{self.port}", "insecure": True},
+                        CONNECTION: {"address": f"127.0.0.1:{self.port}"}
+                        | (
+                            {"insecure": True}
+                            if self.tls is None
+                            else {"root-certificates": str(self.tls["ca"])}
+                        ),
                     }
                 }
             )
@@ -193,7 +273,18 @@ class LocalDeployment:
             "superlink",
             [
                 str(bin_dir / "flower-superlink"),
-                "--insecure",
+                *(
+                    ["--insecure"]
+                    if self.tls is None
+                    else [
+                        "--ssl-ca-certfile",
+                        str(self.tls["ca"]),
+                        "--ssl-certfile",
+                        str(self.tls["certificate"]),
+                        "--ssl-keyfile",
+                        str(self.tls["private_key"]),
+                    ]
+                ),
                 "--disable-runtime-dependency-installation",  # else it installs the app's dependencies
                 "--host",
                 "127.0.0.1",
@@ -217,7 +308,7 @@ class LocalDeployment:
             f"supernode-{site}",
             [
                 str(Path(sys.executable).parent / "flower-supernode"),
-                "--insecure",
+                *(["--insecure"] if self.tls is None else ["--root-certificates", str(self.tls["ca"])]),
                 "--superlink",
                 f"127.0.0.1:{self.port}",
                 "--port",
@@ -352,6 +443,7 @@ def run_local_deployment(
     workdir: str | os.PathLike[str] | None = None,
     resume: bool = False,
     timeout: float = 3600.0,
+    tls: bool = True,
 ) -> Path:
     """Train scinfl's apps across a local deployment (one SuperNode per file); return the model's path.
 
@@ -380,6 +472,9 @@ def run_local_deployment(
         Continue the run checkpointed in ``output_dir``.
     timeout
         Seconds the whole run may take.
+    tls
+        Encrypt the connections with a certificate authority of the deployment's own (the default);
+        ``False``: ``--insecure``, traffic in the clear.
     """
     from ...key import FederationKey
 
@@ -411,7 +506,7 @@ def run_local_deployment(
     }
     workdir = Path(workdir) if workdir is not None else output_dir / "flower"
     started = time.time()
-    with LocalDeployment(workdir, nodes) as deployment:
+    with LocalDeployment(workdir, nodes, tls=tls) as deployment:
         logger.info(
             "SuperLink on 127.0.0.1:%d, %d SuperNodes; logs in %s.", deployment.port, len(nodes), workdir
         )

@@ -42,7 +42,7 @@ import scanpy as sc
 import torch
 
 import scinfl as si
-from scinfl.federation.flower.deployment import LocalDeployment, run_config
+from scinfl.federation.flower.deployment import LocalDeployment, run_config, site_nodes
 
 SIMULATION_GOAL = 1.5  # x the in-process wall time
 DEPLOYMENT_GOAL = 5.0  # seconds per round
@@ -104,11 +104,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory(prefix="scinfl-flower-bench-") as tmp:
         tmp = Path(tmp)
-        key_path = key.save(tmp / "consortium.key")
-        nodes = {}
-        for name, site in sites.items():
-            site.write_h5ad(tmp / f"{name}.h5ad")
-            nodes[name] = {"data-path": str(tmp / f"{name}.h5ad"), "key-path": str(key_path)}
+        nodes = site_nodes(sites, tmp, key.save(tmp / "consortium.key"))
         # The in-process run's spec: the same task, sites, key version, rounds and seed.
         config = run_config(models["local"].spec, tmp / "run")
         with LocalDeployment(tmp / "flower", nodes) as deployment:

@@ -156,7 +156,7 @@ def accuracy_over_seeds(seeds: tuple[int, ...], rounds: int) -> list[tuple[int, 
 
 
 def deployment_round(n_sites: int, rounds: int, secure: bool) -> float:
-    from scinfl.federation.flower.deployment import LocalDeployment, run_config
+    from scinfl.federation.flower.deployment import LocalDeployment, run_config, site_nodes
 
     sites, _ = _sites(n_sites)
     spec = si.tl.train_federated(
@@ -164,11 +164,7 @@ def deployment_round(n_sites: int, rounds: int, secure: bool) -> float:
     ).spec.replace(rounds=rounds)
     with tempfile.TemporaryDirectory(prefix="scinfl-secagg-bench-") as tmp:
         tmp = Path(tmp)
-        key_path = KEY.save(tmp / "consortium.key")
-        nodes = {}
-        for name, site in sites.items():
-            site.write_h5ad(tmp / f"{name}.h5ad")
-            nodes[name] = {"data-path": str(tmp / f"{name}.h5ad"), "key-path": str(key_path)}
+        nodes = site_nodes(sites, tmp, KEY.save(tmp / "consortium.key"))
         with LocalDeployment(tmp / "flower", nodes) as deployment:
             completed = deployment.run(run_config(spec, tmp / "run"), timeout=1800)
     if completed.returncode != 0:

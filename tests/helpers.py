@@ -22,6 +22,18 @@ FAST = {"task": FAST_TASK, "rounds": 4, "seed": 0}
 METRIC_TOLERANCE = {"rtol": 1e-6, "atol": 1e-9}
 
 
+def small_spec(sites, key: si.FederationKey | None, **options) -> si.federation.RunSpec:
+    """The run spec of a small real run of ``sites`` under ``key`` (None: plain FedAvg): FAST_TASK at
+    width 32, 2 rounds unless ``options`` say otherwise."""
+    return si.federation.RunSpec(
+        task=FAST_TASK.replace(hidden=32),
+        sites=tuple(sites),
+        key_fingerprint=None if key is None else key.fingerprint,
+        scheme=None if key is None else key.scheme,
+        **{"rounds": 2, **options},
+    )
+
+
 def serialised(obj) -> bytes:
     """``obj`` as ``torch.save`` writes it."""
     buffer = io.BytesIO()

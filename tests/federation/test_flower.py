@@ -30,7 +30,7 @@ from helpers import (
 )
 from scinfl.federation import InProcess, RunSpec, federate
 from scinfl.federation.checkpoint import CHECKPOINT, load_checkpoint
-from scinfl.federation.flower.deployment import LocalDeployment, log_tail, run_config
+from scinfl.federation.flower.deployment import LocalDeployment, log_tail, run_config, site_nodes
 from scinfl.federation.flower.server import GridTransport
 from scinfl.federation.flower.simulation import simulate
 from scinfl.train import key_material
@@ -420,17 +420,6 @@ def _wait_for_checkpoint(output_dir: Path, round_index: int, timeout: float) -> 
     raise TimeoutError(f"No checkpoint of round {round_index} after {timeout} s.")
 
 
-def _nodes(sites, tmp_path: Path, key_path: Path | None) -> dict[str, dict[str, str]]:
-    """Each site's file (its registration travels inside it) and the key file, as node configs."""
-    nodes = {}
-    for name, adata in sites.items():
-        adata.write_h5ad(tmp_path / f"{name}.h5ad")
-        nodes[name] = {"data-path": str(tmp_path / f"{name}.h5ad")}
-        if key_path is not None:
-            nodes[name]["key-path"] = str(key_path)
-    return nodes
-
-
 def _assert_all_stopped(groups: list[int]) -> None:
     deadline = time.monotonic() + 15
     while _alive(groups) and time.monotonic() < deadline:
@@ -462,7 +451,7 @@ def test_deployed_hardened_perturbation_run_survives_a_killed_supernode_and_equa
         connect_timeout=120,
         min_cohort=2,  # masked updates: each SuperNode keeps its masking key in its run context
     )
-    deployment = LocalDeployment(tmp_path / "flower", _nodes(sites, tmp_path, key_path))
+    deployment = LocalDeployment(tmp_path / "flower", site_nodes(sites, tmp_path, key_path))
     groups: list[int] = []
     try:
         deployment.start()

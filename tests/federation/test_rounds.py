@@ -8,13 +8,12 @@ import scanpy as sc
 import torch
 
 import scinfl as si
-from helpers import FAST, FAST_TASK, assert_no_secret, key_secrets, serialised
+from helpers import FAST, assert_no_secret, key_secrets, serialised, small_spec
 from scinfl.federation import (
     InProcess,
     Instruction,
     KeyVersionError,
     Reply,
-    RunSpec,
     SiteFailureError,
     aggregate,
     fedavg,
@@ -107,19 +106,9 @@ def test_sample_sites_fraction_and_determinism():
         sample_sites(names, 0.0, np.random.default_rng(0))
 
 
-def _spec(sites, key: si.FederationKey | None, **options) -> RunSpec:
-    return RunSpec(
-        task=FAST_TASK.replace(hidden=32),
-        sites=tuple(sites),
-        key_fingerprint=None if key is None else key.fingerprint,
-        scheme=None if key is None else key.scheme,
-        **{"rounds": 2, **options},
-    )
-
-
 def test_updates_sent_to_the_aggregator_hold_no_key_material(pbmc_sites, key):
     transport = InProcess(pbmc_sites, dict.fromkeys(pbmc_sites, key))
-    spec = _spec(pbmc_sites, key)
+    spec = small_spec(pbmc_sites, key)
     hello = transport.connect(spec)
     schema = spec.task.agree({s: h.description for s, h in hello.items()}, join="inner")
     config = spec.model_config(schema)
@@ -154,7 +143,7 @@ def test_updates_sent_to_the_aggregator_hold_no_key_material(pbmc_sites, key):
 def test_site_with_another_key_version_is_rejected_every_round(pbmc_sites, key, scinfl_log, secure):
     stale = si.FederationKey.generate(scheme="infl")
     keys = {"site_0": key, "site_1": key, "site_2": stale}
-    spec = _spec(pbmc_sites, key, secure_aggregation=secure, min_cohort=2)
+    spec = small_spec(pbmc_sites, key, secure_aggregation=secure, min_cohort=2)
     run = federate(InProcess(pbmc_sites, keys), spec)
     history = run.history
     assert history.loc[history.site == "site_2", "rejected"].all()
@@ -168,7 +157,7 @@ def test_site_with_another_key_version_is_rejected_every_round(pbmc_sites, key, 
 
 def test_federate_is_deterministic_and_seed_sensitive(pbmc_sites, key):
     def run(seed):
-        spec = _spec(pbmc_sites, key, seed=seed, fraction=0.67, min_cohort=2)
+        spec = small_spec(pbmc_sites, key, seed=seed, fraction=0.67, min_cohort=2)
         return federate(InProcess(pbmc_sites, dict.fromkeys(pbmc_sites, key)), spec)
 
     first, again, other = run(0), run(0), run(1)
@@ -179,7 +168,9 @@ def test_federate_is_deterministic_and_seed_sensitive(pbmc_sites, key):
 
 
 def test_best_round_is_the_lowest_validation_loss(pbmc_sites, key):
-    run = federate(InProcess(pbmc_sites, dict.fromkeys(pbmc_sites, key)), _spec(pbmc_sites, key, rounds=4))
+    run = federate(
+        InProcess(pbmc_sites, dict.fromkeys(pbmc_sites, key)), small_spec(pbmc_sites, key, rounds=4)
+    )
     h = run.history
     weighted = h.assign(w=h.val_loss * h.n_val).groupby("round").w.sum() / h.groupby("round").n_val.sum()
     assert run.best_round == int(weighted.idxmin())
@@ -205,7 +196,7 @@ class FailingSite(InProcess):
 
 
 def test_a_site_that_stops_answering_is_dropped_and_the_run_goes_on_above_min_sites(pbmc_sites, scinfl_log):
-    spec = _spec(pbmc_sites, None, rounds=3, min_sites=2, min_cohort=2)
+    spec = small_spec(pbmc_sites, None, rounds=3, min_sites=2, min_cohort=2)
     run = federate(FailingSite(pbmc_sites, {}, failing="site_1", from_round=2), spec)
     assert run.dropped == ["site_1"]
     assert "site 'site_1' dropped from the run (no reply before the deadline)" in scinfl_log.text
@@ -219,7 +210,7 @@ def test_a_site_that_stops_answering_is_dropped_and_the_run_goes_on_above_min_si
     ):
         federate(
             FailingSite(pbmc_sites, {}, failing="site_1", from_round=2),
-            _spec(pbmc_sites, None, min_sites=3, min_cohort=2),
+            small_spec(pbmc_sites, None, min_sites=3, min_cohort=2),
         )
 
 
@@ -249,7 +240,7 @@ class ComingBack(FailingSite):
 
 @pytest.mark.parametrize("secure", [True, False])
 def test_a_site_that_comes_back_rejoins_at_the_next_round(pbmc_sites, scinfl_log, secure):
-    spec = _spec(pbmc_sites, None, rounds=4, min_sites=2, min_cohort=2, secure_aggregation=secure)
+    spec = small_spec(pbmc_sites, None, rounds=4, min_sites=2, min_cohort=2, secure_aggregation=secure)
     run = federate(ComingBack(pbmc_sites, {}, failing="site_1", in_round=2), spec)
     assert run.dropped == []
     assert "Round 3: site 'site_1' rejoined the run." in scinfl_log.text
@@ -278,7 +269,7 @@ def test_hardened_initial_weights_are_drawn_by_a_key_holder(pbmc_sites):
 
     keys = {"site_0": None, "site_1": hardened, "site_2": hardened}
     transport = Recording(pbmc_sites, keys)
-    run = federate(transport, _spec(pbmc_sites, hardened, rounds=1, min_cohort=2))
+    run = federate(transport, small_spec(pbmc_sites, hardened, rounds=1, min_cohort=2))
     assert asked == ["site_1"]
     assert run.history.set_index("site")["rejected"].to_dict() == {
         "site_0": True,
@@ -296,11 +287,11 @@ def test_hardened_initial_weights_are_drawn_by_a_key_holder(pbmc_sites):
     with pytest.raises(ValueError, match="where the key is"):
         si.federation.initial_weights(config, 0, None)
     with pytest.raises(SiteFailureError, match="No site holds the run's key version"):
-        federate(InProcess(pbmc_sites, {}), _spec(pbmc_sites, hardened, rounds=1, min_sites=1))
+        federate(InProcess(pbmc_sites, {}), small_spec(pbmc_sites, hardened, rounds=1, min_sites=1))
 
 
 def test_a_reused_checkpoint_directory_is_refused_unless_resuming(pbmc_sites, tmp_path):
-    spec = _spec(pbmc_sites, None, rounds=1)
+    spec = small_spec(pbmc_sites, None, rounds=1)
     federate(InProcess(pbmc_sites, {}), spec, checkpoint_dir=tmp_path)
     with pytest.raises(FileExistsError, match="pass resume=True"):
         federate(InProcess(pbmc_sites, {}), spec, checkpoint_dir=tmp_path)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import scinfl as si
-from helpers import FAST_TASK, accuracy, serialised
-from scinfl.federation import InProcess, RunSpec, SiteFailureError, fedavg, federate
+from helpers import FAST_TASK, accuracy, serialised, small_spec
+from scinfl.federation import InProcess, SiteFailureError, fedavg, federate
 from scinfl.federation.secure import (
     FRACTION_BITS,
     MaskedUpdate,
@@ -166,24 +166,14 @@ class Recording(InProcess):
         return replies
 
 
-def _spec(sites, key, **options) -> RunSpec:
-    return RunSpec(
-        task=FAST_TASK.replace(hidden=32),
-        sites=tuple(sites),
-        key_fingerprint=None if key is None else key.fingerprint,
-        scheme=None if key is None else key.scheme,
-        **{"rounds": 2, **options},
-    )
-
-
 def test_the_server_receives_no_site_update_and_its_sum_is_fedavg(pbmc_sites, key):
     """Run the same federation in the clear and masked: every site's true update is known from the
     clear run (same seeds, same start), and nothing the server receives in the masked run matches it."""
     keys = dict.fromkeys(pbmc_sites, key)
     clear = Recording(pbmc_sites, keys)
-    federate(clear, _spec(pbmc_sites, key, rounds=1, secure_aggregation=False))
+    federate(clear, small_spec(pbmc_sites, key, rounds=1, secure_aggregation=False))
     masked = Recording(pbmc_sites, keys)
-    run = federate(masked, _spec(pbmc_sites, key, rounds=1))
+    run = federate(masked, small_spec(pbmc_sites, key, rounds=1))
     (_, clear_replies), (_, masked_replies) = clear.received[0], masked.received[0]
     assert clear.sent[0][1].keys() == masked.sent[0][1].keys()
     true_updates = {site: reply.update for site, reply in clear_replies.items()}
@@ -246,7 +236,7 @@ class Dropping(Recording):
 def test_a_site_lost_mid_round_is_retried_without_it_or_stops_below_min_cohort(pbmc_sites, key, scinfl_log):
     keys = dict.fromkeys(pbmc_sites, key)
     transport = Dropping(pbmc_sites, keys, failing="site_1", in_round=2)
-    run = federate(transport, _spec(pbmc_sites, key, rounds=3, min_sites=2, min_cohort=2))
+    run = federate(transport, small_spec(pbmc_sites, key, rounds=3, min_sites=2, min_cohort=2))
     assert transport.attempts == [
         (1, 0, ("site_0", "site_1", "site_2")),
         (2, 0, ("site_0", "site_1", "site_2")),
@@ -261,5 +251,5 @@ def test_a_site_lost_mid_round_is_retried_without_it_or_stops_below_min_cohort(p
     with pytest.raises(SiteFailureError, match=r"Round 2: 2 site\(s\) can be summed.*min_cohort=3"):
         federate(
             Dropping(pbmc_sites, keys, failing="site_1", in_round=2),
-            _spec(pbmc_sites, key, rounds=3, min_sites=2),
+            small_spec(pbmc_sites, key, rounds=3, min_sites=2),
         )

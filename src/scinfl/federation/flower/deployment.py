@@ -35,6 +35,7 @@ __all__ = [
     "log_tail",
     "run_config",
     "run_local_deployment",
+    "site_nodes",
     "write_local_ca",
 ]
 
@@ -125,6 +126,22 @@ def _wait_for_port(port: int, process: subprocess.Popen, timeout: float, what: s
                 return
         time.sleep(0.1)
     raise TimeoutError(f"{what} did not open port {port} within {timeout:g} s.")
+
+
+def site_nodes(
+    sites: Mapping[str, Any],
+    directory: str | os.PathLike[str],
+    key_path: str | os.PathLike[str] | None = None,
+) -> dict[str, dict[str, str]]:
+    """Write each site (an AnnData, its registration inside) to ``directory/<site>.h5ad`` and return the
+    SuperNodes' node configs for :class:`LocalDeployment`: its file, and the key file if any."""
+    directory = Path(directory)
+    nodes = {}
+    for name, adata in sites.items():
+        path = directory / f"{name}.h5ad"
+        adata.write_h5ad(path)
+        nodes[name] = {"data-path": str(path)} | ({} if key_path is None else {"key-path": str(key_path)})
+    return nodes
 
 
 def write_local_ca(directory: str | os.PathLike[str]) -> dict[str, Path]:

@@ -8,6 +8,7 @@ model bit for bit; tutorial 03 deploys a classifier the same way.
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import hashlib
 import os
@@ -420,6 +421,19 @@ def _wait_for_checkpoint(output_dir: Path, round_index: int, timeout: float) -> 
     raise TimeoutError(f"No checkpoint of round {round_index} after {timeout} s.")
 
 
+def _arguments_of(deployment: LocalDeployment) -> bytes:
+    """The command lines of every process of the deployment (all carry its FLWR_HOME)."""
+    from scinfl.federation.flower.deployment import _processes_with_environment
+
+    arguments = []
+    for pid in _processes_with_environment("FLWR_HOME", deployment.env["FLWR_HOME"]):
+        try:
+            arguments.append(Path(f"/proc/{pid}/cmdline").read_bytes())
+        except OSError:  # ended meanwhile
+            continue
+    return b"\n".join(arguments)
+
+
 def _assert_all_stopped(groups: list[int]) -> None:
     deadline = time.monotonic() + 15
     while _alive(groups) and time.monotonic() < deadline:
@@ -459,6 +473,13 @@ def test_deployed_hardened_perturbation_run_survives_a_killed_supernode_and_equa
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             first = pool.submit(deployment.run, run_config(spec, output_dir), timeout=300)
             _wait_for_checkpoint(output_dir, 1, timeout=240)
+            # No secret in any process's arguments (readable by every user of the machine)
+            arguments = _arguments_of(deployment)
+            assert b"flower-supernode" in arguments  # the deployment's processes were read
+            assert_no_secret(
+                arguments,
+                [*key_secrets(key), base64.b64encode(key._secret), base64.urlsafe_b64encode(key._secret)],
+            )
             deployment.kill_supernode("site_1")
             started = time.monotonic()
             failed = first.result()  # returns: the run must not hang on the dead site

@@ -3,8 +3,9 @@ outputs, figures included, because the documentation renders them without execut
 
 Execution uses each notebook's small settings (``SCINFL_TUTORIAL_QUICK=1``: fewer rounds, seeds and attacks),
 which checks that the code runs, not what it finds. The committed outputs come from the full run. A notebook
-lists the optional packages it needs in its metadata (``"scinfl": {"requires": ["flwr"]}``); without them its
-execution is skipped.
+lists the optional packages it needs in its metadata (``"scinfl": {"requires": ["flwr"]}``), and the data files
+of ``../shared/data`` it reads (``"scinfl": {"data": ["sepal_mob_st.h5ad"]}``; no package ships them): without
+them its execution is skipped. The kernel finds the data in ``SCINFL_DATA_DIR``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
 TUTORIALS = Path(__file__).resolve().parents[2] / "tutorials"  # tests/docs/ -> the repository root
+DATA_DIR = TUTORIALS.parents[1] / "shared" / "data"  # ../shared/data beside the checkout
 NOTEBOOKS = sorted(TUTORIALS.glob("*.ipynb"))
 CELL_TIMEOUT = 600  # seconds; a quick Flower deployment takes one to two minutes on 2 busy cores
 MAX_BYTES = 1_500_000  # committed notebooks stay small: figures at about 80 dpi
@@ -51,6 +53,7 @@ def _kernel_environment() -> dict[str, str]:
         OPENBLAS_NUM_THREADS="1",
         MKL_NUM_THREADS="1",
         PYDEVD_DISABLE_FILE_VALIDATION="1",  # silences the debugger's warning about frozen modules
+        SCINFL_DATA_DIR=str(DATA_DIR),
     )
     return env
 
@@ -76,6 +79,13 @@ def test_tutorial_executes(path: Path, tmp_path: Path):
     ]
     if missing:
         pytest.skip(f"{path.name} needs {', '.join(missing)}")
+    absent = [
+        name
+        for name in notebook.metadata.get("scinfl", {}).get("data", [])
+        if not (DATA_DIR / name).is_file()
+    ]
+    if absent:
+        pytest.skip(f"{path.name} reads {', '.join(absent)}, absent from {DATA_DIR}")
     tutorials_before = sorted(p.name for p in TUTORIALS.iterdir())
 
     client = nbclient.NotebookClient(

@@ -98,7 +98,7 @@ def test_flower_local_defaults(flower_local, capsys):
     assert spec.task == si.tasks.Classification()
     assert (spec.rounds, spec.seed, spec.min_sites, spec.round_timeout) == (20, 0, 0, 600.0)
     assert (spec.secure_aggregation, spec.min_cohort) == (True, 3)
-    assert options["tls"] is True
+    assert (options["tls"], options["authenticate"]) == (True, True)
     assert options["key_path"] is None
     assert options["output_dir"] == "scinfl-flower"
     assert options["resume"] is False
@@ -143,7 +143,9 @@ def test_flower_local_task_settings_and_site_fields(flower_local):
 
 def test_flower_local_insecure_is_an_explicit_choice(flower_local):
     _, options = flower_local("--insecure")
-    assert options["tls"] is False
+    assert (options["tls"], options["authenticate"]) == (False, False)  # Flower's auth needs TLS
+    _, options = flower_local("--no-supernode-auth")
+    assert (options["tls"], options["authenticate"]) == (True, False)
 
 
 def test_flower_local_secure_aggregation_options(flower_local):

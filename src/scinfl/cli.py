@@ -67,7 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     flower.add_argument(
         "--insecure",
         action="store_true",
-        help="connections in the clear (default: TLS with a certificate authority of the deployment's own)",
+        help="connections in the clear, and no SuperNode authentication (default: TLS with a certificate "
+        "authority of the deployment's own)",
+    )
+    flower.add_argument(
+        "--no-supernode-auth",
+        action="store_true",
+        help="let in any SuperNode (default: only those whose key pair, made for this deployment, is registered)",
     )
     flower.add_argument("--output-dir", default="scinfl-flower", help="checkpoint, model and logs")
     key = commands.add_parser(
@@ -126,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             fields={"layer": args.layer, "use_raw": args.use_raw, "modality": args.modality},
             resume=args.resume,
             tls=not args.insecure,
+            authenticate=not (args.insecure or args.no_supernode_auth),
         )
         print(f"Model written to {model} (load it with scinfl.FederatedModel.load).")
     elif args.command == "key":

@@ -264,8 +264,10 @@ def test_a_run_whose_serverapp_died_is_not_reported_as_done(tmp_path, monkeypatc
 
 
 def test_the_grid_transport_takes_back_a_restarted_supernode(pbmc, tmp_path, monkeypatch):
-    """A restarted SuperNode registers with a new node ID: before each round the ServerApp asks new nodes
-    which site they serve and maps a dropped site to its new node; nodes asked once are not asked again."""
+    """Before each round the ServerApp looks for dropped sites. A SuperNode restarted without authentication
+    registers with a new node ID: new nodes are asked which site they serve, once. An authenticated one keeps
+    its node ID: a dropped site's own node is asked while it is listed, without waiting (it may be dead but
+    still listed), and its answer is read before the next round."""
     from types import SimpleNamespace
 
     from flwr.app import Context, RecordDict
@@ -279,9 +281,9 @@ def test_the_grid_transport_takes_back_a_restarted_supernode(pbmc, tmp_path, mon
     pbmc.write_h5ad(path)
     app = make_client_app(lambda context: {"site": "site_1", "data-path": str(path), "use-raw": True})
 
-    class Grid:  # node 7 served site_1 and died; node 9 is its SuperNode restarted
-        def __init__(self) -> None:
-            self.nodes, self.pushed = [3, 7], []
+    class Grid:  # node 3 serves site_0; node 7 served site_1 and died
+        def __init__(self, nodes: list[int]) -> None:
+            self.nodes, self.pushed, self.replies = nodes, [], []
 
         def get_node_ids(self):
             return list(self.nodes)
@@ -289,7 +291,7 @@ def test_the_grid_transport_takes_back_a_restarted_supernode(pbmc, tmp_path, mon
         def push_messages(self, messages):
             messages = list(messages)
             self.pushed += [m.metadata.dst_node_id for m in messages]
-            self.replies = [
+            self.replies += [  # the SuperNode of site_1 answers, whichever node id it has
                 SimpleNamespace(
                     metadata=SimpleNamespace(reply_to_message_id=f"m{m.metadata.dst_node_id}"),
                     content=app(m, Context(1, 9, {}, RecordDict(), {})).content,
@@ -300,13 +302,21 @@ def test_the_grid_transport_takes_back_a_restarted_supernode(pbmc, tmp_path, mon
             return [f"m{m.metadata.dst_node_id}" for m in messages]
 
         def pull_messages(self, ids):
-            return [r for r in self.replies if r.metadata.reply_to_message_id in ids]
+            pulled = [r for r in self.replies if r.metadata.reply_to_message_id in ids]
+            self.replies = [r for r in self.replies if r not in pulled]
+            return pulled
 
-    grid = Grid()
-    transport = GridTransport(grid)
-    transport.nodes, transport.asked = {"site_0": 3, "site_1": 7}, {3, 7}
     spec = RunSpec(task=FAST_TASK, sites=("site_0", "site_1", "site_2"))
-    assert transport.rejoin(spec, ["site_1"]) == {}  # nothing new: nobody is asked, nothing waits
+
+    def transport_of(grid: Grid) -> GridTransport:
+        transport = GridTransport(grid)
+        transport.nodes, transport.asked = {"site_0": 3, "site_1": 7}, {3, 7}
+        return transport
+
+    # Restarted without authentication: node 7 is gone, node 9 appears.
+    grid = Grid([3])
+    transport = transport_of(grid)
+    assert transport.rejoin(spec, ["site_1"]) == {}  # nothing new and node 7 not listed: nothing waits
     assert grid.pushed == []
     grid.nodes.append(9)
     back = transport.rejoin(spec, ["site_1"])
@@ -317,6 +327,18 @@ def test_the_grid_transport_takes_back_a_restarted_supernode(pbmc, tmp_path, mon
     assert grid.pushed == [9]
     transport.rejoin(spec, [])
     assert grid.pushed == [9]  # asked once
+    assert transport.dropped == {}  # its old node is forgotten once the site is back
+
+    # Restarted with authentication: node 7 is listed again (or still), under the same id.
+    grid = Grid([3, 7])
+    transport = transport_of(grid)
+    assert transport.rejoin(spec, ["site_1"]) == {}  # asked, not awaited
+    assert grid.pushed == [7]
+    back = transport.rejoin(spec, ["site_1"])  # the answer is read before the next round
+    assert list(back) == ["site_1"]
+    assert transport.nodes["site_1"] == 7
+    assert grid.pushed == [7]
+    assert transport.dropped == {}
 
 
 def test_close_stops_what_the_deployment_started_in_other_sessions(tmp_path):
@@ -339,24 +361,32 @@ def test_close_stops_what_the_deployment_started_in_other_sessions(tmp_path):
             process.wait()
 
 
-def test_a_local_deployment_runs_tls_and_a_supernode_without_its_ca_is_not_let_in(tmp_path):
-    """TLS by default: the deployment's own CA signs the SuperLink's certificate; a SuperNode that verifies
-    it registers, one that talks in the clear (--insecure) does not. (The deployment test below trains
-    over TLS.)"""
+def test_a_local_deployment_lets_in_only_registered_supernodes_that_verify_its_certificate(tmp_path):
+    """TLS and SuperNode authentication by default: the deployment's own CA signs the SuperLink's
+    certificate, and the SuperLink lets in only SuperNodes whose public key was registered. Of four
+    SuperNodes started together, only the one that verifies the certificate and signs with a registered key
+    goes online; one in the clear (--insecure), one with an unregistered key and one with no key do not.
+    (The deployment test below trains with both.)"""
     import json
     import stat
     import subprocess
 
-    from scinfl.federation.flower.deployment import CONNECTION, free_port
+    from scinfl.federation.flower.deployment import CONNECTION, free_port, write_supernode_key
 
     bin_dir = Path(sys.executable).parent
     deployment = LocalDeployment(tmp_path / "flower", {})
     assert deployment.tls is not None
+    assert deployment.authenticate
     assert stat.S_IMODE(deployment.tls["private_key"].stat().st_mode) == 0o600
+    registered_key = write_supernode_key(tmp_path / "keys" / "registered.key")
+    stranger_key = write_supernode_key(tmp_path / "keys" / "stranger.key")
+    assert stat.S_IMODE(registered_key["private_key"].stat().st_mode) == 0o600
+    with pytest.raises(ValueError, match="Site 'x'.*not a SuperNode key"):  # a certificate is not a key
+        deployment.register_supernodes({"x": deployment.tls["ca"]})
     supernodes = []
 
-    def registered() -> int:
-        listed = subprocess.run(
+    def listed() -> list[dict]:
+        shown = subprocess.run(
             [str(bin_dir / "flwr"), "supernode", "list", CONNECTION, "--format", "json"],
             env=deployment.env,
             cwd=deployment.workdir,
@@ -364,12 +394,18 @@ def test_a_local_deployment_runs_tls_and_a_supernode_without_its_ca_is_not_let_i
             text=True,
             timeout=60,
         )
-        return len(json.loads(listed.stdout)["nodes"])
+        return json.loads(shown.stdout)["nodes"]
 
     try:
         deployment.start()
-        # one SuperNode in the clear, one verifying the deployment's CA, started together
-        for flags in (["--insecure"], ["--root-certificates", str(deployment.tls["ca"])]):
+        node_id = deployment.register_supernodes({"registered": registered_key["private_key"]})["registered"]
+        verify = ["--root-certificates", str(deployment.tls["ca"])]
+        for flags in (
+            ["--insecure"],
+            [*verify, "--auth-supernode-private-key", str(registered_key["private_key"])],
+            [*verify, "--auth-supernode-private-key", str(stranger_key["private_key"])],
+            verify,
+        ):
             supernodes.append(
                 subprocess.Popen(
                     [
@@ -384,15 +420,17 @@ def test_a_local_deployment_runs_tls_and_a_supernode_without_its_ca_is_not_let_i
                 )
             )
         deadline = time.monotonic() + 30
-        while registered() == 0 and time.monotonic() < deadline:
+        while not any(node["status"] == "online" for node in listed()) and time.monotonic() < deadline:
             time.sleep(1)
-        time.sleep(2)  # the insecure one has had as long, and more, to register
-        assert registered() == 1
+        time.sleep(2)  # the others have had as long, and more, to get in
+        assert [(int(node["node-id"]), node["status"]) for node in listed()] == [(node_id, "online")]
     finally:
         for supernode in supernodes:
             supernode.kill()
             supernode.wait()
         deployment.close()
+    with pytest.raises(ValueError, match="needs TLS"):
+        LocalDeployment(tmp_path / "clear", {}, tls=False, authenticate=True)
 
 
 def _alive(process_groups: list[int]) -> list[str]:

@@ -1,7 +1,9 @@
 """A Flower deployment on one machine: a SuperLink and one SuperNode per site on 127.0.0.1, then ``flwr run``.
 
-For trying scinfl's apps out (``scinfl flower-local``), the tests and the benchmark. Real sites run the
-same commands on their own machines, with TLS and SuperNode authentication (``docs/across_sites.md``).
+For trying scinfl's apps out (``scinfl flower-local``), the tests and the benchmark. By default it runs
+TLS with a certificate authority of its own and SuperNode authentication with a key pair per site made for
+it; real sites run the same commands on their own machines, with their certificates and keys
+(``docs/across_sites.md``).
 Every process started here runs in its own process group and is stopped, group and all, on
 :meth:`LocalDeployment.close`; nothing is downloaded at run time (the SuperLink runs with
 ``--disable-runtime-dependency-installation``, telemetry and update checks are off).
@@ -10,6 +12,7 @@ Every process started here runs in its own process group and is stopped, group a
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shlex
@@ -37,6 +40,7 @@ __all__ = [
     "run_local_deployment",
     "site_nodes",
     "write_local_ca",
+    "write_supernode_key",
 ]
 
 logger = logging.getLogger("scinfl")
@@ -212,6 +216,53 @@ def write_local_ca(directory: str | os.PathLike[str]) -> dict[str, Path]:
     return paths
 
 
+def write_supernode_key(path: str | os.PathLike[str]) -> dict[str, Path]:
+    """A SuperNode's authentication key pair (ECDSA P-384) in the OpenSSH format Flower reads: the private
+    key at ``path`` (0600; the SuperNode's ``--auth-supernode-private-key``) and the public key at
+    ``path + ".pub"`` (what the consortium registers: ``flwr supernode register``).
+
+    Flower refuses a PKCS#8 private key (exit code 302); ``ssh-keygen -t ecdsa -b 384`` makes the same pair.
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as fh:
+        fh.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+            )
+        )
+    public = path.with_name(path.name + ".pub")
+    public.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    )
+    return {"private_key": path, "public_key": public}
+
+
+def _public_key_file(private_key: Path, public: Path) -> Path:
+    """Write the OpenSSH public key of an OpenSSH private key file to ``public``."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    try:
+        key = serialization.load_ssh_private_key(private_key.read_bytes(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ValueError(f"a {type(key).__name__.removeprefix('_')}, not an EC key")
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"{private_key} is not a SuperNode key Flower can read (an unencrypted OpenSSH EC private key, "
+            f"e.g. from write_supernode_key or `ssh-keygen -t ecdsa -b 384`): {error}"
+        ) from error
+    public.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    )
+    return public
+
+
 class LocalDeployment:
     """A SuperLink and one SuperNode per site on 127.0.0.1, each in its own process group.
 
@@ -227,7 +278,16 @@ class LocalDeployment:
     tls
         Encrypt every connection with TLS (the default): the deployment makes a certificate authority of its
         own (:func:`write_local_ca`), the SuperLink serves its certificate and the SuperNodes and ``flwr``
-        verify it. ``False`` runs with ``--insecure``: traffic in the clear, an explicit choice.
+        verify it. A mapping of ``ca``, ``certificate`` and ``private_key`` paths uses those files instead.
+        ``False`` runs with ``--insecure``: traffic in the clear, an explicit choice.
+    authenticate
+        SuperNode authentication (default: on with TLS, which Flower requires for it): the SuperLink lets in
+        only SuperNodes whose public key was registered (``--enable-supernode-auth``); each site's key pair
+        is registered at :meth:`start` and its SuperNode signs with the private key. A registered SuperNode
+        keeps its node ID when it restarts.
+    supernode_keys
+        Site -> its SuperNode's private key file (OpenSSH EC, as Flower reads it); sites not named get one
+        made in ``workdir/auth`` (:func:`write_supernode_key`).
 
     Use it as a context manager: leaving the block stops every process it started.
     """
@@ -238,8 +298,16 @@ class LocalDeployment:
         nodes: Mapping[str, Mapping[str, Any]],
         *,
         start_timeout: float = 60.0,
-        tls: bool = True,
+        tls: bool | Mapping[str, str | os.PathLike[str]] = True,
+        authenticate: bool | None = None,
+        supernode_keys: Mapping[str, str | os.PathLike[str]] | None = None,
     ) -> None:
+        authenticate = bool(tls) if authenticate is None else authenticate
+        if authenticate and not tls:
+            raise ValueError(
+                "SuperNode authentication needs TLS (Flower refuses --enable-supernode-auth with --insecure): "
+                "pass authenticate=False with tls=False."
+            )
         self.workdir = Path(workdir).absolute()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.nodes = {site: {**config, "site": site} for site, config in nodes.items()}
@@ -247,7 +315,15 @@ class LocalDeployment:
         self.env = flower_environment(self.workdir / "flwr_home")
         self.port = 0
         self.processes: dict[str, subprocess.Popen] = {}
-        self.tls = write_local_ca(self.workdir / "tls") if tls else None
+        if isinstance(tls, Mapping):
+            self.tls = {name: Path(tls[name]).absolute() for name in ("ca", "certificate", "private_key")}
+        else:
+            self.tls = write_local_ca(self.workdir / "tls") if tls else None
+        self.authenticate = authenticate
+        self.supernode_keys = {
+            site: Path(path).absolute() for site, path in dict(supernode_keys or {}).items()
+        }
+        self.node_ids: dict[str, int] = {}  # site -> the node ID its registered key was given
 
     def _spawn(self, name: str, command: Sequence[str]) -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 -- lives as long as the process
@@ -302,6 +378,7 @@ class LocalDeployment:
                         str(self.tls["private_key"]),
                     ]
                 ),
+                *(["--enable-supernode-auth"] if self.authenticate else []),
                 "--disable-runtime-dependency-installation",  # else it installs the app's dependencies
                 "--host",
                 "127.0.0.1",
@@ -312,9 +389,47 @@ class LocalDeployment:
         _wait_for_port(
             self.port, superlink, self.start_timeout, "flower-superlink", self.workdir / "superlink.log"
         )
+        if self.authenticate:
+            for site in self.nodes:
+                self.supernode_keys.setdefault(
+                    site, write_supernode_key(self.workdir / "auth" / f"{site}.key")["private_key"]
+                )
+            self.node_ids = self.register_supernodes({site: self.supernode_keys[site] for site in self.nodes})
         for site in self.nodes:
             self.start_supernode(site)
         return self
+
+    def register_supernodes(self, private_keys: Mapping[str, str | os.PathLike[str]]) -> dict[str, int]:
+        """Register each named SuperNode's public key with the SuperLink (``flwr supernode register``, all at
+        once); return the node ID each was given. Raises naming the site whose key was refused."""
+        directory = self.workdir / "auth"
+        directory.mkdir(parents=True, exist_ok=True)
+        flwr = str(Path(sys.executable).parent / "flwr")
+        running = {}
+        for site, path in private_keys.items():
+            try:
+                public_key = _public_key_file(Path(path), directory / f"{site}.pub")
+            except ValueError as error:
+                raise ValueError(f"Site {site!r}: {error}") from None
+            running[site] = subprocess.Popen(
+                [flwr, "supernode", "register", str(public_key), CONNECTION, "--format", "json"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.workdir,
+                text=True,
+            )
+        node_ids = {}
+        for site, process in running.items():
+            output, _ = process.communicate(timeout=120)
+            try:
+                node_ids[site] = int(json.loads(output[output.index("{") :])["node-id"])
+            except (ValueError, KeyError) as error:
+                raise RuntimeError(
+                    f"Site {site!r}: its SuperNode key was not registered (flwr supernode register exited with "
+                    f"{process.returncode}):\n{output[-2000:]}"
+                ) from error
+        return node_ids
 
     def start_supernode(self, site: str) -> subprocess.Popen:
         """Start (or restart) the SuperNode of ``site``."""
@@ -326,6 +441,11 @@ class LocalDeployment:
             [
                 str(Path(sys.executable).parent / "flower-supernode"),
                 *(["--insecure"] if self.tls is None else ["--root-certificates", str(self.tls["ca"])]),
+                *(
+                    ["--auth-supernode-private-key", str(self.supernode_keys[site])]
+                    if self.authenticate
+                    else []
+                ),
                 "--superlink",
                 f"127.0.0.1:{self.port}",
                 "--port",
@@ -461,6 +581,7 @@ def run_local_deployment(
     resume: bool = False,
     timeout: float = 3600.0,
     tls: bool = True,
+    authenticate: bool | None = None,
 ) -> Path:
     """Train scinfl's apps across a local deployment (one SuperNode per file); return the model's path.
 
@@ -492,6 +613,9 @@ def run_local_deployment(
     tls
         Encrypt the connections with a certificate authority of the deployment's own (the default);
         ``False``: ``--insecure``, traffic in the clear.
+    authenticate
+        Let in only the SuperNodes whose key pair (made for this deployment) is registered; default: with
+        TLS (:class:`LocalDeployment`).
     """
     from ...key import FederationKey
 
@@ -523,7 +647,7 @@ def run_local_deployment(
     }
     workdir = Path(workdir) if workdir is not None else output_dir / "flower"
     started = time.time()
-    with LocalDeployment(workdir, nodes, tls=tls) as deployment:
+    with LocalDeployment(workdir, nodes, tls=tls, authenticate=authenticate) as deployment:
         logger.info(
             "SuperLink on 127.0.0.1:%d, %d SuperNodes; logs in %s.", deployment.port, len(nodes), workdir
         )

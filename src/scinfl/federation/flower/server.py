@@ -81,6 +81,10 @@ class GridTransport:
         self.grid = grid
         self.nodes: dict[str, int] = {}  # site -> node id
         self.asked: set[int] = set()  # every node asked which site it serves
+        # The node of each dropped site -> the id of the question waiting for it (None: none pushed). An
+        # authenticated SuperNode keeps its node id when it restarts, so a dropped site's own node is asked
+        # again; without waiting, as it may be dead yet listed (for up to two heartbeats).
+        self.dropped: dict[int, tuple[str, str | None]] = {}
 
     def connect(self, spec: RunSpec) -> dict[str, Hello | str]:
         """Ask every SuperNode which site it serves until the spec's sites answered or time is up."""
@@ -99,12 +103,50 @@ class GridTransport:
         return found
 
     def rejoin(self, spec: RunSpec, sites: list[str]) -> dict[str, Hello]:
-        """Ask SuperNodes that appeared since (a restarted one registers anew) which site they serve; the
-        :class:`Hello` of each of ``sites`` (dropped ones) that is back. Waits only when one appeared."""
+        """The :class:`Hello` of each of ``sites`` (dropped ones) that is back: from SuperNodes that appeared
+        since (one restarted without authentication registers anew), asked and awaited, and from the
+        dropped sites' own nodes (a restarted authenticated one keeps its id), asked without waiting and
+        read at the next call. Waits only when a node appeared."""
         for site in sites:
-            self.nodes.pop(site, None)
-        found = self._hello(spec, protocol.run_record(spec), min(spec.round_timeout, 60.0))
+            node = self.nodes.pop(site, None)
+            if node is not None:
+                self.dropped.setdefault(node, (site, None))
+        run = protocol.run_record(spec)
+        found = self._hello(spec, run, min(spec.round_timeout, 60.0))
+        for site, hello in self._ask_dropped_nodes(spec, run).items():
+            if isinstance(hello, Hello) or site not in found:
+                found[site] = hello
         return {site: hello for site, hello in found.items() if site in sites and isinstance(hello, Hello)}
+
+    def _ask_dropped_nodes(self, spec: RunSpec, run) -> dict[str, Hello | str]:
+        """Read the answers to earlier questions to dropped sites' nodes; ask those listed and not asked."""
+        found: dict[str, Hello | str] = {}
+        waiting = {message_id: node for node, (_, message_id) in self.dropped.items() if message_id}
+        for reply in self.grid.pull_messages(list(waiting)) if waiting else []:
+            node = waiting.get(reply.metadata.reply_to_message_id)
+            if node is None:
+                continue
+            self._record(node, reply, spec, found)
+            self.dropped[node] = (self.dropped[node][0], None)  # unless it is back: ask again while listed
+        # forget the nodes of sites that are back (also through a new node)
+        self.dropped = {node: entry for node, entry in self.dropped.items() if entry[0] not in self.nodes}
+        listed = set(self.grid.get_node_ids())
+        ask = [
+            node for node, (_, message_id) in self.dropped.items() if message_id is None and node in listed
+        ]
+        if ask:
+            messages = [self._hello_message(spec, run, node) for node in ask]
+            for node, message_id in zip(ask, self.grid.push_messages(messages), strict=True):
+                self.dropped[node] = (self.dropped[node][0], message_id or None)
+        return found
+
+    def _hello_message(self, spec: RunSpec, run, node: int) -> Message:
+        return Message(
+            RecordDict({protocol.SITE: run}),
+            dst_node_id=node,
+            message_type=protocol.HELLO,
+            ttl=spec.connect_timeout + spec.round_timeout,
+        )
 
     def _hello(self, spec: RunSpec, run, timeout: float) -> dict[str, Hello | str]:
         """Ask the SuperNodes not asked yet which site they serve; record the new ones' nodes."""
@@ -112,43 +154,39 @@ class GridTransport:
         self.asked.update(new)
         found: dict[str, Hello | str] = {}
         if new:
-            messages = {
-                node: Message(
-                    RecordDict({protocol.SITE: run}),
-                    dst_node_id=node,
-                    message_type=protocol.HELLO,
-                    ttl=spec.connect_timeout + spec.round_timeout,
-                )
-                for node in new
-            }
-            replies = exchange(self.grid, messages, timeout)
+            replies = exchange(
+                self.grid, {node: self._hello_message(spec, run, node) for node in new}, timeout
+            )
             for node in new:
-                reply = replies.get(node)
-                problem = _failure(reply)
-                if problem is not None:
-                    logger.warning("SuperNode %d did not say which site it serves (%s).", node, problem)
-                    continue
-                site, hello = protocol.decode_hello(reply.content)
-                if isinstance(hello, str):  # the SuperNode named its site, which cannot join
-                    logger.warning("Site %r (SuperNode %d) cannot join the run: %s", site, node, hello)
-                    if site in spec.sites:
-                        found.setdefault(site, hello)
-                    continue
-                if site not in spec.sites:
-                    logger.warning(
-                        "SuperNode %d serves site %r, which is not in the run's sites; left out.", node, site
-                    )
-                elif site in self.nodes:
-                    logger.warning(
-                        "Site %r is served by two SuperNodes (%d, %d); keeping the first.",
-                        site,
-                        self.nodes[site],
-                        node,
-                    )
-                else:
-                    self.nodes[site] = node
-                    found[site] = hello
+                self._record(node, replies.get(node), spec, found)
         return found
+
+    def _record(self, node: int, reply: Message | None, spec: RunSpec, found: dict) -> None:
+        """Read a SuperNode's answer: which site it serves, and whether that site can join (into ``found``);
+        map the site to the node."""
+        problem = _failure(reply)
+        if problem is not None:
+            logger.warning("SuperNode %d did not say which site it serves (%s).", node, problem)
+            return
+        site, hello = protocol.decode_hello(reply.content)
+        if isinstance(hello, str):  # the SuperNode named its site, which cannot join
+            logger.warning("Site %r (SuperNode %d) cannot join the run: %s", site, node, hello)
+            if site in spec.sites:
+                found.setdefault(site, hello)
+        elif site not in spec.sites:
+            logger.warning(
+                "SuperNode %d serves site %r, which is not in the run's sites; left out.", node, site
+            )
+        elif site in self.nodes:
+            logger.warning(
+                "Site %r is served by two SuperNodes (%d, %d); keeping the first.",
+                site,
+                self.nodes[site],
+                node,
+            )
+        else:
+            self.nodes[site] = node
+            found[site] = hello
 
     def initial_state(self, site: str, spec: RunSpec, config: ModelConfig) -> dict[str, Tensor]:
         message = Message(

@@ -59,10 +59,22 @@ def test_audit_table_is_tidy_and_stored(keyed_audit):
     assert (table.n >= 1).all()
     pd.testing.assert_frame_equal(site.uns["scinfl_privacy"], table)
     examples = site.uns["scinfl_privacy_examples"]
-    assert examples["truth"].shape == examples["first layer (dW / db) | server"].shape
+    assert examples["truth"].shape == examples["first layer (dW ∕ db) | server"].shape  # "∕": U+2215
     # audit tables concatenate (pandas compares their attrs, which hold the example arrays)
     both = pd.concat([table.assign(model="a"), table.copy().assign(model="b")])
     assert len(both) == 2 * len(table)
+
+
+def test_an_audited_site_is_written_and_read_back(keyed_audit, tmp_path):
+    """The audit's .uns entries are valid h5ad: no "/" in a key (anndata warns, and will refuse)."""
+    _, site, _ = keyed_audit
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        site.write_h5ad(tmp_path / "site.h5ad")
+    back = ad.read_h5ad(tmp_path / "site.h5ad")
+    examples = site.uns["scinfl_privacy_examples"]
+    assert set(back.uns["scinfl_privacy_examples"]) == set(examples)
+    np.testing.assert_array_equal(back.uns["scinfl_privacy_examples"]["truth"], examples["truth"])
 
 
 def test_audit_reproduces_the_paper_schemes_weakness(keyed_audit):

@@ -20,6 +20,7 @@ from ..privacy.gradients import PrivateGradient
 __all__ = ["privacy_audit"]
 
 _MAX_CELLS = 2000  # per role: enough for every attack; keeps dense audit matrices small
+H5_SAFE_SLASH = "\u2215"  # "∕", for "/" in the .uns keys of reconstruction examples
 
 
 def _inputs(model: FederatedModel, data, role: str):
@@ -83,7 +84,10 @@ def privacy_audit(
 
     Simulates the threat model of :mod:`scinfl.privacy`: a server (or eavesdropper) that knows the code,
     the architecture, the key-generation procedure and every aggregated weight, and sees each client's
-    gradient or update, but not the key. Each attack also runs with the right key as a positive control.
+    gradient or update, but not the key. Attacks that run under a key view (utility, key recovery's
+    reference, gradient inversion) also run with the right key as a positive control. The analytic attacks
+    read what the server receives with no key at all; their positive control is the same audit of a plain
+    model (trained with ``key=None``), whose single-cell gradients they invert exactly.
     For a model trained with ``dp=``, the simulated clients clip and noise what they send as DP-SGD does
     (with the smallest noise multiplier of any site).
 
@@ -155,7 +159,8 @@ def privacy_audit(
         The same table.
     ``adata.uns[f"{key_added}_privacy_examples"]``
         ``"truth"`` (one victim's profile) and, per ``"attack | view"``, its reconstruction (for
-        :func:`scinfl.pl.reconstruction`).
+        :func:`scinfl.pl.reconstruction`). A ``/`` in a name is written ``∕`` (U+2215) there, so that the
+        AnnData can be written to ``.h5ad``.
     """
     if not isinstance(model, FederatedModel):
         raise TypeError(f"model must be a scinfl.FederatedModel, got {type(model).__name__}.")
@@ -211,5 +216,8 @@ def privacy_audit(
             settings=audit_settings,
         )
     adata.uns[f"{key_added}_privacy"] = table
-    adata.uns[f"{key_added}_privacy_examples"] = dict(table.attrs.get("examples", {}))
+    # h5ad keys cannot hold "/" (anndata warns, and will refuse): "dW / db" is stored as "dW ∕ db"
+    adata.uns[f"{key_added}_privacy_examples"] = {
+        name.replace("/", H5_SAFE_SLASH): value for name, value in table.attrs.get("examples", {}).items()
+    }
     return table

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -37,6 +39,19 @@ def test_history_lines_follow_the_history(model, tmp_path):
             np.testing.assert_allclose(line.get_ydata(), expected)
         selected = [line for line in ax.get_lines() if line.get_label() == "selected round"]
         assert selected[0].get_xdata()[0] == model.params["best_round"]
+    plt.close("all")
+
+
+def test_history_by_default_draws_what_selects_the_round(model):
+    """Accuracy for a classifier; the validation loss for a model without one (regression, embedding)."""
+    axes = si.pl.history(model, show=False)
+    assert [ax.get_ylabel() for ax in axes] == [
+        si.pl._LABELS.get(m, m) for m in ("train_loss", "val_accuracy")
+    ]
+    no_accuracy = copy.copy(model)
+    no_accuracy.history = model.history.drop(columns="val_accuracy")
+    axes = si.pl.history(no_accuracy, show=False)
+    assert [ax.get_ylabel() for ax in axes] == [si.pl._LABELS.get(m, m) for m in ("train_loss", "val_loss")]
     plt.close("all")
 
 

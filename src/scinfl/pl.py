@@ -71,7 +71,8 @@ def history(
         A trained model (its ``history``).
     metrics
         History columns to draw, one panel each; default: ``train_loss`` (absent for DP-SGD sites, which
-        do not report it) and ``val_accuracy``.
+        do not report it) and ``val_accuracy``, or ``val_loss`` (what selects the round) for a model that
+        reports no accuracy (regression, embedding).
     ax
         Axes to draw into, one per metric; new ones by default.
     show
@@ -87,7 +88,10 @@ def history(
     if frame.empty:
         raise ValueError("This model has no training history to draw.")
     if metrics is None:
-        metrics = [m for m in ("train_loss", "val_accuracy") if m in frame and frame[m].notna().any()]
+        reported = [
+            m for m in ("train_loss", "val_accuracy", "val_loss") if m in frame and frame[m].notna().any()
+        ]
+        metrics = reported[:2] if "val_accuracy" in reported else reported
     missing = [m for m in metrics if m not in frame]
     if missing:
         raise ValueError(f"History has no column {missing}; available: {', '.join(frame.columns)}.")

@@ -59,7 +59,7 @@ def _kernel_environment() -> dict[str, str]:
 
 
 def test_every_tutorial_is_found():
-    assert len(NOTEBOOKS) >= 3, f"expected the tutorials in {TUTORIALS}"
+    assert len(NOTEBOOKS) >= 5, f"expected the tutorials in {TUTORIALS}"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids)

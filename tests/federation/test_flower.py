@@ -548,3 +548,51 @@ def test_deployed_hardened_perturbation_run_survives_a_killed_supernode_and_equa
     # the saved model never holds the key, nor what the hardened scheme derives from it
     saved = b"".join(p.read_bytes() for p in (output_dir / "model").iterdir())
     assert_no_secret(saved, [*key_secrets(key), *hardened_secrets(key_material(key, deployed.network))])
+
+
+@pytest.mark.skipif(
+    os.environ.get("SCINFL_LONG_TESTS") != "1",
+    reason="about 4 minutes (a crashed node's heartbeats must lapse); SCINFL_LONG_TESTS=1 runs it",
+)
+def test_an_authenticated_supernode_killed_mid_run_rejoins_under_its_node_id(pbmc, tmp_path):
+    """Three sites under SuperNode authentication; one SuperNode is killed after round 1 and restarted. The
+    restart waits until the SuperLink has marked its node offline (Flower refuses to activate a node that
+    still counts as online); the site drops, the round completes from the other two, and the restarted
+    node, under its old ID, is asked again and contributes to the rounds after."""
+    key = si.FederationKey(hashlib.sha256(b"rejoin").digest(), scheme="hardened")
+    sites = si.pp.split_sites(pbmc, n_sites=3, label_key="bulk_labels", alpha=5.0, seed=0)
+    key_path = key.save(tmp_path / "consortium.key")
+    spec = RunSpec(
+        task=FAST_TASK,
+        sites=tuple(sites),
+        key_fingerprint=key.fingerprint,
+        scheme="hardened",
+        rounds=5,
+        seed=0,
+        round_timeout=60,
+        connect_timeout=120,
+        min_sites=2,
+        min_cohort=2,
+    )
+    output_dir = tmp_path / "run"
+    deployment = LocalDeployment(tmp_path / "flower", site_nodes(sites, tmp_path, key_path))
+    try:
+        deployment.start()
+        node_id = deployment.node_ids["site_2"]
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            running = pool.submit(deployment.run, run_config(spec, output_dir), timeout=600)
+            _wait_for_checkpoint(output_dir, 1, timeout=240)
+            deployment.kill_supernode("site_2")
+            deployment.start_supernode("site_2")  # waits for the node to go offline
+            completed = running.result()
+        assert deployment.node_status()[node_id] == "online"  # the same node, back
+    finally:
+        deployment.close()
+    assert completed.returncode == 0, completed.stdout[-3000:]
+    assert "site 'site_2' dropped from the run" in completed.stdout
+    assert "site 'site_2' rejoined the run" in completed.stdout
+    history = si.FederatedModel.load(output_dir / "model").history
+    rounds_of_site_2 = sorted(history.loc[history.site == "site_2", "round"])
+    assert rounds_of_site_2[0] == 1
+    assert rounds_of_site_2[-1] == spec.rounds  # back for the last rounds
+    assert len(rounds_of_site_2) < spec.rounds  # and away for at least one

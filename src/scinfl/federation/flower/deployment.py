@@ -324,6 +324,7 @@ class LocalDeployment:
             site: Path(path).absolute() for site, path in dict(supernode_keys or {}).items()
         }
         self.node_ids: dict[str, int] = {}  # site -> the node ID its registered key was given
+        self._started: set[str] = set()  # sites whose SuperNode was started once
 
     def _spawn(self, name: str, command: Sequence[str]) -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "ab")  # noqa: SIM115 -- lives as long as the process
@@ -431,8 +432,40 @@ class LocalDeployment:
                 ) from error
         return node_ids
 
-    def start_supernode(self, site: str) -> subprocess.Popen:
-        """Start (or restart) the SuperNode of ``site``."""
+    def node_status(self) -> dict[int, str]:
+        """Node ID -> status (``registered``, ``online``, ``offline``) of every node the SuperLink knows
+        (``flwr supernode list``)."""
+        listed = subprocess.run(
+            [str(Path(sys.executable).parent / "flwr"), "supernode", "list", CONNECTION, "--format", "json"],
+            env=self.env,
+            cwd=self.workdir,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        try:
+            nodes = json.loads(listed.stdout[listed.stdout.index("{") :])["nodes"]
+        except (ValueError, KeyError) as error:
+            raise RuntimeError(
+                f"flwr supernode list failed:\n{(listed.stdout + listed.stderr)[-2000:]}"
+            ) from error
+        return {int(node["node-id"]): node["status"] for node in nodes}
+
+    def start_supernode(self, site: str, *, offline_timeout: float = 120.0) -> subprocess.Popen:
+        """Start (or restart) the SuperNode of ``site``.
+
+        Flower refuses to activate an authenticated node that still counts as online (exit code 305), as
+        a crashed SuperNode's does for up to two heartbeats (about a minute): a restart waits, up to
+        ``offline_timeout`` seconds, until the SuperLink has marked it offline."""
+        node_id = self.node_ids.get(site) if self.authenticate else None
+        restarted = site in self._started and f"supernode-{site}" not in self.processes
+        self._started.add(site)
+        if node_id is not None and restarted:
+            deadline = time.monotonic() + offline_timeout
+            while self.node_status().get(node_id) == "online":
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"Site {site!r}: its node {node_id} still counts as online.")
+                time.sleep(2)
         # The node config as a TOML file (which --node-config also takes): paths with spaces stay whole.
         node_config = self.workdir / f"node-{site}.toml"
         node_config.write_text(tomli_w.dumps({k: str(v) for k, v in self.nodes[site].items()}))

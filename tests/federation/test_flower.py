@@ -596,3 +596,12 @@ def test_an_authenticated_supernode_killed_mid_run_rejoins_under_its_node_id(pbm
     assert rounds_of_site_2[0] == 1
     assert rounds_of_site_2[-1] == spec.rounds  # back for the last rounds
     assert len(rounds_of_site_2) < spec.rounds  # and away for at least one
+
+
+def test_flwr_json_output_is_read_also_when_styled():
+    """Under a Jupyter kernel (FORCE_COLOR=1) flwr styles its JSON output with ANSI escapes."""
+    from scinfl.federation.flower.deployment import _json_output
+
+    styled = '\x1b[1m{\x1b[0m\n  \x1b[1;34m"success"\x1b[0m: \x1b[3;92mtrue\x1b[0m,\n  \x1b[1;34m"node-id"\x1b[0m: \x1b[1;36m157\x1b[0m\n\x1b[1m}\x1b[0m\n'
+    assert _json_output(styled) == {"success": True, "node-id": 157}
+    assert _json_output('Loading...\n{"nodes": []}') == {"nodes": []}

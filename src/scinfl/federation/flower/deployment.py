@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shlex
 import signal
 import socket
@@ -243,6 +244,16 @@ def write_supernode_key(path: str | os.PathLike[str]) -> dict[str, Path]:
     return {"private_key": path, "public_key": public}
 
 
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _json_output(text: str) -> Any:
+    """The JSON object a ``flwr ... --format json`` command printed. Its output is styled (ANSI escapes)
+    when it believes it writes to a terminal, as under a Jupyter kernel (``FORCE_COLOR``)."""
+    text = _ANSI_ESCAPE.sub("", text)
+    return json.loads(text[text.index("{") :])
+
+
 def _public_key_file(private_key: Path, public: Path) -> Path:
     """Write the OpenSSH public key of an OpenSSH private key file to ``public``."""
     from cryptography.hazmat.primitives import serialization
@@ -424,7 +435,7 @@ class LocalDeployment:
         for site, process in running.items():
             output, _ = process.communicate(timeout=120)
             try:
-                node_ids[site] = int(json.loads(output[output.index("{") :])["node-id"])
+                node_ids[site] = int(_json_output(output)["node-id"])
             except (ValueError, KeyError) as error:
                 raise RuntimeError(
                     f"Site {site!r}: its SuperNode key was not registered (flwr supernode register exited with "
@@ -444,7 +455,7 @@ class LocalDeployment:
             timeout=120,
         )
         try:
-            nodes = json.loads(listed.stdout[listed.stdout.index("{") :])["nodes"]
+            nodes = _json_output(listed.stdout)["nodes"]
         except (ValueError, KeyError) as error:
             raise RuntimeError(
                 f"flwr supernode list failed:\n{(listed.stdout + listed.stderr)[-2000:]}"

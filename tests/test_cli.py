@@ -148,6 +148,19 @@ def test_flower_local_insecure_is_an_explicit_choice(flower_local):
     assert (options["tls"], options["authenticate"]) == (True, False)
 
 
+def test_flower_local_takes_certificates_and_supernode_keys_by_path(flower_local):
+    _, options = flower_local(
+        *("--tls-certificates", "ca.crt", "server.crt", "server.key"),
+        *("--supernode-key", "a=a.key", "--supernode-key", "b=/k/b.key"),
+    )
+    assert options["tls"] == {"ca": "ca.crt", "certificate": "server.crt", "private_key": "server.key"}
+    assert options["supernode_keys"] == {"a": "a.key", "b": "/k/b.key"}
+    with pytest.raises(SystemExit, match="NAME=VALUE"):
+        flower_local("--supernode-key", "a.key")
+    with pytest.raises(SystemExit, match="exclude each other"):
+        flower_local("--insecure", "--tls-certificates", "ca.crt", "server.crt", "server.key")
+
+
 def test_flower_local_secure_aggregation_options(flower_local):
     spec, _ = flower_local("--min-cohort", "2")
     assert (spec.secure_aggregation, spec.min_cohort) == (True, 2)

@@ -71,6 +71,22 @@ def main(argv: list[str] | None = None) -> int:
         "authority of the deployment's own)",
     )
     flower.add_argument(
+        "--tls-certificates",
+        nargs=3,
+        metavar=("CA", "CERTIFICATE", "PRIVATE_KEY"),
+        default=None,
+        help="the SuperLink's certificate, its private key and the CA that signed it (default: a CA made for "
+        "this deployment)",
+    )
+    flower.add_argument(
+        "--supernode-key",
+        action="append",
+        default=[],
+        metavar="SITE=PATH",
+        help="a site's SuperNode private key (OpenSSH EC, e.g. ssh-keygen -t ecdsa -b 384; default: a key "
+        "pair made for this deployment); repeat for each site",
+    )
+    flower.add_argument(
         "--no-supernode-auth",
         action="store_true",
         help="let in any SuperNode (default: only those whose key pair, made for this deployment, is registered)",
@@ -131,13 +147,33 @@ def main(argv: list[str] | None = None) -> int:
             settings=settings,
             fields={"layer": args.layer, "use_raw": args.use_raw, "modality": args.modality},
             resume=args.resume,
-            tls=not args.insecure,
+            tls=_tls_option(args),
             authenticate=not (args.insecure or args.no_supernode_auth),
+            supernode_keys=_assignments(args.supernode_key, "--supernode-key"),
         )
         print(f"Model written to {model} (load it with scinfl.FederatedModel.load).")
     elif args.command == "key":
         _key_command(args)
     return 0
+
+
+def _tls_option(args) -> bool | dict[str, str]:
+    if args.insecure and args.tls_certificates:
+        raise SystemExit("--insecure and --tls-certificates exclude each other.")
+    if args.tls_certificates:
+        return dict(zip(("ca", "certificate", "private_key"), args.tls_certificates, strict=True))
+    return not args.insecure
+
+
+def _assignments(items: list[str], flag: str) -> dict[str, str]:
+    """``NAME=VALUE`` items as a dict."""
+    pairs = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise SystemExit(f"{flag} takes NAME=VALUE, got {item!r}.")
+        pairs[name] = value
+    return pairs
 
 
 def _new_passphrase() -> str:

@@ -431,6 +431,10 @@ def test_a_local_deployment_lets_in_only_registered_supernodes_that_verify_its_c
         deployment.close()
     with pytest.raises(ValueError, match="needs TLS"):
         LocalDeployment(tmp_path / "clear", {}, tls=False, authenticate=True)
+    with pytest.raises(ValueError, match=r"not in the deployment: \['x'\]"):
+        LocalDeployment(tmp_path / "typo", {"a": {}}, supernode_keys={"x": registered_key["private_key"]})
+    with pytest.raises(ValueError, match="authentication is off"):
+        LocalDeployment(tmp_path / "off", {"a": {}}, authenticate=False, supernode_keys={"a": "a.key"})
 
 
 def _alive(process_groups: list[int]) -> list[str]:

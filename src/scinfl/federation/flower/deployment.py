@@ -319,6 +319,11 @@ class LocalDeployment:
                 "SuperNode authentication needs TLS (Flower refuses --enable-supernode-auth with --insecure): "
                 "pass authenticate=False with tls=False."
             )
+        if supernode_keys and not authenticate:
+            raise ValueError("SuperNode keys were given, but SuperNode authentication is off.")
+        unknown = sorted(set(supernode_keys or {}) - set(nodes))
+        if unknown:
+            raise ValueError(f"SuperNode keys for sites that are not in the deployment: {unknown}.")
         self.workdir = Path(workdir).absolute()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.nodes = {site: {**config, "site": site} for site, config in nodes.items()}
@@ -327,6 +332,9 @@ class LocalDeployment:
         self.port = 0
         self.processes: dict[str, subprocess.Popen] = {}
         if isinstance(tls, Mapping):
+            missing = [name for name in ("ca", "certificate", "private_key") if name not in tls]
+            if missing:
+                raise ValueError(f"tls= names the ca, certificate and private_key files; {missing} missing.")
             self.tls = {name: Path(tls[name]).absolute() for name in ("ca", "certificate", "private_key")}
         else:
             self.tls = write_local_ca(self.workdir / "tls") if tls else None
@@ -624,8 +632,9 @@ def run_local_deployment(
     workdir: str | os.PathLike[str] | None = None,
     resume: bool = False,
     timeout: float = 3600.0,
-    tls: bool = True,
+    tls: bool | Mapping[str, str | os.PathLike[str]] = True,
     authenticate: bool | None = None,
+    supernode_keys: Mapping[str, str | os.PathLike[str]] | None = None,
 ) -> Path:
     """Train scinfl's apps across a local deployment (one SuperNode per file); return the model's path.
 
@@ -655,11 +664,13 @@ def run_local_deployment(
     timeout
         Seconds the whole run may take.
     tls
-        Encrypt the connections with a certificate authority of the deployment's own (the default);
-        ``False``: ``--insecure``, traffic in the clear.
+        Encrypt the connections with a certificate authority of the deployment's own (the default), or
+        with the certificates named (``ca``, ``certificate``, ``private_key``); ``False``: ``--insecure``,
+        traffic in the clear.
     authenticate
-        Let in only the SuperNodes whose key pair (made for this deployment) is registered; default: with
-        TLS (:class:`LocalDeployment`).
+        Let in only the SuperNodes whose key pair is registered; default: with TLS (:class:`LocalDeployment`).
+    supernode_keys
+        Site -> its SuperNode's private key file; default: a key pair made for this deployment.
     """
     from ...key import FederationKey
 
@@ -691,7 +702,9 @@ def run_local_deployment(
     }
     workdir = Path(workdir) if workdir is not None else output_dir / "flower"
     started = time.time()
-    with LocalDeployment(workdir, nodes, tls=tls, authenticate=authenticate) as deployment:
+    with LocalDeployment(
+        workdir, nodes, tls=tls, authenticate=authenticate, supernode_keys=supernode_keys
+    ) as deployment:
         logger.info(
             "SuperLink on 127.0.0.1:%d, %d SuperNodes; logs in %s.", deployment.port, len(nodes), workdir
         )

@@ -99,7 +99,9 @@ def test_wrong_key_version_rejected_and_messages_hold_no_key_material(pbmc_split
     def main(grid, context):
         runs.append(federate(GridTransport(RecordingGrid(grid, blobs)), spec))
 
+    torch.set_num_threads(1)
     simulate(sites, keys, spec, server_app=server_app)
+    assert torch.get_num_threads() == 1  # the ServerApp's thread leaves the caller's count alone
     (run,) = runs
     assert run.history.set_index("site")["rejected"].to_dict() == {
         "site_0": False,

@@ -24,6 +24,7 @@ from typing import Any
 
 import anndata as ad
 import pandas as pd
+import torch
 from flwr.app import Context
 from flwr.serverapp import ServerApp
 from flwr.simulation import run_simulation
@@ -205,16 +206,23 @@ def simulate(
                 node["key-path"] = str(keys[name].save(workspace / f"site{index}.key"))  # 0600
             node_configs.append(node)
         cpus = num_cpus or os.cpu_count() or 1
-        run_simulation(
-            server_app=server_app
-            or make_server_app(lambda run, *_: finished.append(run), spec, **federate_options),
-            client_app=make_client_app(SimulatedNodes(node_configs)),
-            num_supernodes=len(sites),
-            backend_config={
-                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": True},
-            },
-        )
+        # The ServerApp runs in a thread of its own, where torch's thread count starts at its default: the
+        # count it sets and restores there would leak into the caller's session (and make a later
+        # in-process run differ in the last bits). The caller's count is restored here.
+        threads = torch.get_num_threads()
+        try:
+            run_simulation(
+                server_app=server_app
+                or make_server_app(lambda run, *_: finished.append(run), spec, **federate_options),
+                client_app=make_client_app(SimulatedNodes(node_configs)),
+                num_supernodes=len(sites),
+                backend_config={
+                    "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                    "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": True},
+                },
+            )
+        finally:
+            torch.set_num_threads(threads)
     if server_app is None and not finished:
         raise RuntimeError("The Flower simulation ended without a result; see the log above.")
     return finished[0] if finished else None

@@ -509,7 +509,11 @@ def test_deployed_hardened_perturbation_run_survives_a_killed_supernode_and_equa
         connect_timeout=120,
         min_cohort=2,  # masked updates: each SuperNode keeps its masking key in its run context
     )
-    deployment = LocalDeployment(tmp_path / "flower", site_nodes(sites, tmp_path, key_path))
+    # TLS, without SuperNode authentication: a restarted authenticated node must wait until its crashed
+    # predecessor's heartbeats lapse (about a minute), which the authentication tests cover.
+    deployment = LocalDeployment(
+        tmp_path / "flower", site_nodes(sites, tmp_path, key_path), authenticate=False
+    )
     groups: list[int] = []
     try:
         deployment.start()

@@ -81,9 +81,9 @@ class GridTransport:
         self.grid = grid
         self.nodes: dict[str, int] = {}  # site -> node id
         self.asked: set[int] = set()  # every node asked which site it serves
-        # The node of each dropped site -> the id of the question waiting for it (None: none pushed). An
-        # authenticated SuperNode keeps its node id when it restarts, so a dropped site's own node is asked
-        # again; without waiting, as it may be dead yet listed (for up to two heartbeats).
+        # The node of each dropped site -> (that site, the id of the question waiting for the node; None:
+        # none pushed). An authenticated SuperNode keeps its node id when it restarts, so a dropped site's
+        # own node is asked again; without waiting, as it may be dead yet listed (for up to two heartbeats).
         self.dropped: dict[int, tuple[str, str | None]] = {}
 
     def connect(self, spec: RunSpec) -> dict[str, Hello | str]:

@@ -268,6 +268,7 @@ def perturbation(
     groups: Mapping[str, str] | None = None,
     n_top: int = 4,
     n_genes: int = 5,
+    min_cells: int = 10,
     ax: Axes | Sequence[Axes] | None = None,
     show: bool | None = None,
     save: str | Path | None = None,
@@ -280,7 +281,7 @@ def perturbation(
         From :func:`scinfl.tl.predict_perturbation` with observed cells.
     perturbations
         Perturbations to draw; default: the ``n_top`` with the largest observed change (root mean square
-        over genes) among those with observed cells.
+        over genes) among those with at least ``min_cells`` observed cells.
     groups
         Covariate values to draw, e.g. ``{"condition": "stimulated"}``; a covariate left out must have a
         single value among the rows drawn.
@@ -288,6 +289,9 @@ def perturbation(
         How many perturbations to draw by default.
     n_genes
         How many genes to name per panel: those with the largest observed change.
+    min_cells
+        Observed cells a perturbation needs to be drawn by default: the mean change of a few cells is
+        mostly noise, and the largest observed changes are often theirs.
     ax
         Axes to draw into, one per perturbation.
     show, save
@@ -308,7 +312,12 @@ def perturbation(
     observed = np.asarray(pseudobulk.layers["observed_change"])
     predicted = np.asarray(pseudobulk.layers["predicted_change"])
     if perturbations is None:
-        candidates = np.flatnonzero(rows)
+        candidates = np.flatnonzero(rows & (obs["n_observed"].to_numpy() >= min_cells))
+        if not len(candidates):
+            raise ValueError(
+                f"No perturbation has {min_cells} or more observed cells among those selected; pass "
+                "min_cells= or perturbations=."
+            )
         size = np.sqrt(np.nanmean(observed[candidates] ** 2, axis=1))
         chosen = candidates[np.argsort(-size, kind="stable")[:n_top]]
     else:

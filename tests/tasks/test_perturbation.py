@@ -245,6 +245,25 @@ def test_score_perturbation_by_hand():
         si.tl.score_perturbation(ad.AnnData(np.zeros((2, 2))))
 
 
+def test_plot_picks_by_default_the_largest_changes_with_enough_cells():
+    change = np.array([[3.0, -3.0], [1.0, 0.0], [0.0, 2.0]])  # "few" changes most, on 3 cells
+    pseudobulk = ad.AnnData(
+        X=np.zeros((3, 2), np.float32),
+        obs=pd.DataFrame(
+            {"perturbation": ["few", "small", "large"], "n_observed": [3, 30, 12]},
+            index=["few", "small", "large"],
+        ),
+        layers={"observed_change": change, "predicted_change": change},
+    )
+    titles = [axis.get_title() for axis in si.pl.perturbation(pseudobulk, n_top=1, show=False)]
+    assert titles[0].startswith("large")
+    titles = [axis.get_title() for axis in si.pl.perturbation(pseudobulk, n_top=1, min_cells=1, show=False)]
+    assert titles[0].startswith("few")
+    with pytest.raises(ValueError, match="min_cells="):
+        si.pl.perturbation(pseudobulk, min_cells=50, show=False)
+    plt.close("all")
+
+
 def test_plot_draws_predicted_against_observed_change(screen):
     key, train, held, _, model, _ = screen
     pseudobulk = _pseudobulk(model, train, held, key)

@@ -40,7 +40,7 @@ def scores(embedding: np.ndarray, adata: ad.AnnData, label: str) -> tuple[float,
             break
     clusters = cells.obs["leiden"].to_numpy()
     labelled = adata.obs[label].notna().to_numpy()
-    coherence = neighbourhood_coherence(clusters, spatial_graph(adata, "spatial", 6, "all"))
+    coherence = neighbourhood_coherence(clusters, spatial_graph(adata))
     return coherence, adjusted_rand_score(adata.obs[label][labelled].astype(str), clusters[labelled])
 
 
@@ -86,7 +86,7 @@ def main() -> None:
         labelled = adata.obs[label].notna().to_numpy()
         coherence = neighbourhood_coherence(
             adata.obs[label].astype(str).to_numpy()[labelled],
-            spatial_graph(adata[labelled], "spatial", 6, "all"),
+            spatial_graph(adata[labelled]),
         )
         print(f"{name:24s} {label:16s} {'(the labels)':12s} {coherence:8.3f}")
         # A control with no expression at all: k-means on the coordinates, as many clusters as labels.
@@ -95,7 +95,7 @@ def main() -> None:
         by_position = (
             KMeans(n_clusters, n_init=10, random_state=0).fit_predict(adata.obsm["spatial"]).astype(str)
         )
-        coherence = neighbourhood_coherence(by_position, spatial_graph(adata, "spatial", 6, "all"))
+        coherence = neighbourhood_coherence(by_position, spatial_graph(adata))
         ari = adjusted_rand_score(adata.obs[label][labelled].astype(str), by_position[labelled])
         print(f"{name:24s} {label:16s} {'(position)':12s} {coherence:8.3f}         {ari:8.3f}")
 

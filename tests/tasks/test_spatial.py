@@ -38,6 +38,11 @@ def test_graph_and_convolution_read_each_spot_with_its_neighbours(pbmc):
     umap = pbmc.obsm["X_umap"]
     nearest = np.argsort(((umap[:, None] - umap[None]) ** 2).sum(-1), axis=1)[:, 1:5]
     np.testing.assert_array_equal(np.sort(graph[7].indices), np.sort(nearest[7]))
+    spots = pbmc.copy()
+    spots.obsm["spatial"] = spots.obsm["X_umap"]
+    assert (spatial_graph(spots) != spatial_graph(spots, "X_umap", 6, "s")).nnz == 0  # defaults: "spatial", 6
+    with pytest.raises(ValueError, match="This AnnData: .obsm has no 'xy'"):
+        spatial_graph(spots, "xy")
 
     schema = build_schema({"s": describe_site(pbmc, "s", site_fields(pbmc, "s", use_raw=True))})
     aligned = AlignedMatrix.from_adata(pbmc, schema)
@@ -79,7 +84,7 @@ def _coherence_of_leiden(model, adata, key, n_clusters: int) -> float:
         )
         if cells.obs["leiden"].nunique() >= n_clusters:
             break
-    return neighbourhood_coherence(cells.obs["leiden"].to_numpy(), spatial_graph(adata, "spatial", 6, "all"))
+    return neighbourhood_coherence(cells.obs["leiden"].to_numpy(), spatial_graph(adata))
 
 
 @pytest.mark.parametrize(

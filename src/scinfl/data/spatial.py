@@ -16,15 +16,18 @@ from sklearn.neighbors import NearestNeighbors
 __all__ = ["NeighbourhoodMatrix", "neighbourhood_coherence", "spatial_graph"]
 
 
-def spatial_graph(adata: AnnData, spatial_key: str, n_neighbors: int, site: str) -> sparse.csr_matrix:
-    """Row-normalised kNN graph of a site's spots by their coordinates (no self loops)."""
+def spatial_graph(
+    adata: AnnData, spatial_key: str = "spatial", n_neighbors: int = 6, site: str | None = None
+) -> sparse.csr_matrix:
+    """Row-normalised kNN graph of a site's spots by their coordinates (no self loops).
+
+    ``site`` only names the data in error messages."""
+    where = "This AnnData" if site is None else f"Site {site!r}"
     if spatial_key not in adata.obsm:
-        raise ValueError(f"Site {site!r}: .obsm has no {spatial_key!r} coordinates (spatial_key).")
+        raise ValueError(f"{where}: .obsm has no {spatial_key!r} coordinates (spatial_key).")
     coords = np.asarray(adata.obsm[spatial_key], dtype=np.float64)
     if coords.ndim != 2 or not np.isfinite(coords).all():
-        raise ValueError(
-            f"Site {site!r}: .obsm[{spatial_key!r}] must be finite coordinates, one row per spot."
-        )
+        raise ValueError(f"{where}: .obsm[{spatial_key!r}] must be finite coordinates, one row per spot.")
     if n_neighbors < 1:
         raise ValueError(f"spatial_neighbors must be at least 1, got {n_neighbors}.")
     k = min(n_neighbors, adata.n_obs - 1)

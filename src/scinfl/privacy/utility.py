@@ -86,15 +86,25 @@ def embed(
 
 
 def knn_labels(
-    reference: np.ndarray, reference_labels: np.ndarray, query: np.ndarray, *, n_neighbors: int = 15
-) -> np.ndarray:
-    """Labels of ``query`` rows by majority vote of their nearest ``reference`` rows (label transfer).
+    reference: np.ndarray,
+    reference_labels: np.ndarray,
+    query: np.ndarray,
+    *,
+    n_neighbors: int = 15,
+    confidence: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Labels of ``query`` rows by majority vote of their nearest ``reference`` rows (label transfer;
+    :func:`scinfl.tl.transfer_labels` on AnnData).
 
     How useful an embedding is to someone holding labelled cells in the same view: the utility of a model
-    without classes.
+    without classes. With ``confidence``, also the fraction of the voters that agree with each label.
     """
     k = max(1, min(n_neighbors, len(reference)))
-    return KNeighborsClassifier(n_neighbors=k).fit(reference, reference_labels).predict(query)
+    classifier = KNeighborsClassifier(n_neighbors=k).fit(reference, reference_labels)
+    if not confidence:
+        return classifier.predict(query)
+    votes = classifier.predict_proba(query)
+    return classifier.classes_[np.argmax(votes, axis=1)], votes.max(axis=1)
 
 
 def fit_frozen(

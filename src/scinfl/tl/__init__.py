@@ -1,9 +1,11 @@
-"""Compute: train a keyed model across sites, predict on new data, audit its privacy, rotate its key."""
+"""Compute: train a keyed model across sites, predict on new data, transfer labels in its embedding, audit its
+privacy, rotate its key."""
 
 from ._federated import predict, train_federated
 from ._perturbation import predict_perturbation, score_perturbation
 from ._privacy import privacy_audit
 from ._rekey import rekey
+from ._transfer import transfer_labels
 
 __all__ = [
     "predict",
@@ -12,4 +14,5 @@ __all__ = [
     "rekey",
     "score_perturbation",
     "train_federated",
+    "transfer_labels",
 ]

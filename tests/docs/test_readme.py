@@ -81,6 +81,7 @@ def test_the_readme_python_blocks_run(tmp_path, monkeypatch):
     assert set(sites) == {"site_0", "site_1", "site_2"}
     assert "leiden" in sites["site_0"].obs
     assert "X_scinfl" in namespace["query"].obsm
+    assert "bulk_labels_transferred" in namespace["query"].obs
     assert (tmp_path / "model_dir" / "model.json").is_file()
     assert namespace["pseudobulk"].n_obs > 0
     assert model.spec.sites == ("site_0", "site_1", "site_2")

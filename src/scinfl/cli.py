@@ -165,14 +165,16 @@ def _tls_option(args) -> bool | dict[str, str]:
     return not args.insecure
 
 
-def _assignments(items: list[str], flag: str) -> dict[str, str]:
-    """``NAME=VALUE`` items as a dict."""
+def _assignments(
+    items: list[str], flag: str, *, form: str = "NAME=VALUE", empty: bool = False
+) -> dict[str, str]:
+    """``NAME=VALUE`` items as a dict (``empty``: a value may be empty)."""
     pairs = {}
     for item in items:
         name, sep, value = item.partition("=")
-        if not sep or not name or not value:
-            raise SystemExit(f"{flag} takes NAME=VALUE, got {item!r}.")
-        pairs[name] = value
+        if not sep or not name.strip() or not (value or empty):
+            raise SystemExit(f"{flag} takes {form}, got {item!r}.")
+        pairs[name.strip()] = value
     return pairs
 
 
@@ -243,10 +245,7 @@ def _key_command(args) -> None:
 def _run_config_overrides(pairs: list[str]) -> dict[str, object]:
     """``KEY=VALUE`` pairs as run-config entries (numbers and booleans parsed, as Flower's CLI does)."""
     out: dict[str, object] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--set takes KEY=VALUE pairs, got {pair!r}.")
+    for key, value in _assignments(pairs, "--set", form="KEY=VALUE pairs", empty=True).items():
         parsed: object = value
         if value.lower() in ("true", "false"):
             parsed = value.lower() == "true"
@@ -257,7 +256,7 @@ def _run_config_overrides(pairs: list[str]) -> dict[str, object]:
                     break
                 except ValueError:
                     continue
-        out[key.strip()] = parsed
+        out[key] = parsed
     return out
 
 

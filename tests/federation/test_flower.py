@@ -28,6 +28,7 @@ from helpers import (
     assert_same_weights,
     hardened_secrets,
     key_secrets,
+    small_spec,
 )
 from scinfl.federation import InProcess, RunSpec, federate
 from scinfl.federation.checkpoint import CHECKPOINT, load_checkpoint
@@ -572,17 +573,8 @@ def test_an_authenticated_supernode_killed_mid_run_rejoins_under_its_node_id(pbm
     key = si.FederationKey(hashlib.sha256(b"rejoin").digest(), scheme="hardened")
     sites = si.pp.split_sites(pbmc, n_sites=3, label_key="bulk_labels", alpha=5.0, seed=0)
     key_path = key.save(tmp_path / "consortium.key")
-    spec = RunSpec(
-        task=FAST_TASK,
-        sites=tuple(sites),
-        key_fingerprint=key.fingerprint,
-        scheme="hardened",
-        rounds=5,
-        seed=0,
-        round_timeout=60,
-        connect_timeout=120,
-        min_sites=2,
-        min_cohort=2,
+    spec = small_spec(
+        sites, key, rounds=5, seed=0, round_timeout=60, connect_timeout=120, min_sites=2, min_cohort=2
     )
     output_dir = tmp_path / "run"
     deployment = LocalDeployment(tmp_path / "flower", site_nodes(sites, tmp_path, key_path))

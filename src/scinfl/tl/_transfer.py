@@ -87,6 +87,7 @@ def transfer_labels(
         else np.unique(names)
     )
     target = adata.copy() if copy else adata
-    target.obs[key_added] = pd.Categorical(predicted, categories=[c for c in categories if c in set(names)])
+    present = set(names)
+    target.obs[key_added] = pd.Categorical(predicted, categories=[c for c in categories if c in present])
     target.obs[f"{key_added}_confidence"] = confidence
     return target if copy else None

@@ -58,10 +58,16 @@ def _as_site_dict(sites: Mapping[str, SiteInput] | Sequence[SiteInput]) -> tuple
     return out, opened
 
 
+H5_SAFE_SLASH = (
+    "\u2215"  # "∕", for "/" in keys: h5ad would read it as a path (anndata warns, and will refuse)
+)
+
+
 def _h5ad_safe(tree: Any) -> Any:
-    """``tree`` without None values (which h5ad cannot store), recursively."""
+    """``tree`` as h5ad can store it, recursively: without None values, and with ``/`` in keys written
+    ``∕`` (U+2215)."""
     if isinstance(tree, Mapping):
-        return {k: _h5ad_safe(v) for k, v in tree.items() if v is not None}
+        return {str(k).replace("/", H5_SAFE_SLASH): _h5ad_safe(v) for k, v in tree.items() if v is not None}
     return tree
 
 

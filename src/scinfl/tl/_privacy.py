@@ -16,11 +16,11 @@ from ..key import FederationKey, as_key
 from ..model import FederatedModel
 from ..privacy.audit import AuditData, AuditSettings, attacks_for, check_attacks, run_audit
 from ..privacy.gradients import PrivateGradient
+from ._federated import _h5ad_safe
 
 __all__ = ["privacy_audit"]
 
 _MAX_CELLS = 2000  # per role: enough for every attack; keeps dense audit matrices small
-H5_SAFE_SLASH = "\u2215"  # "∕", for "/" in the .uns keys of reconstruction examples
 
 
 def _inputs(model: FederatedModel, data, role: str):
@@ -216,8 +216,5 @@ def privacy_audit(
             settings=audit_settings,
         )
     adata.uns[f"{key_added}_privacy"] = table
-    # h5ad keys cannot hold "/" (anndata warns, and will refuse): "dW / db" is stored as "dW ∕ db"
-    adata.uns[f"{key_added}_privacy_examples"] = {
-        name.replace("/", H5_SAFE_SLASH): value for name, value in table.attrs.get("examples", {}).items()
-    }
+    adata.uns[f"{key_added}_privacy_examples"] = _h5ad_safe(table.attrs.get("examples", {}))
     return table

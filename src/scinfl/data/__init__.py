@@ -28,6 +28,7 @@ from .schema import (
     site_fields,
     validate_fields,
 )
+from .sites import as_site_dict
 from .spatial import NeighbourhoodMatrix, neighbourhood_coherence, spatial_graph
 from .splits import dirichlet_partition, stratified_split
 
@@ -40,6 +41,7 @@ __all__ = [
     "PerturbationMatrix",
     "SiteDataset",
     "SiteFields",
+    "as_site_dict",
     "batch_loader",
     "build_mosaic_schema",
     "build_schema",

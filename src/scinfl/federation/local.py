@@ -5,20 +5,24 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 from torch import Tensor
 
+from ..data.statistics import StatisticRequest
 from ..key import FederationKey
 from ..tasks import ModelConfig
 from ..train import SiteTrainer
-from .secure import MaskingKey
+from .secure import MaskingKey, SecureRound
 from .site import Hello, Instruction, Reply, answer, build_site, hello, initial_weights
 from .spec import RunSpec
+from .statistics import SiteProfile, StatisticsSpec, answer_statistic, profile_of
 
 __all__ = ["InProcess"]
 
 
 class InProcess:
-    """Sites held in this process (:class:`~scinfl.federation.Transport`).
+    """Sites held in this process (:class:`~scinfl.federation.Transport`, and
+    :class:`~scinfl.federation.statistics.StatisticsTransport` for federated preprocessing).
 
     Each site's trainer is built on the first exchange (:func:`~scinfl.federation.site.build_site`) and
     lives as long as the transport, so a DP-SGD site's accountant spans every round. Errors at a site
@@ -67,4 +71,17 @@ class InProcess:
         return {
             site: answer(self.trainer(site, spec, config), state, instruction, self.masking_keys.get(site))
             for site, instruction in instructions.items()
+        }
+
+    def profiles(self, spec: StatisticsSpec) -> dict[str, SiteProfile | str]:
+        keys = {site: MaskingKey.generate() for site in spec.sites} if spec.secure_aggregation else {}
+        self.masking_keys = keys
+        return {site: profile_of(self.sites[site], site, spec, keys.get(site)) for site in spec.sites}
+
+    def statistics(
+        self, spec: StatisticsSpec, request: StatisticRequest, secure: SecureRound | None
+    ) -> dict[str, np.ndarray | str]:
+        return {
+            site: answer_statistic(self.sites[site], site, spec, request, secure, self.masking_keys.get(site))
+            for site in spec.sites
         }

@@ -44,7 +44,11 @@ __all__ = [
     "MaskedUpdate",
     "MaskingKey",
     "SecureRound",
+    "decode_wide",
+    "encode_wide",
+    "mask_integers",
     "mask_update",
+    "sum_integers",
     "unmask_sum",
 ]
 
@@ -160,12 +164,6 @@ def mask_update(
 
     ``state`` holds the entries the site trained (a subset of ``base``, the global state it received).
     """
-    if site not in secure.cohort:
-        raise ValueError(f"Site {site!r} is not in the round's cohort ({', '.join(secure.cohort)}).")
-    if len(secure.cohort) < 2:  # a server that names a cohort of one would receive the update itself
-        raise ValueError(
-            f"Site {site!r} refuses to mask its update for a cohort of one: that sum is the update."
-        )
     names, sizes = _layout(base)
     n_values = sum(sizes)
     values = np.zeros(n_values + len(names), dtype=np.float64)
@@ -186,7 +184,18 @@ def mask_update(
     # n * value * 2^24 in one rounding (n * 2^24 is exact in float64), in place: the vector is large
     np.multiply(values, float(n_obs) * _SCALE, out=values)
     np.rint(values, out=values)
-    vector = values.astype(np.int64).view(np.uint64)
+    return mask_integers(values.astype(np.int64).view(np.uint64), secure, site, masking_key)
+
+
+def mask_integers(vector: np.ndarray, secure: SecureRound, site: str, masking_key: MaskingKey) -> np.ndarray:
+    """``vector`` (uint64, modified in place) plus ``site``'s pairwise masks with the rest of
+    ``secure.cohort``, modulo 2^64: the one masking step of updates and statistics."""
+    if site not in secure.cohort:
+        raise ValueError(f"Site {site!r} is not in the round's cohort ({', '.join(secure.cohort)}).")
+    if len(secure.cohort) < 2:  # a server that names a cohort of one would receive the values themselves
+        raise ValueError(
+            f"Site {site!r} refuses to mask its values for a cohort of one: that sum is the values."
+        )
     context = secure.context()
     zeros, stream = bytes(8 * len(vector)), bytearray(8 * len(vector))
     position = secure.cohort.index(site)
@@ -199,6 +208,45 @@ def mask_update(
     return vector
 
 
+def sum_integers(vectors: Sequence[np.ndarray]) -> np.ndarray:
+    """The sum modulo 2^64 of masked vectors of one length: the masks cancel, the encoded sum is left."""
+    total = np.zeros(len(vectors[0]), dtype=np.uint64)
+    for vector in vectors:
+        if vector.shape != total.shape:
+            raise ValueError(f"Masked vectors of {vector.shape} and {total.shape} entries cannot be summed.")
+        total += vector
+    return total
+
+
+# Statistics (federated preprocessing) span many orders of magnitude: a sum of squared normalised counts over
+# a million cells, and a rare gene's sum near 1e-3 that must keep 1e-5 relative precision. They are carried in
+# two 64-bit words each, summed and masked independently (no carries): a coarse word in units of 2^16 and a
+# fine one in units of 2^-40, so the range is ~2^78 and the resolution 2^-40.
+_COARSE = float(2**16)
+_FINE = float(2**40)
+
+
+def encode_wide(values: np.ndarray) -> np.ndarray:
+    """Float64 ``values`` as ``2 * len(values)`` uint64 words (coarse, then fine) for :func:`mask_integers`."""
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    if not np.isfinite(values).all():
+        raise ValueError("Only finite values can be encoded for a secure sum.")
+    if len(values) and np.abs(values).max() >= 2.0**76:
+        raise OverflowError(
+            f"|value| up to {np.abs(values).max():.3g} exceeds the secure sum's range (2^76)."
+        )
+    coarse = np.rint(values / _COARSE)
+    fine = np.rint((values - coarse * _COARSE) * _FINE)  # |fine| <= 2^55: 2^8 sites sum without overflow
+    return np.concatenate([coarse.astype(np.int64), fine.astype(np.int64)]).view(np.uint64)
+
+
+def decode_wide(total: np.ndarray) -> np.ndarray:
+    """The float64 sum that :func:`sum_integers` of :func:`encode_wide` vectors encodes."""
+    words = np.asarray(total, dtype=np.uint64).view(np.int64)
+    half = len(words) // 2
+    return words[:half].astype(np.float64) * _COARSE + words[half:].astype(np.float64) / _FINE
+
+
 def unmask_sum(updates: Sequence[MaskedUpdate], base: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """FedAvg from the cohort's masked vectors: their sum modulo 2^64, decoded and divided per tensor by
     the summed cell counts of the sites that trained it. A tensor no site trained keeps its value in
@@ -206,14 +254,14 @@ def unmask_sum(updates: Sequence[MaskedUpdate], base: Mapping[str, Tensor]) -> d
     if not updates:
         raise ValueError("Secure aggregation needs at least one masked update.")
     names, sizes = _layout(base)
-    total = np.zeros(sum(sizes) + len(names), dtype=np.uint64)
+    expected = (sum(sizes) + len(names),)
     for update in updates:
-        if update.masked is None or update.masked.shape != total.shape:
+        if update.masked is None or update.masked.shape != expected:
             raise ValueError(
                 f"A masked update has {None if update.masked is None else update.masked.shape} entries, "
-                f"the global model {total.shape}: the sites run different models."
+                f"the global model {expected}: the sites run different models."
             )
-        total += update.masked
+    total = sum_integers([update.masked for update in updates])
     decoded = total.view(np.int64).astype(np.float64) / _SCALE
     counts = np.rint(decoded[sum(sizes) :])
     out: dict[str, Tensor] = {}

@@ -6,16 +6,14 @@ import dataclasses
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import anndata
 import numpy as np
 import pandas as pd
 from anndata import AnnData
 
 from .._settings import logger, settings, torch_threads
-from ..data import is_mudata, scinfl_entry
+from ..data import as_site_dict, is_mudata, scinfl_entry
 from ..federation import ENGINES, InProcess, RunSpec, federate
 from ..key import FederationKey, as_key
 from ..model import FederatedModel
@@ -29,33 +27,6 @@ __all__ = ["predict", "train_federated"]
 
 
 SiteInput = AnnData | str | os.PathLike  # or a MuData (task="mosaic")
-
-
-def _as_site_dict(sites: Mapping[str, SiteInput] | Sequence[SiteInput]) -> tuple[dict[str, Any], set[str]]:
-    """The sites by name, and the names of those given as paths (opened here, backed read-only)."""
-    if isinstance(sites, AnnData | str | os.PathLike) or is_mudata(sites):
-        raise TypeError(
-            "train_federated needs several sites: a dict of name -> AnnData or h5ad path (or a list)."
-        )
-    items = sites.items() if isinstance(sites, Mapping) else ((f"site_{i}", a) for i, a in enumerate(sites))
-    out: dict[str, Any] = {}
-    opened: set[str] = set()
-    for name, data in items:
-        name = str(name)
-        if isinstance(data, str | os.PathLike):
-            path = Path(data)
-            if not path.is_file():
-                raise FileNotFoundError(f"Site {name!r}: no h5ad file at {path}.")
-            data = anndata.read_h5ad(path, backed="r")  # the matrix stays on disk; read batch by batch
-            opened.add(name)
-        if not isinstance(data, AnnData) and not is_mudata(data):
-            raise TypeError(
-                f"Site {name!r} is a {type(data).__name__}, not an AnnData, a MuData or an h5ad path."
-            )
-        out[name] = data
-    if not out:
-        raise ValueError("No sites given.")
-    return out, opened
 
 
 H5_SAFE_SLASH = (
@@ -278,7 +249,7 @@ def train_federated(
     Outputs an earlier model wrote under the same ``key_added`` that this task does not write are removed,
     with a warning.
     """
-    site_data, opened = _as_site_dict(sites)
+    site_data, opened = as_site_dict(sites, "train_federated")
     if engine not in ENGINES:
         raise ValueError(f"Unknown engine {engine!r}; available: {', '.join(ENGINES)}.")
     key = as_key(key)

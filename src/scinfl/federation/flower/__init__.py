@@ -13,7 +13,7 @@ that a ClientApp process imports only :mod:`.client` and what it needs.
 
 from __future__ import annotations
 
-__all__ = ["GridTransport", "run_config", "simulate"]
+__all__ = ["GridTransport", "run_config", "simulate", "simulate_statistics"]
 
 
 def __getattr__(name: str):
@@ -29,4 +29,8 @@ def __getattr__(name: str):
         from .simulation import simulate
 
         return simulate
+    if name == "simulate_statistics":
+        from .simulation import simulate_statistics
+
+        return simulate_statistics
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

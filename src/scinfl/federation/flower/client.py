@@ -33,6 +33,7 @@ from ...key import FederationKey
 from ...train import SiteTrainer
 from ..secure import MaskingKey
 from ..site import answer, build_site, hello, initial_weights
+from ..statistics import answer_statistic, profile_of
 from . import protocol
 
 __all__ = ["SiteNode", "make_client_app"]
@@ -47,6 +48,7 @@ _TRAINERS: OrderedDict[tuple, SiteTrainer] = OrderedDict()
 _MAX_TRAINERS = 8
 _LOCAL_STATE = "scinfl-local-state"
 _MASKING_KEY = "scinfl-masking-key"  # the site's masking key pair for the run (node-local, never sent)
+_STATISTICS_KEY = "scinfl-statistics-key"  # its masking key pair for a statistics exchange
 # Node-config keys of a site's data fields (the registration of scinfl.pp.register_site).
 _REGISTRATION = {"label-key": "label_key", "layer": "layer", "use-raw": "use_raw", "modality": "modality"}
 
@@ -172,6 +174,30 @@ def answer_train(message: Message, node: SiteNode, context: Context) -> Message:
     return Message(protocol.encode_reply(node.site, reply), reply_to=message)
 
 
+def answer_statistics(message: Message, node: SiteNode, context: Context) -> Message:
+    """Federated preprocessing: publish the site's profile (and draw a masking key for the exchange), or
+    compute one statistic over the site's data and send it, masked under secure aggregation. An error at
+    the site (its data has NaN, is not counts, lacks the layer) is sent back as the reason, naming it."""
+    try:
+        spec, request, secure = protocol.decode_statistics_request(message.content)
+        data = node.read_data()
+        if request is None:
+            masking_key = None
+            if spec.secure_aggregation:
+                masking_key = MaskingKey.generate()
+                context.state[_STATISTICS_KEY] = ConfigRecord({"private": masking_key.to_bytes()})
+            content = protocol.encode_profile(node.site, profile_of(data, node.site, spec, masking_key))
+        else:
+            masking_key = None
+            if secure is not None and _STATISTICS_KEY in context.state:
+                masking_key = MaskingKey.from_bytes(bytes(context.state[_STATISTICS_KEY]["private"]))
+            vector = answer_statistic(data, node.site, spec, request, secure, masking_key)
+            content = protocol.encode_statistic(node.site, vector)
+    except Exception as error:  # the server knows only a node ID: name the site and the cause
+        content = protocol.encode_failure(node.site, f"{type(error).__name__}: {error}")
+    return Message(content, reply_to=message)
+
+
 def _from_node_config(context: Context) -> Mapping[str, Any]:
     return context.node_config
 
@@ -198,6 +224,10 @@ def make_client_app(resolve_node: NodeResolver | None = None) -> ClientApp:
     @client_app.query("init")
     def init(message: Message, context: Context) -> Message:
         return answer_init(message, SiteNode.from_node_config(resolve(context)))
+
+    @client_app.query("statistics")
+    def statistics(message: Message, context: Context) -> Message:
+        return answer_statistics(message, SiteNode.from_node_config(resolve(context)), context)
 
     @client_app.train()
     def train(message: Message, context: Context) -> Message:

@@ -14,24 +14,33 @@ import json
 from collections.abc import Mapping
 from typing import Final
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import Tensor
 
+from ...data.statistics import StatisticRequest
 from ...tasks import ModelConfig
 from ...train import LocalFitResult
 from ..secure import MaskedUpdate, SecureRound
 from ..site import Hello, Instruction, Reply
 from ..spec import RunSpec
+from ..statistics import SiteProfile, StatisticsSpec
 
 __all__ = [
     "arrays_to_state",
     "decode_hello",
     "decode_instruction",
+    "decode_profile",
     "decode_reply",
+    "decode_statistic",
+    "decode_statistics_request",
     "encode_failure",
     "encode_hello",
     "encode_instruction",
+    "encode_profile",
     "encode_reply",
+    "encode_statistic",
+    "encode_statistics_request",
     "state_to_arrays",
 ]
 
@@ -42,11 +51,15 @@ INSTRUCTION: Final = "instruction"
 SECURE: Final = "secure"
 SITE: Final = "site"
 METRICS: Final = "metrics"
+ARRAYS: Final = "arrays"  # a statistics request's arrays (clip values, a basis)
+STATISTIC: Final = "statistic"  # a site's statistic, masked or in the clear
 
-# Message types: who is there (query), the initial weights of a hardened run (query.init), rounds (train).
+# Message types: who is there (query), the initial weights of a hardened run (query.init), rounds (train),
+# and federated preprocessing's profiles and statistics (query.statistics).
 HELLO: Final = "query"
 INIT: Final = "query.init"
 TRAIN: Final = "train"
+STATISTICS: Final = "query.statistics"
 
 
 def state_to_arrays(state: Mapping[str, Tensor]) -> ArrayRecord:
@@ -126,32 +139,42 @@ def encode_instruction(
             ),
         }
     )
-    if secure is not None:  # the cohort and its public masking keys
-        content[SECURE] = ConfigRecord(
-            {
-                "round": secure.round_index,
-                "attempt": secure.attempt,
-                "cohort": list(secure.cohort),
-                "public-keys": [bytes(secure.public_keys[s]) for s in secure.cohort],
-                "run": secure.run,
-            }
-        )
+    if secure is not None:
+        content[SECURE] = _secure_record(secure)
     return content
+
+
+def _secure_record(secure: SecureRound) -> ConfigRecord:
+    """A secure round's cohort and their public masking keys."""
+    return ConfigRecord(
+        {
+            "round": secure.round_index,
+            "attempt": secure.attempt,
+            "cohort": list(secure.cohort),
+            "public-keys": [bytes(secure.public_keys[s]) for s in secure.cohort],
+            "run": secure.run,
+        }
+    )
+
+
+def _read_secure(content: RecordDict) -> SecureRound | None:
+    if SECURE not in content:
+        return None
+    record = content[SECURE]
+    cohort = tuple(str(s) for s in record["cohort"])
+    return SecureRound(
+        round_index=int(record["round"]),
+        attempt=int(record["attempt"]),
+        cohort=cohort,
+        public_keys=dict(zip(cohort, (bytes(k) for k in record["public-keys"]), strict=True)),
+        run=str(record["run"]),
+    )
 
 
 def decode_instruction(content: RecordDict) -> tuple[str, dict[str, Tensor], Instruction]:
     record = content[INSTRUCTION]
     restore = str(record["restore"])
-    secure = None
-    if SECURE in content:
-        cohort = tuple(str(s) for s in content[SECURE]["cohort"])
-        secure = SecureRound(
-            round_index=int(content[SECURE]["round"]),
-            attempt=int(content[SECURE]["attempt"]),
-            cohort=cohort,
-            public_keys=dict(zip(cohort, (bytes(k) for k in content[SECURE]["public-keys"]), strict=True)),
-            run=str(content[SECURE]["run"]),
-        )
+    secure = _read_secure(content)
     instruction = Instruction(
         train=bool(record["train"]),
         evaluate=bool(record["evaluate"]),
@@ -217,3 +240,75 @@ def decode_reply(content: RecordDict) -> Reply:
         evaluation=evaluation or None,
         local_state=json.loads(str(record["local-state"])),
     )
+
+
+def encode_statistics_request(
+    spec: StatisticsSpec, request: StatisticRequest | None, secure: SecureRound | None
+) -> RecordDict:
+    """A statistics exchange's message to a site: the exchange's spec and the statistic (None: the site's
+    profile), its arrays, and under secure aggregation the cohort's public masking keys."""
+    content = RecordDict(
+        {
+            SITE: ConfigRecord(
+                {"spec": json.dumps(spec.to_dict()), "request": "" if request is None else request.to_json()}
+            )
+        }
+    )
+    if request is not None and request.arrays:
+        content[ARRAYS] = ArrayRecord(
+            {name: Array(np.ascontiguousarray(values)) for name, values in request.arrays.items()}
+        )
+    if secure is not None:
+        content[SECURE] = _secure_record(secure)
+    return content
+
+
+def decode_statistics_request(
+    content: RecordDict,
+) -> tuple[StatisticsSpec, StatisticRequest | None, SecureRound | None]:
+    record = content[SITE]
+    spec = StatisticsSpec.from_dict(json.loads(str(record["spec"])))
+    text = str(record["request"])
+    arrays = {name: array.numpy() for name, array in content[ARRAYS].items()} if ARRAYS in content else {}
+    request = StatisticRequest.from_json(text, arrays) if text else None
+    return spec, request, _read_secure(content)
+
+
+def encode_profile(site: str, profile: SiteProfile) -> RecordDict:
+    return RecordDict(
+        {
+            SITE: ConfigRecord(
+                {
+                    "site": site,
+                    "profile": json.dumps(profile.description),
+                    "masking-key": profile.masking_key or b"",
+                }
+            )
+        }
+    )
+
+
+def decode_profile(content: RecordDict) -> tuple[str, SiteProfile | str]:
+    """The site's name and its :class:`SiteProfile`, or why it cannot take part (:func:`encode_failure`)."""
+    record = content[SITE]
+    if "failure" in record:
+        return str(record["site"]), str(record["failure"])
+    masking_key = bytes(record["masking-key"]) or None
+    return str(record["site"]), SiteProfile(json.loads(str(record["profile"])), masking_key)
+
+
+def encode_statistic(site: str, vector: np.ndarray) -> RecordDict:
+    """A site's statistic: float64 in the clear, or uint64 masked (the only array a secure exchange sends)."""
+    return RecordDict(
+        {
+            SITE: ConfigRecord({"site": site}),
+            STATISTIC: ArrayRecord({"values": Array(np.ascontiguousarray(vector))}),
+        }
+    )
+
+
+def decode_statistic(content: RecordDict) -> np.ndarray | str:
+    record = content[SITE]
+    if "failure" in record:
+        return str(record["failure"])
+    return content[STATISTIC]["values"].numpy()

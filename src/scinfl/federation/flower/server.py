@@ -18,16 +18,20 @@ from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from torch import Tensor
 
 from ..._settings import settings as scinfl_settings
 from ..._settings import torch_threads
+from ...data.statistics import StatisticRequest
 from ...tasks import ModelConfig
 from ..rounds import FederationRun, federate
+from ..secure import SecureRound
 from ..site import Hello, Instruction, Reply
 from ..spec import RunSpec
+from ..statistics import SiteProfile, StatisticsSpec
 from . import protocol
 
 __all__ = ["GridTransport", "make_server_app", "server_options"]
@@ -73,7 +77,8 @@ def _failure(reply: Message | None) -> str | None:
 
 
 class GridTransport:
-    """The round loop's messages over Flower's Grid (:class:`~scinfl.federation.Transport`)."""
+    """The round loop's messages over Flower's Grid (:class:`~scinfl.federation.Transport`), and federated
+    preprocessing's (:class:`~scinfl.federation.statistics.StatisticsTransport`)."""
 
     remote = True
 
@@ -225,6 +230,65 @@ class GridTransport:
         for site in instructions:
             problem = _failure(replies.get(site))
             out[site] = problem if problem is not None else protocol.decode_reply(replies[site].content)
+        return out
+
+    def profiles(self, spec: StatisticsSpec) -> dict[str, SiteProfile | str]:
+        """Ask every SuperNode for its site's profile until the spec's sites answered or time is up."""
+        deadline = time.monotonic() + spec.timeout
+        found: dict[str, SiteProfile | str] = {}
+        while True:
+            new = [node for node in self.grid.get_node_ids() if node not in self.asked]
+            self.asked.update(new)
+            messages = {
+                node: Message(
+                    protocol.encode_statistics_request(spec, None, None),
+                    dst_node_id=node,
+                    message_type=protocol.STATISTICS,
+                    ttl=spec.timeout,
+                )
+                for node in new
+            }
+            replies = exchange(self.grid, messages, max(deadline - time.monotonic(), 1.0))
+            for node in new:
+                problem = _failure(replies.get(node))
+                if problem is not None:
+                    logger.warning("SuperNode %d did not say which site it serves (%s).", node, problem)
+                    continue
+                site, profile = protocol.decode_profile(replies[node].content)
+                if site not in spec.sites:
+                    logger.warning(
+                        "SuperNode %d serves site %r, which is not in the exchange; left out.", node, site
+                    )
+                elif isinstance(profile, SiteProfile) and site not in self.nodes:
+                    self.nodes[site] = node
+                    found[site] = profile
+                else:
+                    found.setdefault(
+                        site, profile if isinstance(profile, str) else "served by two SuperNodes"
+                    )
+            if all(isinstance(found.get(site), SiteProfile) for site in spec.sites):
+                return found
+            if time.monotonic() >= deadline:
+                return found
+            time.sleep(0.2)
+
+    def statistics(
+        self, spec: StatisticsSpec, request: StatisticRequest, secure: SecureRound | None
+    ) -> dict[str, np.ndarray | str]:
+        messages = {
+            site: Message(
+                protocol.encode_statistics_request(spec, request, secure),
+                dst_node_id=self.nodes[site],
+                message_type=protocol.STATISTICS,
+                ttl=spec.timeout,
+            )
+            for site in spec.sites
+        }
+        replies = exchange(self.grid, messages, spec.timeout)
+        out: dict[str, np.ndarray | str] = {}
+        for site in spec.sites:
+            problem = _failure(replies.get(site))
+            out[site] = problem if problem is not None else protocol.decode_statistic(replies[site].content)
         return out
 
 

@@ -17,16 +17,16 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anndata as ad
 import pandas as pd
 import torch
 from flwr.app import Context
-from flwr.serverapp import ServerApp
+from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 from ...data import feature_source, is_mudata, scinfl_entry
@@ -34,12 +34,21 @@ from ...key import FederationKey
 from ...tasks import Task
 from ..rounds import FederationRun
 from ..spec import RunSpec
+from ..statistics import StatisticsExchange, StatisticsSpec
 from .client import make_client_app
-from .server import make_server_app
+from .server import GridTransport, make_server_app
 
-__all__ = ["SimulatedNodes", "private_workspace", "remove_orphaned_workspaces", "simulate", "write_site"]
+__all__ = [
+    "SimulatedNodes",
+    "private_workspace",
+    "remove_orphaned_workspaces",
+    "simulate",
+    "simulate_statistics",
+    "write_site",
+]
 
 logger = logging.getLogger("scinfl")
+T = TypeVar("T")
 
 
 class SimulatedNodes:
@@ -205,24 +214,91 @@ def simulate(
             if keys.get(name) is not None:
                 node["key-path"] = str(keys[name].save(workspace / f"site{index}.key"))  # 0600
             node_configs.append(node)
-        cpus = num_cpus or os.cpu_count() or 1
-        # The ServerApp runs in a thread of its own, where torch's thread count starts at its default: the
-        # count it sets and restores there would leak into the caller's session (and make a later
-        # in-process run differ in the last bits). The caller's count is restored here.
-        threads = torch.get_num_threads()
-        try:
-            run_simulation(
-                server_app=server_app
-                or make_server_app(lambda run, *_: finished.append(run), spec, **federate_options),
-                client_app=make_client_app(SimulatedNodes(node_configs)),
-                num_supernodes=len(sites),
-                backend_config={
-                    "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                    "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": True},
-                },
-            )
-        finally:
-            torch.set_num_threads(threads)
+        _run_simulation(
+            server_app or make_server_app(lambda run, *_: finished.append(run), spec, **federate_options),
+            node_configs,
+            num_cpus,
+        )
     if server_app is None and not finished:
         raise RuntimeError("The Flower simulation ended without a result; see the log above.")
     return finished[0] if finished else None
+
+
+def _run_simulation(server_app: ServerApp, node_configs: list[dict[str, Any]], num_cpus: int | None) -> None:
+    """Flower's simulation of ``server_app`` with one simulated SuperNode per node config."""
+    cpus = num_cpus or os.cpu_count() or 1
+    # The ServerApp runs in a thread of its own, where torch's thread count starts at its default: the
+    # count it sets and restores there would leak into the caller's session (and make a later in-process
+    # run differ in the last bits). The caller's count is restored here.
+    threads = torch.get_num_threads()
+    try:
+        run_simulation(
+            server_app=server_app,
+            client_app=make_client_app(SimulatedNodes(node_configs)),
+            num_supernodes=len(node_configs),
+            backend_config={
+                "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": True},
+            },
+        )
+    finally:
+        torch.set_num_threads(threads)
+
+
+def simulate_statistics(
+    sites: Mapping[str, Any],
+    spec: StatisticsSpec,
+    recipe: Callable[[StatisticsExchange], T],
+    *,
+    num_cpus: int | None = None,
+) -> T:
+    """Run a federated preprocessing ``recipe`` on Flower's simulation runtime: the ServerApp runs it over
+    a :class:`GridTransport`, and each simulated SuperNode's ClientApp answers for its site from its file
+    (a backed site's own file; an in-memory site's values and batch column written to a private workspace).
+
+    Returns what ``recipe`` returns; an error in it (a site's, as the ClientApp reported it) is raised here.
+    """
+    outcome: list[Any] = []
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            outcome.append(recipe(StatisticsExchange(GridTransport(grid), spec)))
+        except Exception as error:  # raised again in the caller's thread, below
+            outcome.append(error)
+
+    with private_workspace() as workspace:
+        node_configs = []
+        for index, (name, data) in enumerate(sites.items()):
+            if getattr(data, "isbacked", False):
+                path = Path(data.filename).absolute()
+            else:
+                path = _write_statistics_site(data, spec, workspace / f"site{index}.h5ad")
+            node_configs.append({"site": name, "data-path": str(path)})
+        _run_simulation(server_app, node_configs, num_cpus)
+    if not outcome:
+        raise RuntimeError("The Flower simulation ended without a result; see the log above.")
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+    return outcome[0]
+
+
+def _write_statistics_site(data: Any, spec: StatisticsSpec, path: Path) -> Path:
+    """What a statistics exchange reads of an in-memory site: its values (``.X`` or the layer) and its
+    batch column, as an h5ad only its owner can read."""
+    obs = pd.DataFrame(index=data.obs_names.copy())
+    if spec.batch_key is not None and spec.batch_key in data.obs:
+        obs[spec.batch_key] = data.obs[spec.batch_key].values
+    var = pd.DataFrame(index=pd.Index(data.var_names).astype(str))
+    if spec.layer is None:
+        lean = ad.AnnData(X=data.X, obs=obs, var=var)
+    else:
+        lean = ad.AnnData(
+            obs=obs,
+            var=var,
+            layers={spec.layer: data.layers[spec.layer]} if spec.layer in data.layers else {},
+        )
+    lean.write_h5ad(path)
+    os.chmod(path, 0o600)
+    return path

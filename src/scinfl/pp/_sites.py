@@ -8,8 +8,8 @@ from collections.abc import Mapping
 import numpy as np
 from anndata import AnnData
 
-from .data import SiteFields, dirichlet_partition, stratified_split, validate_fields
-from .data.schema import scinfl_entry
+from ..data import SiteFields, dirichlet_partition, stratified_split, validate_fields
+from ..data.schema import scinfl_entry
 
 __all__ = ["register_site", "split_holdout", "split_sites"]
 

@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::FutureWarnin
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 # The names the README leaves to the reader's data, as its comment names them.
-YOURS = ("spots", "screens", "mdata_a", "rna_b")
+YOURS = ("spots", "screens", "mdata_a", "rna_b", "labs")
 
 
 def python_blocks(text: str) -> list[str]:
@@ -34,7 +34,8 @@ def stand_ins() -> dict[str, object]:
     """Sites of the README's shapes from pbmc68k_reduced (its log-normalised .raw): 3 "sections" with its
     UMAP as coordinates, 3 "screens" whose Louvain clusters are guides (0 the control) and cell-cycle
     phases conditions, and a "CITE-seq" site whose last 12 genes stand in for proteins (pseudo-counts
-    from the normalised values), beside an RNA-only one."""
+    from the normalised values), beside an RNA-only one; and 3 "labs" of raw counts (pbmc68k_reduced's
+    UMI counts, recovered as ``rint(expm1(raw) * n_counts / 1e4)``)."""
     import mudata as md
 
     adata = sc.datasets.pbmc68k_reduced()
@@ -57,14 +58,17 @@ def stand_ins() -> dict[str, object]:
     mdata_a = md.MuData({"rna": rna[:400].copy(), "prot": prot[:400].copy()})
     rna_b = rna[400:].copy()
     si.pp.register_site(rna_b, modality="rna")
-    return {"spots": spots, "screens": screens, "mdata_a": mdata_a, "rna_b": rna_b}
+    umis = adata.raw.to_adata()
+    umis.X = np.rint(np.expm1(umis.X.toarray()) * adata.obs["n_counts"].to_numpy()[:, None] / 1e4)
+    labs = si.pp.split_sites(umis, n_sites=3, label_key="bulk_labels", seed=0)
+    return {"spots": spots, "screens": screens, "mdata_a": mdata_a, "rna_b": rna_b, "labs": labs}
 
 
 def test_the_readme_names_what_it_leaves_to_the_reader():
     lines = "\n".join(python_blocks(README.read_text())).splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("# Your own sites"))
-    comment = " ".join(line for line in lines[start : start + 3] if line.startswith("#"))
-    assert [name for name in YOURS if name not in comment] == []
+    starts = [i for i, line in enumerate(lines) if line.startswith("# Your own sites")]
+    comments = " ".join(line for i in starts for line in lines[i : i + 3] if line.startswith("#"))
+    assert [name for name in YOURS if name not in comments] == []
 
 
 def test_the_readme_python_blocks_run(tmp_path, monkeypatch):
@@ -86,3 +90,6 @@ def test_the_readme_python_blocks_run(tmp_path, monkeypatch):
     assert namespace["pseudobulk"].n_obs > 0
     assert model.spec.sites == ("site_0", "site_1", "site_2")
     assert (tmp_path / "run").is_dir()
+    labs = namespace["labs"]
+    assert labs["site_1"].obsm["X_pca"].shape == (labs["site_1"].n_obs, 30)  # pbmc68k_reduced's own had 50
+    assert labs["site_1"].uns["pca"]["params"]["use_highly_variable"]

@@ -10,6 +10,7 @@ pooled ones), with its log-normalised values in ``.X`` and its raw UMI counts re
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -346,3 +347,66 @@ def test_flower_runs_the_same_statistics_rounds_as_the_in_process_engine(count_s
     )
     for name in count_sites:
         pd.testing.assert_frame_equal(flower[name].var, local[name].var, check_exact=False, rtol=1e-12)
+
+
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"  # ../shared/data beside the checkout
+
+
+def _shared(name: str) -> Path:
+    path = DATA / name
+    if not path.is_file():
+        pytest.skip(f"{name} is absent from {DATA}")
+    return path
+
+
+def _normalise_each_site(sites) -> None:
+    """What each site does alone, cell by cell: depth-normalise and log-transform."""
+    for site in sites.values():
+        site.layers["counts"] = site.X.copy()
+        sc.pp.normalize_total(site, target_sum=1e4)
+        sc.pp.log1p(site)
+
+
+def test_from_raw_counts_at_three_labs_to_one_pca_on_the_datlinger_screen():
+    """7,500 Jurkat cells in three labs (plate rows A-E, F-J, K-P), raw UMI counts: federated seurat_v3
+    genes per lab, then scaling and PCA of the log-normalised values, each equal to scanpy on the pooled
+    cells."""
+    adata = ad.read_h5ad(_shared("datlinger2021_scperturb_subset.h5ad"))
+    labs = {"AE": "ABCDE", "FJ": "FGHIJ", "KP": "KLMNOP"}
+    sites = {name: adata[adata.obs["plate_row"].isin(list(rows))].copy() for name, rows in labs.items()}
+    _normalise_each_site(sites)
+    pooled = _pooled(sites)
+    options = {"flavor": "seurat_v3", "layer": "counts", "n_top_genes": 500, "batch_key": "site"}
+    expected = _scanpy_hvg(pooled, **options)
+    si.pp.highly_variable_genes(sites, **options)
+    _assert_same_genes_and_statistics(sites["FJ"], expected)
+    pooled.var["highly_variable"] = expected["highly_variable"]
+    sc.pp.scale(pooled, max_value=10)
+    sc.pp.pca(pooled, n_comps=30)
+    si.pp.scale(sites, max_value=10)
+    si.pp.pca(sites, n_comps=30)
+    for name, site in sites.items():
+        np.testing.assert_allclose(site.X, pooled[pooled.obs["site"] == name].X, rtol=1e-5, atol=1e-5)
+        assert _principal_angle(site.varm["PCs"], pooled.varm["PCs"]) < 1e-3
+        np.testing.assert_allclose(
+            site.uns["pca"]["variance_ratio"], pooled.uns["pca"]["variance_ratio"], atol=1e-4
+        )
+
+
+def test_citeseq_donors_select_genes_and_run_a_randomized_pca_over_every_gene():
+    """Two donors' raw RNA counts over 15,792 genes (a cohort of two: min_cohort=2): seurat_v3 genes equal
+    to scanpy's on the pooled cells, and a PCA over every gene by block Krylov (a Gram matrix of 15,792^2
+    would be 2 GB per site) in scanpy's subspace."""
+    import mudata
+
+    rna = mudata.read_h5mu(_shared("pbmc_citeseq_10k5k_subset.h5mu")).mod["rna"]
+    sites = {donor: rna[rna.obs["batch"] == donor].copy() for donor in ("pbmc10k", "pbmc5k")}
+    _normalise_each_site(sites)
+    pooled = _pooled(sites)
+    options = {"flavor": "seurat_v3", "layer": "counts", "n_top_genes": 2000}
+    expected = _scanpy_hvg(pooled, **options)
+    si.pp.highly_variable_genes(sites, min_cohort=2, **options)
+    _assert_same_genes_and_statistics(sites["pbmc5k"], expected)
+    sc.pp.pca(pooled, n_comps=30, mask_var=None)
+    si.pp.pca(sites, n_comps=30, mask_var=None, min_cohort=2)  # 15,792 genes: method="auto" is randomized
+    assert _principal_angle(sites["pbmc10k"].varm["PCs"], pooled.varm["PCs"]) < 1e-3

@@ -265,18 +265,15 @@ def site_statistic(data, site: str, request: StatisticRequest) -> np.ndarray:
     position = genes.get_indexer(var_names)
     source = np.flatnonzero(position >= 0)  # the site's columns that are in the request, ...
     target = position[source]  # ... and where they go
-    if request.batches:
-        if request.batch_key is None:
-            labels = np.full(matrix.shape[0], site)
-        else:
-            labels = _batch_column(data, site, request.batch_key)
-        group_of = pd.Index(request.batches).get_indexer(labels)
+    group_of = None  # every cell in the one group; else each cell's group (from .obs, already in memory)
+    if request.batches and request.batch_key is None:  # the sites are the batches: this one is one
+        group_of = np.full(matrix.shape[0], request.batches.index(site))
+    elif request.batches:
+        group_of = pd.Index(request.batches).get_indexer(_batch_column(data, site, request.batch_key))
         if (group_of < 0).any():
             raise ValueError(
                 f"Site {site!r}: a batch of {request.batch_key!r} is not among the agreed batches."
             )
-    else:
-        group_of = np.zeros(matrix.shape[0], dtype=np.int64)
     out = np.zeros(statistic_size(request), dtype=np.float64)
     views = unpack_statistic(request, out)  # views into out, written in place
     clip = np.asarray(request.arrays["clip"], dtype=np.float64) if request.kind == "clipped" else None
@@ -286,11 +283,10 @@ def site_statistic(data, site: str, request: StatisticRequest) -> np.ndarray:
     for start, block in chunks(matrix):
         _check_block(block, site, where, request.counts)
         block = _values(block[:, source] if len(source) != block.shape[1] else block, request)
-        block_groups = group_of[start : start + block.shape[0]]
         if request.kind in ("moments", "clipped"):
-            for group in np.unique(block_groups):
-                rows = block_groups == group
-                sub = block[rows] if not rows.all() else block
+            block_groups = None if group_of is None else group_of[start : start + block.shape[0]]
+            for group in [0] if block_groups is None else np.unique(block_groups):
+                sub = block if block_groups is None else block[block_groups == group]
                 if request.kind == "moments":
                     views["n"][group] += sub.shape[0]
                     views["sum"][group, target] += _column_sums(sub)

@@ -410,3 +410,59 @@ def test_citeseq_donors_select_genes_and_run_a_randomized_pca_over_every_gene():
     sc.pp.pca(pooled, n_comps=30, mask_var=None)
     si.pp.pca(sites, n_comps=30, mask_var=None, min_cohort=2)  # 15,792 genes: method="auto" is randomized
     assert _principal_angle(sites["pbmc10k"].varm["PCs"], pooled.varm["PCs"]) < 1e-3
+
+
+def test_a_clientapp_answers_statistics_masked_and_names_itself_when_it_cannot(
+    count_sites, tmp_path, monkeypatch
+):
+    """Flower's ClientApp, called as a SuperNode calls it (no Ray): each site's profile, then its masked
+    statistic; the masked replies sum to the clear sum. A site whose file lacks the layer asked for answers
+    with its name and the cause, which the aggregator reports."""
+    from flwr.app import Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from scinfl.federation.flower import protocol
+    from scinfl.federation.flower.client import make_client_app
+    from scinfl.federation.secure import SecureRound
+
+    for name in ("_run_id", "_node_id", "_task_id"):  # what a ClientApp process is given by Flower
+        monkeypatch.setattr(TaskIdentity, name, 1, raising=False)
+    paths = {}
+    for name, site in count_sites.items():
+        paths[name] = tmp_path / f"{name}.h5ad"
+        site.write_h5ad(paths[name])
+    spec = StatisticsSpec(tuple(count_sites), layer="counts")
+    apps = {
+        name: make_client_app(lambda context, n=name: {"site": n, "data-path": str(paths[n])})
+        for name in paths
+    }
+    contexts = {
+        name: Context(run_id=1, node_id=i, node_config={}, state=RecordDict(), run_config={})
+        for i, name in enumerate(paths)
+    }
+
+    def ask(name, request, secure):
+        message = Message(
+            protocol.encode_statistics_request(spec, request, secure),
+            dst_node_id=1,
+            message_type=protocol.STATISTICS,
+        )
+        reply = apps[name](message, contexts[name])
+        assert not reply.has_error()
+        return reply.content
+
+    profiles = {name: protocol.decode_profile(ask(name, None, None))[1] for name in paths}
+    assert profiles["B"].description["n_obs"] == count_sites["B"].n_obs
+    request = StatisticRequest("moments", tuple(count_sites["A"].var_names), layer="counts")
+    secure = SecureRound(1, 0, tuple(paths), {n: p.masking_key for n, p in profiles.items()}, "exchange")
+    masked = [protocol.decode_statistic(ask(name, request, secure)) for name in paths]
+    assert all(vector.dtype == np.uint64 for vector in masked)
+    total = np.zeros(len(masked[0]), dtype=np.uint64)
+    for vector in masked:
+        total += vector
+    clear = sum(site_statistic(site, name, request) for name, site in count_sites.items())
+    np.testing.assert_allclose(decode_wide(total), clear, rtol=1e-12)
+    # a site without the layer names itself and the cause
+    missing = StatisticRequest("moments", request.genes, layer="spliced")
+    failure = protocol.decode_statistic(ask("C", missing, None))
+    assert failure == "ValueError: Site 'C': layer 'spliced' not found; its layers are ['counts']."

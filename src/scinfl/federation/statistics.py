@@ -88,7 +88,7 @@ class SiteProfile:
 
 class StatisticsTransport(Protocol):
     """Delivers statistics requests to the sites (:class:`~scinfl.federation.local.InProcess`, or
-    :class:`~scinfl.federation.flower.GridTransport`). A reply that did not come is a string saying why."""
+    :class:`~scinfl.federation.flower.server.GridTransport`). A reply that did not come is a string saying why."""
 
     remote: bool
 

@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import anndata as ad
 import pandas as pd
@@ -48,7 +48,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("scinfl")
-T = TypeVar("T")
 
 
 class SimulatedNodes:
@@ -248,10 +247,10 @@ def _run_simulation(server_app: ServerApp, node_configs: list[dict[str, Any]], n
 def simulate_statistics(
     sites: Mapping[str, Any],
     spec: StatisticsSpec,
-    recipe: Callable[[StatisticsExchange], T],
+    recipe: Callable[[StatisticsExchange], Any],
     *,
     num_cpus: int | None = None,
-) -> T:
+) -> Any:
     """Run a federated preprocessing ``recipe`` on Flower's simulation runtime: the ServerApp runs it over
     a :class:`GridTransport`, and each simulated SuperNode's ClientApp answers for its site from its file
     (a backed site's own file; an in-memory site's values and batch column written to a private workspace).

@@ -329,22 +329,48 @@ def test_bad_input_is_refused_naming_the_site_and_nothing_changes(count_sites):
     assert count_sites["A"].var["highly_variable"].sum() == 50
 
 
+def test_a_deployment_step_is_a_run_config_and_a_result_file_that_each_site_applies(count_sites, tmp_path):
+    """What a deployment's ServerApp does with its run config (``run_preprocessing``, minus the Grid): the
+    recipe from the JSON options, the result saved without pickles; each site applies the file and gets
+    what ``si.pp.pca`` writes."""
+    import json
+
+    from scinfl.federation.flower.deployment import preprocessing_run_config
+    from scinfl.federation.preprocessing import PreprocessingResult, run_recipe
+
+    for site in count_sites.values():
+        site.X = site.X.toarray()
+    config = preprocessing_run_config("pca", list(count_sites), tmp_path, n_comps=10, method="covariance")
+    spec = StatisticsSpec.from_dict(json.loads(config["preprocess-spec"]))
+    exchange = StatisticsExchange(InProcess(count_sites, {}), spec)
+    result = run_recipe(exchange, config["preprocess"], json.loads(config["preprocess-options"]))
+    path = result.save(tmp_path / "pca.npz")
+    loaded = PreprocessingResult.load(path)
+    pd.testing.assert_frame_equal(loaded.table, result.table)
+    np.testing.assert_array_equal(loaded.arrays["variance_ratio"], result.arrays["variance_ratio"])
+    expected = si.pp.pca(count_sites, n_comps=10, method="covariance", mask_var=None, copy=True)
+    for name, site in count_sites.items():
+        si.pp.apply_preprocessing(site, path, site=name)
+        np.testing.assert_allclose(site.obsm["X_pca"], expected[name].obsm["X_pca"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(site.uns["pca"]["variance"], expected[name].uns["pca"]["variance"])
+    with pytest.raises(ValueError, match="Unknown preprocessing step 'normalize'"):
+        run_recipe(exchange, "normalize", {})
+
+
 @pytest.mark.slow
-def test_flower_runs_the_same_statistics_rounds_as_the_in_process_engine(count_sites):
-    """Flower's simulation: the ServerApp runs the recipe, each ClientApp answers for its site from its file,
-    masked; the result is the in-process engine's, to the bit."""
-    local = si.pp.highly_variable_genes(
-        count_sites, flavor="seurat_v3", layer="counts", n_top_genes=100, batch_key="site", copy=True
-    )
-    flower = si.pp.highly_variable_genes(
-        count_sites,
-        flavor="seurat_v3",
-        layer="counts",
-        n_top_genes=100,
-        batch_key="site",
-        engine="flower",
-        copy=True,
-    )
+def test_on_flower_a_deployments_serverapp_runs_the_step_and_equals_the_in_process_engine(count_sites):
+    """``engine="flower"`` runs the step as a deployment does: the ServerApp's ``run_preprocessing`` with the
+    run config a consortium gives ``flwr run``, ClientApps answering from their sites' files, masked; the
+    sites apply the result file it saved. The genes and statistics are the in-process engine's."""
+    options = {
+        "flavor": "seurat_v3",
+        "layer": "counts",
+        "n_top_genes": 100,
+        "batch_key": "site",
+        "copy": True,
+    }
+    local = si.pp.highly_variable_genes(count_sites, **options)
+    flower = si.pp.highly_variable_genes(count_sites, engine="flower", **options)
     for name in count_sites:
         pd.testing.assert_frame_equal(flower[name].var, local[name].var, check_exact=False, rtol=1e-12)
 

@@ -30,6 +30,7 @@ from typing import Any
 import tomli_w
 
 from ..spec import RunSpec
+from ..statistics import StatisticsSpec
 
 __all__ = [
     "LocalDeployment",
@@ -81,6 +82,53 @@ def run_config(spec: RunSpec, output_dir: str | os.PathLike[str], *, resume: boo
     """The run config of scinfl's ServerApp: the run spec (:meth:`~scinfl.federation.RunSpec.to_run_config`)
     with ``output-dir`` (absolute, on the ServerApp's machine) and ``resume``."""
     return {**spec.to_run_config(), "output-dir": str(Path(output_dir).absolute()), "resume": bool(resume)}
+
+
+def preprocessing_run_config(
+    step: str,
+    sites: Sequence[str],
+    output_dir: str | os.PathLike[str],
+    *,
+    layer: str | None = None,
+    batch_key: str | None = None,
+    secure_aggregation: bool = True,
+    min_cohort: int = 3,
+    min_cells: int = 20,
+    timeout: float = 600.0,
+    **options: Any,
+) -> dict[str, Any]:
+    """The run config of scinfl's ServerApp for one federated preprocessing step on a deployment.
+
+    ``step`` is ``"highly_variable_genes"``, ``"scale"`` or ``"pca"``; ``options`` are its recipe's
+    (:mod:`scinfl.federation.preprocessing`: e.g. ``flavor="seurat_v3", n_top_genes=2000``; for a PCA on
+    chosen genes, ``genes=[...]`` and ``mask_var="highly_variable"``). ``batch_key="site"`` makes each
+    site a batch. The ServerApp writes ``<output_dir>/<step>.npz``; each site applies it with
+    :func:`scinfl.pp.apply_preprocessing`. The SuperNodes' ``--node-config`` names each site's file, as for
+    training.
+    """
+    spec = StatisticsSpec(
+        sites=tuple(sites),
+        layer=layer,
+        batch_key=None if batch_key == "site" else batch_key,
+        batches_are_sites=batch_key == "site",
+        secure_aggregation=secure_aggregation,
+        min_cohort=min_cohort,
+        min_cells=min_cells,
+        timeout=timeout,
+    )
+    return statistics_run_config(step, spec, options, output_dir)
+
+
+def statistics_run_config(
+    step: str, spec: StatisticsSpec, options: Mapping[str, Any], output_dir: str | os.PathLike[str]
+) -> dict[str, Any]:
+    """The run config of a preprocessing ``step`` over ``spec``'s sites (see :func:`preprocessing_run_config`)."""
+    return {
+        "preprocess": step,
+        "preprocess-options": json.dumps(dict(options)),
+        "preprocess-spec": json.dumps(spec.to_dict()),
+        "output-dir": str(Path(output_dir).absolute()),
+    }
 
 
 def app_pyproject(

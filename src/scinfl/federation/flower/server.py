@@ -12,6 +12,7 @@ The run config is the run spec (:meth:`scinfl.federation.RunSpec.to_run_config`)
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Hashable, Mapping
@@ -27,19 +28,23 @@ from ..._settings import settings as scinfl_settings
 from ..._settings import torch_threads
 from ...data.statistics import StatisticRequest
 from ...tasks import ModelConfig
+from ..preprocessing import run_recipe
 from ..rounds import FederationRun, federate
 from ..secure import SecureRound
 from ..site import Hello, Instruction, Reply
 from ..spec import RunSpec
-from ..statistics import SiteProfile, StatisticsSpec
+from ..statistics import SiteProfile, StatisticsExchange, StatisticsSpec
 from . import protocol
 
-__all__ = ["GridTransport", "make_server_app", "server_options"]
+__all__ = ["GridTransport", "make_server_app", "run_preprocessing", "server_options"]
 
 logger = logging.getLogger("scinfl")
 
 _POLL_SECONDS = 0.05  # the ServerApp's own reply poll (Grid.send_and_receive sleeps 3 s between pulls)
-SERVER_KEYS = ("output-dir", "resume")  # run-config keys of the ServerApp itself, beside the run spec
+# Run-config keys of a federated preprocessing run (scinfl.pp on a deployment), instead of a run spec
+PREPROCESS_KEYS = ("preprocess", "preprocess-options", "preprocess-spec")
+# run-config keys of the ServerApp itself, beside the run spec
+SERVER_KEYS = ("output-dir", "resume", *PREPROCESS_KEYS)
 
 K = TypeVar("K", bound=Hashable)
 
@@ -302,6 +307,29 @@ def server_options(run_config: Mapping[str, Any]) -> tuple[RunSpec, dict[str, An
     return spec, options
 
 
+def run_preprocessing(grid: Grid, run_config: Mapping[str, Any]) -> Path:
+    """A federated preprocessing step on a deployment: the recipe ``preprocess`` names
+    (:mod:`scinfl.federation.preprocessing`) with ``preprocess-options``, over the sites of
+    ``preprocess-spec`` (:class:`~scinfl.federation.statistics.StatisticsSpec`), through the Grid. The
+    result is written to ``<output-dir>/<step>.npz`` for the sites to apply
+    (:func:`scinfl.pp.apply_preprocessing`). Build the run config with
+    :func:`scinfl.federation.flower.deployment.preprocessing_run_config`."""
+    step = str(run_config["preprocess"])
+    output_dir = str(run_config.get("output-dir", ""))
+    if not output_dir:
+        raise ValueError(
+            "Set output-dir in the run config: the ServerApp writes the preprocessing result there."
+        )
+    spec = StatisticsSpec.from_dict(json.loads(str(run_config["preprocess-spec"])))
+    options = json.loads(str(run_config.get("preprocess-options", "") or "{}"))
+    with torch_threads(scinfl_settings.torch_threads):
+        result = run_recipe(StatisticsExchange(GridTransport(grid), spec), step, options)
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    path = result.save(Path(output_dir) / f"{step}.npz")
+    logger.info("Preprocessing step %s over %d sites written to %s.", step, len(spec.sites), path)
+    return path
+
+
 def make_server_app(
     on_result: Callable[[FederationRun, RunSpec, str | None], None],
     spec: RunSpec | None = None,
@@ -325,6 +353,9 @@ def make_server_app(
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
+        if spec is None and str(context.run_config.get("preprocess", "")):
+            run_preprocessing(grid, context.run_config)  # scinfl.pp's statistics rounds, not training
+            return
         if spec is not None:
             run_spec, output_dir, options = spec, None, dict(federate_options)
         else:

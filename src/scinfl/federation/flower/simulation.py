@@ -17,7 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -32,11 +32,13 @@ from flwr.simulation import run_simulation
 from ...data import feature_source, is_mudata, scinfl_entry
 from ...key import FederationKey
 from ...tasks import Task
+from ..preprocessing import PreprocessingResult
 from ..rounds import FederationRun
 from ..spec import RunSpec
-from ..statistics import StatisticsExchange, StatisticsSpec
+from ..statistics import StatisticsSpec
 from .client import make_client_app
-from .server import GridTransport, make_server_app
+from .deployment import statistics_run_config
+from .server import make_server_app, run_preprocessing
 
 __all__ = [
     "SimulatedNodes",
@@ -247,27 +249,29 @@ def _run_simulation(server_app: ServerApp, node_configs: list[dict[str, Any]], n
 def simulate_statistics(
     sites: Mapping[str, Any],
     spec: StatisticsSpec,
-    recipe: Callable[[StatisticsExchange], Any],
+    step: str,
+    options: Mapping[str, Any],
     *,
     num_cpus: int | None = None,
-) -> Any:
-    """Run a federated preprocessing ``recipe`` on Flower's simulation runtime: the ServerApp runs it over
-    a :class:`GridTransport`, and each simulated SuperNode's ClientApp answers for its site from its file
-    (a backed site's own file; an in-memory site's values and batch column written to a private workspace).
-
-    Returns what ``recipe`` returns; an error in it (a site's, as the ClientApp reported it) is raised here.
+) -> PreprocessingResult:
+    """Run a federated preprocessing ``step`` on Flower's simulation runtime, as a deployment runs it: the
+    ServerApp's :func:`~scinfl.federation.flower.server.run_preprocessing` with the run config a consortium
+    would give ``flwr run``, over simulated SuperNodes whose ClientApps answer for their sites from their
+    files (a backed site's own; an in-memory site's values and batch column written to a private
+    workspace). Returns the result the ServerApp saved; an error in the run is raised here.
     """
-    outcome: list[Any] = []
+    failures: list[Exception] = []
     server_app = ServerApp()
-
-    @server_app.main()
-    def main(grid: Grid, context: Context) -> None:
-        try:
-            outcome.append(recipe(StatisticsExchange(GridTransport(grid), spec)))
-        except Exception as error:  # raised again in the caller's thread, below
-            outcome.append(error)
-
     with private_workspace() as workspace:
+        config = statistics_run_config(step, spec, options, workspace / "result")
+
+        @server_app.main()
+        def main(grid: Grid, context: Context) -> None:
+            try:
+                run_preprocessing(grid, config)
+            except Exception as error:  # raised again in the caller's thread, below
+                failures.append(error)
+
         node_configs = []
         for index, (name, data) in enumerate(sites.items()):
             if getattr(data, "isbacked", False):
@@ -276,11 +280,12 @@ def simulate_statistics(
                 path = _write_statistics_site(data, spec, workspace / f"site{index}.h5ad")
             node_configs.append({"site": name, "data-path": str(path)})
         _run_simulation(server_app, node_configs, num_cpus)
-    if not outcome:
-        raise RuntimeError("The Flower simulation ended without a result; see the log above.")
-    if isinstance(outcome[0], Exception):
-        raise outcome[0]
-    return outcome[0]
+        if failures:
+            raise failures[0]
+        saved = workspace / "result" / f"{step}.npz"
+        if not saved.is_file():
+            raise RuntimeError("The Flower simulation ended without a result; see the log above.")
+        return PreprocessingResult.load(saved)
 
 
 def _write_statistics_site(data: Any, spec: StatisticsSpec, path: Path) -> Path:

@@ -9,6 +9,7 @@ pooled ones), with its log-normalised values in ``.X`` and its raw UMI counts re
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -118,7 +119,9 @@ def test_a_batch_column_within_the_sites_is_pooled_across_them(count_sites):
 
 
 def test_outer_join_pools_a_missing_gene_as_zeros_and_inner_join_leaves_it_out(count_sites):
-    count_sites["B"] = count_sites["B"][:, 40:].copy()  # site B lacks 40 genes
+    # site B lacks 40 genes and stores the others in its own order: genes are matched by name
+    order = np.random.default_rng(0).permutation(np.arange(40, count_sites["B"].n_vars))
+    count_sites["B"] = count_sites["B"][:, order].copy()
     missing = count_sites["A"].var_names[:40]
     outer = _scanpy_hvg(_pooled(count_sites, "outer"), flavor="seurat", n_top_genes=150)
     result = si.pp.highly_variable_genes(
@@ -373,6 +376,35 @@ def test_on_flower_a_deployments_serverapp_runs_the_step_and_equals_the_in_proce
     flower = si.pp.highly_variable_genes(count_sites, engine="flower", **options)
     for name in count_sites:
         pd.testing.assert_frame_equal(flower[name].var, local[name].var, check_exact=False, rtol=1e-12)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("SCINFL_LONG_TESTS") != "1",
+    reason="about 1 minute (a SuperLink and three SuperNodes on 127.0.0.1); SCINFL_LONG_TESTS=1 runs it",
+)
+def test_a_local_deployment_runs_a_preprocessing_step_that_each_site_applies(count_sites, tmp_path):
+    """A SuperLink and three SuperNodes as processes (TLS, SuperNode authentication): ``flwr run`` with a
+    preprocessing run config; the deployed ServerApp saves the result, and each site's file applied gives
+    the in-process result."""
+    from scinfl.federation.flower.deployment import LocalDeployment, preprocessing_run_config, site_nodes
+
+    options = {"flavor": "seurat_v3", "n_top_genes": 100}
+    local = si.pp.highly_variable_genes(count_sites, layer="counts", batch_key="site", copy=True, **options)
+    output_dir = tmp_path / "out"
+    config = preprocessing_run_config(
+        "highly_variable_genes", list(count_sites), output_dir, layer="counts", batch_key="site", **options
+    )
+    deployment = LocalDeployment(tmp_path / "flower", site_nodes(count_sites, tmp_path))
+    try:
+        deployment.start()
+        completed = deployment.run(config, timeout=600)
+    finally:
+        deployment.close()
+    assert completed.returncode == 0, completed.stdout[-3000:]
+    for name, site in count_sites.items():
+        si.pp.apply_preprocessing(site, output_dir / "highly_variable_genes.npz", site=name)
+        pd.testing.assert_frame_equal(site.var, local[name].var, check_exact=False, rtol=1e-12)
 
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"  # ../shared/data beside the checkout

@@ -97,27 +97,20 @@ def steps(sites) -> None:
     warnings.simplefilter("ignore")
     rows = []
 
-    options = {"flavor": "seurat_v3", "layer": "counts", "n_top_genes": 1000, "batch_key": "site"}
-    scanpy_s, reference = _timed(lambda: sc.pp.highly_variable_genes(pooled, inplace=False, **options))
-    secure_s, secure = _timed(lambda: si.pp.highly_variable_genes(sites, copy=True, **options))
-    clear_s, _ = _timed(
-        lambda: si.pp.highly_variable_genes(sites, copy=True, secure_aggregation=False, **options)
-    )
-    jaccard, error = _hvg_error(secure, reference.loc[pooled.var_names])
-    rows.append(
-        ("hvg seurat_v3, per site", secure_s, clear_s, scanpy_s, f"Jaccard {jaccard:.3f}, stats {error:.1e}")
-    )
-
-    options = {"flavor": "seurat", "n_top_genes": 1000}
-    scanpy_s, reference = _timed(lambda: sc.pp.highly_variable_genes(pooled, inplace=False, **options))
-    secure_s, secure = _timed(lambda: si.pp.highly_variable_genes(sites, copy=True, **options))
-    clear_s, _ = _timed(
-        lambda: si.pp.highly_variable_genes(sites, copy=True, secure_aggregation=False, **options)
-    )
-    jaccard, error = _hvg_error(secure, reference.loc[pooled.var_names])
-    rows.append(
-        ("hvg seurat, pooled", secure_s, clear_s, scanpy_s, f"Jaccard {jaccard:.3f}, stats {error:.1e}")
-    )
+    for label, options in (
+        ("hvg seurat_v3, per site", {"flavor": "seurat_v3", "layer": "counts", "batch_key": "site"}),
+        ("hvg seurat, pooled", {"flavor": "seurat"}),  # its reference stays for the steps below
+    ):
+        options = {**options, "n_top_genes": 1000}
+        scanpy_s, reference = _timed(
+            lambda o=options: sc.pp.highly_variable_genes(pooled, inplace=False, **o)
+        )
+        secure_s, secure = _timed(lambda o=options: si.pp.highly_variable_genes(sites, copy=True, **o))
+        clear_s, _ = _timed(
+            lambda o=options: si.pp.highly_variable_genes(sites, copy=True, secure_aggregation=False, **o)
+        )
+        jaccard, error = _hvg_error(secure, reference.loc[pooled.var_names])
+        rows.append((label, secure_s, clear_s, scanpy_s, f"Jaccard {jaccard:.3f}, stats {error:.1e}"))
     pooled.var["highly_variable"] = reference.loc[pooled.var_names, "highly_variable"].to_numpy()
     for site in sites.values():
         site.var["highly_variable"] = pooled.var["highly_variable"].to_numpy()

@@ -33,8 +33,9 @@ SITES = "site"  # batch_key that means "each site is a batch" when no site has s
 _DEFAULT = object()
 
 
-def _run(
+def _preprocess(
     sites: Mapping[str, Any],
+    targets: Mapping[str, AnnData],
     step: str,
     options: Mapping[str, Any],
     *,
@@ -44,8 +45,10 @@ def _run(
     min_cells: int,
     engine: Engine,
     batch_key: str | None = None,
-) -> PreprocessingResult:
-    """Run the recipe of ``step`` with ``options`` over ``sites`` on the chosen engine."""
+    key_added: str | None = None,
+) -> None:
+    """Run the recipe of ``step`` with ``options`` over ``sites`` on the chosen engine, and write its result
+    into each of ``targets`` (the sites, or their copies)."""
     batches_are_sites = batch_key == SITES and not any(SITES in data.obs for data in sites.values())
     spec = StatisticsSpec(
         sites=tuple(sites),
@@ -57,12 +60,15 @@ def _run(
         min_cells=min_cells,
     )
     if engine == "local":
-        return run_recipe(StatisticsExchange(InProcess(sites, {}), spec), step, options)
-    if engine == "flower":
+        result = run_recipe(StatisticsExchange(InProcess(sites, {}), spec), step, options)
+    elif engine == "flower":
         from ..federation.flower import simulate_statistics
 
-        return simulate_statistics(sites, spec, step, options)
-    raise ValueError(f"Unknown engine {engine!r}; available: 'local', 'flower'.")
+        result = simulate_statistics(sites, spec, step, options)
+    else:
+        raise ValueError(f"Unknown engine {engine!r}; available: 'local', 'flower'.")
+    for name, data in targets.items():
+        apply_preprocessing(data, result, site=name, layer=layer, key_added=key_added)
 
 
 def _sites_for_writing(sites, opened: set[str], copy: bool) -> dict[str, AnnData]:
@@ -180,8 +186,9 @@ def highly_variable_genes(
         "join": join,
         "log_base": _log1p_base(site_data, flavor),
     }
-    result = _run(
+    _preprocess(
         site_data,
+        targets,
         "highly_variable_genes",
         options,
         layer=layer,
@@ -191,8 +198,6 @@ def highly_variable_genes(
         engine=engine,
         batch_key=batch_key,
     )
-    for name, data in targets.items():
-        apply_preprocessing(data, result, site=name)
     return targets if copy else None
 
 
@@ -234,8 +239,9 @@ def scale(
         if getattr(data, "isbacked", False) and not copy:
             raise ValueError(f"Site {name!r} is backed: scaling rewrites its values; pass copy=True.")
     targets = _sites_for_writing(site_data, opened, copy)
-    result = _run(
+    _preprocess(
         site_data,
+        targets,
         "scale",
         {"join": join, "zero_center": zero_center, "max_value": max_value},
         layer=layer,
@@ -244,8 +250,6 @@ def scale(
         min_cells=min_cells,
         engine=engine,
     )
-    for name, data in targets.items():
-        apply_preprocessing(data, result, site=name, layer=layer)
     return targets if copy else None
 
 
@@ -307,8 +311,9 @@ def pca(
         "random_state": random_state,
         "join": join,
     }
-    result = _run(
+    _preprocess(
         site_data,
+        targets,
         "pca",
         options,
         layer=layer,
@@ -316,9 +321,8 @@ def pca(
         min_cohort=min_cohort,
         min_cells=min_cells,
         engine=engine,
+        key_added=key_added,
     )
-    for name, data in targets.items():
-        apply_preprocessing(data, result, site=name, layer=layer, key_added=key_added)
     return targets if copy else None
 
 

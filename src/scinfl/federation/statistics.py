@@ -177,7 +177,6 @@ class StatisticsExchange:
             )
         self._exchange_id = secrets.token_hex(16)  # masks are bound to this exchange and each step
         self._step = 0
-        self.bytes_sent: dict[str, int] = dict.fromkeys(spec.sites, 0)
 
     @property
     def var_names(self) -> dict[str, list[str]]:
@@ -226,8 +225,6 @@ class StatisticsExchange:
                 + "; nothing was aggregated."
             )
         vectors: Sequence[np.ndarray] = [np.asarray(replies[s]) for s in self.spec.sites]
-        for site, vector in zip(self.spec.sites, vectors, strict=True):
-            self.bytes_sent[site] += int(vector.nbytes)
         if secure is None:
             total = np.sum(np.stack([v.astype(np.float64) for v in vectors]), axis=0)
         else:

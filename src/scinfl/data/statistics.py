@@ -24,6 +24,7 @@ from anndata.abc import CSCDataset, CSRDataset
 from scipy import sparse
 
 from .loader import _BackedRows, _csc_error, _is_backed
+from .schema import SiteFields, check_unique_features, column_categories, feature_source, validate_fields
 
 __all__ = [
     "StatisticRequest",
@@ -141,17 +142,10 @@ def unpack_statistic(request: StatisticRequest, vector: np.ndarray) -> dict[str,
 
 def matrix_of(data, layer: str | None, site: str):
     """The matrix ``layer`` names (None: ``.X``) and its feature names, naming the site if it is absent."""
-    if layer is None:
-        matrix = data.X
-    elif layer not in data.layers:
-        raise ValueError(
-            f"Site {site!r}: layer {layer!r} not found; its layers are {list(data.layers) or 'none'}."
-        )
-    else:
-        matrix = data.layers[layer]
+    matrix, var_names = feature_source(data, validate_fields(data, site, SiteFields(layer=layer)))
     if matrix is None:
         raise ValueError(f"Site {site!r}: the AnnData has no .X; pass layer= to name its values.")
-    return matrix, pd.Index(data.var_names).astype(str)
+    return matrix, pd.Index(var_names).astype(str)
 
 
 def chunks(matrix, n_rows: int | None = None) -> Iterator[tuple[int, Any]]:
@@ -226,12 +220,7 @@ def site_profile(
     """What a site publishes before its statistics are summed: its feature names and cell count, and
     with ``batch_key`` the cells of each batch it holds. Names and counts only, never values."""
     matrix, var_names = matrix_of(data, layer, site)
-    duplicated = var_names[var_names.duplicated()].unique()
-    if len(duplicated):
-        raise ValueError(
-            f"Site {site!r}: duplicate feature names ({', '.join(duplicated[:5])}) make alignment ambiguous; "
-            "call .var_names_make_unique() first."
-        )
+    check_unique_features(var_names, site)
     profile: dict[str, Any] = {"var_names": list(var_names), "n_obs": int(matrix.shape[0])}
     if batch_key is not None:
         counts = pd.Series(_batch_column(data, site, batch_key)).value_counts()
@@ -240,15 +229,8 @@ def site_profile(
 
 
 def _batch_column(data, site: str, batch_key: str) -> np.ndarray:
-    if batch_key not in data.obs:
-        raise ValueError(
-            f"Site {site!r}: batch column {batch_key!r} is missing from .obs "
-            f"(columns: {', '.join(map(str, data.obs.columns)) or 'none'})."
-        )
-    column = data.obs[batch_key]
-    if column.isna().any():
-        raise ValueError(f"Site {site!r}: batch column {batch_key!r} has missing values.")
-    return column.astype(str).to_numpy()
+    column_categories(data, site, batch_key, what="batch column")  # present, and no cell without a value
+    return data.obs[batch_key].astype(str).to_numpy()
 
 
 def site_statistic(data, site: str, request: StatisticRequest) -> np.ndarray:

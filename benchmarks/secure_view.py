@@ -1,36 +1,31 @@
-"""What a keyless server reads of single cells: one site's single-cell leaks, against the sum it receives
-with secure aggregation (the geometry-matching attack of ``scinfl.privacy.geometry``).
+"""What a keyless server reads of single cells, with and without secure aggregation: the audit's geometry
+family (``scinfl.tl.privacy_audit(attacks=["geometry"])``) over draws, sites and key schemes.
 
-Setup: scanpy's ``pbmc68k_reduced`` (700 PBMCs, 765 log-normalised genes in ``.raw``), 20% held out as the
-attacker's public cohort (stratified), the rest split into 3 label-skewed sites
-(``scinfl.pp.split_sites(alpha=0.5)``); a hardened classifier (default network) trained with secure
-aggregation, R rounds. The attacker has no key.
+Setup: scanpy's ``pbmc68k_reduced`` (700 PBMCs, 765 log-normalised genes in ``.raw``); per draw, a
+stratified 40% held out as public cells (half of them the attacker's cohort, half the stand-in sites of
+the secure rounds), the rest split into 3 sites, label-skewed (``split_sites(alpha=0.5)``) or not
+(``alpha=100``); a classifier (default network) trained 20 rounds with secure aggregation, under each key
+scheme. Every site is audited (seeds 0 and 1 of the audit: 200 victims each).
 
-Two views of the largest site's cells (its "members"):
+Two server views of the same victims (see ``scinfl.privacy.audit._geometry``):
 
-``single-cell leaks`` (the positive control: a server that sees one site's single-cell gradients, the
-    worst case of ``secure_aggregation=False``)
-    For each victim, the first layer's ``dW / db`` of its gradient at the trained weights
-    (:func:`scinfl.privacy.analytic.invert_first_layer`): the cell, mixed by the key. The geometry attack
-    couples the leaked set with the public cohort, once with the public cells weighted equally and once
-    weighted to the site's true cell-type mix (an attacker who knows or estimates it).
-``secure sum``
-    What the server receives with secure aggregation: each round's change of the global weights, the
-    cohort's weighted sum of updates after a local epoch at every site. Its first layer gives one vector
-    per hidden unit (``dW[i] / db[i]``), a mixture of the round's cells; every round's vectors go to the
-    same attack (equal public weights: no per-site mix can be told from a sum).
+``per-site``  one site's single-cell gradients (``dW / db`` of each victim's first layer), coupled as a
+              set with the attacker's cohort: the worst case of ``secure_aggregation=False``, and the
+              positive control;
+``secure sum``  what the server decodes with secure aggregation: 3 rounds' sums after a real local fit at
+              the site and 2 stand-in sites.
 
-Both views are scored the same way, on the attack's reconstructions (coupling-weighted public profiles):
-``best match``: for each member, the best mean-subtracted Pearson over all reconstructions (an oracle
-that knows which reconstruction to compare: an upper bound for the attacker), against the best over the
-public cohort's cell-type mean profiles (free to the attacker). The single-cell view also has the
-attack's own per-victim figures (cell type against the majority class, mean-subtracted Pearson against
-the victim's cell-type mean profile, linkage in a pool of all cells), which a sum of many cells cannot
-be scored by: none of its vectors belongs to one cell.
+Printed per configuration and view: the mean over draws and sites (min-max over them) of cell-type
+accuracy (against the majority class of the attacker's cohort), mean-subtracted Pearson (against the
+victim's cell-type mean profile), re-identification (against a random reference cell), linkage top-1 and
+mean reciprocal rank as multiples of chance, and, for the sum, the oracle best-of-all reconstructions
+(against the same oracle over the public cell-type means, and over the reconstructions of sums that
+hold none of the site's cells: the stand-ins' rounds alone).
 
 Run::
 
-    python benchmarks/secure_view.py               # 20 rounds, 200 victims, about 2 minutes
+    python benchmarks/secure_view.py               # 3 draws x 2 splits x 3 schemes, about 8 minutes
+    python benchmarks/secure_view.py --draws 1     # about 3 minutes
 """
 
 from __future__ import annotations
@@ -38,167 +33,114 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 
-import numpy as np
-import scanpy as sc
-import torch
+import pandas as pd
 
-import scinfl as si
-from scinfl.federation import InProcess, RunSpec, federate
-from scinfl.privacy.analytic import invert_first_layer
-from scinfl.privacy.geometry import geometry_attack, match_geometry, reconstruct
-from scinfl.privacy.gradients import client_gradient
-from scinfl.privacy.metrics import _pearson_of_deviation
-from scinfl.tasks import build_network
-from scinfl.train import key_material
-
-FIRST_LAYER = "network.embedding.0"  # the hardened classifier's first linear layer
-
-
-class Recording(InProcess):
-    """In-process sites; keeps the global weights sent in every exchange (what the server holds)."""
-
-    def __init__(self, *args) -> None:
-        super().__init__(*args)
-        self.sent: list[dict[str, torch.Tensor]] = []
-
-    def exchange(self, round_index, state, spec, config, instructions):
-        self.sent.append({k: v.clone() for k, v in state.items()})
-        return super().exchange(round_index, state, spec, config, instructions)
-
-
-def dense(adata) -> np.ndarray:
-    matrix = adata.raw.X
-    return np.asarray(matrix.toarray() if hasattr(matrix, "toarray") else matrix, dtype=np.float32)
-
-
-def ratio_vectors(weight: torch.Tensor, bias: torch.Tensor, tolerance: float = 1e-3) -> np.ndarray:
-    """``weight[i] / bias[i]`` for the rows whose ``|bias|`` is at least ``tolerance`` of the largest."""
-    weight, bias = weight.double().numpy(), bias.double().numpy()
-    keep = np.abs(bias) >= tolerance * np.abs(bias).max()
-    return weight[keep] / bias[keep, None]
+PER_SITE, SECURE = "server, one site's single-cell gradients", "server, secure sum"
+SCHEMES = {"hardened": "hardened", "INFL": "infl", "plain FedAvg": None}
+SPLITS = {"label-skewed": 0.5, "even": 100.0}
+# (label, attack, view, metric): the figures printed, attacks beside their baselines
+FIGURES = [
+    ("cell type", "cell type", "{view}", "accuracy"),
+    ("majority class", "majority class", "free", "accuracy"),
+    ("mean-subtracted Pearson", "reconstruction", "{view}", "pearson_minus_mean"),
+    ("cell-type mean profile", "cell-type mean profile", "free", "pearson_minus_mean"),
+    ("re-identified", "reconstruction", "{view}", "reidentified"),
+    ("a random cell", "a random reference cell", "free", "reidentified"),
+    ("linkage top-1 / chance", "linkage", "{view}", "top1_x_chance"),
+    ("linkage MRR / chance", "linkage", "{view}", "mrr_x_chance"),
+    ("oracle best reconstruction", "best of all reconstructions (oracle)", "{view}", "pearson_minus_mean"),
+    (
+        "oracle best cell-type mean",
+        "best of the cell-type mean profiles (oracle)",
+        "free",
+        "pearson_minus_mean",
+    ),
+    (
+        "oracle, sums without the site",
+        "best of all reconstructions (oracle)",
+        "server, secure sum without the site (control)",
+        "pearson_minus_mean",
+    ),
+]
 
 
-def scores(
-    reconstructions: np.ndarray, members: np.ndarray, public: np.ndarray, public_y: np.ndarray
-) -> dict[str, float]:
-    """``best match``: per member, the best mean-subtracted Pearson over ``reconstructions`` (an oracle
-    that knows which one to compare: an upper bound for the attacker), averaged over members; against
-    ``best cell-type mean``: the same over the public cohort's cell-type mean profiles, which an attacker
-    has for free (the reconstructions are averages of public profiles, so this is what they reach when
-    they only find the cell type)."""
-    public_mean = public.mean(0)
-    type_means = np.stack([public[public_y == c].mean(0) for c in np.unique(public_y)])
+def run_draw(job: tuple[str, str, int]) -> list[dict]:
+    """Train one configuration on one draw and audit each of its sites; one row per site and figure."""
+    scheme_name, split_name, draw = job
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import scanpy as sc
+    import torch
 
-    def best(candidates: np.ndarray) -> float:
-        return float(
-            np.mean([max(_pearson_of_deviation(c, m, public_mean) for c in candidates) for m in members])
-        )
+    import scinfl as si
 
-    return {"best match": best(reconstructions), "best cell-type mean": best(type_means)}
+    torch.set_num_threads(1)
+    si.settings.progress = False
+    logging.getLogger("scinfl").setLevel(logging.WARNING)
+    adata = sc.datasets.pbmc68k_reduced()
+    si.pp.register_site(adata, use_raw=True)
+    train, public = si.pp.split_holdout(adata, label_key="bulk_labels", fraction=0.4, seed=draw)
+    sites = si.pp.split_sites(train, n_sites=3, label_key="bulk_labels", alpha=SPLITS[split_name], seed=draw)
+    scheme = SCHEMES[scheme_name]
+    key = (
+        None
+        if scheme is None
+        else si.FederationKey(hashlib.sha256(f"secure view {draw}".encode()).digest(), scheme=scheme)
+    )
+    model = si.tl.train_federated(sites, label_key="bulk_labels", key=key, rounds=20, seed=draw, copy=True)
+    rows = []
+    for site, cells in model.sites.items():
+        table = si.tl.privacy_audit(model, cells, key=key, public=public, attacks=["geometry"], seeds=(0, 1))
+        for view in (PER_SITE, SECURE):
+            for label, attack, figure_view, metric in FIGURES:
+                if (
+                    attack.startswith("best of all") and view == PER_SITE
+                ):  # no oracle for one cell's leak  # no oracle for one cell's leak
+                    continue
+                chosen = table[
+                    (table.attack == attack)
+                    & (table.view == figure_view.format(view=view))
+                    & (table.metric == metric)
+                ]
+                rows.append(
+                    {
+                        "scheme": scheme_name,
+                        "split": split_name,
+                        "draw": draw,
+                        "site": site,
+                        "n_cells": cells.n_obs,
+                        "view": "per-site" if view == PER_SITE else "secure sum",
+                        "figure": label,
+                        "value": float(chosen["mean"].iloc[0]),
+                    }
+                )
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--victims", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--draws", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
-    logging.getLogger("scinfl").setLevel(logging.WARNING)
-    si.settings.progress = False
-    torch.set_num_threads(1)
     started = time.perf_counter()
-
-    adata = sc.datasets.pbmc68k_reduced()
-    si.pp.register_site(adata, use_raw=True)
-    train, public_adata = si.pp.split_holdout(adata, label_key="bulk_labels", fraction=0.2, seed=args.seed)
-    sites = si.pp.split_sites(train, n_sites=3, label_key="bulk_labels", alpha=0.5, seed=args.seed)
-    key = si.FederationKey(hashlib.sha256(f"secure view {args.seed}".encode()).digest(), scheme="hardened")
-    spec = RunSpec(
-        task=si.tasks.Classification(label_key="bulk_labels"),
-        sites=tuple(sites),
-        key_fingerprint=key.fingerprint,
-        scheme=key.scheme,
-        rounds=args.rounds,
-        seed=args.seed,
-    )
-    transport = Recording(sites, dict.fromkeys(sites, key))
-    run = federate(transport, spec)
-    network = build_network(run.config)
-    network.load_state_dict(run.final_state)
-    material = key_material(key, network)
-
-    site = max(sites, key=lambda s: sites[s].n_obs)
-    members, public = dense(sites[site]), dense(public_adata)
-    categories = run.config.schema.categories
-    members_y = np.array([categories.index(v) for v in sites[site].obs["bulk_labels"].astype(str)])
-    public_y = np.array([categories.index(v) for v in public_adata.obs["bulk_labels"].astype(str)])
-    # the attacker-favourable public weights: the site's own cell-type mix
-    site_mix = np.bincount(members_y, minlength=len(categories)) / len(members_y)
-    public_count = np.bincount(public_y, minlength=len(categories))
-    mix_weights = site_mix[public_y] / np.maximum(public_count[public_y], 1)
-    mix_weights = mix_weights / mix_weights.sum()
-    print(
-        f"{len(sites)} sites, {args.rounds} rounds, secure aggregation; site {site!r}: {len(members)} cells; "
-        f"public cohort {len(public)} cells; no key"
-    )
-
-    # Positive control: single-cell leaks of the site's cells.
-    rng = np.random.default_rng(args.seed)
-    victims, leaked = [], []
-    for victim in rng.permutation(len(members))[: args.victims]:
-        x = torch.from_numpy(members[victim : victim + 1])
-        y = torch.tensor([members_y[victim]])
-        grads = client_gradient(network, x, y, key_material=material)
-        if torch.any(grads[f"{FIRST_LAYER}.bias"]):
-            leaked.append(invert_first_layer(grads[f"{FIRST_LAYER}.weight"], grads[f"{FIRST_LAYER}.bias"]))
-            victims.append(int(victim))
-    leaked, victims = np.stack(leaked), np.array(victims)
-    pool = np.concatenate([members, public])
-    print(
-        f"\nsingle-cell leaks of {len(victims)} of the site's cells (the worst case, no secure aggregation)"
-    )
-    for name, weights in (
-        ("public cells weighted equally", None),
-        ("weighted to the site's mix", mix_weights),
-    ):
-        found = geometry_attack(
-            leaked,
-            public,
-            public_y,
-            truth=members[victims],
-            truth_labels=members_y[victims],
-            pool=pool,
-            pool_index=victims,
-            public_weights=weights,
-            seed=args.seed,
-        )
-        reconstructions = reconstruct(
-            match_geometry(leaked, public, public_weights=weights, seed=args.seed), public
-        )
-        scored = scores(reconstructions, members[victims], public, public_y)
-        print(
-            f"  {name}: cell type {found['celltype_accuracy']:.3f} (majority {found['celltype_majority']:.3f}); "
-            f"mean-subtracted Pearson {found['pearson_minus_mean']:.3f} (victim's cell-type mean "
-            f"{found['prior_celltype_pearson_minus_mean']:.3f}); linkage top-1 "
-            f"{found['linkage_geometry_top1_x_chance']:.1f}x chance; best match {scored['best match']:.3f} "
-            f"(best cell-type mean {scored['best cell-type mean']:.3f})"
-        )
-
-    # What the server receives with secure aggregation: each round's sum of the cohort's updates.
-    sums = []
-    for before, after in zip(transport.sent[:-1], transport.sent[1:], strict=True):
-        weight = after[f"{FIRST_LAYER}.weight"] - before[f"{FIRST_LAYER}.weight"]
-        bias = after[f"{FIRST_LAYER}.bias"] - before[f"{FIRST_LAYER}.bias"]
-        sums.append(ratio_vectors(weight, bias))
-    candidates = np.concatenate(sums)
-    reconstructions = reconstruct(match_geometry(candidates, public, seed=args.seed), public)
-    scored = scores(reconstructions, members[victims], public, public_y)
-    print(
-        f"\nsecure sum: {len(sums)} rounds' sums, {len(candidates)} first-layer vectors\n"
-        f"  best match {scored['best match']:.3f} (best cell-type mean {scored['best cell-type mean']:.3f})"
-    )
+    jobs = [(s, p, d) for s in SCHEMES for p in SPLITS for d in range(args.draws)]
+    with ProcessPoolExecutor(args.workers) as pool:
+        rows = [row for result in pool.map(run_draw, jobs) for row in result]
+    results = pd.DataFrame(rows)
+    order = [label for label, *_ in FIGURES]
+    for (split, scheme), group in results.groupby(["split", "scheme"], sort=False):
+        print(f"\n{scheme}, {split} sites ({args.draws} draws x 3 sites; mean, min-max over them)")
+        summary = group.groupby(["figure", "view"])["value"].agg(["mean", "min", "max"])
+        for figure in order:
+            cells = []
+            for view in ("per-site", "secure sum"):
+                if (figure, view) in summary.index:
+                    mean, low, high = summary.loc[(figure, view)]
+                    cells.append(f"{view} {mean:7.3f} ({low:.3f}-{high:.3f})")
+            print(f"  {figure:28s} " + "   ".join(cells))
     print(f"\n{time.perf_counter() - started:.0f} s")
 
 

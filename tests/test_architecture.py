@@ -20,7 +20,7 @@ LAYERS = {
     "train": 1,
     "tasks": 2,
     "federation": 3,
-    "privacy": 3,
+    "privacy": 4,  # attacks what the federation's rounds send, with its own code
     "model": 4,
     "pp": 5,
     "tl": 5,

@@ -1,7 +1,8 @@
 """Measured attacks behind every privacy claim. Pure torch + numpy: no AnnData below ``scinfl.tl``.
 
 Threat model (Kerckhoffs): the attacker knows the code, the architecture, the key-generation procedure and
-every aggregated weight, and sees each client's gradient or update; only the key bytes are secret. A key
+every aggregated weight, and sees each client's gradient or update (the worst case, without secure
+aggregation) or, with it, each round's sum; only the key bytes are secret. A key
 holder is an insider: attacks run with the right key are positive controls that prove the attack works.
 
 Modules
@@ -18,6 +19,9 @@ analytic
 geometry
     Keyless reading of many leaked vectors by matching their geometry to a public cohort (entropic
     Gromov-Wasserstein): cell types, reconstructions, linkage of a leaked vector to its own cell.
+server_view
+    What the server decodes with secure aggregation: rounds of real site fits, masked and summed by the
+    federation's own code.
 membership
     Loss-threshold and reference-model (LiRA/RMIA-style) membership inference.
 utility
@@ -29,7 +33,18 @@ audit
     Runs the attacks for every attacker view and returns a tidy DataFrame.
 """
 
-from . import analytic, audit, geometry, gradients, hardened, inversion, membership, metrics, utility
+from . import (
+    analytic,
+    audit,
+    geometry,
+    gradients,
+    hardened,
+    inversion,
+    membership,
+    metrics,
+    server_view,
+    utility,
+)
 
 __all__ = [
     "analytic",
@@ -40,5 +55,6 @@ __all__ = [
     "inversion",
     "membership",
     "metrics",
+    "server_view",
     "utility",
 ]

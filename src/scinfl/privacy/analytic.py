@@ -26,6 +26,7 @@ import numpy as np
 __all__ = [
     "calibrate_gain_offset",
     "calibrate_principal_axes",
+    "first_layer_rows",
     "invert_first_layer",
     "invert_first_layer_no_bias",
     "resolve_sign",
@@ -116,6 +117,39 @@ def invert_first_layer(grad_weight, grad_bias, *, relative_tolerance: float = 1e
     # |r_i / r_ref|): a single row's key factor varies from cell to cell with which units are active, the
     # mean over a few dozen rows hardly does, so leaked cells share one scale and can be pooled.
     return aligned * np.mean(1.0 / np.abs(factors))
+
+
+def first_layer_rows(grad_weight, grad_bias, *, relative_tolerance: float = 1e-3) -> np.ndarray:
+    """Every active row's ratio ``grad_weight[i] / grad_bias[i]`` of a first linear layer, one vector each.
+
+    For one cell's gradient each row is the cell (times the row's key factor): :func:`invert_first_layer`
+    pools them. For a sum of many cells' gradients or updates (what a server receives with secure
+    aggregation), row ``i`` is a mixture of the inputs weighted by each cell's ``delta_i``, a different
+    mixture per unit, so the rows are kept apart: they are the vectors a geometry attack reads.
+
+    Parameters
+    ----------
+    grad_weight, grad_bias
+        ``(out_features, in_features)`` and ``(out_features,)``: a gradient, an update or a change of the
+        aggregated weights of the layer.
+    relative_tolerance
+        Rows with ``|grad_bias|`` below this fraction of the largest are left out (dominated by rounding).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n_rows, in_features)``; no rows when every bias entry is zero.
+    """
+    weight = _as_array(grad_weight, "grad_weight", 2)
+    bias = _as_array(grad_bias, "grad_bias", 1)
+    if weight.shape[0] != bias.shape[0]:
+        raise ValueError(f"grad_weight has {weight.shape[0]} rows but grad_bias has {bias.shape[0]} entries.")
+    magnitude = np.abs(bias)
+    largest = magnitude.max(initial=0.0)
+    if largest == 0.0:
+        return np.zeros((0, weight.shape[1]))
+    rows = np.flatnonzero(magnitude >= relative_tolerance * largest)
+    return weight[rows] / bias[rows, None]
 
 
 def invert_first_layer_no_bias(grad_weight) -> np.ndarray:

@@ -18,6 +18,7 @@ from scipy.stats import rankdata
 __all__ = [
     "bootstrap_ci",
     "membership_metrics",
+    "nearest_reference",
     "pearson",
     "prior_baselines",
     "reconstruction_metrics",
@@ -91,28 +92,41 @@ def _fit_affine(reconstructed: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return scale * centred + truth.mean()
 
 
-def _reidentified(reconstructed: np.ndarray, reference: np.ndarray, victim_index: int) -> float:
-    """1.0 if the victim is the unique nearest reference row by correlation distance, else 0.0."""
+def nearest_reference(reconstructions, reference) -> np.ndarray:
+    """For each reconstruction, the row of ``reference`` it is uniquely nearest to by correlation distance.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n_reconstructions,)`` row indices; -1 where the nearest row is tied with another or the
+        reconstruction is constant (it then points at nobody). Constant reference rows have no defined
+        correlation and are never the nearest.
+    """
+    reconstructions = np.atleast_2d(np.asarray(reconstructions, dtype=np.float64))
     reference = np.asarray(reference, dtype=np.float64)
-    if reference.ndim != 2 or reference.shape[1] != reconstructed.shape[0]:
+    if reference.ndim != 2 or reference.shape[1] != reconstructions.shape[1]:
         raise ValueError(
-            f"reference must be (n_cells, {reconstructed.shape[0]} genes), got shape {reference.shape}."
+            f"reference must be (n_cells, {reconstructions.shape[1]} genes), got shape {reference.shape}."
         )
-    if not 0 <= victim_index < reference.shape[0]:
-        raise ValueError(f"victim_index {victim_index} is outside the {reference.shape[0]} reference rows.")
-    rec = reconstructed - reconstructed.mean()
-    rec_norm = np.linalg.norm(rec)
-    if rec_norm == 0.0:
-        return 0.0  # a constant reconstruction points at nobody
+    rec = reconstructions - reconstructions.mean(axis=1, keepdims=True)
+    rec_norms = np.linalg.norm(rec, axis=1)
     centred = reference - reference.mean(axis=1, keepdims=True)
     norms = np.linalg.norm(centred, axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        correlation = (centred @ rec) / (norms * rec_norm)
-    # Constant reference rows have no defined correlation: they can never be the nearest cell.
-    correlation = np.where(norms > 0, correlation, -np.inf)
-    best = correlation.max()
-    # A tie with another cell does not single the victim out.
-    return float(correlation[victim_index] == best and np.count_nonzero(correlation == best) == 1)
+        correlation = (rec @ centred.T) / np.outer(rec_norms, norms)
+    correlation = np.where(norms[None, :] > 0, correlation, -np.inf)
+    best = correlation.max(axis=1, keepdims=True)
+    nearest = np.argmax(correlation, axis=1)
+    unique = np.count_nonzero(correlation == best, axis=1) == 1
+    return np.where(unique & (rec_norms > 0), nearest, -1)
+
+
+def _reidentified(reconstructed: np.ndarray, reference: np.ndarray, victim_index: int) -> float:
+    """1.0 if the victim is the unique nearest reference row by correlation distance, else 0.0."""
+    reference = np.asarray(reference, dtype=np.float64)
+    if not 0 <= victim_index < reference.shape[0]:
+        raise ValueError(f"victim_index {victim_index} is outside the {reference.shape[0]} reference rows.")
+    return float(nearest_reference(reconstructed, reference)[0] == victim_index)
 
 
 def reconstruction_metrics(

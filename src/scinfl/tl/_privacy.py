@@ -78,6 +78,7 @@ def privacy_audit(
     inversion_victims: int = 8,
     inversion_batches: Sequence[int] = (8, 32),
     inversion_steps: int = 300,
+    geometry_victims: int = 200,
     key_added: str = "scinfl",
 ) -> pd.DataFrame:
     """Measure what an attacker learns from the model and from the sites' updates.
@@ -121,12 +122,20 @@ def privacy_audit(
         one-bit flips, no key; for an embedding model, kNN label transfer in the embedding of each key
         view, from the labelled trained-on cells to the public ones), ``"key_recovery"``,
         ``"analytic"`` (first-layer inversion and calibration, and known plaintext), ``"inversion"``
-        (gradient and update inversion, label recovery), ``"membership"``. Against ``scheme="hardened"``
-        the key recovery fits the scheme's continuous relaxation, and the inversion family adds joint
-        inversion with that relaxation and label frequency analysis (:mod:`scinfl.privacy.hardened`).
-        An embedding model (``task="embedding"``) is audited with ``"utility"`` and ``"analytic"``; its
-        clients' gradients are of the reconstruction loss. So is a perturbation model
-        (``task="perturbation"``): its utility is the Pearson delta of the public cells' conditions under
+        (gradient and update inversion, label recovery), ``"membership"``, ``"geometry"``. Against
+        ``scheme="hardened"`` the key recovery fits the scheme's continuous relaxation, and the inversion
+        family adds joint inversion with that relaxation and label frequency analysis
+        (:mod:`scinfl.privacy.hardened`). ``"geometry"`` matches the first-layer leaks of many cells
+        together to the public cohort (entropic Gromov-Wasserstein, :mod:`scinfl.privacy.geometry`) in
+        two server views: one site's single-cell gradients (the worst case without secure aggregation,
+        and the positive control), and what the server decodes with secure aggregation, each round's
+        sum after a real local fit at the audited site and ``min_cohort - 1`` stand-in sites drawn from
+        half of ``public`` (the other half is then the attacker's cohort). Its rows: the victims' cell
+        types against the majority class, reconstruction (mean-subtracted Pearson, re-identification),
+        linkage to the victim's own cell in a pool against a random ranking.
+        An embedding model (``task="embedding"``) is audited with ``"utility"``, ``"analytic"`` and
+        ``"geometry"``; its clients' gradients are of the reconstruction loss. A perturbation model
+        (``task="perturbation"``) is audited with ``"utility"`` and ``"analytic"``: its utility is the Pearson delta of the public cells' conditions under
         each key view (beside the mean change of the trained-on cells, without a model), and its analytic
         attacks read a cell's perturbation from the first layer's gradient and its profile from the output
         layer's bias gradient (the prediction residual), also after aligning a secret output order by
@@ -148,6 +157,9 @@ def privacy_audit(
         Victims per seed and optimisation steps of the (slower) gradient-inversion attacks.
     inversion_batches
         Batch sizes of the batch-gradient inversions (one batch of each size per seed and view).
+    geometry_victims
+        Victims per seed of the geometry attacks (their leaks are matched together; the independent
+        attack that motivated them used 128 to 558).
     key_added
         Prefix of the ``.uns`` keys written.
 
@@ -199,6 +211,9 @@ def privacy_audit(
     )
     audit_settings = AuditSettings(
         private=private,
+        fit=model.spec.fit,
+        cohort=model.spec.min_cohort,
+        geometry_victims=geometry_victims,
         n_victims=n_victims,
         seeds=tuple(seeds),
         n_wrong_keys=n_wrong_keys,

@@ -168,6 +168,13 @@ def test_flower_local_secure_aggregation_options(flower_local):
     assert not spec.secure_aggregation
 
 
+def test_flower_local_early_stopping(flower_local):
+    spec, _ = flower_local("--early-stopping", "--rounds", "100", "--set", "patience=8", "min-delta=0.01")
+    assert (spec.early_stopping, spec.rounds, spec.patience, spec.min_delta) == (True, 100, 8, 0.01)
+    spec, _ = flower_local()
+    assert not spec.early_stopping
+
+
 def test_flower_local_label_key_and_dp(flower_local):
     spec, _ = flower_local("--label-key", "bulk_labels", "--set", "dp.epsilon=8", "task.dropout=0.2")
     assert spec.task == si.tasks.Classification(label_key="bulk_labels", dropout=0.2)

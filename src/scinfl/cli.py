@@ -41,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     flower.add_argument("--use-raw", action="store_true", help="use .raw")
     flower.add_argument("--modality", default=None, help="the modality of .h5ad sites of a mosaic")
     flower.add_argument("--rounds", type=int, default=20, help="federated rounds (default 20)")
+    flower.add_argument(
+        "--early-stopping",
+        action="store_true",
+        help="stop once the validation loss has converged (--rounds is then the most; tune with --set "
+        "patience=N min-delta=X)",
+    )
     flower.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     flower.add_argument("--min-sites", type=int, default=0, help="sites that must answer each round (0: all)")
     flower.add_argument("--round-timeout", type=float, default=600.0, help="seconds per round (default 600)")
@@ -132,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = {
             "task.name": args.task,
             "rounds": args.rounds,
+            "early-stopping": args.early_stopping,
             "seed": args.seed,
             "min-sites": args.min_sites,
             "round-timeout": args.round_timeout,

@@ -54,7 +54,8 @@ class FederatedModel:
     history
         One row per round and site: training loss, validation loss and accuracy.
     params
-        What the training recorded besides the spec: ``engine``, ``best_round``, the DP-SGD report, ...
+        What the training recorded besides the spec: ``engine``, ``best_round``, ``stopped_round`` (the
+        last round trained, when early stopping ended the run), the DP-SGD report, ...
     sites
         With ``train_federated(copy=True)``: the sites' copies with the outputs written into them (not
         saved with the model); otherwise None.
@@ -81,9 +82,10 @@ class FederatedModel:
         """The model of a finished run: its selected weights, with ``params`` (``engine=...``)."""
         network = build_network(run.config)
         network.load_state_dict(run.best_state)
-        return cls(
-            network, run.config, spec, history=run.history, params={**params, "best_round": run.best_round}
-        )
+        params = {**params, "best_round": run.best_round}
+        if run.stopped_round is not None:
+            params["stopped_round"] = run.stopped_round
+        return cls(network, run.config, spec, history=run.history, params=params)
 
     @property
     def task(self) -> Task:

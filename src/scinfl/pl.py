@@ -63,7 +63,8 @@ def history(
     show: bool | None = None,
     save: str | Path | None = None,
 ) -> list[Axes]:
-    """Per-round curves of a federated training run, one line per site, the selected round dashed.
+    """Per-round curves of a federated training run, one line per site, the selected round dashed (and
+    the round early stopping ended the run on, dotted).
 
     Parameters
     ----------
@@ -103,6 +104,10 @@ def history(
             axis.plot(rows["round"], rows[metric], marker="o", markersize=3, label=str(site))
         if best_round:
             axis.axvline(best_round, color="0.5", linestyle="--", linewidth=1, label="selected round")
+        if model.params.get("stopped_round"):
+            axis.axvline(
+                model.params["stopped_round"], color="C3", linestyle=":", linewidth=1, label="early stop"
+            )
         axis.set_xlabel("round")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
         axis.set_ylabel(_LABELS.get(metric, metric))
@@ -119,6 +124,7 @@ _PRIVACY_PANELS = {
     "analytic": ("pearson_minus_mean", "Pearson (minus public mean) with the victim"),
     "inversion": ("pearson_minus_mean", "Pearson (minus public mean) with the victim"),
     "membership": ("auc", "membership AUC"),
+    "geometry": ("mrr_x_chance", "linkage to the victim's own cell (reciprocal rank / chance)"),
 }
 
 
@@ -143,7 +149,8 @@ def privacy(
 
     Each bar is an attack under one attacker view, with its 95% confidence interval. Utility panels show
     chance as a dashed line; reconstruction panels show what the public and cell-type mean profiles give
-    for free (dotted lines): an attack leaks only what it adds above those.
+    for free (dotted lines): an attack leaks only what it adds above those. The geometry panel shows how
+    well each server view links leaks to the victims' own cells, against a random ranking (1).
 
     Parameters
     ----------
@@ -201,6 +208,8 @@ def privacy(
                 axis.axvline(prior["mean"], color="C0", linestyle=style, label=f"{prior['attack']} (free)")
         if family == "membership":
             axis.axvline(0.5, color="C3", linestyle="--", label="guessing")
+        if family == "geometry":
+            axis.axvline(1.0, color="C3", linestyle="--", label="chance")
         if axis.get_legend_handles_labels()[0]:
             axis.legend(fontsize="x-small", frameon=False)
         axis.grid(axis="x", alpha=0.3)

@@ -104,6 +104,7 @@ class FederationRun:
     sites: list[str]
     dropped: list[str]
     site_states: dict[str, dict]  # each site's last running state (e.g. its DP-SGD accounting)
+    stopped_round: int | None = None  # the last round trained when early stopping ended the run
 
 
 def site_seed(seed: int, round_index: int, site_index: int, attempt: int = 0) -> int:
@@ -286,6 +287,9 @@ def federate(
     site_states: dict[str, dict] = {}
     restore: dict[str, dict] = {}
     best_round, best_loss = 0, float("inf")
+    # Early stopping: the last evaluated round that improved the reference loss by min_delta, and that loss.
+    improved_round, reference_loss = 0, float("inf")
+    stopped_round: int | None = None
     first_round = 1
     if resume:
         checkpoint = load_checkpoint(checkpoint_dir)
@@ -303,6 +307,10 @@ def federate(
             )
         state, best_state = checkpoint["state"], checkpoint["best_state"]
         best_round, best_loss = checkpoint["best_round"], checkpoint["best_loss"]
+        # (a checkpoint written before early stopping existed: its best round is the last improvement)
+        improved_round = checkpoint.get("improved_round", best_round)
+        reference_loss = checkpoint.get("reference_loss", best_loss)
+        stopped_round = checkpoint.get("stopped_round")
         rows, pending = checkpoint["rows"], checkpoint["pending"]
         restore = dict(checkpoint["sites"])
         site_states = dict(restore)
@@ -455,7 +463,7 @@ def federate(
     def record_evaluation(evaluated_round: int, replies: Mapping[str, Reply]) -> float:
         """Complete the evaluated round's rows; keep its weights if they are the best so far; return the
         round's validation loss."""
-        nonlocal best_state, best_round, best_loss
+        nonlocal best_state, best_round, best_loss, improved_round, reference_loss
         evaluations = {
             site: reply.evaluation for site, reply in replies.items() if reply.evaluation is not None
         }
@@ -469,12 +477,19 @@ def federate(
         if np.isnan(loss) or loss < best_loss:
             best_state, best_round = state, evaluated_round
             best_loss = loss if not np.isnan(loss) else best_loss
+        # An improvement for early stopping: below the reference loss by min_delta of it (any finite loss
+        # improves on none).
+        threshold = (
+            reference_loss - spec.min_delta * abs(reference_loss) if np.isfinite(reference_loss) else np.inf
+        )
+        if not np.isnan(loss) and loss < threshold:
+            improved_round, reference_loss = evaluated_round, loss
         if not np.isnan(loss):
             logger.log(level, "Round %d: validation loss %.4f.", evaluated_round, loss)
         return loss
 
     bar = tqdm(
-        range(first_round, spec.rounds + 1),
+        range(first_round, spec.rounds + 1 if stopped_round is None else first_round),
         desc="federated rounds",
         unit="round",
         disable=not (progress and _interactive()),
@@ -506,6 +521,8 @@ def federate(
             loss = record_evaluation(round_index - 1, replies)
             if progress and not np.isnan(loss):
                 bar.set_postfix(val_loss=f"{loss:.3f}")
+            if spec.early_stopping and round_index - 1 - improved_round >= spec.patience:
+                stopped_round = round_index  # this round's updates are in: aggregate them, then stop
         if spec.secure_aggregation:
             state = unmask_sum(list(masked.values()), base=state)
             n_summed = len(masked)
@@ -545,13 +562,26 @@ def federate(
                     rng=rng,
                     sites=site_states,
                     signature=json.dumps(run_signature, sort_keys=True),
+                    improved_round=improved_round,
+                    reference_loss=reference_loss,
+                    stopped_round=stopped_round,
                 ),
                 checkpoint_dir,
             )
+        if stopped_round is not None:
+            logger.info(
+                "Stopping after round %d: the validation loss has not improved by %g (relative) since round "
+                "%d (patience %d).",
+                round_index,
+                spec.min_delta,
+                improved_round,
+                spec.patience,
+            )
+            bar.close()
+            break
     # The last round's weights are evaluated by a final exchange without training.
-    record_evaluation(
-        spec.rounds, send(spec.rounds + 1, instructions(spec.rounds + 1, list(nodes), [], True))
-    )
+    last_round = spec.rounds if stopped_round is None else stopped_round
+    record_evaluation(last_round, send(last_round + 1, instructions(last_round + 1, list(nodes), [], True)))
     history = pd.DataFrame(rows)
     history["n_val"] = history["n_val"].astype(int)
     return FederationRun(
@@ -564,4 +594,5 @@ def federate(
         sites=list(connected),
         dropped=dropped,
         site_states=site_states,
+        stopped_round=stopped_round,
     )

@@ -94,7 +94,7 @@ def test_what_the_network_reads(counts):
     assert read_counts(x, "gaussian") is x
 
 
-@pytest.mark.parametrize("likelihood", LIKELIHOODS)
+@pytest.mark.parametrize("likelihood", [likelihood for likelihood in LIKELIHOODS if likelihood != "nb"])
 def test_measured_features_are_the_only_ones_scored(counts, lognorm, likelihood):
     """A site of a join='outer' federation zero-fills the genes it does not measure: they are not zeros of
     expression, so neither their outputs nor their zeros count (Poisson shares: over the measured genes)."""
@@ -129,5 +129,60 @@ def test_measured_features_are_the_only_ones_scored(counts, lognorm, likelihood)
 
 def test_unknown_likelihood_raises(counts):
     x = torch.from_numpy(counts)
-    with pytest.raises(ValueError, match=r"likelihood must be one of 'gaussian', 'poisson', 'clr', got 'nb'"):
-        cell_losses("nb", x, x)
+    with pytest.raises(
+        ValueError, match=r"likelihood must be one of 'gaussian', 'poisson', 'nb', 'clr', got 'zinb'"
+    ):
+        cell_losses("zinb", x, x)
+
+
+def _nb_by_hand(output: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Mean over genes of -log NB(x | mu, theta) + log(x!), mu = softmax(logits) * library size, from
+    torch.distributions (total_count theta, success logits log(mu / theta))."""
+    logits, log_theta = np.split(output, 2, axis=1)
+    log_share = logits - logits.max(axis=1, keepdims=True)
+    log_share -= np.log(np.exp(log_share).sum(axis=1, keepdims=True))
+    mu = np.exp(log_share) * x.sum(axis=1, keepdims=True)
+    theta = np.exp(log_theta)
+    distribution = torch.distributions.NegativeBinomial(
+        total_count=torch.from_numpy(theta), logits=torch.from_numpy(np.log(mu) - log_theta)
+    )
+    log_factorial = torch.lgamma(torch.from_numpy(x) + 1)
+    return -(distribution.log_prob(torch.from_numpy(x)) + log_factorial).numpy().mean(axis=1)
+
+
+def _nb_output(shape, log_theta: float | np.ndarray = 0.0, seed: int = 0) -> np.ndarray:
+    logits = _output(shape, seed)
+    return np.concatenate([logits, np.broadcast_to(log_theta, shape)], axis=1)
+
+
+def test_negative_binomial_is_the_nll_of_softmax_means_with_a_dispersion_per_gene(counts):
+    rng = np.random.default_rng(3)
+    output = _nb_output(counts.shape, rng.normal(0.0, 1.0, counts.shape[1]))
+    np.testing.assert_allclose(_losses("nb", output, counts), _nb_by_hand(output, counts), rtol=1e-9)
+    # a huge inverse dispersion is a Poisson
+    poisson = _losses("poisson", output[:, : counts.shape[1]], counts)
+    nearly = _losses("nb", _nb_output(counts.shape, 20.0), counts)  # theta = 5e8
+    np.testing.assert_allclose(nearly, poisson, rtol=1e-5)
+    # real cells vary around their cohort's mean shares more than a Poisson allows: with the cohort's
+    # shares as every cell's mean, a dispersion (theta = 1) scores the counts better than a Poisson
+    x = counts
+    shares = x.sum(axis=0) / x.sum() + 1e-6
+    best = np.broadcast_to(np.log(shares), x.shape)
+    at_poisson = _losses("nb", np.concatenate([best, np.full_like(best, 20.0)], axis=1), x)
+    at_nb = _losses("nb", np.concatenate([best, np.zeros_like(best)], axis=1), x)
+    assert at_nb.mean() < at_poisson.mean()
+
+
+def test_negative_binomial_scores_measured_features_only(counts):
+    measured = np.zeros(counts.shape[1], dtype=bool)
+    measured[np.random.default_rng(1).choice(counts.shape[1], 500, replace=False)] = True
+    output = _nb_output(counts.shape, np.random.default_rng(4).normal(0, 1, counts.shape[1]))
+    masked = _losses("nb", output, counts, measured)
+    both = np.concatenate([measured, measured])
+    np.testing.assert_allclose(masked, _losses("nb", output[:, both], counts[:, measured]), rtol=1e-12)
+    np.testing.assert_allclose(masked, _nb_by_hand(output[:, both], counts[:, measured]), rtol=1e-9)
+    filled = counts.copy()
+    filled[:, ~measured] = 0.0
+    np.testing.assert_allclose(_losses("nb", output, filled, measured), masked, rtol=1e-12)
+    assert not np.allclose(_losses("nb", output, filled), masked)
+    np.testing.assert_allclose(read_counts(torch.from_numpy(counts), "nb").numpy(), np.log1p(counts))

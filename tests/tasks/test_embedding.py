@@ -14,6 +14,7 @@ from sklearn.metrics import adjusted_rand_score
 
 import scinfl as si
 from scinfl.data import FederationSchema
+from scinfl.nn.networks import DISPERSION_STEP
 from scinfl.tasks import ModelConfig
 from scinfl.tasks.embedding import check_counts
 from scinfl.train import SiteTrainer
@@ -143,20 +144,50 @@ def test_poisson_loss_is_the_count_likelihood():
         si.tasks.Embedding(likelihood="negative-binomial")
 
 
-def test_poisson_autoencoder_learns_counts(pbmc):
+@pytest.mark.parametrize(
+    ("likelihood", "scheme"), [("poisson", "hardened"), ("nb", "hardened"), ("nb", "infl")]
+)
+def test_count_autoencoders_learn_counts(pbmc, likelihood, scheme):
     # Integer counts back from the log-normalised values (scanpy's log1p of counts scaled per cell).
     counts = np.rint(np.expm1(pbmc.raw.X.toarray() if hasattr(pbmc.raw.X, "toarray") else pbmc.raw.X))
     cells = ad.AnnData(counts.astype(np.float32), obs=pbmc.obs[["bulk_labels"]].copy())
     cells.var_names = pbmc.raw.var_names
     sites = si.pp.split_sites(cells, n_sites=2, label_key="bulk_labels", alpha=5.0, seed=0)
+    key = si.FederationKey(SECRET, scheme=scheme)
     model = si.tl.train_federated(
         sites,
-        key=si.FederationKey(SECRET),
-        **{**EMBED, "rounds": 15, "task": EMBED["task"].replace(likelihood="poisson")},
+        key=key,
+        **{**EMBED, "rounds": 15, "task": EMBED["task"].replace(likelihood=likelihood)},
     )
     loss = model.history.groupby("round")["val_loss"].mean()
     assert loss.iloc[-1] < 0.8 * loss.iloc[0]
-    assert model.task.likelihood == "poisson"
+    assert model.task.likelihood == likelihood
+    state = model.network.state_dict()
+    dispersion = [name for name in state if name.endswith("dispersion")]
+    if likelihood == "poisson":
+        assert not dispersion
+        return
+    # one inverse dispersion per gene, learned from the sites' counts (it starts at 0 for every gene)
+    (name,) = dispersion
+    assert state[name].shape == (cells.n_vars,)
+    log_theta = state[name] * DISPERSION_STEP
+    assert log_theta.std() > 0.1  # measured: 0.15 after 15 rounds
+    # the embedding is the latent, whatever the likelihood; a wrong key gives another one
+    right = model.predict(sites["site_0"], key=key).embedding
+    wrong = model.predict(
+        sites["site_0"], key=si.FederationKey.generate(scheme=scheme), check_key=False
+    ).embedding
+    assert right.shape == (sites["site_0"].n_obs, EMBED["task"].n_latent)
+    assert not np.allclose(right, wrong)
+
+
+def test_nb_is_refused_where_it_is_not_built(pbmc):
+    with pytest.raises(ValueError, match="likelihood must be one of 'gaussian', 'poisson', 'clr'"):
+        si.tasks.Mosaic(likelihood="nb")
+    with pytest.raises(NotImplementedError, match="DP-SGD"):
+        si.tl.train_federated(
+            {"a": pbmc}, key=None, task=si.tasks.Embedding(likelihood="nb"), dp={"epsilon": 8.0}
+        )
 
 
 @pytest.fixture(scope="module")

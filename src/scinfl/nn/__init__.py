@@ -21,11 +21,12 @@ from .keyed import (
     use_key_vector,
 )
 from .likelihoods import LIKELIHOODS, cell_losses, clr, read_counts
-from .mosaic import MosaicAutoencoder, MosaicOutput, modality_parameter_names
+from .mosaic import MOSAIC_LIKELIHOODS, MosaicAutoencoder, MosaicOutput, modality_parameter_names
 from .networks import Autoencoder, PerturbationNetwork, ResidualBlock, ResidualMLPClassifier
 
 __all__ = [
     "LIKELIHOODS",
+    "MOSAIC_LIKELIHOODS",
     "Autoencoder",
     "BlockMixing",
     "CoordinateKeyEncoder",

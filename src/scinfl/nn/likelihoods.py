@@ -16,9 +16,11 @@ __all__ = ["LIKELIHOODS", "cell_losses", "clr", "read_counts"]
 # "gaussian": values (e.g. log-normalised) read and reconstructed as they are, mean squared error.
 # "poisson": raw counts; the network reads log1p(x) and outputs logits of each feature's share of the cell's
 #   counts (rates: share x library size, as scVI's decoder), Poisson negative log-likelihood up to log(x!).
+# "nb": raw counts, as "poisson" with a negative binomial of one inverse dispersion per feature (scVI's
+#   gene-wise dispersion): the output holds the share logits, then each feature's log inverse dispersion.
 # "clr": raw counts read and reconstructed as their per-cell centred log-ratio (the usual ADT transform),
 #   mean squared error.
-LIKELIHOODS = ("gaussian", "poisson", "clr")
+LIKELIHOODS = ("gaussian", "poisson", "nb", "clr")
 
 
 def clr(x: Tensor) -> Tensor:
@@ -29,7 +31,7 @@ def clr(x: Tensor) -> Tensor:
 
 def read_counts(x: Tensor, likelihood: str) -> Tensor:
     """What a network's first layer reads of input ``x`` under ``likelihood``."""
-    if likelihood == "poisson":
+    if likelihood in ("poisson", "nb"):
         return torch.log1p(x)
     if likelihood == "clr":
         return clr(x)
@@ -37,21 +39,40 @@ def read_counts(x: Tensor, likelihood: str) -> Tensor:
 
 
 def cell_losses(likelihood: str, output: Tensor, target: Tensor, measured: Tensor | None = None) -> Tensor:
-    """Per-cell loss of ``output`` (values, or count-share logits for ``"poisson"``) against ``target``.
+    """Per-cell loss of ``output`` against ``target``: values, count-share logits (``"poisson"``), or for
+    ``"nb"`` the share logits followed by each feature's log inverse dispersion (``2 x n_features``).
 
-    ``measured`` (one flag per feature) restricts the loss to the features a site measures; the Poisson
-    shares are then normalised over the measured features.
+    ``measured`` (one flag per feature) restricts the loss to the features a site measures; the count
+    shares are then normalised over the measured features. Count losses leave out ``log(x!)``, which does
+    not depend on the model.
     """
     if likelihood not in LIKELIHOODS:
         raise ValueError(
             f"likelihood must be one of {', '.join(map(repr, LIKELIHOODS))}, got {likelihood!r}."
         )
+    log_theta = None
+    if likelihood == "nb":
+        output, log_theta = output.chunk(2, dim=1)
     if measured is not None and not bool(measured.all()):
         output, target = output[:, measured], target[:, measured]
+        log_theta = None if log_theta is None else log_theta[:, measured]
     if likelihood == "clr":
         target = clr(target)
-    if likelihood != "poisson":
+    if likelihood == "gaussian" or likelihood == "clr":
         return F.mse_loss(output, target, reduction="none").mean(dim=1)
     library = target.sum(dim=1, keepdim=True).clamp_min(1e-8)
     log_rate = torch.log_softmax(output, dim=1) + torch.log(library)
-    return F.poisson_nll_loss(log_rate, target, log_input=True, full=False, reduction="none").mean(dim=1)
+    if likelihood == "poisson":
+        return F.poisson_nll_loss(log_rate, target, log_input=True, full=False, reduction="none").mean(dim=1)
+    # Negative binomial with mean mu and inverse dispersion theta, as scVI's (log-sum-exp for stability):
+    # log p = theta (log theta - log(theta + mu)) + x (log mu - log(theta + mu))
+    #         + lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)
+    theta = log_theta.exp()
+    log_theta_mu = torch.logaddexp(log_theta, log_rate)
+    log_likelihood = (
+        theta * (log_theta - log_theta_mu)
+        + target * (log_rate - log_theta_mu)
+        + torch.lgamma(target + theta)
+        - torch.lgamma(theta)
+    )
+    return -log_likelihood.mean(dim=1)

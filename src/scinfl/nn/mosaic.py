@@ -26,7 +26,10 @@ from torch import Tensor, nn
 from .likelihoods import LIKELIHOODS, read_counts
 from .networks import normalization
 
-__all__ = ["MosaicAutoencoder", "MosaicOutput", "modality_parameter_names"]
+__all__ = ["MOSAIC_LIKELIHOODS", "MosaicAutoencoder", "MosaicOutput", "modality_parameter_names"]
+
+# A mosaic's decoders output values or count-share logits only: no dispersion of a negative binomial yet.
+MOSAIC_LIKELIHOODS = tuple(likelihood for likelihood in LIKELIHOODS if likelihood != "nb")
 
 
 @dataclass
@@ -101,9 +104,9 @@ class MosaicAutoencoder(nn.Module):
         if len(set(names)) != len(names):
             raise ValueError(f"Modality names repeat: {names}.")
         for name, n, likelihood in modalities:
-            if likelihood not in LIKELIHOODS:
+            if likelihood not in MOSAIC_LIKELIHOODS:
                 raise ValueError(
-                    f"Modality {name!r}: likelihood must be one of {', '.join(map(repr, LIKELIHOODS))}, "
+                    f"Modality {name!r}: likelihood must be one of {', '.join(map(repr, MOSAIC_LIKELIHOODS))}, "
                     f"got {likelihood!r}."
                 )
             if n < 1:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from torch import Tensor, nn
 
 from .likelihoods import LIKELIHOODS, read_counts
@@ -103,6 +104,10 @@ class ResidualMLPClassifier(nn.Module):
         return self.head(self.features(x))
 
 
+# How much faster the negative binomial's per-gene dispersion moves than the network's weights.
+DISPERSION_STEP = 10.0
+
+
 class Autoencoder(nn.Module):
     """An MLP autoencoder: ``features(x)`` is the latent cell embedding, ``head(z)`` its reconstruction.
 
@@ -110,7 +115,8 @@ class Autoencoder(nn.Module):
     back to the features. ``likelihood`` says what the input is (:mod:`scinfl.nn.likelihoods`):
     ``"gaussian"`` for log-normalised values (the head outputs them), ``"poisson"`` for raw counts (the
     encoder reads ``log1p(x)`` and the head outputs logits of each gene's share of a cell's counts),
-    ``"clr"`` for counts read and reconstructed as their centred log-ratio.
+    ``"nb"`` for raw counts with a negative binomial (the same logits, then a learned log inverse
+    dispersion per gene), ``"clr"`` for counts read and reconstructed as their centred log-ratio.
 
     Parameters
     ----------
@@ -125,7 +131,7 @@ class Autoencoder(nn.Module):
     norm
         ``"batch"`` or ``"layer"`` (see :func:`normalization`).
     likelihood
-        ``"gaussian"``, ``"poisson"`` or ``"clr"``.
+        ``"gaussian"``, ``"poisson"``, ``"nb"`` or ``"clr"``.
     """
 
     def __init__(
@@ -136,7 +142,7 @@ class Autoencoder(nn.Module):
         hidden: int = 256,
         dropout: float = 0.1,
         norm: Literal["batch", "layer"] = "batch",
-        likelihood: Literal["gaussian", "poisson", "clr"] = "gaussian",
+        likelihood: Literal["gaussian", "poisson", "nb", "clr"] = "gaussian",
     ) -> None:
         super().__init__()
         if likelihood not in LIKELIHOODS:
@@ -156,14 +162,24 @@ class Autoencoder(nn.Module):
         self.decoder = nn.Sequential(
             nn.Linear(n_latent, hidden), normalization(norm, hidden), nn.ReLU(), nn.Linear(hidden, n_features)
         )
+        # "nb": one log inverse dispersion per feature, shared by all cells (scVI's gene-wise dispersion).
+        # Outside the decoder's layers, so a key's transforms never touch it: it describes genes, not cells.
+        # Stored divided by DISPERSION_STEP: Adam moves a parameter by about lr per step, and a federation's
+        # few hundred steps at lr 1e-3 would move log(theta) by a few tenths where genes differ by units.
+        self.dispersion = nn.Parameter(torch.zeros(n_features)) if likelihood == "nb" else None
 
     def features(self, x: Tensor) -> Tensor:
         """The latent embedding."""
         return self.encoder(read_counts(x, self.likelihood))
 
     def head(self, features: Tensor) -> Tensor:
-        """The reconstruction (values, or count-share logits for ``"poisson"``)."""
-        return self.decoder(features)
+        """The reconstruction (values, or count-share logits for ``"poisson"``; for ``"nb"``, those logits
+        followed by each feature's log inverse dispersion)."""
+        logits = self.decoder(features)
+        if self.dispersion is None:
+            return logits
+        log_theta = self.dispersion * DISPERSION_STEP
+        return torch.cat([logits, log_theta.expand_as(logits)], dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))

@@ -15,7 +15,7 @@ from ..nn import LIKELIHOODS, Autoencoder, cell_losses
 from ._base import ModelConfig, PerCellObjective, Task, register
 
 # Likelihoods of raw counts: their losses need non-negative values and model whole numbers.
-COUNT_LIKELIHOODS = ("poisson", "clr")
+COUNT_LIKELIHOODS = ("poisson", "nb", "clr")
 
 
 def check_counts(values: np.ndarray, likelihood: str, site: str) -> None:
@@ -68,8 +68,10 @@ class Embedding(Task):
         Width of the latent.
     likelihood
         The reconstruction loss that suits the input: ``"gaussian"`` (mean squared error) for
-        log-normalised values, ``"poisson"`` for raw counts, ``"clr"`` for counts compared as their
-        centred log-ratio (:mod:`scinfl.nn.likelihoods`). With ``join="outer"``, each site's loss covers
+        log-normalised values, ``"poisson"`` or ``"nb"`` (negative binomial, a learned dispersion per
+        gene, as scVI's default) for raw counts, ``"clr"`` for counts compared as their centred
+        log-ratio (:mod:`scinfl.nn.likelihoods`). DP-SGD trains every likelihood but ``"nb"``, whose
+        per-gene dispersion Opacus has no per-cell gradient rule for. With ``join="outer"``, each site's loss covers
         only the features it measures.
     spatial_key
         Spatial data: ``.obsm`` key of each spot's coordinates. Each site builds its own graph of every
@@ -83,13 +85,17 @@ class Embedding(Task):
     """
 
     n_latent: int = 16
-    likelihood: Literal["gaussian", "poisson", "clr"] = "gaussian"
+    likelihood: Literal["gaussian", "poisson", "nb", "clr"] = "gaussian"
     spatial_key: str | None = None
     spatial_neighbors: int = 6
     label_key: str | None = None
 
     name: ClassVar[str] = "embedding"
     output: ClassVar[str] = "embedding"
+
+    @property
+    def supports_dp(self) -> bool:  # Opacus has no per-cell gradient rule for the dispersion parameter
+        return self.likelihood != "nb"
 
     def __post_init__(self) -> None:
         super().__post_init__()

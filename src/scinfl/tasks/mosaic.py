@@ -28,7 +28,7 @@ from ..data import (
     scinfl_entry,
     site_modalities,
 )
-from ..nn import LIKELIHOODS, MosaicAutoencoder, MosaicOutput, cell_losses, modality_parameter_names
+from ..nn import MOSAIC_LIKELIHOODS, MosaicAutoencoder, MosaicOutput, cell_losses, modality_parameter_names
 from ._base import ModelConfig, PerCellObjective, Task, _check_overlap, register
 
 __all__ = ["Mosaic", "MosaicReconstruction"]
@@ -113,9 +113,9 @@ class Mosaic(Task):
                 self, "likelihood", tuple(sorted((str(k), str(v)) for k, v in dict(likelihood).items()))
             )
         for value in [likelihood] if isinstance(likelihood, str) else dict(likelihood).values():
-            if value not in LIKELIHOODS:
+            if value not in MOSAIC_LIKELIHOODS:
                 raise ValueError(
-                    f"likelihood must be one of {', '.join(map(repr, LIKELIHOODS))} (or a mapping of modalities "
+                    f"likelihood must be one of {', '.join(map(repr, MOSAIC_LIKELIHOODS))} (or a mapping of modalities "
                     f"to them), got {value!r}."
                 )
         if self.n_latent < 1:

@@ -114,7 +114,7 @@ def geometry_audit(_pbmc):
     model = si.tl.train_federated(sites, label_key="bulk_labels", key=key, rounds=20, seed=0, copy=True)
     site = max(model.sites, key=lambda name: model.sites[name].n_obs)
     table = si.tl.privacy_audit(
-        model, model.sites[site], key=key, public=public, attacks=["geometry"], seeds=(0, 1)
+        model, model.sites[site], key=key, public=public, attacks=["geometry"], seeds=(0,)
     )
     return table
 
@@ -127,9 +127,9 @@ def _value(table, attack, view, metric):
 
 def test_geometry_reads_one_sites_single_cell_gradients_without_the_key(geometry_audit):
     """The positive control: from many cells' first-layer leaks, matched as a whole to public cells, a
-    keyless server links leaks to their own cells far above chance (measured: top-1 47x chance). Its
+    keyless server links leaks to their own cells far above chance (measured: top-1 40x chance). Its
     cell types beat the majority class only where the site's mix resembles the public one (here the
-    site is 52% one type: 0.56; on the 20% hold-out split of tests/tasks, 0.47-0.59 against 0.35-0.38)."""
+    site is 50% one type: 0.55; on the 30% hold-out split of tests/tasks, 0.47-0.51 against 0.38)."""
     table = geometry_audit
     assert _value(table, "linkage", PER_SITE, "top1_x_chance") > 10
     assert _value(table, "linkage", PER_SITE, "mrr_x_chance") > 4

@@ -94,15 +94,10 @@ def invert_first_layer(grad_weight, grad_bias, *, relative_tolerance: float = 1e
     ValueError
         If every bias gradient is zero (no unit was active: this route carries no information).
     """
-    weight = _as_array(grad_weight, "grad_weight", 2)
-    bias = _as_array(grad_bias, "grad_bias", 1)
-    if weight.shape[0] != bias.shape[0]:
-        raise ValueError(f"grad_weight has {weight.shape[0]} rows but grad_bias has {bias.shape[0]} entries.")
-    magnitude = np.abs(bias)
-    largest = magnitude.max(initial=0.0)
-    if largest == 0.0:
+    weight, bias, rows = _active_rows(grad_weight, grad_bias, relative_tolerance)
+    if len(rows) == 0:
         raise ValueError("Every bias gradient is zero: no unit of the layer was active for this input.")
-    rows = np.flatnonzero(magnitude >= relative_tolerance * largest)
+    magnitude = np.abs(bias)
     estimates = weight[rows] / bias[rows, None]
     reference = estimates[np.argmax(magnitude[rows])]
     squared_norms = np.einsum("ij,ij->i", estimates, estimates)
@@ -140,6 +135,15 @@ def first_layer_rows(grad_weight, grad_bias, *, relative_tolerance: float = 1e-3
     numpy.ndarray
         ``(n_rows, in_features)``; no rows when every bias entry is zero.
     """
+    weight, bias, rows = _active_rows(grad_weight, grad_bias, relative_tolerance)
+    return weight[rows] / bias[rows, None]
+
+
+def _active_rows(
+    grad_weight, grad_bias, relative_tolerance: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The layer's gradient as arrays, and the rows whose ``|grad_bias|`` is at least ``relative_tolerance``
+    of the largest (none when every bias entry is zero: no unit was active)."""
     weight = _as_array(grad_weight, "grad_weight", 2)
     bias = _as_array(grad_bias, "grad_bias", 1)
     if weight.shape[0] != bias.shape[0]:
@@ -147,9 +151,8 @@ def first_layer_rows(grad_weight, grad_bias, *, relative_tolerance: float = 1e-3
     magnitude = np.abs(bias)
     largest = magnitude.max(initial=0.0)
     if largest == 0.0:
-        return np.zeros((0, weight.shape[1]))
-    rows = np.flatnonzero(magnitude >= relative_tolerance * largest)
-    return weight[rows] / bias[rows, None]
+        return weight, bias, np.zeros(0, dtype=np.int64)
+    return weight, bias, np.flatnonzero(magnitude >= relative_tolerance * largest)
 
 
 def invert_first_layer_no_bias(grad_weight) -> np.ndarray:

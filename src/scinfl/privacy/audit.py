@@ -634,23 +634,18 @@ def _geometry(ctx: _Context, out: _Collector, seed: int) -> None:
     cohort = [(ctx.data.members_x, ctx.data.members_y)] + [
         (ctx.data.public_x[rows], ctx.data.public_y[rows]) for rows in np.array_split(stand_in, n_stand_ins)
     ]
-    changes = secure_round_changes(
-        ctx.network,
-        cohort,
-        objective=ctx.objective,
-        fit=s.fit,
-        key_material=ctx.right,
-        rounds=s.secure_rounds,
-        seed=seed,
-    )
-    without_site = secure_round_changes(
-        ctx.network,
-        cohort[1:] if len(cohort) > 2 else cohort[1:] * 2,
-        objective=ctx.objective,
-        fit=s.fit,
-        key_material=ctx.right,
-        rounds=s.secure_rounds,
-        seed=seed,
+    # the rounds with the audited site, and the control's without it (a lone stand-in sums with itself)
+    changes, without_site = (
+        secure_round_changes(
+            ctx.network,
+            sites,
+            objective=ctx.objective,
+            fit=s.fit,
+            key_material=ctx.right,
+            rounds=s.secure_rounds,
+            seed=seed,
+        )
+        for sites in (cohort, cohort[1:] if len(cohort) > 2 else cohort[1:] * 2)
     )
     victims = _victims(ctx, seed, s.geometry_victims)
     for part in ctx.parts:

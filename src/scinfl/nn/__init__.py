@@ -22,12 +22,13 @@ from .keyed import (
 )
 from .likelihoods import LIKELIHOODS, cell_losses, clr, read_counts
 from .mosaic import MOSAIC_LIKELIHOODS, MosaicAutoencoder, MosaicOutput, modality_parameter_names
-from .networks import Autoencoder, PerturbationNetwork, ResidualBlock, ResidualMLPClassifier
+from .networks import Autoencoder, BatchwiseNorm, PerturbationNetwork, ResidualBlock, ResidualMLPClassifier
 
 __all__ = [
     "LIKELIHOODS",
     "MOSAIC_LIKELIHOODS",
     "Autoencoder",
+    "BatchwiseNorm",
     "BlockMixing",
     "CoordinateKeyEncoder",
     "HardenedKey",

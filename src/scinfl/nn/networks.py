@@ -12,6 +12,7 @@ from .likelihoods import LIKELIHOODS, read_counts
 __all__ = [
     "NORMS",
     "Autoencoder",
+    "BatchwiseNorm",
     "PerturbationNetwork",
     "ResidualBlock",
     "ResidualMLPClassifier",
@@ -32,6 +33,58 @@ def normalization(norm: Literal["batch", "layer"], width: int) -> nn.Module:
     if norm == "layer":
         return nn.LayerNorm(width)
     raise ValueError(f"norm must be one of {', '.join(map(repr, NORMS))}, got {norm!r}.")
+
+
+class BatchwiseNorm(nn.Module):
+    """BatchNorm with running statistics of its own for each batch (site), and one shared affine map.
+
+    Domain-specific BatchNorm (Chang et al. 2019; FedBN, Li et al. 2021, for federations): a cell is
+    normalised by the statistics of its own batch, in training (those of its batch's cells in the
+    mini-batch) and in evaluation (its batch's running statistics), so that a shift of a whole batch's
+    activations never reaches the next layer. A cell of a batch the module does not know (an all-zero
+    one-hot) is normalised by the mean of the known batches' statistics. Each batch's statistics are their
+    own buffers (``running_mean_<i>``, ``running_var_<i>``), which a federation leaves to that batch's site.
+
+    ``forward(x, batches)`` takes the cells' batch one-hot rows.
+    """
+
+    def __init__(self, width: int, n_batches: int, *, momentum: float = 0.1, eps: float = 1e-5) -> None:
+        super().__init__()
+        if n_batches < 1:
+            raise ValueError(f"BatchwiseNorm needs at least one batch, got {n_batches}.")
+        self.n_batches, self.momentum, self.eps = n_batches, momentum, eps
+        self.weight = nn.Parameter(torch.ones(width))
+        self.bias = nn.Parameter(torch.zeros(width))
+        for i in range(n_batches):
+            self.register_buffer(f"running_mean_{i}", torch.zeros(width))
+            self.register_buffer(f"running_var_{i}", torch.ones(width))
+
+    def _statistics(self, name: str) -> Tensor:
+        return torch.stack([getattr(self, f"{name}_{i}") for i in range(self.n_batches)])
+
+    def forward(self, x: Tensor, batches: Tensor) -> Tensor:
+        known = batches.sum(dim=1, keepdim=True)
+        means, variances = self._statistics("running_mean"), self._statistics("running_var")
+        mean = batches @ means + (1 - known) * means.mean(dim=0)
+        variance = batches @ variances + (1 - known) * variances.mean(dim=0)
+        if self.training:
+            codes = torch.where(known[:, 0] > 0, batches.argmax(dim=1), -1)
+            mean, variance = mean.clone(), variance.clone()
+            for code in torch.unique(codes).tolist():
+                rows = codes == code
+                count = int(rows.sum())
+                if count < 2:  # one cell has no spread: it keeps its batch's running statistics
+                    continue
+                values = x[rows]
+                batch_mean, batch_variance = values.mean(dim=0), values.var(dim=0, unbiased=False)
+                mean[rows], variance[rows] = batch_mean, batch_variance
+                if code >= 0:
+                    with torch.no_grad():
+                        running_mean = getattr(self, f"running_mean_{code}")
+                        running_var = getattr(self, f"running_var_{code}")
+                        running_mean.lerp_(batch_mean.detach(), self.momentum)
+                        running_var.lerp_(batch_variance.detach() * count / (count - 1), self.momentum)
+        return (x - mean) / torch.sqrt(variance + self.eps) * self.weight + self.bias
 
 
 class ResidualBlock(nn.Module):
@@ -106,6 +159,9 @@ class ResidualMLPClassifier(nn.Module):
 
 # How much faster the negative binomial's per-gene dispersion moves than the network's weights.
 DISPERSION_STEP = 10.0
+# How much faster a batch's decoder shift moves: it acts on normalised units (scale 1), where Adam's steps
+# of about lr would take the whole run to shift a unit by a fraction of its spread.
+BATCH_SHIFT_STEP = 10.0
 
 
 class Autoencoder(nn.Module):
@@ -117,6 +173,20 @@ class Autoencoder(nn.Module):
     encoder reads ``log1p(x)`` and the head outputs logits of each gene's share of a cell's counts),
     ``"nb"`` for raw counts with a negative binomial (the same logits, then a learned log inverse
     dispersion per gene), ``"clr"`` for counts read and reconstructed as their centred log-ratio.
+
+    With ``n_batches``, the network is aware of each cell's batch (its site): an input row is
+    ``[features | batch one-hot]``, and
+
+    - the encoder's first layer reads the features only; its normalisation is a :class:`BatchwiseNorm`
+      (with ``norm="batch"``): each batch's cells are normalised by that batch's own statistics, so that a
+      shift of a whole batch's activations does not reach the latent;
+    - the decoder is conditioned on the batch, as scVI's: its hidden layer is normalised batch-wise too,
+      then the batch's own shift is added (before the ReLU), so that what differs between batches is
+      explained there, not in the latent.
+
+    Each batch's shift (``batch_shifts.<i>``) and statistics are its own entries, so that a federation can
+    leave them to the sites holding that batch. A row whose one-hot is all zeros (a batch the model does
+    not know) is normalised by the mean of the known batches' statistics and decoded without a shift.
 
     Parameters
     ----------
@@ -132,6 +202,8 @@ class Autoencoder(nn.Module):
         ``"batch"`` or ``"layer"`` (see :func:`normalization`).
     likelihood
         ``"gaussian"``, ``"poisson"``, ``"nb"`` or ``"clr"``.
+    n_batches
+        Number of batches the decoder is conditioned on (0: none).
     """
 
     def __init__(
@@ -143,6 +215,7 @@ class Autoencoder(nn.Module):
         dropout: float = 0.1,
         norm: Literal["batch", "layer"] = "batch",
         likelihood: Literal["gaussian", "poisson", "nb", "clr"] = "gaussian",
+        n_batches: int = 0,
     ) -> None:
         super().__init__()
         if likelihood not in LIKELIHOODS:
@@ -151,38 +224,88 @@ class Autoencoder(nn.Module):
             )
         if n_latent < 1 or hidden < 1:
             raise ValueError(f"n_latent and hidden must be positive, got {n_latent} and {hidden}.")
+        if n_batches < 0:
+            raise ValueError(f"n_batches must be non-negative, got {n_batches}.")
         self.likelihood = likelihood
+        self.n_features = n_features
+        self.n_batches = n_batches
+
+        def hidden_norm() -> nn.Module:
+            if n_batches and norm == "batch":
+                return BatchwiseNorm(hidden, n_batches)
+            return normalization(norm, hidden)
+
         self.encoder = nn.Sequential(
             nn.Linear(n_features, hidden),
-            normalization(norm, hidden),
+            hidden_norm(),
             nn.ReLU(),
             nn.Dropout(dropout),
             nn.Linear(hidden, n_latent),
         )
         self.decoder = nn.Sequential(
-            nn.Linear(n_latent, hidden), normalization(norm, hidden), nn.ReLU(), nn.Linear(hidden, n_features)
+            nn.Linear(n_latent, hidden), hidden_norm(), nn.ReLU(), nn.Linear(hidden, n_features)
         )
         # "nb": one log inverse dispersion per feature, shared by all cells (scVI's gene-wise dispersion).
         # Outside the decoder's layers, so a key's transforms never touch it: it describes genes, not cells.
         # Stored divided by DISPERSION_STEP: Adam moves a parameter by about lr per step, and a federation's
         # few hundred steps at lr 1e-3 would move log(theta) by a few tenths where genes differ by units.
         self.dispersion = nn.Parameter(torch.zeros(n_features)) if likelihood == "nb" else None
+        # One hidden-layer shift per batch (scVI injects a batch one-hot into its decoder's layer: the same
+        # function). Added after the normalisation: a federated site's batches hold its own cells only, and
+        # BatchNorm would subtract a shift shared by every cell of a batch before it could act.
+        self.batch_shifts = nn.ParameterList(nn.Parameter(torch.zeros(hidden)) for _ in range(n_batches))
+
+    @property
+    def input_width(self) -> int:
+        """Columns of an input row: the features, then the batch one-hot."""
+        return self.n_features + self.n_batches
+
+    def _batches(self, x: Tensor) -> Tensor | None:
+        if not self.n_batches:
+            return None
+        if x.shape[1] != self.input_width:
+            raise ValueError(
+                f"An input row has {self.input_width} columns ({self.n_features} features and "
+                f"{self.n_batches} batch flags), got shape {tuple(x.shape)}."
+            )
+        return x[:, self.n_features :]
+
+    @staticmethod
+    def _norm(norm: nn.Module, hidden: Tensor, batches: Tensor | None) -> Tensor:
+        if isinstance(norm, BatchwiseNorm):
+            return norm(
+                hidden, batches if batches is not None else hidden.new_zeros(len(hidden), norm.n_batches)
+            )
+        return norm(hidden)
 
     def features(self, x: Tensor) -> Tensor:
-        """The latent embedding."""
-        return self.encoder(read_counts(x, self.likelihood))
+        """The latent embedding (the first layer reads the features; the batch flags only choose the
+        statistics of the normalisation)."""
+        linear, norm, activation, dropout, output = self.encoder
+        batches = self._batches(x)
+        hidden = self._norm(norm, linear(read_counts(x[:, : self.n_features], self.likelihood)), batches)
+        return output(dropout(activation(hidden)))
 
-    def head(self, features: Tensor) -> Tensor:
-        """The reconstruction (values, or count-share logits for ``"poisson"``; for ``"nb"``, those logits
-        followed by each feature's log inverse dispersion)."""
-        logits = self.decoder(features)
+    def decode(self, features: Tensor, batches: Tensor | None = None) -> Tensor:
+        """The reconstruction from the latent (values, or count-share logits for ``"poisson"``; for
+        ``"nb"``, those logits followed by each feature's log inverse dispersion), in the batches of the
+        one-hot rows ``batches`` (None: no known batch)."""
+        linear, norm, activation, output = self.decoder
+        hidden = self._norm(norm, linear(features), batches)
+        if batches is not None and self.n_batches:
+            hidden = hidden + batches @ torch.stack(tuple(self.batch_shifts)) * BATCH_SHIFT_STEP
+        logits = output(activation(hidden))
         if self.dispersion is None:
             return logits
         log_theta = self.dispersion * DISPERSION_STEP
         return torch.cat([logits, log_theta.expand_as(logits)], dim=1)
 
+    def head(self, features: Tensor) -> Tensor:
+        """The reconstruction in no known batch (see :meth:`decode`)."""
+        return self.decode(features)
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x))
+        return self.decode(self.features(x), self._batches(x))
 
 
 class PerturbationNetwork(nn.Module):

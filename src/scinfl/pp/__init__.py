@@ -2,7 +2,7 @@
 and preprocess the sites together without pooling them (highly variable genes, scaling, PCA)."""
 
 from ._federated import apply_preprocessing, highly_variable_genes, pca, scale
-from ._sites import register_site, split_holdout, split_sites
+from ._sites import register_site, simulate_site_effects, split_holdout, split_sites
 
 __all__ = [
     "apply_preprocessing",
@@ -10,6 +10,7 @@ __all__ = [
     "pca",
     "register_site",
     "scale",
+    "simulate_site_effects",
     "split_holdout",
     "split_sites",
 ]

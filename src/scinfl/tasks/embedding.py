@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -12,7 +14,7 @@ from torch import Tensor, nn
 from .._warnings import warn
 from ..data import FederationSchema, NeighbourhoodMatrix, spatial_graph
 from ..nn import LIKELIHOODS, Autoencoder, cell_losses
-from ._base import ModelConfig, PerCellObjective, Task, register
+from ._base import AuditView, ModelConfig, PerCellObjective, Task, register
 
 # Likelihoods of raw counts: their losses need non-negative values and model whole numbers.
 COUNT_LIKELIHOODS = ("poisson", "nb", "clr")
@@ -39,20 +41,60 @@ def check_counts(values: np.ndarray, likelihood: str, site: str) -> None:
         )
 
 
-__all__ = ["Embedding", "Reconstruction"]
+__all__ = ["BATCHES", "BatchMatrix", "Embedding", "Reconstruction"]
+
+# The schema's entry (among its covariates) of the batches a site-aware decoder knows, in one-hot order.
+BATCHES = "scinfl:batches"
 
 
 class Reconstruction(PerCellObjective):
     """The autoencoder's objective: a per-cell reconstruction loss (:func:`scinfl.nn.cell_losses`) of the
-    input, over the features the site measures (``measured``), averaged over cells."""
+    input's first ``n_features`` columns (the rest are batch flags), over the features the site measures
+    (``measured``), averaged over cells."""
 
-    def __init__(self, likelihood: str, measured: np.ndarray | None = None) -> None:
+    def __init__(self, likelihood: str, measured: np.ndarray | None = None, n_features: int | None = None):
         self.likelihood = likelihood
         self.measured = None if measured is None or measured.all() else torch.from_numpy(measured)
+        self.n_features = n_features
 
     def cell_losses(self, output: Tensor, x: Tensor) -> Tensor:
         measured = None if self.measured is None else self.measured.to(x.device)
-        return cell_losses(self.likelihood, output, x, measured)
+        return cell_losses(self.likelihood, output, x[:, : self.n_features], measured)
+
+
+class BatchMatrix:
+    """A site's input matrix with each cell's batch one-hot appended to its rows (``[features | one-hot]``).
+
+    ``codes`` holds each cell's batch index, or -1 for a batch the model does not know (an all-zero
+    one-hot). ``n_features`` and ``measured`` describe the features, as the wrapped matrix does.
+    """
+
+    def __init__(self, matrix, codes: np.ndarray, n_batches: int) -> None:
+        if len(codes) != matrix.n_obs:
+            raise ValueError(f"{len(codes)} batch codes for {matrix.n_obs} cells.")
+        self.matrix = matrix
+        self.codes = np.asarray(codes, dtype=np.int64)
+        self.n_batches = n_batches
+
+    n_obs = property(lambda self: self.matrix.n_obs)
+    n_features = property(lambda self: self.matrix.n_features)
+    n_present = property(lambda self: self.matrix.n_present)
+    measured = property(lambda self: self.matrix.measured)
+
+    @property
+    def batches(self) -> np.ndarray:
+        """The batch indices present among the cells (-1, unknown, excluded)."""
+        present = np.unique(self.codes)
+        return present[present >= 0]
+
+    def rows(self, index: np.ndarray) -> np.ndarray:
+        values = self.matrix.rows(index)
+        out = np.zeros((len(values), values.shape[1] + self.n_batches), dtype=np.float32)
+        out[:, : values.shape[1]] = values
+        codes = self.codes[index]
+        known = codes >= 0
+        out[np.flatnonzero(known), values.shape[1] + codes[known]] = 1.0
+        return out
 
 
 @register
@@ -80,6 +122,19 @@ class Embedding(Task):
         convolution, so that embeddings group spots into spatial domains. Prediction applies the same.
     spatial_neighbors
         Neighbours per spot of the spatial graph.
+    site_effects
+        Integrate the sites: the network knows each cell's site (:class:`~scinfl.nn.Autoencoder`,
+        ``n_batches``). The encoder's first layer reads the features only, but each site's cells are
+        normalised by that site's own statistics (:class:`~scinfl.nn.BatchwiseNorm`, as FedBN), and the
+        decoder is conditioned on the site, as scVI's on its batch, so that the latent need not carry what
+        differs between sites. Each site trains its own shift and statistics and is the only one to send
+        them: the server, also under secure aggregation, receives them as they are (the means and
+        variances of the site's hidden units, not of its genes). A site that was not in the federation is
+        embedded with the mean of the sites' statistics (:meth:`scinfl.FederatedModel.predict`).
+    batch_key
+        An ``.obs`` column of batches within the sites (donors, lanes, protocols): the decoder is
+        conditioned on its categories (agreed over the sites); with ``site_effects``, on each (site,
+        category) pair.
     label_key
         Optional ``.obs`` column of labels; they only stratify each site's validation cells.
     """
@@ -88,14 +143,22 @@ class Embedding(Task):
     likelihood: Literal["gaussian", "poisson", "nb", "clr"] = "gaussian"
     spatial_key: str | None = None
     spatial_neighbors: int = 6
+    site_effects: bool = False
+    batch_key: str | None = None
     label_key: str | None = None
 
     name: ClassVar[str] = "embedding"
     output: ClassVar[str] = "embedding"
 
     @property
-    def supports_dp(self) -> bool:  # Opacus has no per-cell gradient rule for the dispersion parameter
-        return self.likelihood != "nb"
+    def supports_dp(self) -> bool:
+        # Opacus has no per-cell gradient rule for a bare parameter (the dispersion, the batch shifts)
+        return self.likelihood != "nb" and not self.conditioned
+
+    @property
+    def conditioned(self) -> bool:
+        """Is the decoder conditioned on batches (``site_effects`` or ``batch_key``)?"""
+        return self.site_effects or self.batch_key is not None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -107,9 +170,59 @@ class Embedding(Task):
             raise ValueError(f"n_latent must be positive, got {self.n_latent}.")
         if self.spatial_neighbors < 1:
             raise ValueError(f"spatial_neighbors must be at least 1, got {self.spatial_neighbors}.")
+        if self.batch_key is not None and self.batch_key == self.label_key:
+            raise ValueError(
+                f"batch_key and label_key are both {self.batch_key!r}: the decoder would be told the "
+                "labels the latent should keep."
+            )
 
     def obsm_keys(self) -> tuple[str, ...]:
         return () if self.spatial_key is None else (self.spatial_key,)
+
+    def agreed_columns(self) -> tuple[str, ...]:
+        return () if self.batch_key is None else (self.batch_key,)
+
+    def _batch_name(self, site: str, category: str | None) -> str:
+        if category is None:
+            return site
+        return f"{site}/{category}" if self.site_effects else category
+
+    def agree(self, descriptions: Mapping[str, Mapping[str, Any]], *, join: str) -> FederationSchema:
+        """The federation schema; a conditioned decoder's batches are recorded in it (:data:`BATCHES`),
+        sorted: the sites, the ``batch_key`` categories or their (site, category) pairs."""
+        schema = super().agree(descriptions, join=join)
+        if not self.conditioned:
+            return schema
+        names: set[str] = set()
+        for site, description in descriptions.items():
+            if self.batch_key is None:
+                names.add(self._batch_name(site, None))
+            else:
+                names |= {self._batch_name(site, c) for c in description["covariates"][self.batch_key]}
+        covariates = (*(c for c in schema.covariates if c[0] != BATCHES), (BATCHES, tuple(sorted(names))))
+        return dataclasses.replace(schema, covariates=covariates)
+
+    @staticmethod
+    def batches(schema: FederationSchema) -> tuple[str, ...]:
+        """The batches the decoder of a model with ``schema`` is conditioned on (none: unconditioned)."""
+        return dict(schema.covariates).get(BATCHES, ())
+
+    def batch_codes(self, data, site: str, schema: FederationSchema) -> np.ndarray:
+        """Each cell's index among the schema's batches; -1 where the model does not know the batch (a
+        site that was not in the federation)."""
+        known = {name: i for i, name in enumerate(self.batches(schema))}
+        if self.batch_key is None:
+            return np.full(data.n_obs, known.get(self._batch_name(site, None), -1), dtype=np.int64)
+        if self.batch_key not in data.obs:
+            raise ValueError(f"Site {site!r}: batch column {self.batch_key!r} is missing from .obs.")
+        values = data.obs[self.batch_key]
+        if values.isna().any():
+            raise ValueError(
+                f"Site {site!r}: {int(values.isna().sum())} cells have no value in batch column "
+                f"{self.batch_key!r}."
+            )
+        lookup = {c: known.get(self._batch_name(site, str(c)), -1) for c in values.unique()}
+        return values.map(lookup).to_numpy(dtype=np.int64)
 
     def inputs(
         self, data, site: str, schema: FederationSchema, *, min_overlap: float | None = None, **fields
@@ -120,11 +233,13 @@ class Embedding(Task):
         if self.likelihood in COUNT_LIKELIHOODS:
             rows = np.random.default_rng(0).choice(matrix.n_obs, size=min(matrix.n_obs, 500), replace=False)
             check_counts(matrix.rows(np.sort(rows)), self.likelihood, site)
-        if self.spatial_key is None:
+        if self.spatial_key is not None:
+            matrix = NeighbourhoodMatrix(
+                matrix, spatial_graph(data, self.spatial_key, self.spatial_neighbors, site)
+            )
+        if not self.conditioned:
             return matrix
-        return NeighbourhoodMatrix(
-            matrix, spatial_graph(data, self.spatial_key, self.spatial_neighbors, site)
-        )
+        return BatchMatrix(matrix, self.batch_codes(data, site, schema), len(self.batches(schema)))
 
     def build_network(self, config: ModelConfig) -> nn.Module:
         return Autoencoder(
@@ -134,7 +249,32 @@ class Embedding(Task):
             dropout=self.dropout,
             norm=config.norm,
             likelihood=self.likelihood,
+            n_batches=len(self.batches(config.schema)),
+        )
+
+    def trained_parameters(self, network: nn.Module, inputs) -> frozenset[str] | None:
+        """Batch-aware: everything but the shifts and statistics of the batches the site does not hold."""
+        if not isinstance(inputs, BatchMatrix):
+            return None
+        own = {str(i) for i in inputs.batches}
+
+        def batch_of(name: str) -> str | None:
+            stem, _, last = name.rpartition(".")
+            if stem.endswith("batch_shifts"):
+                return last
+            if last.startswith(("running_mean_", "running_var_")):
+                return last.rpartition("_")[2]
+            return None
+
+        return frozenset(
+            name for name in network.state_dict() if batch_of(name) is None or batch_of(name) in own
         )
 
     def objective(self, config: ModelConfig, measured: np.ndarray | None = None) -> Reconstruction:
-        return Reconstruction(self.likelihood, measured)
+        return Reconstruction(self.likelihood, measured, config.n_features)
+
+    def audit_view(self, config: ModelConfig) -> AuditView:
+        # The cell's own values are its features; the batch flags after them are not profile.
+        return AuditView(
+            output=self.output, objective=self.objective(config), profile=slice(0, config.n_features)
+        )

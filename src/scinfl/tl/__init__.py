@@ -1,7 +1,8 @@
-"""Compute: train a keyed model across sites, predict on new data, transfer labels in its embedding, audit its
-privacy, rotate its key."""
+"""Compute: train a keyed model across sites, predict on new data, transfer labels in its embedding, score how
+it mixes the sites, audit its privacy, rotate its key."""
 
 from ._federated import predict, train_federated
+from ._mixing import site_mixing
 from ._perturbation import predict_perturbation, score_perturbation
 from ._privacy import privacy_audit
 from ._rekey import rekey
@@ -13,6 +14,7 @@ __all__ = [
     "privacy_audit",
     "rekey",
     "score_perturbation",
+    "site_mixing",
     "train_federated",
     "transfer_labels",
 ]

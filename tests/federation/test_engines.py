@@ -55,9 +55,9 @@ CASES = {
         si.tasks.Classification(label_key="bulk_labels", hidden=32),
         _pbmc_sites,
     ),
-    "spatial embedding without labels": (
+    "site-aware spatial embedding without labels": (
         HARDENED,
-        si.tasks.Embedding(n_latent=8, hidden=32, spatial_key="X_umap"),
+        si.tasks.Embedding(n_latent=8, hidden=32, spatial_key="X_umap", site_effects=True),
         _pbmc_sites,
     ),
     "perturbation": (

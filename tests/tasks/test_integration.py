@@ -197,3 +197,24 @@ def test_site_effect_options_are_checked(sites):
         ),
     )
     assert si.tasks.Embedding.batches(config.schema) == ()  # an unconditioned task records no batches
+
+
+def test_the_audit_attacks_the_features_of_a_site_aware_model(trained, sites):
+    """The first layer's leak is compared with the cell's features, not with its batch flags too."""
+    key, aware, _ = trained
+    audited = sites["site_0"].copy()
+    table = si.tl.privacy_audit(
+        aware,
+        audited,
+        key=key,
+        public=sites["site_1"],
+        site="site_0",
+        label_key="bulk_labels",
+        attacks=("analytic",),
+        seeds=(0,),
+    )
+    truth = audited.uns["scinfl_privacy_examples"]["truth"]
+    assert len(truth) == aware.schema.n_features
+    leak = table.query("attack == 'first layer (dW / db)' and metric == 'pearson'")
+    assert len(leak) == 1
+    assert np.isfinite(leak["mean"]).all()

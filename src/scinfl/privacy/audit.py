@@ -227,12 +227,13 @@ class _InputPart:
         return np.concatenate([self.members, self.public])
 
 
-def _input_parts(network: nn.Module, data: AuditData, first_layer: str) -> list[_InputPart]:
-    """The layers of ``network`` that read raw input features (see :class:`_InputPart`)."""
+def _input_parts(network: nn.Module, data: AuditData, first_layer: str, profile: slice) -> list[_InputPart]:
+    """The layers of ``network`` that read raw input features (see :class:`_InputPart`); a network with
+    one reads the cell's ``profile`` columns (not, e.g., the batch flags after them)."""
     members, public = data.members_x, data.public_x
     found = [(name, m) for name, m in network.named_modules() if isinstance(m, MosaicAutoencoder)]
     if not found:
-        return [_InputPart("", first_layer, members.numpy(), public.numpy())]
+        return [_InputPart("", first_layer, members[:, profile].numpy(), public[:, profile].numpy())]
     prefix, mosaic = found[0]
     prefix = f"{prefix}." if prefix else ""
     parts = []
@@ -335,7 +336,7 @@ class _Context:
         # Membership inference's model-free scores, per seed: (attack, auc, members, non-members).
         self.model_free: list[tuple[str, float, int, int]] = []
         self.first_layer, self.last_layer = _task_linear_names(network)
-        self.parts = _input_parts(network, data, self.first_layer)
+        self.parts = _input_parts(network, data, self.first_layer, self.profile)
         # What a client's gradient is of: the task's training loss.
         self.objective = view.objective
         self.classifier = view.output == "classes"

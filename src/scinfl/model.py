@@ -184,6 +184,8 @@ class FederatedModel:
         read from where the model's training read them (``.X``, a layer or ``.raw``) unless ``layer`` or
         ``use_raw`` says where this AnnData keeps the same kind of values. A mosaic model takes a MuData,
         or an AnnData holding one modality (``modality``, else its registration's, else ``"rna"``).
+        ``site`` names the cells' site in errors, and chooses a site-aware embedding's batch (an unknown
+        site: the mean of the known sites' statistics).
         """
         key = as_key(key)
         if check_key:

@@ -9,7 +9,7 @@ key material.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,10 +122,19 @@ def site_split(spec: RunSpec, site: str, labels: np.ndarray) -> tuple[np.ndarray
     return stratified_split(labels, spec.validation_fraction, rng)
 
 
-def build_site(spec: RunSpec, config: ModelConfig, data, site: str, key: FederationKey | None) -> SiteTrainer:
+def build_site(
+    spec: RunSpec,
+    config: ModelConfig,
+    data,
+    site: str,
+    key: FederationKey | None,
+    *,
+    trained: Set[str] | None = None,
+) -> SiteTrainer:
     """The one builder of a site's trainer, for every engine: its inputs (the task's), its training and
     validation split (seeded by the run's seed and the site's position), its copy of the network, its key
-    material, its DP-SGD state."""
+    material, its DP-SGD state. ``trained``: the ``state_dict`` entries it trains and sends (default: the
+    task's :meth:`~scinfl.tasks.Task.trained_parameters`)."""
     task = config.task
     inputs = task.inputs(data, site, config.schema)
     labels = task.labels(data, site, config.schema)
@@ -162,7 +171,7 @@ def build_site(spec: RunSpec, config: ModelConfig, data, site: str, key: Federat
         key_fingerprint=None if key is None else key.fingerprint,
         settings=spec.fit,
         private=private,
-        trained=task.trained_parameters(network, inputs),
+        trained=task.trained_parameters(network, inputs) if trained is None else trained,
     )
 
 

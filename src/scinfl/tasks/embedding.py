@@ -41,7 +41,7 @@ def check_counts(values: np.ndarray, likelihood: str, site: str) -> None:
         )
 
 
-__all__ = ["BATCHES", "BatchMatrix", "Embedding", "Reconstruction"]
+__all__ = ["BATCHES", "BatchMatrix", "Embedding", "Reconstruction", "batch_of"]
 
 # The schema's entry (among its covariates) of the batches a site-aware decoder knows, in one-hot order.
 BATCHES = "scinfl:batches"
@@ -60,6 +60,17 @@ class Reconstruction(PerCellObjective):
     def cell_losses(self, output: Tensor, x: Tensor) -> Tensor:
         measured = None if self.measured is None else self.measured.to(x.device)
         return cell_losses(self.likelihood, output, x[:, : self.n_features], measured)
+
+
+def batch_of(name: str) -> int | None:
+    """The batch a ``state_dict`` entry of a site-aware network belongs to (its decoder shift or its
+    normalisation statistics), else None."""
+    stem, _, last = name.rpartition(".")
+    if stem.endswith("batch_shifts"):
+        return int(last)
+    if last.startswith(("running_mean_", "running_var_")):
+        return int(last.rpartition("_")[2])
+    return None
 
 
 class BatchMatrix:
@@ -207,6 +218,24 @@ class Embedding(Task):
         """The batches the decoder of a model with ``schema`` is conditioned on (none: unconditioned)."""
         return dict(schema.covariates).get(BATCHES, ())
 
+    def site_batches(self, data, site: str) -> tuple[str, ...]:
+        """The names of the batches of ``site``'s cells (sorted)."""
+        if self.batch_key is None:
+            return (self._batch_name(site, None),)
+        if self.batch_key not in data.obs:
+            raise ValueError(f"Site {site!r}: batch column {self.batch_key!r} is missing from .obs.")
+        values = data.obs[self.batch_key].dropna().astype(str).unique()
+        return tuple(sorted(self._batch_name(site, value) for value in values))
+
+    @staticmethod
+    def with_batches(schema: FederationSchema, names: tuple[str, ...]) -> FederationSchema:
+        """``schema`` with the batches ``names`` after its own (their one-hot columns come last, so that the
+        known batches keep theirs)."""
+        known = Embedding.batches(schema)
+        added = tuple(name for name in names if name not in known)
+        covariates = (*(c for c in schema.covariates if c[0] != BATCHES), (BATCHES, known + added))
+        return dataclasses.replace(schema, covariates=covariates)
+
     def batch_codes(self, data, site: str, schema: FederationSchema) -> np.ndarray:
         """Each cell's index among the schema's batches; -1 where the model does not know the batch (a
         site that was not in the federation)."""
@@ -256,16 +285,7 @@ class Embedding(Task):
         """Batch-aware: everything but the shifts and statistics of the batches the site does not hold."""
         if not isinstance(inputs, BatchMatrix):
             return None
-        own = {str(i) for i in inputs.batches}
-
-        def batch_of(name: str) -> str | None:
-            stem, _, last = name.rpartition(".")
-            if stem.endswith("batch_shifts"):
-                return last
-            if last.startswith(("running_mean_", "running_var_")):
-                return last.rpartition("_")[2]
-            return None
-
+        own = {int(i) for i in inputs.batches}
         return frozenset(
             name for name in network.state_dict() if batch_of(name) is None or batch_of(name) in own
         )

@@ -376,6 +376,7 @@ def predict(
     layer: str | None = None,
     use_raw: bool | None = None,
     modality: str | None = None,
+    site: str = "query",
     key_added: str = "scinfl",
     copy: bool = False,
 ) -> AnnData | MuData | None:
@@ -407,6 +408,10 @@ def predict(
     modality
         Mosaic models: the modality an AnnData query holds (default: its registration's, else ``"rna"``).
         Each of a query's modalities must share ``min_overlap`` of the model's features of that modality.
+    site
+        The site the cells are from, named in errors. A site-aware embedding
+        (``si.tasks.Embedding(site_effects=True)``) embeds the cells of one of its sites with that site's
+        statistics, and other cells with the mean of its sites' (:func:`map_site` gives a new site its own).
     key_added
         Prefix of the output keys.
     copy
@@ -437,6 +442,7 @@ def predict(
             layer=layer,
             use_raw=use_raw,
             modality=modality,
+            site=site,
         )
     model.task.write(adata, predictions, key_added=key_added, uns=_model_uns(model), schema=model.schema)
     return adata if copy else None

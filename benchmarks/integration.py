@@ -35,6 +35,7 @@ Scores, for each method's latent of all cells:
 Run::
 
     python benchmarks/integration.py                       # citeseq and pbmc-sim, 400 epochs, 3 seeds
+    python benchmarks/integration.py --early-stopping      # scinfl stops on its validation loss
     python benchmarks/integration.py --datasets pbmc-sim --epochs 100 --seeds 1
 """
 
@@ -56,7 +57,6 @@ import scanpy as sc
 import torch
 from scipy import sparse
 from sklearn.metrics import adjusted_rand_score
-from sklearn.neighbors import NearestNeighbors
 
 import scinfl as si
 from scinfl.privacy.utility import knn_labels
@@ -99,13 +99,10 @@ DATASETS = {"citeseq": citeseq, "pbmc-sim": pbmc_simulated}
 
 
 # ---- scores --------------------------------------------------------------------------------------
-def mixing(latent: np.ndarray, batch: np.ndarray, k: int = 15) -> float:
-    """Mean over cells of (share of the k neighbours from other batches) / (that share at random)."""
-    index = NearestNeighbors(n_neighbors=k + 1).fit(latent).kneighbors(latent, return_distance=False)[:, 1:]
-    other = (batch[index] != batch[:, None]).mean(axis=1)
-    sizes = pd.Series(batch).value_counts()
-    expected = (len(batch) - sizes.loc[batch].to_numpy()) / (len(batch) - 1)
-    return float(np.mean(other / expected))
+def mixing(latent: np.ndarray, batch: np.ndarray) -> float:
+    cells = ad.AnnData(np.zeros((len(batch), 1), np.float32), obsm={"latent": latent})
+    cells.obs["site"] = batch
+    return si.tl.site_mixing(cells, batch_key="site", use_rep="latent")
 
 
 def transfer(latent: np.ndarray, batch: np.ndarray, labels: np.ndarray) -> float:
@@ -159,13 +156,22 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def scinfl_latent(sites, *, task, key, rounds, seed, central: bool) -> np.ndarray:
+def scinfl_latent(sites, *, task, key, rounds, seed, central: bool, early_stopping: bool) -> np.ndarray:
     if central:
         pooled = ad.concat(sites, label="site", index_unique="-")
         sites = {"pooled": pooled}
     # Two donors: a secure cohort of both; one pooled site: no secure sum to make.
     cohort = {"min_cohort": 2} if len(sites) == 2 else {"secure_aggregation": False} if central else {}
-    model = si.tl.train_federated(sites, key=key, task=task, rounds=rounds, seed=seed, copy=True, **cohort)
+    model = si.tl.train_federated(
+        sites,
+        key=key,
+        task=task,
+        rounds=rounds,
+        seed=seed,
+        copy=True,
+        early_stopping=early_stopping,
+        **cohort,
+    )
     return np.concatenate([s.obsm["X_scinfl"] for s in model.sites.values()])
 
 
@@ -191,17 +197,29 @@ def pca_latent(sites) -> np.ndarray:
     return pooled.obsm["X_pca"]
 
 
-def run(dataset: str, *, epochs: int, seeds: int, likelihood: str) -> None:
+def run(dataset: str, *, epochs: int, seeds: int, likelihood: str, early_stopping: bool) -> None:
     sites, label_key = DATASETS[dataset]()
     batch = np.concatenate([[name] * s.n_obs for name, s in sites.items()])
     labels = np.concatenate([s.obs[label_key].astype(str).to_numpy() for s in sites.values()])
     integrated = si.tasks.Embedding(likelihood=likelihood, site_effects=True)
     methods = {
         "scinfl fed, hardened": lambda seed, key: scinfl_latent(
-            sites, task=integrated, key=key, rounds=epochs, seed=seed, central=False
+            sites,
+            task=integrated,
+            key=key,
+            rounds=epochs,
+            seed=seed,
+            central=False,
+            early_stopping=early_stopping,
         ),
         "scinfl fed, plain": lambda seed, key: scinfl_latent(
-            sites, task=integrated, key=None, rounds=epochs, seed=seed, central=False
+            sites,
+            task=integrated,
+            key=None,
+            rounds=epochs,
+            seed=seed,
+            central=False,
+            early_stopping=early_stopping,
         ),
         "scinfl fed, no site effects": lambda seed, key: scinfl_latent(
             sites,
@@ -218,6 +236,7 @@ def run(dataset: str, *, epochs: int, seeds: int, likelihood: str) -> None:
             rounds=epochs,
             seed=seed,
             central=True,
+            early_stopping=early_stopping,
         ),
         "SCVI central": lambda seed, key: scvi_latent(sites, epochs=epochs, seed=seed),
     }
@@ -280,6 +299,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=400)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--likelihood", default="nb", choices=["poisson", "nb"])
+    parser.add_argument(
+        "--early-stopping",
+        action="store_true",
+        help="scinfl's runs stop on the validation loss (patience 5) instead of running every epoch",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -287,7 +311,13 @@ def main() -> None:
     logging.getLogger("scinfl").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore")
     for dataset in args.datasets:
-        run(dataset, epochs=args.epochs, seeds=args.seeds, likelihood=args.likelihood)
+        run(
+            dataset,
+            epochs=args.epochs,
+            seeds=args.seeds,
+            likelihood=args.likelihood,
+            early_stopping=args.early_stopping,
+        )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@ Data sets (raw counts; cells are never moved between sites, a site is a batch):
   effect on its real cells: every gene's counts multiplied by ``exp(N(0, 0.5^2))`` drawn per site and
   gene, and the site's library sizes by ``exp(N(0, 0.3^2))`` drawn per site, then rounded. Labels:
   ``bulk_labels``.
+- ``datlinger``: ``../shared/data/datlinger2021_scperturb_subset.h5ad`` (7,500 Jurkat cells x 2,000
+  genes, a CRISPR screen) in two sites, the plate's rows A-H (3,305 cells) and I-P (4,195); labels: the
+  condition (stimulated or not).
 
 Methods (3 seeds each; every scinfl model 1 local epoch per round, so rounds are epochs):
 
@@ -36,7 +39,7 @@ Run::
 
     python benchmarks/integration.py                       # citeseq and pbmc-sim, 400 epochs, 3 seeds
     python benchmarks/integration.py --early-stopping      # scinfl stops on its validation loss
-    python benchmarks/integration.py --datasets pbmc-sim --epochs 100 --seeds 1
+    python benchmarks/integration.py --datasets datlinger --epochs 100 --seeds 1
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ from scinfl.privacy.utility import knn_labels
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 CITESEQ = SHARED / "pbmc_citeseq_10k5k_subset.h5mu"
+DATLINGER = SHARED / "datlinger2021_scperturb_subset.h5ad"
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -95,7 +99,13 @@ def pbmc_simulated(seed: int = 0) -> tuple[dict[str, ad.AnnData], str]:
     return sites, "bulk_labels"
 
 
-DATASETS = {"citeseq": citeseq, "pbmc-sim": pbmc_simulated}
+def datlinger() -> tuple[dict[str, ad.AnnData], str]:
+    data = ad.read_h5ad(DATLINGER)
+    top = data.obs["plate_row"].astype(str).isin(list("ABCDEFGH")).to_numpy()
+    return {"rows A-H": data[top].copy(), "rows I-P": data[~top].copy()}, "condition"
+
+
+DATASETS = {"citeseq": citeseq, "pbmc-sim": pbmc_simulated, "datlinger": datlinger}
 
 
 # ---- scores --------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from scinfl.federation import RunSpec
 from scinfl.federation.site import build_site
 from scinfl.model import KeyMismatchError
 from scinfl.nn import BatchwiseNorm
+from scinfl.privacy.analytic import site_mean_inputs
 from scinfl.privacy.utility import knn_labels
 from scinfl.tasks import ModelConfig
 
@@ -258,3 +259,24 @@ def test_a_new_site_maps_into_the_latent_without_changing_the_consortium(trained
         si.tl.map_site(new_site, unaware, key=key, site="site_2")
     with pytest.raises(KeyMismatchError):
         si.tl.map_site(new_site, consortium, key=si.FederationKey(bytes(32)), site="site_2")
+
+
+def test_a_server_reads_site_means_from_site_statistics_of_plain_models_only(trained, sites):
+    """Each site's normalisation statistics reach the server as they are: for plain FedAvg they give
+    away the site's mean profile within the first layer's row space (the positive control); under the
+    hardened key they are in its mixed basis. ``benchmarks/site_statistics.py`` measures both."""
+    _, hardened, _ = trained
+    plain = si.tl.train_federated(sites, key=None, task=_task(site_effects=True), **FIT)
+    truths = np.stack([np.log1p(sites[name].X).mean(0) for name in hardened.task.batches(hardened.schema)])
+    truths -= truths.mean(0)
+    for model, expected in ((plain, "read"), (hardened, "hidden")):
+        state = model.network.state_dict()
+        estimates = site_mean_inputs(state)
+        estimates -= estimates.mean(0)  # each site's deviation from the sites' mean
+        weight = next(t for n, t in state.items() if n.endswith("encoder.0.weight")).double().numpy()
+        row_space = np.linalg.pinv(weight) @ weight
+        scores = [np.corrcoef(e, row_space @ t)[0, 1] for e, t in zip(estimates, truths, strict=True)]
+        if expected == "read":
+            assert min(scores) > 0.9, scores  # measured 0.97-0.98
+        else:
+            assert max(np.abs(scores)) < 0.3, scores  # measured within 0.24 over 9 sites

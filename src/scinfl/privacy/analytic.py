@@ -29,7 +29,9 @@ __all__ = [
     "first_layer_rows",
     "invert_first_layer",
     "invert_first_layer_no_bias",
+    "mean_input_from_statistics",
     "resolve_sign",
+    "site_mean_inputs",
 ]
 
 
@@ -349,3 +351,33 @@ def calibrate_principal_axes(leaked, public, *, n_components: int | None = None)
     public_coordinates = (public - public_mean) @ public_axes.T
     signs = _axis_signs(leaked_coordinates, public_coordinates)
     return (leaked_coordinates * signs) @ public_axes + public_mean
+
+
+def mean_input_from_statistics(weight, bias, running_mean) -> np.ndarray:
+    """A site's mean first-layer input, from the running mean of the normalisation after that layer.
+
+    A site-aware network (:class:`scinfl.nn.BatchwiseNorm`) keeps each site's statistics of its first
+    layer's outputs ``W u + b`` and sends them; their running mean is about ``W mean(u) + b``. The server
+    holds ``W`` and ``b``, so the least-norm solution is the site's mean input projected on ``W``'s row
+    space (all of it when the layer is at least as wide as its input). ``u`` is the input as the shared
+    weights read it: the cells' values for plain FedAvg, their key-mixed values under a hardened key.
+    """
+    weight = _as_array(weight, "weight", 2).astype(np.float64)
+    bias = _as_array(bias, "bias", 1).astype(np.float64)
+    running_mean = _as_array(running_mean, "running_mean", 1).astype(np.float64)
+    return np.linalg.lstsq(weight, running_mean - bias, rcond=None)[0]
+
+
+def site_mean_inputs(state) -> np.ndarray:
+    """Every batch's (site's) mean first-layer input, one row each, as a server reads them from the
+    ``state_dict`` of a site-aware autoencoder (``si.tasks.Embedding(site_effects=True)``): its encoder's
+    first layer and the per-batch running means after it (:func:`mean_input_from_statistics`)."""
+    names = [name for name in state if name.endswith("encoder.1.running_mean_0")]
+    if len(names) != 1:
+        raise ValueError("site_mean_inputs needs the state of one site-aware autoencoder.")
+    stem = names[0][: -len("1.running_mean_0")]
+    weight, bias = state[f"{stem}0.weight"], state[f"{stem}0.bias"]
+    rows = []
+    while f"{stem}1.running_mean_{len(rows)}" in state:
+        rows.append(mean_input_from_statistics(weight, bias, state[f"{stem}1.running_mean_{len(rows)}"]))
+    return np.stack(rows)

@@ -139,9 +139,11 @@ class Embedding(Task):
         normalised by that site's own statistics (:class:`~scinfl.nn.BatchwiseNorm`, as FedBN), and the
         decoder is conditioned on the site, as scVI's on its batch, so that the latent need not carry what
         differs between sites. Each site trains its own shift and statistics and is the only one to send
-        them: the server, also under secure aggregation, receives them as they are (the means and
-        variances of the site's hidden units, not of its genes). A site that was not in the federation is
-        embedded with the mean of the sites' statistics (:meth:`scinfl.FederatedModel.predict`).
+        them: the server, also under secure aggregation, receives them as they are, and every site with
+        the global weights. A key holder reads from them each site's mean profile, within the first
+        layer's row space; a server without the hardened key does not (``docs/privacy.md``). A site that
+        was not in the federation is embedded with the mean of the sites' statistics
+        (:meth:`scinfl.FederatedModel.predict`), or maps itself in (:func:`scinfl.tl.map_site`).
     batch_key
         An ``.obs`` column of batches within the sites (donors, lanes, protocols): the decoder is
         conditioned on its categories (agreed over the sites); with ``site_effects``, on each (site,

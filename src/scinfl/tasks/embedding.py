@@ -43,7 +43,7 @@ def check_counts(values: np.ndarray, likelihood: str, site: str) -> None:
 
 __all__ = ["BATCHES", "BatchMatrix", "Embedding", "Reconstruction", "batch_of"]
 
-# The schema's entry (among its covariates) of the batches a site-aware decoder knows, in one-hot order.
+# The schema's entry (among its covariates) of the batches a site-aware network knows, in one-hot order.
 BATCHES = "scinfl:batches"
 
 
@@ -145,9 +145,9 @@ class Embedding(Task):
         was not in the federation is embedded with the mean of the sites' statistics
         (:meth:`scinfl.FederatedModel.predict`), or maps itself in (:func:`scinfl.tl.map_site`).
     batch_key
-        An ``.obs`` column of batches within the sites (donors, lanes, protocols): the decoder is
-        conditioned on its categories (agreed over the sites); with ``site_effects``, on each (site,
-        category) pair.
+        An ``.obs`` column of batches within the sites (donors, lanes, protocols), taken into account as
+        ``site_effects`` takes the sites: its categories (agreed over the sites) are the batches; with
+        ``site_effects`` too, each (site, category) pair is one.
     label_key
         Optional ``.obs`` column of labels; they only stratify each site's validation cells.
     """
@@ -170,7 +170,7 @@ class Embedding(Task):
 
     @property
     def conditioned(self) -> bool:
-        """Is the decoder conditioned on batches (``site_effects`` or ``batch_key``)?"""
+        """Is the network aware of batches (``site_effects`` or ``batch_key``)?"""
         return self.site_effects or self.batch_key is not None
 
     def __post_init__(self) -> None:
@@ -201,7 +201,7 @@ class Embedding(Task):
         return f"{site}/{category}" if self.site_effects else category
 
     def agree(self, descriptions: Mapping[str, Mapping[str, Any]], *, join: str) -> FederationSchema:
-        """The federation schema; a conditioned decoder's batches are recorded in it (:data:`BATCHES`),
+        """The federation schema; a batch-aware network's batches are recorded in it (:data:`BATCHES`),
         sorted: the sites, the ``batch_key`` categories or their (site, category) pairs."""
         schema = super().agree(descriptions, join=join)
         if not self.conditioned:
@@ -217,16 +217,27 @@ class Embedding(Task):
 
     @staticmethod
     def batches(schema: FederationSchema) -> tuple[str, ...]:
-        """The batches the decoder of a model with ``schema`` is conditioned on (none: unconditioned)."""
+        """The batches a model with ``schema`` knows (none: it is not batch-aware)."""
         return dict(schema.covariates).get(BATCHES, ())
+
+    def _batch_values(self, data, site: str):
+        """The ``batch_key`` column of ``site``'s cells; raises naming the site if it is missing or a cell
+        has no value."""
+        if self.batch_key not in data.obs:
+            raise ValueError(f"Site {site!r}: batch column {self.batch_key!r} is missing from .obs.")
+        values = data.obs[self.batch_key]
+        if values.isna().any():
+            raise ValueError(
+                f"Site {site!r}: {int(values.isna().sum())} cells have no value in batch column "
+                f"{self.batch_key!r}."
+            )
+        return values
 
     def site_batches(self, data, site: str) -> tuple[str, ...]:
         """The names of the batches of ``site``'s cells (sorted)."""
         if self.batch_key is None:
             return (self._batch_name(site, None),)
-        if self.batch_key not in data.obs:
-            raise ValueError(f"Site {site!r}: batch column {self.batch_key!r} is missing from .obs.")
-        values = data.obs[self.batch_key].dropna().astype(str).unique()
+        values = self._batch_values(data, site).astype(str).unique()
         return tuple(sorted(self._batch_name(site, value) for value in values))
 
     @staticmethod
@@ -244,14 +255,7 @@ class Embedding(Task):
         known = {name: i for i, name in enumerate(self.batches(schema))}
         if self.batch_key is None:
             return np.full(data.n_obs, known.get(self._batch_name(site, None), -1), dtype=np.int64)
-        if self.batch_key not in data.obs:
-            raise ValueError(f"Site {site!r}: batch column {self.batch_key!r} is missing from .obs.")
-        values = data.obs[self.batch_key]
-        if values.isna().any():
-            raise ValueError(
-                f"Site {site!r}: {int(values.isna().sum())} cells have no value in batch column "
-                f"{self.batch_key!r}."
-            )
+        values = self._batch_values(data, site)
         lookup = {c: known.get(self._batch_name(site, str(c)), -1) for c in values.unique()}
         return values.map(lookup).to_numpy(dtype=np.int64)
 

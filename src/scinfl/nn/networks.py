@@ -203,7 +203,7 @@ class Autoencoder(nn.Module):
     likelihood
         ``"gaussian"``, ``"poisson"``, ``"nb"`` or ``"clr"``.
     n_batches
-        Number of batches the decoder is conditioned on (0: none).
+        Number of batches the network knows (0: none; see above).
     """
 
     def __init__(

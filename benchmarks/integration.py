@@ -39,6 +39,7 @@ Run::
 
     python benchmarks/integration.py                       # citeseq and pbmc-sim, 400 epochs, 3 seeds
     python benchmarks/integration.py --early-stopping      # scinfl stops on its validation loss
+    python benchmarks/integration.py --datasets citeseq --epochs 200 --scvi-epochs 400
     python benchmarks/integration.py --datasets datlinger --epochs 100 --seeds 1
 """
 
@@ -166,6 +167,9 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+ROUNDS: list[tuple[int, int]] = []  # each scinfl run's selected and last round
+
+
 def scinfl_latent(sites, *, task, key, rounds, seed, central: bool, early_stopping: bool) -> np.ndarray:
     if central:
         pooled = ad.concat(sites, label="site", index_unique="-")
@@ -182,10 +186,12 @@ def scinfl_latent(sites, *, task, key, rounds, seed, central: bool, early_stoppi
         early_stopping=early_stopping,
         **cohort,
     )
+    ROUNDS.append((model.params["best_round"], model.params.get("stopped_round", rounds)))
     return np.concatenate([s.obsm["X_scinfl"] for s in model.sites.values()])
 
 
 def scvi_latent(sites, *, epochs: int, seed: int) -> np.ndarray | None:
+    """SCVI's latent after ``epochs`` epochs (its default for fewer than 20,000 cells: 400)."""
     try:
         import scvi
     except ImportError:
@@ -207,7 +213,9 @@ def pca_latent(sites) -> np.ndarray:
     return pooled.obsm["X_pca"]
 
 
-def run(dataset: str, *, epochs: int, seeds: int, likelihood: str, early_stopping: bool) -> None:
+def run(
+    dataset: str, *, epochs: int, scvi_epochs: int, seeds: int, likelihood: str, early_stopping: bool
+) -> None:
     sites, label_key = DATASETS[dataset]()
     batch = np.concatenate([[name] * s.n_obs for name, s in sites.items()])
     labels = np.concatenate([s.obs[label_key].astype(str).to_numpy() for s in sites.values()])
@@ -238,6 +246,7 @@ def run(dataset: str, *, epochs: int, seeds: int, likelihood: str, early_stoppin
             rounds=epochs,
             seed=seed,
             central=False,
+            early_stopping=early_stopping,
         ),
         "scinfl central": lambda seed, key: scinfl_latent(
             sites,
@@ -248,7 +257,7 @@ def run(dataset: str, *, epochs: int, seeds: int, likelihood: str, early_stoppin
             central=True,
             early_stopping=early_stopping,
         ),
-        "SCVI central": lambda seed, key: scvi_latent(sites, epochs=epochs, seed=seed),
+        "SCVI central": lambda seed, key: scvi_latent(sites, epochs=scvi_epochs, seed=seed),
     }
     rows = []
     for seed in range(seeds):
@@ -256,10 +265,12 @@ def run(dataset: str, *, epochs: int, seeds: int, likelihood: str, early_stoppin
         latents = {}
         for name, method in methods.items():
             started, wall = cpu_seconds(), time.perf_counter()
+            ROUNDS.clear()
             latent = method(seed, key)
             if latent is None:
                 continue
             latents[name] = latent
+            selected, last = ROUNDS[0] if ROUNDS else (scvi_epochs, scvi_epochs)
             rows.append(
                 {
                     "method": name,
@@ -267,6 +278,8 @@ def run(dataset: str, *, epochs: int, seeds: int, likelihood: str, early_stoppin
                     "mixing": mixing(latent, batch),
                     "kNN": transfer(latent, batch, labels),
                     "ARI": leiden_ari(latent, labels),
+                    "selected round": selected,
+                    "last round": last,
                     "CPU s": cpu_seconds() - started,
                     "wall s": time.perf_counter() - wall,
                 }
@@ -297,7 +310,7 @@ def run(dataset: str, *, epochs: int, seeds: int, likelihood: str, early_stoppin
     summary = frame.drop(columns="seed").groupby("method", sort=False).agg(["mean", "min", "max"])
     print(
         f"\n{dataset}: {sum(s.n_obs for s in sites.values())} cells in {len(sites)} sites, {epochs} epochs, "
-        f"{seeds} seeds, likelihood={likelihood!r}"
+        f"{seeds} seeds, likelihood={likelihood!r}, early stopping {early_stopping}, SCVI {scvi_epochs} epochs"
     )
     with pd.option_context("display.width", 250, "display.max_columns", 50, "display.precision", 3):
         print(summary)
@@ -306,7 +319,8 @@ def run(dataset: str, *, epochs: int, seeds: int, likelihood: str, early_stoppin
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--datasets", nargs="+", default=["citeseq", "pbmc-sim"], choices=list(DATASETS))
-    parser.add_argument("--epochs", type=int, default=400)
+    parser.add_argument("--epochs", type=int, default=400, help="scinfl's rounds (1 local epoch each)")
+    parser.add_argument("--scvi-epochs", type=int, default=None, help="SCVI's epochs (default: --epochs)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--likelihood", default="nb", choices=["poisson", "nb"])
     parser.add_argument(
@@ -324,6 +338,7 @@ def main() -> None:
         run(
             dataset,
             epochs=args.epochs,
+            scvi_epochs=args.scvi_epochs or args.epochs,
             seeds=args.seeds,
             likelihood=args.likelihood,
             early_stopping=args.early_stopping,

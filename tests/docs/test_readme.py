@@ -93,3 +93,7 @@ def test_the_readme_python_blocks_run(tmp_path, monkeypatch):
     labs = namespace["labs"]
     assert labs["site_1"].obsm["X_pca"].shape == (labs["site_1"].n_obs, 30)  # pbmc68k_reduced's own had 50
     assert labs["site_1"].uns["pca"]["params"]["use_highly_variable"]
+    joint = namespace["joint"]  # the integration: two founding labs and one mapped in
+    assert set(joint.obs["site"]) == {"site_0", "site_1", "site_2"}
+    assert np.isfinite(joint.obs["site_mixing"]).all()
+    assert namespace["integrated"].task.batches(namespace["integrated"].schema) == ("site_0", "site_1")

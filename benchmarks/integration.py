@@ -31,8 +31,8 @@ Scores, for each method's latent of all cells:
 - ``kNN``: label transfer from each site's cells to every other site's (15 neighbours), averaged;
 - ``ARI``: Leiden (resolution 1) of all cells against the labels;
 - scib-metrics' ``Benchmarker`` (when installed): its bio conservation and batch correction aggregates
-  (isolated labels, KMeans NMI/ARI, silhouette, cLISI; silhouette batch, iLISI, kBET, graph
-  connectivity, PCR comparison) and their total;
+  (isolated labels, KMeans NMI/ARI, silhouette, cLISI; BRAS (batch removal adapted silhouette),
+  iLISI, kBET, graph connectivity, PCR comparison) and their total;
 - ``CPU s``: the training's CPU time (process time of this process and its children).
 
 Run::
@@ -305,6 +305,9 @@ def run(
                     "scib total": table.loc[name, "Total"],
                     "iLISI": table.loc[name, "iLISI"],
                     "kBET": table.loc[name, "KBET"],
+                    "BRAS": table.loc[name, "BRAS"],
+                    "graph conn.": table.loc[name, "Graph connectivity"],
+                    "PCR comparison": table.loc[name, "PCR comparison"],
                 }
     frame = pd.DataFrame(rows)
     summary = frame.drop(columns="seed").groupby("method", sort=False).agg(["mean", "min", "max"])

@@ -91,7 +91,8 @@ def map_site(
     state = network.state_dict()
     state.update(model.network.state_dict())  # every old entry as it was; the new batches' from their init
     network.load_state_dict(state)
-    spec = model.spec.replace(sites=(site,), seed=seed, rounds=epochs, secure_aggregation=False)
+    fit = dataclasses.replace(model.spec.fit, local_epochs=1)  # one pass per step of the loop below
+    spec = model.spec.replace(sites=(site,), seed=seed, rounds=epochs, secure_aggregation=False, fit=fit)
     position = {name: i for i, name in enumerate(task.batches(schema))}
     own = {position[name] for name in names}
     new_entries = frozenset(n for n in state if batch_of(n) in own)

@@ -280,3 +280,20 @@ def test_a_server_reads_site_means_from_site_statistics_of_plain_models_only(tra
             assert min(scores) > 0.9, scores  # measured 0.97-0.98
         else:
             assert max(np.abs(scores)) < 0.3, scores  # measured within 0.24 over 9 sites
+
+
+def test_site_mixing_is_one_for_random_sites_and_near_zero_for_sites_that_are_clusters(pbmc):
+    cells = pbmc.copy()
+    cells.obs["random site"] = np.random.default_rng(0).choice(["a", "b", "c"], size=cells.n_obs)
+    cells.obs["cluster site"] = cells.obs["louvain"].astype(str)
+    random = si.tl.site_mixing(cells, batch_key="random site", use_rep="X_pca")
+    assert 0.9 < random < 1.1
+    assert cells.obs["site_mixing"].shape == (cells.n_obs,)
+    clustered = si.tl.site_mixing(cells, batch_key="cluster site", use_rep="X_pca", key_added="m")
+    assert clustered < 0.2
+    with pytest.raises(ValueError, match="holds one batch"):
+        si.tl.site_mixing(
+            cells[cells.obs["random site"] == "a"].copy(), batch_key="random site", use_rep="X_pca"
+        )
+    with pytest.raises(ValueError, match=r"No .obsm\['X_scinfl'\]"):
+        si.tl.site_mixing(cells, batch_key="random site")

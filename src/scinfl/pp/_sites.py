@@ -198,11 +198,11 @@ def simulate_site_effects(
         gene = np.exp(rng.normal(0.0, gene_sd, size=adata.n_vars))
         library = np.exp(rng.normal(0.0, library_sd))
         changed = np.rint(dense * gene * library).astype(np.float32)
-        copy_ = adata.copy()
+        site = adata.copy()
         changed = sparse.csr_matrix(changed) if sparse.issparse(values) else changed
         if layer is None:
-            copy_.X = changed
+            site.X = changed
         else:
-            copy_.layers[layer] = changed
-        out[name] = copy_
+            site.layers[layer] = changed
+        out[name] = site
     return out

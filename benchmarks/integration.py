@@ -220,45 +220,27 @@ def run(
     batch = np.concatenate([[name] * s.n_obs for name, s in sites.items()])
     labels = np.concatenate([s.obs[label_key].astype(str).to_numpy() for s in sites.values()])
     integrated = si.tasks.Embedding(likelihood=likelihood, site_effects=True)
-    methods = {
-        "scinfl fed, hardened": lambda seed, key: scinfl_latent(
-            sites,
-            task=integrated,
-            key=key,
-            rounds=epochs,
-            seed=seed,
-            central=False,
-            early_stopping=early_stopping,
-        ),
-        "scinfl fed, plain": lambda seed, key: scinfl_latent(
-            sites,
-            task=integrated,
-            key=None,
-            rounds=epochs,
-            seed=seed,
-            central=False,
-            early_stopping=early_stopping,
-        ),
-        "scinfl fed, no site effects": lambda seed, key: scinfl_latent(
-            sites,
-            task=si.tasks.Embedding(likelihood=likelihood),
-            key=key,
-            rounds=epochs,
-            seed=seed,
-            central=False,
-            early_stopping=early_stopping,
-        ),
-        "scinfl central": lambda seed, key: scinfl_latent(
-            sites,
-            task=si.tasks.Embedding(likelihood=likelihood, batch_key="site"),
-            key=key,
-            rounds=epochs,
-            seed=seed,
-            central=True,
-            early_stopping=early_stopping,
-        ),
-        "SCVI central": lambda seed, key: scvi_latent(sites, epochs=scvi_epochs, seed=seed),
+    # name: (task, keyed, central)
+    scinfl_runs = {
+        "scinfl fed, hardened": (integrated, True, False),
+        "scinfl fed, plain": (integrated, False, False),
+        "scinfl fed, no site effects": (si.tasks.Embedding(likelihood=likelihood), True, False),
+        "scinfl central": (si.tasks.Embedding(likelihood=likelihood, batch_key="site"), True, True),
     }
+
+    def scinfl_method(task, keyed: bool, central: bool):
+        return lambda seed, key: scinfl_latent(
+            sites,
+            task=task,
+            key=key if keyed else None,
+            rounds=epochs,
+            seed=seed,
+            central=central,
+            early_stopping=early_stopping,
+        )
+
+    methods = {name: scinfl_method(*options) for name, options in scinfl_runs.items()}
+    methods["SCVI central"] = lambda seed, key: scvi_latent(sites, epochs=scvi_epochs, seed=seed)
     rows = []
     for seed in range(seeds):
         key = si.FederationKey(hashlib.sha256(f"integration {seed}".encode()).digest())

@@ -104,7 +104,7 @@ class Recorder:
 
 
 ROWS = (
-    ("fit: fit_plan, rest", "Fabric setup, backward, Adam step, loop"),
+    ("fit: fit_plan, rest", "optimiser set-up, batches to the device, backward, Adam step, loop"),
     ("fit: training_step", "forward + loss"),
     ("fit: batch loading", "SiteDataset.__getitem__ during local fits"),
     ("fit: SiteTrainer.fit, rest", "load global weights, build the loader, copy the state"),

@@ -20,10 +20,24 @@ Sites: scanpy's bundled ``pbmc68k_reduced`` split into 3 label-skewed sites
 
 Each call's wall time includes setup and writing predictions; the simulation's includes Ray's start-up.
 
+Per phase:
+
+``ClientApp import``
+    A fresh interpreter importing ``scinfl.flower_apps`` and building one Adam optimiser (torch imports
+    ``torch._dynamo`` there), as every deployed message's process does; wall and CPU seconds, and each
+    heavy package's share by ``python -X importtime`` (cumulative, so nested packages overlap).
+``deployment phases``
+    From each site's log (one line per training message, :func:`scinfl.federation.flower.client.
+    answer_train`): the ClientApp process's age when the message reached scinfl (its imports and Flower's
+    set-up, with the sites' processes sharing the cores), the site's data and trainer, and its answer; the
+    rest of a round (the slowest site's sum subtracted from the round) is the SuperNode's poll, transfers
+    and aggregation.
+
 Run::
 
     python benchmarks/flower_overhead.py               # 3 sites x 5 rounds
     python benchmarks/flower_overhead.py --rounds 10 --skip-deployment
+    python benchmarks/flower_overhead.py --imports-only   # the ClientApp import alone
 """
 
 from __future__ import annotations
@@ -33,7 +47,10 @@ import hashlib
 import logging
 import os
 import re
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -46,6 +63,70 @@ from scinfl.federation.flower.deployment import LocalDeployment, run_config, sit
 
 SIMULATION_GOAL = 1.5  # x the in-process wall time
 DEPLOYMENT_GOAL = 5.0  # seconds per round
+CLIENT_IMPORT = "import scinfl.flower_apps, torch; torch.optim.Adam([torch.zeros(1, requires_grad=True)])"
+HEAVY = (
+    "torch",
+    "torch._dynamo",
+    "lightning",
+    "anndata",
+    "flwr",
+    "sklearn",
+    "matplotlib",
+    "scanpy",
+    "scinfl",
+)
+PHASE = re.compile(
+    r"Site '([^']+)': data and trainer ([\d.]+) s, answer ([\d.]+) s; the message reached scinfl ([\d.]+) s"
+)
+
+
+def client_import(repeats: int = 3) -> None:
+    """Wall and CPU seconds of a fresh ClientApp process's imports, and the heavy packages' shares."""
+    walls, cpus = [], []
+    for _ in range(repeats):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", CLIENT_IMPORT], check=True)
+        walls.append(time.perf_counter() - started)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpus.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+    trace = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", CLIENT_IMPORT], check=True, capture_output=True, text=True
+    ).stderr
+    cumulative: dict[str, float] = {}
+    for line in trace.splitlines():
+        parts = line.split("|")
+        if len(parts) == 3 and parts[1].strip().isdigit():
+            cumulative[parts[2].strip()] = max(cumulative.get(parts[2].strip(), 0.0), int(parts[1]) / 1e6)
+    shares = ", ".join(f"{name} {cumulative[name]:.2f}" for name in HEAVY if name in cumulative)
+    print(
+        f"ClientApp import        {statistics.median(walls):7.2f} s wall, {statistics.median(cpus):.2f} s CPU "
+        f"(median of {repeats}); by -X importtime, cumulative s: {shares}"
+    )
+
+
+def deployment_phases(logs: list[str], per_round: list[float]) -> None:
+    """The phases of a deployed round, from the sites' log texts (see the module docstring)."""
+    by_site: dict[str, list[tuple[float, float, float]]] = {}
+    for log in logs:
+        for site, ready, answer, age in PHASE.findall(log):
+            by_site.setdefault(site, []).append((float(age), float(ready), float(answer)))
+    rounds = min((len(v) for v in by_site.values()), default=0)
+    if not rounds:
+        print("  (no phase lines in the sites' logs)")
+        return
+    # The last line of each site is the final evaluation; the first `len(per_round)` are the rounds.
+    n = min(rounds, len(per_round))
+    ages = [v[i][0] for v in by_site.values() for i in range(n)]
+    readies = [v[i][1] for v in by_site.values() for i in range(n)]
+    answers = [v[i][2] for v in by_site.values() for i in range(n)]
+    rest = [per_round[i] - max(sum(v[i]) for v in by_site.values()) for i in range(n)]
+    print(
+        f"  per site and round (median over {len(by_site)} sites x {n} rounds): ClientApp start-up until the "
+        f"message reached scinfl {statistics.median(ages):.2f} s, data and trainer "
+        f"{statistics.median(readies):.2f} s, answer {statistics.median(answers):.2f} s; rest of the round "
+        f"(SuperNode poll, transfers, aggregation) {statistics.median(rest):.2f} s"
+    )
 
 
 def main() -> None:
@@ -53,10 +134,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--skip-deployment", action="store_true")
+    parser.add_argument("--imports-only", action="store_true", help="measure the ClientApp import alone")
     args = parser.parse_args()
     logging.getLogger("scinfl").setLevel(logging.WARNING)
     si.settings.progress = False
     torch.set_num_threads(1)
+    client_import()
+    if args.imports_only:
+        return
 
     adata = sc.datasets.pbmc68k_reduced()
     si.pp.register_site(adata, use_raw=True)  # its log-normalised values; the sites inherit the registration
@@ -115,11 +200,14 @@ def main() -> None:
             raise SystemExit(f"flwr run failed:\n{completed.stdout[-3000:]}")
         per_round = [float(s) for s in re.findall(r"Round \d+ of \d+: .*\(([\d.]+) s\)", completed.stdout)]
         deployed = si.FederatedModel.load(tmp / "run" / "model")
+        site_logs = [
+            log.read_text(errors="replace") for log in sorted((tmp / "flower").glob("supernode-*.log"))
+        ]
+        median = statistics.median(per_round)
     same = all(
         torch.equal(t, deployed.network.state_dict()[n])
         for n, t in models["local"].network.state_dict().items()
     )
-    median = statistics.median(per_round)
     print(
         f"deployment (flwr run) {total:7.2f} s in all; per round median {median:.2f} s "
         f"(min {min(per_round):.2f}, max {max(per_round):.2f}; goal < {DEPLOYMENT_GOAL} s: "
@@ -127,6 +215,7 @@ def main() -> None:
         f"submit, ServerApp start, connect and final evaluation: {total - sum(per_round):.2f} s; "
         f"weights equal to in-process: {same}"
     )
+    deployment_phases(site_logs, per_round)
 
 
 if __name__ == "__main__":

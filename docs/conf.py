@@ -54,7 +54,7 @@ autodoc_default_options = {"members": True, "show-inheritance": False}
 # The Flower pieces (scinfl.flower_apps, scinfl.federation.flower) import Flower, an optional extra: without it
 # (`pip install -e ".[docs]"` alone) their pages are built from mocks of flwr and of its tomli_w.
 autodoc_mock_imports = [] if find_spec("flwr") else ["flwr", "tomli_w"]
-autodoc_inherit_docstrings = False  # Lightning's own docstrings (TrainingPlan's hooks) are not scinfl's docs
+autodoc_inherit_docstrings = False  # torch's own docstrings (nn.Module methods) are not scinfl's docs
 napoleon_google_docstring = False
 napoleon_numpy_docstring = True
 napoleon_use_rtype = False

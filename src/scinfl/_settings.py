@@ -34,8 +34,9 @@ class Settings:
     progress
         Show a progress bar over federated rounds (in a notebook or a terminal; never in a log file).
     accelerator
-        Where sites train: Lightning's accelerator name (``"auto"``: a GPU when there is one, else the
-        CPU; ``"cpu"``; ``"gpu"``).
+        Where sites train and models predict (:func:`scinfl.train.resolve_device`): ``"auto"`` (a CUDA
+        GPU when torch sees one, else Apple's MPS, else the CPU), ``"cpu"``, ``"gpu"``/``"cuda"``,
+        ``"cuda:1"`` or ``"mps"``.
     """
 
     torch_threads: int | None = 1

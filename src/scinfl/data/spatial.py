@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 from anndata import AnnData
 from scipy import sparse
-from sklearn.neighbors import NearestNeighbors
 
 __all__ = ["NeighbourhoodMatrix", "neighbourhood_coherence", "spatial_graph"]
 
@@ -33,6 +32,8 @@ def spatial_graph(
     k = min(n_neighbors, adata.n_obs - 1)
     if k < 1:
         return sparse.csr_matrix((adata.n_obs, adata.n_obs), dtype=np.float32)
+    from sklearn.neighbors import NearestNeighbors  # here: only spatial sites need it (0.6 s per ClientApp)
+
     _, index = NearestNeighbors(n_neighbors=k + 1).fit(coords).kneighbors(coords)
     rows = np.repeat(np.arange(adata.n_obs), k)
     cols = index[:, 1:].ravel()  # the first neighbour is the spot itself (up to exact duplicates)

@@ -1,5 +1,7 @@
-"""Local training, shared by every engine and task: the Lightning plan, fit/evaluate/infer, the site trainer."""
+"""Local training, shared by every engine and task: the training plan, fit/evaluate/infer on a device, the site
+trainer."""
 
+from .device import module_device, resolve_device, to_device
 from .keys import key_material
 from .local import (
     LocalFitResult,
@@ -10,7 +12,7 @@ from .local import (
     fit_local,
     fit_plan,
     infer,
-    make_fabric,
+    key_on,
 )
 from .settings import DPSettings, FitSettings
 from .site import SiteTrainer
@@ -28,5 +30,8 @@ __all__ = [
     "fit_plan",
     "infer",
     "key_material",
-    "make_fabric",
+    "key_on",
+    "module_device",
+    "resolve_device",
+    "to_device",
 ]

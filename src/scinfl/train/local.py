@@ -1,12 +1,12 @@
-"""Local training at one site: a Lightning training plan and plain functions any engine can call.
+"""Local training at one site: the training plan and plain functions any engine can call.
 
 The key enters only through :func:`scinfl.nn.use_key` around the call; neither the plan nor the network
-stores it. Local fits run the LightningModule through Lightning Fabric, on the accelerator of
-``scinfl.settings.accelerator``: a federation makes hundreds of short fits, and a new ``Trainer`` per fit
-cost more than the training itself on small sites (docs/benchmarks.md). A site keeps one plan for the
-whole federation (:class:`~scinfl.train.SiteTrainer`), and every fit in a process shares one Fabric. The same loop runs DP-SGD when given
-a site's private-training state (:mod:`scinfl.train.dp`): Opacus then wraps the optimiser the plan
-configures.
+stores it. Local fits run on the device of ``scinfl.settings.accelerator`` (:mod:`scinfl.train.device`). A
+federation makes hundreds of short fits, so a site keeps one plan for the whole federation
+(:class:`~scinfl.train.SiteTrainer`) and a fit is a plain loop: a new Lightning ``Trainer`` per fit cost
+more than the training itself on small sites, and importing Lightning cost more than a deployed round's
+training (docs/benchmarks.md). The same loop runs DP-SGD when given a site's private-training state
+(:mod:`scinfl.train.dp`): Opacus then wraps the optimiser the plan configures.
 
 What a task contributes is an *objective*: ``loss(output, x, y)`` (the mean loss of a batch) and
 ``metric_sums(output, x, y)`` (per-batch sums of each metric), where ``x, y`` are the batch's rows and
@@ -15,23 +15,18 @@ labels (:meth:`scinfl.tasks.Task.objective`).
 
 from __future__ import annotations
 
-import functools
-import logging
-import warnings
+import copy
 from collections.abc import Iterable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.fabric import Fabric
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
-from .._settings import settings
 from ..nn import HardenedKey, HardenedNetwork, KeyedModule, use_key
+from .device import module_device, resolve_device, to_device
 
 if TYPE_CHECKING:
     from .dp import PrivateTraining
@@ -45,11 +40,8 @@ __all__ = [
     "fit_local",
     "fit_plan",
     "infer",
-    "make_fabric",
+    "key_on",
 ]
-
-for _name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
-    logging.getLogger(_name).setLevel(logging.ERROR)
 
 
 class Objective(Protocol):
@@ -70,34 +62,44 @@ class LocalFitResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-class TrainingPlan(pl.LightningModule):
+class TrainingPlan:
     """Loss and optimiser around a task network (Adam; a fresh optimiser each local fit).
 
-    ``fused=False`` gives the unfused Adam, which DP-SGD uses: Opacus's ``DPOptimizer`` wraps it, writes
-    the clipped, noised gradient into each ``p.grad`` and calls its ``step``. Opacus 1.6 accepts the fused
-    kernel too, but a DP step's time goes to per-sample gradients (about 65 ms against 4 ms for a
-    non-private step of 128 cells, hidden 64, fused or not), so the DP path does not depend on it.
+    Its two hooks are named as a LightningModule's: :meth:`training_step` (the loss of one batch) and
+    :meth:`configure_optimizers`. ``fused=False`` gives the unfused Adam, which DP-SGD uses: Opacus's
+    ``DPOptimizer`` wraps it, writes the clipped, noised gradient into each ``p.grad`` and calls its
+    ``step``. Opacus 1.6 accepts the fused kernel too, but a DP step's time goes to per-sample gradients
+    (about 65 ms against 4 ms for a non-private step of 128 cells, hidden 64, fused or not), so the DP path
+    does not depend on it.
     """
 
     def __init__(
         self, network: nn.Module, objective: Objective, *, lr: float, weight_decay: float, fused: bool = True
     ) -> None:
-        super().__init__()
         self.network = network
         self.objective = objective
         self.lr = lr
         self.weight_decay = weight_decay
         self.fused = fused
-        self.loss_sum = 0.0
+        self._loss_sum: Tensor | float = 0.0
         self.n_seen = 0
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.network(x)
+    def reset(self) -> None:
+        """Start a new fit's running loss."""
+        self._loss_sum, self.n_seen = 0.0, 0
+
+    @property
+    def mean_loss(self) -> float:
+        """The mean training loss per cell since :meth:`reset` (one copy from the device)."""
+        return float(self._loss_sum) / max(self.n_seen, 1)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         loss = self.objective.loss(self.network(x), x, y)
-        self.loss_sum += float(loss.detach()) * len(x)
+        # Summed on the device, in float64 as a Python float would: reading each step's loss on the CPU
+        # would wait for the GPU at every step.
+        weighted = loss.detach().to(torch.float32 if loss.device.type == "mps" else torch.float64) * len(x)
+        self._loss_sum = self._loss_sum + weighted
         self.n_seen += len(x)
         return loss
 
@@ -108,23 +110,7 @@ class TrainingPlan(pl.LightningModule):
         )
 
 
-def make_fabric(accelerator: str | None = None) -> Fabric:
-    """The one-device Fabric on ``accelerator`` (default ``scinfl.settings.accelerator``), one per process.
-
-    Building a Fabric scans the installed packages' entry points (about 50 ms), so every fit shares it; it
-    keeps no per-fit state, since :func:`fit_plan` sets up the plan's network and optimiser, never the plan
-    itself (Fabric would keep a set-up LightningModule, and its network, as a callback forever).
-    """
-    return _fabric(accelerator or settings.accelerator)
-
-
-@functools.cache
-def _fabric(accelerator: str) -> Fabric:
-    return Fabric(accelerator=accelerator, devices=1)
-
-
 def fit_plan(
-    fabric: Fabric,
     plan: TrainingPlan,
     batches: Iterable,
     *,
@@ -135,39 +121,35 @@ def fit_plan(
 ) -> float:
     """Train ``plan``'s network in place for ``epochs`` epochs of ``batches``; return the mean training loss.
 
-    ``fabric`` places the network and every batch on its device. With ``private`` (one site's
-    :class:`~scinfl.train.dp.PrivateTraining`), the fit is DP-SGD: the optimiser the plan configures
-    (unfused Adam) is wrapped by Opacus to clip per-cell gradients and add noise, every step is recorded
-    in the site's accountant, and ``private.steps_taken`` counts the steps. ``batches`` should then be
-    ``private.loader(...)``; its empty Poisson batches are skipped. Keyed networks cannot be trained
-    privately (see :mod:`scinfl.train.dp`).
+    The fit runs on the device the network is on; every batch is moved there (:func:`~scinfl.train.device.
+    to_device`). With ``private`` (one site's :class:`~scinfl.train.dp.PrivateTraining`), the fit is
+    DP-SGD: the optimiser the plan configures (unfused Adam) is wrapped by Opacus to clip per-cell gradients
+    and add noise, every step is recorded in the site's accountant, and ``private.steps_taken`` counts the
+    steps. ``batches`` should then be ``private.loader(...)``; its empty Poisson batches are skipped. Keyed
+    networks cannot be trained privately (see :mod:`scinfl.train.dp`).
     """
     torch.manual_seed(seed)
-    plan.loss_sum, plan.n_seen = 0.0, 0
+    plan.reset()
     plan.network.train()
+    device = module_device(plan.network)
     steps = 0
     with ExitStack() as stack:
         optimizer = plan.configure_optimizers()
         if private is not None:
             optimizer = stack.enter_context(private.attach(plan.network, optimizer, seed=seed))
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # Lightning 2.6 on torch >= 2.10
-            fabric.setup_module(plan.network)  # on Fabric's device, in place
-            optimizer = fabric.setup_optimizers(optimizer)
         stack.enter_context(use_key(key_material))
         for _ in range(epochs):
             for index, batch in enumerate(batches):
                 if len(batch[0]) == 0:  # an empty Poisson batch (DP-SGD): skipped, not accounted
                     continue
                 optimizer.zero_grad(set_to_none=True)
-                with fabric.autocast():  # the precision Fabric's set-up module would run its forward in
-                    loss = plan.training_step(fabric.to_device(batch), index)
-                fabric.backward(loss)
+                loss = plan.training_step(to_device(batch, device), index)
+                loss.backward()
                 optimizer.step()
                 steps += 1
     if private is not None:
         private.steps_taken += steps
-    return plan.loss_sum / max(plan.n_seen, 1)
+    return plan.mean_loss
 
 
 def fit_local(
@@ -182,17 +164,21 @@ def fit_local(
     key_material,
     private: PrivateTraining | None = None,
 ) -> float:
-    """Train ``network`` in place on ``batches`` (a plan and a Fabric for this fit alone; see
-    :func:`fit_plan`); return the mean training loss."""
+    """Train ``network`` in place on ``batches``, on the device of ``scinfl.settings.accelerator`` (the
+    network is moved there), with a plan for this fit alone (see :func:`fit_plan`); return the mean
+    training loss."""
+    device = resolve_device()
+    network.to(device)
     plan = TrainingPlan(network, objective, lr=lr, weight_decay=weight_decay, fused=private is None)
     return fit_plan(
-        make_fabric(), plan, batches, epochs=epochs, seed=seed, key_material=key_material, private=private
+        plan, batches, epochs=epochs, seed=seed, key_material=key_on(key_material, device), private=private
     )
 
 
-def _device(network: nn.Module) -> torch.device:
-    parameter = next(network.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
+def key_on(key_material, device: torch.device):
+    """``key_material`` (:func:`scinfl.train.key_material`'s) on ``device``, where a network computing with
+    it runs."""
+    return key_material.to(device) if isinstance(key_material, HardenedKey | Tensor) else key_material
 
 
 @torch.no_grad()
@@ -202,12 +188,12 @@ def evaluate(
     """Mean of each objective metric over ``batches`` (evaluation mode, on the network's device), plus the
     cell count ``n``."""
     network.eval()
-    device = _device(network)
+    device = module_device(network)
     sums: dict[str, float] = {}
     n = 0
-    with use_key(key_material):
+    with use_key(key_on(key_material, device)):
         for x, y in batches:
-            x, y = move_data_to_device((x, y), device)
+            x, y = to_device((x, y), device)
             for name, value in objective.metric_sums(network(x), x, y).items():
                 sums[name] = sums.get(name, 0.0) + value
             n += len(x)
@@ -216,17 +202,23 @@ def evaluate(
 
 @torch.no_grad()
 def infer(network: nn.Module, batches: Iterable, *, key_material) -> tuple[np.ndarray, np.ndarray]:
-    """Network outputs and embeddings (``features``) for every batch, in order, as CPU arrays."""
+    """Network outputs and embeddings (``features``) for every batch, in order, as CPU arrays.
+
+    Computed on the device of ``scinfl.settings.accelerator``; a network elsewhere is copied there for the
+    call and stays where it is.
+    """
     network.eval()
-    device = _device(network)
+    device = resolve_device()
     if isinstance(network, HardenedNetwork) and isinstance(key_material, HardenedKey):
         # The same function, at a plain network's cost: a throwaway network holds the plain-basis weights.
         plain = network.plain_copy(key_material)
         network, key_material = plain, None
+    if module_device(network) != device:
+        network = copy.deepcopy(network).to(device)
     outputs, embeddings = [], []
-    with use_key(key_material):
+    with use_key(key_on(key_material, device)):
         for x, _ in batches:
-            x = move_data_to_device(x, device)
+            x = to_device(x, device)
             if isinstance(network, KeyedModule):
                 features = network.call("features", x)
                 out = network.call("head", features)

@@ -10,7 +10,8 @@ from torch import Tensor, nn
 
 from ..data import SiteDataset, batch_loader
 from ..nn import HardenedKey, HardenedNetwork
-from .local import LocalFitResult, Objective, TrainingPlan, copy_state, evaluate, fit_plan, make_fabric
+from .device import resolve_device
+from .local import LocalFitResult, Objective, TrainingPlan, copy_state, evaluate, fit_plan, key_on
 from .settings import FitSettings
 
 if TYPE_CHECKING:
@@ -23,8 +24,8 @@ class SiteTrainer:
     """Trains and evaluates the global model on one site's data.
 
     The key stays here, at the site: :meth:`fit` returns weights, the training cell count and the key's
-    fingerprint, never the key. The site keeps one training plan for its whole federation, run by
-    Lightning Fabric on the accelerator of ``scinfl.settings``.
+    fingerprint, never the key. The site keeps one training plan for its whole federation, on the device
+    of ``scinfl.settings.accelerator`` (resolved when the site is built).
 
     Parameters
     ----------
@@ -77,14 +78,13 @@ class SiteTrainer:
         self.validation = validation
         self.objective = objective
         self.settings = settings
-        self.fabric = make_fabric()
-        self.network = network.to(self.fabric.device)
+        self.device = resolve_device()
+        self.network = network.to(self.device)
         self._trained = None if trained is None else frozenset(trained)
         if self._trained is not None:
             for parameter_name, parameter in self.network.named_parameters():
                 parameter.requires_grad_(parameter_name in self._trained)
-        if isinstance(key_material, HardenedKey | Tensor):
-            key_material = key_material.to(self.fabric.device)
+        key_material = key_on(key_material, self.device)
         self._key_material = key_material
         # A hardened network trains as its equivalent plain network (so its optimisation is plain FedAvg's,
         # Adam included) and converts weights from and to the shared basis at the site.
@@ -157,7 +157,6 @@ class SiteTrainer:
             loader = self.private.loader(self.train, seed=seed)
             steps_before = self.private.steps_taken
         train_loss = fit_plan(
-            self.fabric,
             self.plan,
             loader,
             epochs=self.settings.local_epochs,

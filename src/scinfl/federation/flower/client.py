@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -148,16 +150,33 @@ def _trainer(node: SiteNode, run: ConfigRecord, run_id: int) -> SiteTrainer:
     return _TRAINERS[cache_key]
 
 
+def process_age() -> float | None:
+    """Seconds since this process started (Linux's ``/proc``; None elsewhere)."""
+    try:
+        with open("/proc/self/stat") as stat:
+            start_ticks = int(stat.read().rpartition(")")[2].split()[19])
+        with open("/proc/stat") as stat:
+            boot = next(int(line.split()[1]) for line in stat if line.startswith("btime"))
+        return time.time() - (boot + start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
 def answer_train(message: Message, node: SiteNode, context: Context) -> Message:
     """Evaluate the received global weights (the previous round's), then train on them if asked.
 
-    Evaluation rides in the training reply, so that a round is one exchange, not two.
+    Evaluation rides in the training reply, so that a round is one exchange, not two. The site's log (its
+    SuperNode's) gets one line per message with where the time went: the site's data and trainer, the
+    answer (evaluation, training, masking), and how long after the process started the message reached
+    scinfl (in a deployment, a process per message: its imports and Flower's own set-up).
     """
+    age, started = process_age(), time.perf_counter()
     site, state, instruction = protocol.decode_instruction(message.content)
     if site != node.site:
         raise ValueError(f"This SuperNode serves site {node.site!r} but was addressed as {site!r}.")
     with torch_threads(settings.torch_threads):
         trainer = _trainer(node, message.content[protocol.SITE], context.run_id)
+        ready = time.perf_counter()
         if instruction.restore is None and _LOCAL_STATE in context.state:
             # This run's state of the site, wherever the previous message was served.
             trainer.restore_local_state(json.loads(str(context.state[_LOCAL_STATE]["state"])))
@@ -171,6 +190,15 @@ def answer_train(message: Message, node: SiteNode, context: Context) -> Message:
             masking_key = MaskingKey.from_bytes(bytes(context.state[_MASKING_KEY]["private"]))
         reply = answer(trainer, state, instruction, masking_key)
     context.state[_LOCAL_STATE] = ConfigRecord({"state": json.dumps(reply.local_state)})
+    done = time.perf_counter()
+    logger.info(
+        "Site %r: data and trainer %.2f s, answer %.2f s; the message reached scinfl %s s after this "
+        "process started.",
+        node.site,
+        ready - started,
+        done - ready,
+        "?" if age is None else f"{age:.2f}",
+    )
     return Message(protocol.encode_reply(node.site, reply), reply_to=message)
 
 

@@ -1,0 +1,93 @@
+"""The device a site computes on: ``scinfl.settings.accelerator`` resolved to one torch device, and batches
+moved there.
+
+A site trains one small network on one device, so this is all the accelerator handling a local fit needs.
+It used to be Lightning Fabric's; importing Lightning cost each process about 2 s of CPU (it pulls in
+torchmetrics, matplotlib and scikit-learn), and a Flower deployment starts a process for every message, at
+every site, every round (docs/architecture.md, docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from .._settings import settings
+
+__all__ = ["module_device", "resolve_device", "to_device"]
+
+_Batch = TypeVar("_Batch")
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def resolve_device(accelerator: str | torch.device | None = None) -> torch.device:
+    """The torch device of ``accelerator`` (default ``scinfl.settings.accelerator``).
+
+    ``"auto"`` is the first CUDA GPU when torch sees one, else Apple's MPS when available, else the CPU;
+    ``"cpu"``; ``"gpu"`` or ``"cuda"`` (the current CUDA device); ``"cuda:1"``; ``"mps"``. Asking for a
+    device torch cannot use is an error, not a silent fallback to the CPU.
+    """
+    value = settings.accelerator if accelerator is None else accelerator
+    name = str(value).strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("mps") if _mps_available() else torch.device("cpu")
+    if name == "gpu":
+        name = "cuda"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(
+            f"scinfl.settings.accelerator is {value!r}: use 'auto', 'cpu', 'gpu' (or 'cuda', 'cuda:1') or 'mps'."
+        )
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                f"scinfl.settings.accelerator is {value!r}, but torch sees no CUDA GPU here (torch "
+                f"{torch.__version__}): use 'auto' or 'cpu'."
+            )
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        elif device.index >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"scinfl.settings.accelerator is {value!r}, but torch sees {torch.cuda.device_count()} GPU(s)."
+            )
+    if device.type == "mps" and not _mps_available():
+        raise RuntimeError(f"scinfl.settings.accelerator is {value!r}, but MPS is not available here.")
+    return device
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter or buffer (the CPU for a module with neither)."""
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def to_device(batch: _Batch, device: torch.device) -> _Batch:
+    """``batch`` (a tensor, an object with ``.to(device)``, or a tuple or list of them) on ``device``.
+
+    To a CUDA device, CPU tensors go through pinned memory with a non-blocking copy, so that the copy
+    overlaps the work already queued on the GPU.
+    """
+    if isinstance(batch, Tensor):
+        if batch.device == device:
+            return batch
+        if device.type == "cuda" and batch.device.type == "cpu":
+            return batch.pin_memory().to(device, non_blocking=True)
+        return batch.to(device)
+    if isinstance(batch, tuple | list):
+        return type(batch)(to_device(item, device) for item in batch)
+    to = getattr(batch, "to", None)
+    return to(device) if callable(to) else batch

@@ -155,6 +155,9 @@ def main() -> None:
         f"load average {os.getloadavg()[0]:.2f}"
     )
 
+    # The first optimiser a process builds imports torch._dynamo (about 1.3 s here): done before the timing,
+    # as in a notebook after its first run; the simulation's workers and a deployment's ClientApps pay it.
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
     times = {}
     models = {}
     # The 1-round simulation separates Flower's fixed cost (Ray, workers importing scinfl) from its

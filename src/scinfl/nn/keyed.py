@@ -218,8 +218,13 @@ class KeyedNetwork(KeyedModule):
             for start, layer in zip((widths.cumsum(0) - widths).tolist(), layers, strict=True)
             if layer.film
         ]
-        # Unit indices (into all keyed layers' outputs, concatenated) that get FiLM; not key material.
-        self._film_units = torch.cat(film_units) if film_units else torch.empty(0, dtype=torch.long)
+        # Unit indices (into all keyed layers' outputs, concatenated) that get FiLM; not key material. A
+        # buffer, so that it moves with the network to its device; not persistent: not in the state_dict.
+        self.register_buffer(
+            "_film_units",
+            torch.cat(film_units) if film_units else torch.empty(0, dtype=torch.long),
+            persistent=False,
+        )
         # Rows: a (all units), c (all units), g (FiLM units), beta (FiLM units).
         n_film = len(self._film_units)
         self.key_heads = nn.Linear(key_encoder.key_dim, 2 * self._n_units + 2 * n_film)

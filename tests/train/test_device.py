@@ -1,0 +1,207 @@
+"""The accelerator setting, and device bugs caught without a GPU.
+
+:class:`FakeDevice` makes the CPU play a second device: whatever scinfl moves to the device it resolves is
+marked, the marks follow every torch operation, and the harness records what a real GPU would refuse: an
+operation mixing device tensors with CPU tensors (other than 0-d scalars), and ``.numpy()`` on a device
+tensor. The quick-start pipeline then runs under it, so a tensor that leaves a network without an explicit
+``.cpu()``, or a CPU tensor made inside a forward pass without ``device=``, fails here and not first on a
+user's GPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+import scinfl as si
+from helpers import FAST
+from scinfl.train import device as device_module
+from scinfl.train import local as local_module
+from scinfl.train import resolve_device, to_device
+from scinfl.train import site as site_module
+
+# Unequal to torch.device("cpu"), yet tensors moved to it stay CPU tensors: the device scinfl resolves.
+FAKE = torch.device("cpu", 0)
+_MARK = "_scinfl_on_fake_device"
+# Operations that may take a CPU tensor into a device tensor on a real GPU (cross-device copies).
+_CROSSING = {"copy_", "to", "__set__", "set_", "cpu", "_to_copy", "detach", "__get__"}
+_CROSSING |= {"_has_compatible_shallow_copy_type"}  # nn.Module.to's own check
+
+
+def _on_device(tensor) -> bool:
+    return isinstance(tensor, Tensor) and getattr(tensor, _MARK, False)
+
+
+def _mark(value) -> None:
+    for leaf in tree_flatten(value)[0]:
+        if isinstance(leaf, Tensor):
+            setattr(leaf, _MARK, True)
+
+
+def _device_argument(args, kwargs):
+    target = kwargs.get("device", args[1] if len(args) > 1 else None)
+    if isinstance(target, str):
+        target = torch.device(target)
+    return target if isinstance(target, torch.device) else None
+
+
+class FakeDevice(TorchFunctionMode):
+    """Track device tensors and record what a real second device would refuse (see the module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.problems: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", str(func))
+        if func == Tensor.device.__get__ and _on_device(args[0]):
+            return FAKE
+        tensors = [leaf for leaf in tree_flatten((args, kwargs))[0] if isinstance(leaf, Tensor)]
+        for tensor in tensors:  # autograd writes .grad outside torch functions: it is where its parameter is
+            if _on_device(tensor) and tensor.is_leaf and isinstance(tensor.grad, Tensor):
+                setattr(tensor.grad, _MARK, True)
+        on_device = [t for t in tensors if _on_device(t)]
+        if name == "numpy" and on_device:
+            self.problems.append("numpy() of a device tensor (move it with .cpu() first)")
+        if on_device and name not in _CROSSING:
+            stray = [tuple(t.shape) for t in tensors if not _on_device(t) and t.dim() > 0]
+            if stray:
+                self.problems.append(f"{name} mixes device tensors with CPU tensors of shapes {stray[:3]}")
+        out = func(*args, **kwargs)
+        if name == "to" or name == "cpu":
+            target = torch.device("cpu") if name == "cpu" else _device_argument(args, kwargs)
+            if target == FAKE or (target is None and on_device):
+                _mark(out)
+            elif isinstance(out, Tensor) and _on_device(out):
+                # A real move to the CPU makes a new tensor; here it is the same one: a view stands for it.
+                out = out.view_as(out)
+                setattr(out, _MARK, False)
+            return out
+        if on_device or kwargs.get("device") == FAKE:
+            _mark(out)
+        return out
+
+
+@pytest.fixture
+def fake_device(monkeypatch):
+    """The device scinfl resolves is FAKE; yields the FakeDevice recorder, active for the test."""
+    for module in (device_module, local_module, site_module):
+        monkeypatch.setattr(module, "resolve_device", lambda accelerator=None: FAKE)
+
+    def marked_to_device(batch, device):
+        if device != FAKE:
+            return to_device(batch, device)
+        moved = tree_map(lambda leaf: leaf.clone() if isinstance(leaf, Tensor) else leaf, batch)
+        _mark(moved)
+        return moved
+
+    monkeypatch.setattr(local_module, "to_device", marked_to_device)
+    module_to = nn.Module.to
+
+    def marked_module_to(module, *args, **kwargs):  # a module's parameters and buffers move with it
+        moved = module_to(module, *args, **kwargs)
+        if _device_argument((module, *args), kwargs) == FAKE:
+            for tensor in [*moved.parameters(), *moved.buffers()]:
+                setattr(tensor, _MARK, True)
+        return moved
+
+    monkeypatch.setattr(nn.Module, "to", marked_module_to)
+    with FakeDevice() as recorder:
+        yield recorder
+
+
+def test_fake_device_catches_the_bugs_it_is_for(fake_device):
+    """Positive controls: the harness flags a CPU tensor added to a network's output and numpy() of it."""
+    network = nn.Linear(4, 2).to(FAKE)
+    out = network(to_device(torch.ones(3, 4), FAKE))
+    assert _on_device(out)
+    assert not fake_device.problems
+    _ = out + torch.ones(3, 2)  # made without device=: a CUDA error on a GPU
+    _ = out.detach().numpy()
+    assert len(fake_device.problems) == 2, fake_device.problems
+    fine = out.detach().cpu().numpy() + torch.ones(3, 2, device=out.device).cpu().numpy()
+    assert fine.shape == (3, 2)
+    assert len(fake_device.problems) == 2
+
+
+def test_quick_start_pipeline_keeps_tensors_on_the_device(fake_device, pbmc_sites):
+    """Training, validation, key conversion, predictions and embeddings, with a hardened key and with the
+    paper's, run on the device and bring results back explicitly."""
+    for scheme in ("hardened", "infl"):
+        key = si.FederationKey(hashlib.sha256(f"device {scheme}".encode()).digest(), scheme=scheme)
+        sites = {name: adata.copy() for name, adata in pbmc_sites.items()}
+        model = si.tl.train_federated(sites, key=key, label_key="bulk_labels", rounds=2, seed=0)
+        adata = sites["site_0"]
+        si.tl.predict(adata, model, key=key)
+        assert "scinfl_prediction" in adata.obs
+        assert "X_scinfl" in adata.obsm
+    assert not fake_device.problems, sorted(set(fake_device.problems))[:5]
+
+
+def test_site_aware_embedding_on_the_device(fake_device, pbmc_sites):
+    """The embedding's per-batch statistics and shifts, and a new site mapped onto the model."""
+    key = si.FederationKey(hashlib.sha256(b"device embedding").digest())
+    sites = {name: adata.copy() for name, adata in pbmc_sites.items()}
+    query = sites["site_2"].copy()
+    task = si.tasks.Embedding(site_effects=True, hidden=32, n_latent=8)
+    model = si.tl.train_federated(sites, key=key, task=task, rounds=2, seed=0)
+    si.tl.map_site(query, model, key=key, site="new site", epochs=1)
+    assert "X_scinfl" in query.obsm
+    assert not fake_device.problems, sorted(set(fake_device.problems))[:5]
+
+
+def test_accelerator_setting_reaches_every_fit(monkeypatch, pbmc_sites):
+    """scinfl.settings.accelerator="cpu" goes through the same path as "auto" and gives the same weights
+    here; the device every site trains on is the resolved one."""
+    seen = []
+    original = site_module.resolve_device
+
+    def recording(accelerator=None):
+        device = original(accelerator)
+        seen.append((si.settings.accelerator, device))
+        return device
+
+    monkeypatch.setattr(site_module, "resolve_device", recording)
+    models = {}
+    for accelerator in ("auto", "cpu"):
+        monkeypatch.setattr(si.settings, "accelerator", accelerator)
+        sites = {name: adata.copy() for name, adata in pbmc_sites.items()}
+        models[accelerator] = si.tl.train_federated(sites, key=None, **FAST | {"rounds": 2})
+    expected = resolve_device("auto")
+    assert {accelerator for accelerator, _ in seen} == {"auto", "cpu"}
+    assert all(device == (expected if name == "auto" else torch.device("cpu")) for name, device in seen)
+    if expected.type == "cpu":
+        for name, tensor in models["auto"].network.state_dict().items():
+            assert torch.equal(tensor, models["cpu"].network.state_dict()[name]), name
+
+
+def test_resolve_device_names_and_errors(monkeypatch):
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+    monkeypatch.setattr(si.settings, "accelerator", "CPU")
+    assert resolve_device() == torch.device("cpu")
+    with pytest.raises(ValueError, match="'tpu'.*use 'auto', 'cpu', 'gpu'"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        assert resolve_device("auto").type in ("cpu", "mps")
+        for name in ("gpu", "cuda", "cuda:1"):
+            with pytest.raises(RuntimeError, match="torch sees no CUDA GPU here"):
+                resolve_device(name)
+
+
+def test_to_device_moves_nested_batches_and_keeps_tensors_already_there():
+    x, y = torch.ones(2, 3), torch.arange(2)
+    moved = to_device((x, [y, "label"]), torch.device("cpu"))
+    assert isinstance(moved, tuple)
+    assert isinstance(moved[1], list)
+    assert moved[1][1] == "label"
+    assert moved[0] is x
+    assert moved[1][0] is y
+    assert np.array_equal(moved[0].numpy(), x.numpy())

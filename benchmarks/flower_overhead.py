@@ -64,7 +64,10 @@ from scinfl.federation.flower.deployment import LocalDeployment, run_config, sit
 
 SIMULATION_GOAL = 1.5  # x the in-process wall time
 DEPLOYMENT_GOAL = 5.0  # seconds per round
-CLIENT_IMPORT = "import scinfl.flower_apps, torch; torch.optim.Adam([torch.zeros(1, requires_grad=True)])"
+CLIENT_IMPORT = (
+    "import time; t = time.perf_counter(); import scinfl.flower_apps, torch; i = time.perf_counter(); "
+    "torch.optim.Adam([torch.zeros(1, requires_grad=True)]); print(i - t, time.perf_counter() - i)"
+)
 HEAVY = (
     "torch",
     "torch._dynamo",

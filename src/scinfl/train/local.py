@@ -1,7 +1,7 @@
 """Local training at one site: the training plan and plain functions any engine can call.
 
 The key enters only through :func:`scinfl.nn.use_key` around the call; neither the plan nor the network
-stores it. Local fits run on the device of ``scinfl.settings.accelerator`` (:mod:`scinfl.train.device`). A
+stores it. Local fits run on the device of ``scinfl.settings.accelerator`` (:func:`scinfl.train.resolve_device`). A
 federation makes hundreds of short fits, so a site keeps one plan for the whole federation
 (:class:`~scinfl.train.SiteTrainer`) and a fit is a plain loop: a new Lightning ``Trainer`` per fit cost
 more than the training itself on small sites, and importing Lightning cost more than a deployed round's
@@ -121,8 +121,8 @@ def fit_plan(
 ) -> float:
     """Train ``plan``'s network in place for ``epochs`` epochs of ``batches``; return the mean training loss.
 
-    The fit runs on the device the network is on; every batch is moved there (:func:`~scinfl.train.device.
-    to_device`). With ``private`` (one site's :class:`~scinfl.train.dp.PrivateTraining`), the fit is
+    The fit runs on the device the network is on; every batch is moved there
+    (:func:`~scinfl.train.to_device`). With ``private`` (one site's :class:`~scinfl.train.dp.PrivateTraining`), the fit is
     DP-SGD: the optimiser the plan configures (unfused Adam) is wrapped by Opacus to clip per-cell gradients
     and add noise, every step is recorded in the site's accountant, and ``private.steps_taken`` counts the
     steps. ``batches`` should then be ``private.loader(...)``; its empty Poisson batches are skipped. Keyed

@@ -9,7 +9,7 @@ every site, every round (docs/architecture.md, docs/benchmarks.md).
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -17,8 +17,6 @@ from torch import Tensor, nn
 from .._settings import settings
 
 __all__ = ["module_device", "resolve_device", "to_device"]
-
-_Batch = TypeVar("_Batch")
 
 
 def _mps_available() -> bool:
@@ -75,7 +73,7 @@ def module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def to_device(batch: _Batch, device: torch.device) -> _Batch:
+def to_device(batch: Any, device: torch.device) -> Any:
     """``batch`` (a tensor, an object with ``.to(device)``, or a tuple or list of them) on ``device``.
 
     To a CUDA device, CPU tensors go through pinned memory with a non-blocking copy, so that the copy

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .._settings import settings
 
-__all__ = ["module_device", "resolve_device", "to_device"]
+__all__ = ["manual_seed", "module_device", "resolve_device", "to_device"]
 
 
 def _mps_available() -> bool:
@@ -89,3 +89,17 @@ def to_device(batch: Any, device: torch.device) -> Any:
         return type(batch)(to_device(item, device) for item in batch)
     to = getattr(batch, "to", None)
     return to(device) if callable(to) else batch
+
+
+def manual_seed(seed: int, device: torch.device) -> None:
+    """Seed the CPU's random generator and ``device``'s.
+
+    As ``torch.manual_seed`` for the CPU and that device, without its queueing of a seed for every
+    accelerator backend not yet started, which formats a stack trace each time: about 1 ms per local fit
+    on a CPU, more than a small site's fit spends on some of its batches.
+    """
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.default_generators[device.index or 0].manual_seed(seed)
+    elif device.type == "mps":
+        torch.mps.manual_seed(seed)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn import HardenedKey, HardenedNetwork, KeyedModule, use_key
-from .device import module_device, resolve_device, to_device
+from .device import manual_seed, module_device, resolve_device, to_device
 
 if TYPE_CHECKING:
     from .dp import PrivateTraining
@@ -128,10 +128,10 @@ def fit_plan(
     steps. ``batches`` should then be ``private.loader(...)``; its empty Poisson batches are skipped. Keyed
     networks cannot be trained privately (see :mod:`scinfl.train.dp`).
     """
-    torch.manual_seed(seed)
+    device = module_device(plan.network)
+    manual_seed(seed, device)
     plan.reset()
     plan.network.train()
-    device = module_device(plan.network)
     steps = 0
     with ExitStack() as stack:
         optimizer = plan.configure_optimizers()

@@ -231,6 +231,7 @@ def run_config(manifest: dict, mode: str, scheme: str, args: argparse.Namespace)
 
     warnings.simplefilter("ignore")
     import anndata as ad
+    import torch
 
     import scinfl as si
     from scinfl.data import AlignedMatrix
@@ -238,6 +239,9 @@ def run_config(manifest: dict, mode: str, scheme: str, args: argparse.Namespace)
     from scinfl.model import FederatedModel
     from scinfl.train import SiteTrainer
 
+    # The first optimiser of a process imports torch._dynamo (about 1.3 s): once, with the imports (it came
+    # with Lightning's import until 2026-12-04), not in the fits' time.
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
     si.settings.torch_threads = args.threads
     si.settings.progress = False
     timers = {"fit": 0.0, "evaluate": 0.0, "predict": 0.0, "rows_in_fit": 0.0, "read_in_fit": 0.0}

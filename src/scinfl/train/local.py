@@ -5,8 +5,8 @@ stores it. Local fits run on the device of ``scinfl.settings.accelerator``
 (:func:`scinfl.train.resolve_device`). A federation makes hundreds of short fits, so a site keeps one plan
 for the whole federation (:class:`~scinfl.train.SiteTrainer`) and a fit is a plain loop: a new Lightning
 ``Trainer`` per fit cost more than the training itself on small sites, and importing Lightning cost more
-than a deployed round's training (docs/benchmarks.md). The same loop runs DP-SGD when given a site's private-training state
-(:mod:`scinfl.train.dp`): Opacus then wraps the optimiser the plan configures.
+than a deployed round's training (docs/benchmarks.md). The same loop runs DP-SGD when given a site's
+private-training state (:mod:`scinfl.train.dp`): Opacus then wraps the optimiser the plan configures.
 
 What a task contributes is an *objective*: ``loss(output, x, y)`` (the mean loss of a batch) and
 ``metric_sums(output, x, y)`` (per-batch sums of each metric), where ``x, y`` are the batch's rows and

@@ -26,7 +26,8 @@ Per phase:
     A fresh interpreter importing ``scinfl.flower_apps`` and building one Adam optimiser (torch imports
     ``torch._dynamo`` there), as every deployed message's process does: each step's seconds, the whole
     process's wall and CPU seconds (with interpreter start-up and exit), and each heavy package's share by
-    ``python -X importtime`` (cumulative, so nested packages overlap).
+    ``python -X importtime`` (cumulative, so nested packages overlap). Beside it, the wall time of
+    ``python -c "import scinfl"`` and of ``python -m scinfl`` (its usage message), as a user meets them.
 ``deployment phases``
     From each site's log (one line per training message, :func:`scinfl.federation.flower.client.
     answer_train`): the ClientApp process's age when the message reached scinfl (its imports and Flower's
@@ -99,6 +100,18 @@ def client_import(repeats: int = 3) -> None:
         optimisers.append(optimiser)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpus.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+    for label, command in (
+        ("import scinfl", ["-c", "import scinfl"]),
+        ("python -m scinfl", ["-m", "scinfl"]),
+    ):
+        seconds = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            subprocess.run([sys.executable, *command], capture_output=True, check=False)
+            seconds.append(time.perf_counter() - started)
+        print(
+            f"{label:<23} {statistics.median(seconds):7.2f} s wall, the whole process (median of {repeats})"
+        )
     trace = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", CLIENT_IMPORT], check=True, capture_output=True, text=True
     ).stderr

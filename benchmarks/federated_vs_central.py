@@ -20,6 +20,9 @@ A separate, instrumented call per arm then splits the time: scinfl functions are
 (monkeypatching, nothing in ``src/`` changes) and each wrapper records its time minus that of the wrapped
 calls inside it. The instrumented calls are not part of the timing above.
 
+With ``--profile``, one more federated call runs under cProfile and its 15 costliest functions (own time)
+are printed, then the cumulative time of seeding and of the updates' finiteness check.
+
 Run::
 
     python benchmarks/federated_vs_central.py
@@ -28,9 +31,11 @@ Run::
 from __future__ import annotations
 
 import argparse
+import cProfile
 import functools
 import logging
 import os
+import pstats
 import statistics
 import sys
 import time
@@ -201,6 +206,9 @@ def main() -> None:
     )
     parser.add_argument("--no-breakdown", action="store_true", help="skip the instrumented breakdown")
     parser.add_argument(
+        "--profile", action="store_true", help="also profile one federated call (cProfile, top functions)"
+    )
+    parser.add_argument(
         "--replicate",
         type=int,
         default=1,
@@ -254,6 +262,15 @@ def main() -> None:
             f"{ratio:>6.2f}x  {verdict}"
         )
     print(f"load average at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if args.profile:
+        si.settings.torch_threads = args.threads[0]
+        profiler = cProfile.Profile()
+        profiler.runcall(train, arms["federated"], key, args.rounds)
+        print(f"\nOne federated call under cProfile ({args.threads[0]} thread(s)), by own time:")
+        stats = pstats.Stats(profiler)
+        stats.sort_stats("tottime").print_stats(15)
+        print("Seeding and the finiteness check of updates (cumulative):")
+        stats.sort_stats("cumulative").print_stats("manual_seed|check_finite|format_stack")
 
 
 if __name__ == "__main__":

@@ -29,9 +29,19 @@ from scinfl.train import site as site_module
 # Unequal to torch.device("cpu"), yet tensors moved to it stay CPU tensors: the device scinfl resolves.
 FAKE = torch.device("cpu", 0)
 _MARK = "_scinfl_on_fake_device"
-# Operations that may take a CPU tensor into a device tensor on a real GPU (cross-device copies).
-_CROSSING = {"copy_", "to", "__set__", "set_", "cpu", "_to_copy", "detach", "__get__"}
-_CROSSING |= {"_has_compatible_shallow_copy_type"}  # nn.Module.to's own check
+# Operations that may take a CPU tensor into a device tensor on a real GPU (cross-device copies), and
+# nn.Module.to's own check of the tensors it swaps.
+_CROSSING = {
+    "copy_",
+    "to",
+    "__set__",
+    "set_",
+    "cpu",
+    "_to_copy",
+    "detach",
+    "__get__",
+    "_has_compatible_shallow_copy_type",
+}
 
 
 def _on_device(tensor) -> bool:

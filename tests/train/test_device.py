@@ -2,8 +2,9 @@
 
 :class:`FakeDevice` makes the CPU play a second device: whatever scinfl moves to the device it resolves is
 marked, the marks follow every torch operation, and the harness records what a real GPU would refuse: an
-operation mixing device tensors with CPU tensors (other than 0-d scalars), and ``.numpy()`` on a device
-tensor. The quick-start pipeline then runs under it, so a tensor that leaves a network without an explicit
+operation mixing device tensors with CPU tensors (other than 0-d scalars), ``.numpy()`` on a device
+tensor, and random numbers drawn for the device from a generator not made for it
+(:func:`scinfl.train.seeded_generator`). The quick-start pipeline then runs under it, so a tensor that leaves a network without an explicit
 ``.cpu()``, or a CPU tensor made inside a forward pass without ``device=``, fails here and not first on a
 user's GPU.
 """
@@ -15,6 +16,7 @@ import hashlib
 import numpy as np
 import pytest
 import torch
+from opacus.grad_sample import GradSampleHooks
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
@@ -22,8 +24,9 @@ from torch.utils._pytree import tree_flatten, tree_map
 import scinfl as si
 from helpers import FAST
 from scinfl.train import device as device_module
+from scinfl.train import dp as dp_module
 from scinfl.train import local as local_module
-from scinfl.train import resolve_device, to_device
+from scinfl.train import resolve_device, seeded_generator, to_device
 from scinfl.train import site as site_module
 
 # Unequal to torch.device("cpu"), yet tensors moved to it stay CPU tensors: the device scinfl resolves.
@@ -67,6 +70,7 @@ class FakeDevice(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self.problems: list[str] = []
+        self.device_generators: set[int] = set()  # ids of generators made for the device
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -80,6 +84,10 @@ class FakeDevice(TorchFunctionMode):
         on_device = [t for t in tensors if _on_device(t)]
         if name == "numpy" and on_device:
             self.problems.append("numpy() of a device tensor (move it with .cpu() first)")
+        generator = kwargs.get("generator")
+        drawn_on_device = on_device or _device_argument((None,), kwargs) == FAKE
+        if generator is not None and drawn_on_device and id(generator) not in self.device_generators:
+            self.problems.append(f"{name} draws device numbers from a CPU generator")
         if on_device and name not in _CROSSING:
             stray = [tuple(t.shape) for t in tensors if not _on_device(t) and t.dim() > 0]
             if stray:
@@ -102,8 +110,17 @@ class FakeDevice(TorchFunctionMode):
 @pytest.fixture
 def fake_device(monkeypatch):
     """The device scinfl resolves is FAKE; yields the FakeDevice recorder, active for the test."""
+    recorder = FakeDevice()
     for module in (device_module, local_module, site_module):
         monkeypatch.setattr(module, "resolve_device", lambda accelerator=None: FAKE)
+
+    def recorded_generator(seed, device):
+        generator = seeded_generator(seed, device)
+        if device == FAKE:
+            recorder.device_generators.add(id(generator))
+        return generator
+
+    monkeypatch.setattr(dp_module, "seeded_generator", recorded_generator)
 
     def marked_to_device(batch, device):
         if device != FAKE:
@@ -123,8 +140,27 @@ def fake_device(monkeypatch):
         return moved
 
     monkeypatch.setattr(nn.Module, "to", marked_module_to)
-    with FakeDevice() as recorder:
-        yield recorder
+
+    def mark_output_gradients(module, grad_input, grad_output):
+        # Autograd makes these tensors outside torch functions; backward hooks (Opacus's) receive them.
+        if any(_on_device(tensor) for tensor in module.parameters(recurse=False)):
+            _mark(grad_output)
+
+    handle = nn.modules.module.register_module_full_backward_hook(mark_output_gradients)
+    # Backward hooks run inside loss.backward(), while the mode is off: Opacus's per-cell gradients are
+    # computed there, so its hook turns the mode back on.
+    capture = GradSampleHooks.capture_backprops_hook
+
+    def tracked_capture(*args, **kwargs):
+        with recorder:
+            return capture(*args, **kwargs)
+
+    monkeypatch.setattr(GradSampleHooks, "capture_backprops_hook", tracked_capture)
+    try:
+        with recorder:
+            yield recorder
+    finally:
+        handle.remove()
 
 
 def test_fake_device_catches_the_bugs_it_is_for(fake_device):
@@ -135,10 +171,14 @@ def test_fake_device_catches_the_bugs_it_is_for(fake_device):
     assert not fake_device.problems
     _ = out + torch.ones(3, 2)  # made without device=: a CUDA error on a GPU
     _ = out.detach().numpy()
-    assert len(fake_device.problems) == 2, fake_device.problems
+    _ = torch.normal(0.0, 1.0, size=(3, 2), device=out.device, generator=torch.Generator())
+    assert len(fake_device.problems) == 3, fake_device.problems
     fine = out.detach().cpu().numpy() + torch.ones(3, 2, device=out.device).cpu().numpy()
     assert fine.shape == (3, 2)
-    assert len(fake_device.problems) == 2
+    on_device = dp_module.seeded_generator(0, FAKE)
+    _ = torch.normal(0.0, 1.0, size=(3, 2), device=out.device, generator=on_device)
+    _ = torch.randn(3, 2, generator=torch.Generator()).to(out.device)  # drawn on the CPU, then moved
+    assert len(fake_device.problems) == 3, fake_device.problems
 
 
 def test_quick_start_pipeline_keeps_tensors_on_the_device(fake_device, pbmc_sites):
@@ -164,6 +204,14 @@ def test_site_aware_embedding_on_the_device(fake_device, pbmc_sites):
     model = si.tl.train_federated(sites, key=key, task=task, rounds=2, seed=0)
     si.tl.map_site(query, model, key=key, site="new site", epochs=1)
     assert "X_scinfl" in query.obsm
+    assert not fake_device.problems, sorted(set(fake_device.problems))[:5]
+
+
+def test_private_training_on_the_device(fake_device, pbmc_sites):
+    """DP-SGD: Opacus's per-cell gradients and its noise, drawn on the device with a generator made there."""
+    sites = {name: adata.copy() for name, adata in pbmc_sites.items()}
+    model = si.tl.train_federated(sites, key=None, dp={"epsilon": 8.0}, **FAST | {"rounds": 1})
+    assert model.params["dp"]["spent_epsilon"]["site_0"] > 0
     assert not fake_device.problems, sorted(set(fake_device.problems))[:5]
 
 

@@ -1,7 +1,7 @@
 """Local training, shared by every engine and task: the training plan, fit/evaluate/infer on a device, the site
 trainer."""
 
-from .device import manual_seed, module_device, resolve_device, to_device
+from .device import manual_seed, module_device, resolve_device, seeded_generator, to_device
 from .keys import key_material
 from .local import (
     LocalFitResult,
@@ -34,5 +34,6 @@ __all__ = [
     "manual_seed",
     "module_device",
     "resolve_device",
+    "seeded_generator",
     "to_device",
 ]

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .._settings import settings
 
-__all__ = ["manual_seed", "module_device", "resolve_device", "to_device"]
+__all__ = ["manual_seed", "module_device", "resolve_device", "seeded_generator", "to_device"]
 
 
 def _mps_available() -> bool:
@@ -103,3 +103,9 @@ def manual_seed(seed: int, device: torch.device) -> None:
         torch.cuda.default_generators[device.index or 0].manual_seed(seed)
     elif device.type == "mps":
         torch.mps.manual_seed(seed)
+
+
+def seeded_generator(seed: int, device: torch.device) -> torch.Generator:
+    """A random generator on ``device`` seeded with ``seed``, for random numbers drawn there (torch refuses
+    a CPU generator for a GPU tensor)."""
+    return torch.Generator(device=device).manual_seed(int(seed))

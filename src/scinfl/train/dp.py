@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader
 
 from ..data import SiteDataset
 from ..nn import HardenedLinear, KeyedLinear, KeyedModule
+from .device import module_device, seeded_generator
 from .settings import DPSettings
 
 try:
@@ -174,7 +175,9 @@ class PrivateTraining:
                 max_grad_norm=self.settings.max_grad_norm,
                 expected_batch_size=self.expected_batch_size,
                 loss_reduction="mean",
-                generator=torch.Generator().manual_seed(_derived_seed(seed, "noise")),
+                # Opacus draws the noise where the gradients are, with this generator: a CPU generator
+                # for a GPU's gradients is an error.
+                generator=seeded_generator(_derived_seed(seed, "noise"), module_device(network)),
             )
             private.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=self.sample_rate))
             with warnings.catch_warnings():

@@ -16,6 +16,11 @@ epoch of:
     ceiling. Run once per task, genes and batch (it has no mode).
 ``cpu``
     On a GPU machine, the scinfl arm again with ``scinfl.settings.accelerator = "cpu"`` (in-memory only).
+``data dense`` / ``data sparse``
+    The data path alone, per gene count, batch size and mode: one shuffled epoch of batches read and moved
+    to the device, no training. ``dense``: densified on the CPU as they are read (the CPU's way);
+    ``sparse``: read as CSR parts and densified on the device (a GPU's way, ``SparseRows``). The cells/s
+    the data path can feed the device with.
 
 Peak GPU memory (``torch.cuda.max_memory_allocated``) is printed per run on a GPU. On a machine without
 one, everything runs on the CPU and the script says so; the default sizes are then small.
@@ -43,6 +48,7 @@ import torch
 
 import scinfl as si
 from scale import generate  # benchmarks/scale.py: the same generated sites
+from scinfl.data import batch_loader
 from scinfl.federation import RunSpec
 from scinfl.federation.site import build_site, initial_weights
 from scinfl.tasks import ModelConfig
@@ -89,6 +95,24 @@ def scinfl_rate(trainer, state, epochs: int) -> float:
         trainer.fit(state, seed=1 + epoch)
     _sync(trainer.device)
     return trainer.n_train * epochs / (time.perf_counter() - started)
+
+
+def data_rate(trainer, batch_size: int, *, sparse: bool, epochs: int) -> float:
+    """Cells/s of the data path alone: shuffled batches of the trainer's cells read and on its device."""
+    dataset = trainer.train.with_sparse_batches(sparse)
+    device = trainer.device
+
+    def epoch(seed: int) -> None:
+        for x, y in batch_loader(dataset, batch_size=batch_size, shuffle=True, seed=seed):
+            to_device((x, y), device)
+
+    epoch(0)
+    _sync(device)
+    started = time.perf_counter()
+    for seed in range(1, epochs + 1):
+        epoch(seed)
+    _sync(device)
+    return len(dataset) * epochs / (time.perf_counter() - started)
 
 
 def bare_rate(trainer, epochs: int, batch_size: int) -> float:
@@ -141,6 +165,7 @@ def main() -> None:
     print(f"device: {device} ({where}); torch {torch.__version__}, {args.threads} CPU thread(s)")
 
     rows = []
+    feeds: dict[tuple[int, int, str, bool], float] = {}
     with tempfile.TemporaryDirectory(prefix="scinfl-gpu-") as tmp:
         for n_genes in args.genes:
             manifest = generate(Path(tmp), args.cells, 1, n_genes, seed=0)
@@ -160,6 +185,10 @@ def main() -> None:
                             peaks[mode] = torch.cuda.max_memory_allocated(device) / 2**30
                         if mode == args.modes[0]:
                             rates["bare"] = bare_rate(trainer, args.epochs, batch_size)
+                        if name == args.tasks[0]:
+                            for sparse in (False, True):
+                                rate = data_rate(trainer, batch_size, sparse=sparse, epochs=args.epochs)
+                                feeds[(n_genes, batch_size, mode, sparse)] = rate
                     if on_gpu and "memory" in args.modes:
                         si.settings.accelerator = "cpu"
                         trainer, state = _trainer(ad.read_h5ad(path), TASKS[name](), key, batch_size)
@@ -184,6 +213,14 @@ def main() -> None:
             f"{name:<10} {n_genes:>6} {batch_size:>6} {memory or 0:>10,.0f} {backed or 0:>10,.0f} {bare:>10,.0f} "
             f"{(memory or 0) / bare:>11.2f} {((backed or 0) / memory) if memory else 0:>13.2f}"
         )
+    print()
+    print(f"data path alone (cells/s): {'genes':>6} {'batch':>6} {'mode':>7} {'dense':>10} {'sparse':>10}")
+    if not on_gpu:
+        print("  (no GPU: 'sparse' densifies with torch on the CPU; a site on the CPU trains on 'dense')")
+    for (n_genes, batch_size, mode, sparse), rate in feeds.items():
+        if not sparse:
+            sparse_rate = feeds[(n_genes, batch_size, mode, True)]
+            print(f"{'':<26} {n_genes:>6} {batch_size:>6} {mode:>7} {rate:>10,.0f} {sparse_rate:>10,.0f}")
     target = [r for r in rows if r[0] == "classifier" and r[1] == 2000 and r[2] == 1024 and "memory" in r[3]]
     if target:
         rates = target[0][3]

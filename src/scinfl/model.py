@@ -19,7 +19,7 @@ from .data import FederationSchema, SiteDataset, batch_loader
 from .federation import FederationRun, RunSpec, site_split
 from .key import FederationKey, as_key
 from .tasks import ModelConfig, Predictions, Task, build_network
-from .train import infer, key_material
+from .train import infer, key_material, resolve_device, sparse_batches_on
 
 __all__ = ["FederatedModel", "KeyMismatchError", "ModelFileError", "Predictions"]
 
@@ -194,9 +194,10 @@ class FederatedModel:
             k: v for k, v in (("layer", layer), ("use_raw", use_raw), ("modality", modality)) if v is not None
         }
         inputs = self.inputs(adata, site=site, min_overlap=min_overlap, **fields)
-        loader = batch_loader(
-            SiteDataset(inputs, np.arange(inputs.n_obs)), batch_size=batch_size, shuffle=False
+        cells = SiteDataset(
+            inputs, np.arange(inputs.n_obs), sparse_batches=sparse_batches_on(resolve_device())
         )
+        loader = batch_loader(cells, batch_size=batch_size, shuffle=False)
         outputs, embedding = infer(self.network, loader, key_material=self.key_material(key))
         return self.task.predictions(outputs, embedding, inputs, self.schema)
 

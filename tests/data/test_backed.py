@@ -199,6 +199,12 @@ def test_backed_rows_match_in_memory_rows(pbmc, tmp_path, kind, compression):
             out = on_disk.rows(index)
             assert out.dtype == np.float32
             np.testing.assert_array_equal(out, in_memory.rows(index))
+            if on_disk.is_sparse:  # the batches a GPU site reads: CSR parts, densified on the device
+                for aligned in (on_disk, in_memory):
+                    np.testing.assert_array_equal(aligned.sparse_rows(index).dense().numpy(), out)
+            else:
+                with pytest.raises(TypeError, match="sparse_rows needs a sparse matrix"):
+                    on_disk.sparse_rows(index)
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 1000])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from scipy import sparse
 
 import scinfl as si
@@ -14,6 +15,7 @@ from scinfl.data import (
     AlignedMatrix,
     SiteDataset,
     SiteFields,
+    SparseRows,
     batch_loader,
     build_schema,
     check_finite,
@@ -151,6 +153,47 @@ def test_rows_on_sparse_raw_with_reordered_schema(pbmc, raw_csr):
     out = aligned.rows(index)
     np.testing.assert_array_equal(out[:, :-1], dense[index][:, ::-1])
     assert not out[:, -1].any()
+
+
+@pytest.mark.parametrize("storage", ["csr", "csr64 with duplicates", "csc"])
+def test_sparse_rows_densify_to_the_dense_rows(pbmc, storage):
+    """SparseRows (a GPU site's batches) hold exactly the values rows() gives, aligned to any schema."""
+    matrix = sparse.csr_matrix(pbmc.raw.X)
+    if storage == "csr64 with duplicates":  # every entry stored as two halves: toarray() sums them
+        full = matrix.astype(np.float64)
+        matrix = sparse.csr_matrix(
+            (np.repeat(full.data / 2, 2), np.repeat(full.indices, 2), 2 * full.indptr), shape=full.shape
+        )
+        assert not matrix.has_canonical_format
+        assert matrix.nnz == 2 * full.nnz
+    elif storage == "csc":
+        matrix = matrix.tocsc()
+    names = list(pbmc.raw.var_names)
+    index = np.array([0, 3, 3, 250, 699])
+    for schema_names in (tuple(names), (*names[::-1][:400], "MISSING_GENE")):
+        aligned = AlignedMatrix(matrix, pbmc.raw.var_names, schema_names)
+        assert aligned.is_sparse
+        batch = aligned.sparse_rows(index)
+        assert len(batch) == len(index)
+        assert batch.crow.dtype == batch.col.dtype == torch.int32
+        np.testing.assert_array_equal(batch.dense().numpy(), aligned.rows(index))
+        assert batch.values.numel() < 0.5 * batch.dense().numel()  # it crosses at its stored size
+    assert aligned.sparse_rows(np.array([], dtype=np.int64)).dense().shape == (0, 401)
+
+
+def test_dataset_sparse_batches_only_where_the_matrix_is_sparse(pbmc, raw_site):
+    matrix, labels, dense = raw_site
+    dataset = SiteDataset(matrix, np.arange(700), labels, sparse_batches=True)
+    x, y = dataset[np.array([9, 2])]
+    assert isinstance(x, SparseRows)
+    np.testing.assert_array_equal(x.dense().numpy(), dense[[2, 9]])
+    np.testing.assert_array_equal(y.numpy(), labels[[2, 9]])
+    assert isinstance(dataset.with_sparse_batches(False)[np.array([2])][0], torch.Tensor)
+    on_dense = AlignedMatrix(pbmc.X, pbmc.var_names, tuple(pbmc.var_names))
+    assert not on_dense.is_sparse
+    assert isinstance(
+        SiteDataset(on_dense, np.arange(700), sparse_batches=True)[np.array([2])][0], torch.Tensor
+    )
 
 
 def test_rows_from_adata_use_raw_never_densifies(pbmc, raw_csr):

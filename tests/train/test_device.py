@@ -23,6 +23,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 import scinfl as si
 from helpers import FAST
+from scinfl import model as model_module
+from scinfl.data import SparseRows
 from scinfl.train import device as device_module
 from scinfl.train import dp as dp_module
 from scinfl.train import local as local_module
@@ -71,6 +73,7 @@ class FakeDevice(TorchFunctionMode):
         super().__init__()
         self.problems: list[str] = []
         self.device_generators: set[int] = set()  # ids of generators made for the device
+        self.sparse_batches = 0  # batches that crossed as SparseRows
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -111,7 +114,7 @@ class FakeDevice(TorchFunctionMode):
 def fake_device(monkeypatch):
     """The device scinfl resolves is FAKE; yields the FakeDevice recorder, active for the test."""
     recorder = FakeDevice()
-    for module in (device_module, local_module, site_module):
+    for module in (device_module, local_module, site_module, model_module):
         monkeypatch.setattr(module, "resolve_device", lambda accelerator=None: FAKE)
 
     def recorded_generator(seed, device):
@@ -122,12 +125,24 @@ def fake_device(monkeypatch):
 
     monkeypatch.setattr(dp_module, "seeded_generator", recorded_generator)
 
+    for module in (site_module, model_module):  # sparse batches cross as CSR parts, as to a GPU
+        monkeypatch.setattr(module, "sparse_batches_on", lambda device: device == FAKE)
+
+    def moved(leaf):
+        if isinstance(leaf, SparseRows):
+            recorder.sparse_batches += 1
+            parts = [part.clone() for part in leaf.parts]
+            _mark(parts)
+            return leaf.replace(*parts).dense()  # densified on the device, as to_device does
+        if isinstance(leaf, Tensor):
+            leaf = leaf.clone()
+            _mark(leaf)
+        return leaf
+
     def marked_to_device(batch, device):
         if device != FAKE:
             return to_device(batch, device)
-        moved = tree_map(lambda leaf: leaf.clone() if isinstance(leaf, Tensor) else leaf, batch)
-        _mark(moved)
-        return moved
+        return tree_map(moved, batch)
 
     monkeypatch.setattr(local_module, "to_device", marked_to_device)
     module_to = nn.Module.to
@@ -192,6 +207,7 @@ def test_quick_start_pipeline_keeps_tensors_on_the_device(fake_device, pbmc_site
         si.tl.predict(adata, model, key=key)
         assert "scinfl_prediction" in adata.obs
         assert "X_scinfl" in adata.obsm
+    assert fake_device.sparse_batches > 0  # .raw.X is CSR: batches crossed sparse and were densified there
     assert not fake_device.problems, sorted(set(fake_device.problems))[:5]
 
 

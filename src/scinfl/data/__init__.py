@@ -1,6 +1,6 @@
 """Schema, alignment and sparse-aware batch loading. Knows AnnData; knows nothing of federation."""
 
-from .loader import AlignedMatrix, SiteDataset, batch_loader, check_finite
+from .loader import AlignedMatrix, SiteDataset, SparseRows, batch_loader, check_finite
 from .mosaic import (
     MosaicMatrix,
     build_mosaic_schema,
@@ -41,6 +41,7 @@ __all__ = [
     "PerturbationMatrix",
     "SiteDataset",
     "SiteFields",
+    "SparseRows",
     "as_site_dict",
     "batch_loader",
     "build_mosaic_schema",

@@ -1,7 +1,9 @@
 """A site's matrix aligned to the schema, read a whole batch at a time.
 
 Sparse matrices stay sparse: a batch of rows is sliced from the CSR matrix in one call and only that batch
-is densified (tens of times faster than row by row, and the full matrix is never densified).
+is densified (tens of times faster than row by row, and the full matrix is never densified). For a GPU the
+batch stays sparse until it is there (:class:`SparseRows`, ``SiteDataset(sparse_batches=True)``): it
+crosses at its stored size and is densified on the device.
 
 Backed matrices (``anndata.read_h5ad(path, backed="r")``: a CSR dataset or a dense HDF5 dataset) are read
 from disk one batch at a time; only a CSR matrix's row pointers (8 bytes per cell) are held in memory. A
@@ -32,7 +34,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 
 from .schema import FederationSchema, SiteFields, feature_source
 
-__all__ = ["AlignedMatrix", "SiteDataset", "batch_loader", "check_finite"]
+__all__ = ["AlignedMatrix", "SiteDataset", "SparseRows", "batch_loader", "check_finite"]
 
 _FINITE_CHECK_ROWS = 4096
 _FINITE_CHECK_ELEMENTS = 1 << 22  # values per chunk when scanning a matrix for NaN (16 MiB of float32)
@@ -272,6 +274,9 @@ class AlignedMatrix:
         self._identity = self.n_present == self.n_features == matrix.shape[1] and np.array_equal(
             self.target_columns, np.arange(self.n_features)
         )
+        # A source column's schema position, -1 where the schema lacks it: sparse batches remap indices.
+        self._column_lookup = np.full(matrix.shape[1], -1, dtype=np.int64)
+        self._column_lookup[present] = self.target_columns
 
     @classmethod
     def from_adata(cls, adata: AnnData, schema: FederationSchema, fields: SiteFields | None = None):
@@ -289,15 +294,100 @@ class AlignedMatrix:
         flags[self.target_columns] = True
         return flags
 
+    @property
+    def is_sparse(self) -> bool:
+        """Whether batches are read from a sparse (CSR or CSC) matrix, in memory or backed."""
+        return sparse.issparse(self.matrix) or (self._backed is not None and self._backed.sparse)
+
+    def _read(self, index: np.ndarray):
+        return self.matrix[index] if self._backed is None else self._backed[index]
+
+    def _aligned_csr(self, block) -> sparse.csr_matrix:
+        """A sparse batch as CSR in the schema's columns: each stored value moves to its schema column,
+        values of columns the schema lacks are dropped. O(stored values): a row's columns are left in
+        whatever order they come (slicing columns would sort them), duplicates are kept."""
+        block = sparse.csr_matrix(block)
+        if self._identity:
+            return block
+        columns, indptr, data = self._column_lookup[block.indices], block.indptr, block.data
+        keep = columns >= 0
+        if not keep.all():
+            indptr = np.r_[0, np.cumsum(keep)][indptr]
+            columns, data = columns[keep], data[keep]
+        return sparse.csr_matrix(
+            (data, columns.astype(indptr.dtype), indptr), shape=(block.shape[0], self.n_features)
+        )
+
     def rows(self, index: np.ndarray) -> np.ndarray:
         """Rows ``index`` (sorted ascending for fast reads), aligned, as a dense float32 array."""
-        block = self.matrix[index] if self._backed is None else self._backed[index]
-        block = block.toarray() if sparse.issparse(block) else np.asarray(block)
+        block = self._read(index)
+        if sparse.issparse(block):
+            return self._aligned_csr(block).toarray().astype(np.float32, copy=False)
+        block = np.asarray(block)
         if self._identity:
             return block.astype(np.float32, copy=False)
         out = np.zeros((len(index), self.n_features), dtype=np.float32)
         out[:, self.target_columns] = block[:, self.source_columns]
         return out
+
+    def sparse_rows(self, index: np.ndarray) -> SparseRows:
+        """Rows ``index``, aligned, as :class:`SparseRows`: densified, the same values as :meth:`rows`."""
+        if not self.is_sparse:
+            raise TypeError("sparse_rows needs a sparse matrix; this one is dense (use rows).")
+        block = self._aligned_csr(self._read(index))
+        if block.dtype != np.float32 and not block.has_canonical_format:
+            # Repeated entries are summed where they are densified, in float32; toarray() sums them in
+            # the stored precision, so sum them here first (sorting the batch: a rare kind of matrix).
+            block = block.copy()
+            block.sum_duplicates()
+        kind = np.int32 if max(block.nnz, self.n_features) < np.iinfo(np.int32).max else np.int64
+        return SparseRows(
+            torch.from_numpy(block.indptr.astype(kind, copy=False)),
+            torch.from_numpy(block.indices.astype(kind, copy=False)),
+            torch.from_numpy(block.data.astype(np.float32, copy=False)),
+            (len(index), self.n_features),
+        )
+
+
+class SparseRows:
+    """A batch of rows as CSR parts (row pointers, column indices, float32 values) and its dense shape.
+
+    A row's columns may come in any order, and repeated entries are summed (as scipy's ``toarray`` does).
+
+    It crosses to a device at its stored size (a tenth of the dense batch at 10% non-zeros), and
+    :meth:`dense` builds the dense float32 batch where its parts are; :func:`scinfl.train.to_device` does
+    both. ``len`` is its number of rows.
+    """
+
+    def __init__(self, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]):
+        self.crow, self.col, self.values, self.shape = crow, col, values, (int(shape[0]), int(shape[1]))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.crow, self.col, self.values
+
+    def replace(self, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor) -> SparseRows:
+        """The same batch with its parts replaced (moved)."""
+        return SparseRows(crow, col, values, self.shape)
+
+    def dense(self) -> torch.Tensor:
+        """The dense ``shape`` float32 batch, on the device of the parts.
+
+        Each value is added at its row and column (``index_put_`` with ``accumulate``): no CSR kernel, so
+        a row's columns need not be sorted (they are not after alignment) and any torch device can do
+        it; repeated entries are summed in their stored order, deterministically.
+        """
+        device = self.values.device
+        counts = self.crow[1:] - self.crow[:-1]
+        # output_size: no wait for the device to learn the result's length.
+        rows = torch.repeat_interleave(
+            torch.arange(self.shape[0], device=device), counts, output_size=self.values.numel()
+        )
+        out = torch.zeros(self.shape, dtype=self.values.dtype, device=device)
+        return out.index_put_((rows, self.col), self.values, accumulate=True)
 
 
 def _is_backed(matrix) -> bool:
@@ -312,20 +402,37 @@ def _is_backed(matrix) -> bool:
 
 
 class SiteDataset(Dataset):
-    """Cells ``indices`` of an aligned matrix, with optional integer labels; indexed by whole batches."""
+    """Cells ``indices`` of an aligned matrix, with optional integer labels; indexed by whole batches.
 
-    def __init__(self, matrix: AlignedMatrix, indices: np.ndarray, labels: np.ndarray | None = None) -> None:
+    With ``sparse_batches`` and a sparse matrix, a batch's rows are :class:`SparseRows`, densified where
+    they are moved (a site training on a GPU, :func:`scinfl.train.sparse_batches_on`); otherwise a dense
+    float32 tensor.
+    """
+
+    def __init__(
+        self,
+        matrix: AlignedMatrix,
+        indices: np.ndarray,
+        labels: np.ndarray | None = None,
+        *,
+        sparse_batches: bool = False,
+    ) -> None:
         self.matrix = matrix
         self.indices = np.asarray(indices, dtype=np.int64)
         self.labels = labels
+        self.sparse_batches = bool(sparse_batches and getattr(matrix, "is_sparse", False))
+
+    def with_sparse_batches(self, sparse_batches: bool = True) -> SiteDataset:
+        """The same cells, their batches sparse (where the matrix is) or not."""
+        return SiteDataset(self.matrix, self.indices, self.labels, sparse_batches=sparse_batches)
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, positions) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, positions) -> tuple[torch.Tensor | SparseRows, torch.Tensor]:
         # Row order within a batch changes nothing; int64 keeps an empty batch an (empty) index array.
         rows = np.sort(self.indices[np.asarray(positions, dtype=np.int64)])
-        x = torch.from_numpy(self.matrix.rows(rows))
+        x = self.matrix.sparse_rows(rows) if self.sparse_batches else torch.from_numpy(self.matrix.rows(rows))
         y = torch.from_numpy(self.labels[rows]) if self.labels is not None else torch.empty(0)
         return x, y
 

@@ -1,7 +1,14 @@
 """Local training, shared by every engine and task: the training plan, fit/evaluate/infer on a device, the site
 trainer."""
 
-from .device import manual_seed, module_device, resolve_device, seeded_generator, to_device
+from .device import (
+    manual_seed,
+    module_device,
+    resolve_device,
+    seeded_generator,
+    sparse_batches_on,
+    to_device,
+)
 from .keys import key_material
 from .local import (
     LocalFitResult,
@@ -35,5 +42,6 @@ __all__ = [
     "module_device",
     "resolve_device",
     "seeded_generator",
+    "sparse_batches_on",
     "to_device",
 ]

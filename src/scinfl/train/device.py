@@ -15,8 +15,16 @@ import torch
 from torch import Tensor, nn
 
 from .._settings import settings
+from ..data import SparseRows
 
-__all__ = ["manual_seed", "module_device", "resolve_device", "seeded_generator", "to_device"]
+__all__ = [
+    "manual_seed",
+    "module_device",
+    "resolve_device",
+    "seeded_generator",
+    "sparse_batches_on",
+    "to_device",
+]
 
 
 def _mps_available() -> bool:
@@ -73,12 +81,23 @@ def module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def sparse_batches_on(device: torch.device) -> bool:
+    """Whether a site computing on ``device`` reads sparse matrices as :class:`~scinfl.data.SparseRows`:
+    on a CUDA GPU, where a batch crosses at its stored size and is densified there. On the CPU a batch
+    is densified once, as it is read."""
+    return device.type == "cuda"
+
+
 def to_device(batch: Any, device: torch.device) -> Any:
-    """``batch`` (a tensor, an object with ``.to(device)``, or a tuple or list of them) on ``device``.
+    """``batch`` (a tensor, :class:`~scinfl.data.SparseRows`, an object with ``.to(device)``, or a tuple or
+    list of them) on ``device``.
 
     To a CUDA device, CPU tensors go through pinned memory with a non-blocking copy, so that the copy
-    overlaps the work already queued on the GPU.
+    overlaps the work already queued on the GPU. Sparse rows move as their parts and become a dense tensor
+    there.
     """
+    if isinstance(batch, SparseRows):
+        return batch.replace(*to_device(batch.parts, device)).dense()
     if isinstance(batch, Tensor):
         if batch.device == device:
             return batch

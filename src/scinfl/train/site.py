@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..data import SiteDataset, batch_loader
 from ..nn import HardenedKey, HardenedNetwork
-from .device import resolve_device
+from .device import resolve_device, sparse_batches_on
 from .local import LocalFitResult, Objective, TrainingPlan, copy_state, evaluate, fit_plan, key_on
 from .settings import FitSettings
 
@@ -74,11 +74,12 @@ class SiteTrainer:
                 "(BatchNorm needs two cells per batch)."
             )
         self.name = name
-        self.train = train
-        self.validation = validation
         self.objective = objective
         self.settings = settings
         self.device = resolve_device()
+        sparse_batches = sparse_batches_on(self.device)
+        self.train = train.with_sparse_batches(sparse_batches)
+        self.validation = validation.with_sparse_batches(sparse_batches)
         self.network = network.to(self.device)
         self._trained = None if trained is None else frozenset(trained)
         if self._trained is not None:

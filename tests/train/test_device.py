@@ -25,6 +25,9 @@ import scinfl as si
 from helpers import FAST
 from scinfl import model as model_module
 from scinfl.data import SparseRows
+from scinfl.privacy.audit import _probabilities
+from scinfl.privacy.membership import true_label_confidence
+from scinfl.privacy.utility import embed, predict_labels, train_fresh_model
 from scinfl.train import device as device_module
 from scinfl.train import dp as dp_module
 from scinfl.train import local as local_module
@@ -279,3 +282,20 @@ def test_to_device_moves_nested_batches_and_keeps_tensors_already_there():
     assert moved[0] is x
     assert moved[1][0] is y
     assert np.array_equal(moved[0].numpy(), x.numpy())
+
+
+def test_audit_models_trained_on_the_device_are_read_there(fake_device, pbmc_sites):
+    """The audit's own networks (key recovery's fresh model, membership's reference models) train on the
+    device; its predictions, embeddings and membership scores read them there."""
+    key = si.FederationKey(hashlib.sha256(b"device audit").digest())
+    model = si.tl.train_federated(pbmc_sites, key=key, copy=True, **FAST | {"rounds": 1})
+    site = model.sites["site_1"]
+    x = torch.from_numpy(model.inputs(site, site="site_1").rows(np.arange(site.n_obs)))
+    y = torch.from_numpy(model.task.labels(site, "site_1", model.schema))
+    network = train_fresh_model(model.config, x, y, epochs=2, seed=0)
+    assert _on_device(next(network.parameters()))
+    labels = predict_labels(network, x)
+    assert embed(network, x).shape[0] == labels.shape[0] == site.n_obs
+    confidence = true_label_confidence(_probabilities(network, None), x, y)
+    assert ((confidence > 0) & (confidence < 1)).all()
+    assert not fake_device.problems, sorted(set(fake_device.problems))[:5]

@@ -31,6 +31,11 @@ hardened
     recovery) or jointly with a dummy cell (gradient inversion), known plaintext, label frequency analysis.
 audit
     Runs the attacks for every attacker view and returns a tidy DataFrame.
+
+Devices: the audit's own training (key recovery's fresh model, membership's reference models, the server
+view's site fits) runs on the device of ``scinfl.settings.accelerator``, and those networks are read
+where they are. The attacks on the federation's weights (inversion, analytic, key-map fits) compute on the
+CPU, where a model's network is.
 """
 
 from . import (

@@ -27,7 +27,7 @@ from .._warnings import warn
 from ..key import FederationKey
 from ..nn import HardenedKey, HardenedNetwork, KeyedModule, MosaicAutoencoder, read_counts, use_key
 from ..tasks import AuditView, ModelConfig, build_network
-from ..train import FitSettings, key_material
+from ..train import FitSettings, key_material, key_on, module_device, to_device
 from .analytic import (
     calibrate_gain_offset,
     calibrate_principal_axes,
@@ -901,10 +901,15 @@ def _inversion(ctx: _Context, out: _Collector, seed: int) -> None:
 
 
 def _probabilities(network: nn.Module, key_material: Tensor | None) -> Callable[[Tensor], Tensor]:
+    """Class probabilities of a batch, computed where the network is (reference models are trained on
+    the accelerator) and returned there."""
+    device = module_device(network)
+    key_material = key_on(key_material, device)
+
     def predict_proba(x: Tensor) -> Tensor:
         network.eval()
         with use_key(key_material):
-            return torch.softmax(network(x), dim=1)
+            return torch.softmax(network(to_device(x, device)), dim=1)
 
     return predict_proba
 

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ..nn import KeyedModule, KeyedNetwork, use_key, use_key_vector
 from ..tasks import ModelConfig, build_network
-from ..train import fit_local
+from ..train import fit_local, key_on, module_device, to_device
 
 __all__ = [
     "balanced_accuracy",
@@ -51,18 +51,24 @@ def predict_labels(
     key_vector: Tensor | None = None,
     batch_size: int = 2048,
 ) -> np.ndarray:
-    """Predicted class of every row of ``x`` (evaluation mode), under coordinates, a key vector, or no key."""
+    """Predicted class of every row of ``x`` (evaluation mode), under coordinates, a key vector, or no key.
+
+    Computed on the network's device (a model trained by :func:`train_fresh_model` is on the accelerator).
+    """
     network.eval()
+    device = module_device(network)
+    key_material = key_on(key_material, device)
+    key_vector = None if key_vector is None else key_vector.to(device)
     out = []
     for start in range(0, len(x), batch_size):
-        batch = x[start : start + batch_size]
+        batch = to_device(x[start : start + batch_size], device)
         with use_key(key_material):
             if key_vector is not None:
                 with use_key_vector(key_vector):
                     logits = network(batch)
             else:
                 logits = network(batch)
-        out.append(logits.argmax(dim=1).numpy())
+        out.append(logits.argmax(dim=1).cpu().numpy())
     return np.concatenate(out)
 
 
@@ -70,18 +76,20 @@ def predict_labels(
 def embed(
     network: nn.Module, x: Tensor, *, key_material: Tensor | None = None, batch_size: int = 2048
 ) -> np.ndarray:
-    """The embedding (``features``) of every row of ``x`` (evaluation mode) under one key view."""
+    """The embedding (``features``) of every row of ``x`` (evaluation mode) under one key view, computed
+    on the network's device."""
     network.eval()
+    device = module_device(network)
     out = []
-    with use_key(key_material):
+    with use_key(key_on(key_material, device)):
         for start in range(0, len(x), batch_size):
-            batch = x[start : start + batch_size]
+            batch = to_device(x[start : start + batch_size], device)
             features = (
                 network.call("features", batch)
                 if isinstance(network, KeyedModule)
                 else network.features(batch)
             )
-            out.append(features.numpy())
+            out.append(features.cpu().numpy())
     return np.concatenate(out)
 
 

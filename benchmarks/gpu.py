@@ -16,6 +16,10 @@ epoch of:
     ceiling. Run once per task, genes and batch (it has no mode).
 ``cpu``
     On a GPU machine, the scinfl arm again with ``scinfl.settings.accelerator = "cpu"`` (in-memory only).
+``predict``
+    ``infer`` over the site's cells as ``FederatedModel.predict`` calls it (batch 1,024; the head only where
+    the task reads it, ``Task.uses_outputs``), cells/s. For the embedding, ``predict+head`` also runs the
+    decoder and returns its output, as prediction did before December 2026 (n_cells x n_genes floats).
 ``data dense`` / ``data sparse``
     The data path alone, per gene count, batch size and mode: one shuffled epoch of batches read and moved
     to the device, no training. ``dense``: densified on the CPU as they are read (the CPU's way);
@@ -52,7 +56,7 @@ from scinfl.data import batch_loader
 from scinfl.federation import RunSpec
 from scinfl.federation.site import build_site, initial_weights
 from scinfl.tasks import ModelConfig
-from scinfl.train import FitSettings, resolve_device, to_device
+from scinfl.train import FitSettings, infer, resolve_device, sparse_batches_on, to_device
 
 TASKS = {
     "classifier": lambda: si.tasks.Classification(label_key="cell_type"),
@@ -95,6 +99,21 @@ def scinfl_rate(trainer, state, epochs: int) -> float:
         trainer.fit(state, seed=1 + epoch)
     _sync(trainer.device)
     return trainer.n_train * epochs / (time.perf_counter() - started)
+
+
+def predict_rate(trainer, task, *, outputs: bool, epochs: int) -> float:
+    """Cells/s of ``infer`` over the trainer's cells in batches of 1,024, as ``FederatedModel.predict``."""
+    dataset = trainer.train.with_sparse_batches(sparse_batches_on(trainer.device))
+
+    def run() -> None:
+        loader = batch_loader(dataset, batch_size=1024, shuffle=False)
+        infer(trainer.network, loader, key_material=trainer._training_key, outputs=outputs)
+
+    run()
+    started = time.perf_counter()
+    for _ in range(epochs):
+        run()
+    return len(dataset) * epochs / (time.perf_counter() - started)
 
 
 def data_rate(trainer, batch_size: int, *, sparse: bool, epochs: int) -> float:
@@ -185,6 +204,15 @@ def main() -> None:
                             peaks[mode] = torch.cuda.max_memory_allocated(device) / 2**30
                         if mode == args.modes[0]:
                             rates["bare"] = bare_rate(trainer, args.epochs, batch_size)
+                        if mode == args.modes[0]:
+                            task = TASKS[name]()
+                            rates["predict"] = predict_rate(
+                                trainer, task, outputs=task.uses_outputs, epochs=args.epochs
+                            )
+                            if not task.uses_outputs:
+                                rates["predict+head"] = predict_rate(
+                                    trainer, task, outputs=True, epochs=args.epochs
+                                )
                         if name == args.tasks[0]:
                             for sparse in (False, True):
                                 rate = data_rate(trainer, batch_size, sparse=sparse, epochs=args.epochs)

@@ -198,7 +198,9 @@ class FederatedModel:
             inputs, np.arange(inputs.n_obs), sparse_batches=sparse_batches_on(resolve_device())
         )
         loader = batch_loader(cells, batch_size=batch_size, shuffle=False)
-        outputs, embedding = infer(self.network, loader, key_material=self.key_material(key))
+        outputs, embedding = infer(
+            self.network, loader, key_material=self.key_material(key), outputs=self.task.uses_outputs
+        )
         return self.task.predictions(outputs, embedding, inputs, self.schema)
 
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:

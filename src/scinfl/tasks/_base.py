@@ -15,7 +15,7 @@ The hooks, in the order a federation calls them:
 ``build_network``      the plain task network (``scinfl.nn``; keyed by :func:`build_network`)
 ``trained_parameters`` the ``state_dict`` entries a site trains and sends (default: all)
 ``objective``          the loss and metrics of one site (``loss(output, x, y)``, ``metric_sums``)
-``predictions``        the network's outputs read as predictions
+``predictions``        the network's embeddings, and its outputs where ``uses_outputs``, read as predictions
 ``write``              predictions written into an AnnData/MuData (scanpy style)
 ``audit_view``         what the privacy audit attacks: kind of output, profile columns, loss
 =====================  ===================================================================================
@@ -194,6 +194,7 @@ class Task:
     needs_labels: ClassVar[bool] = False  # the label column must exist at every site
     supports_dp: ClassVar[bool] = True  # DP-SGD (Opacus) trains this task's network
     supports_init: ClassVar[bool] = True  # train_federated(init=...) starts from a trained model
+    uses_outputs: ClassVar[bool] = False  # predictions() reads the head's outputs, not only the embedding
 
     # ---- options ----------------------------------------------------------------------------------
     def __post_init__(self) -> None:
@@ -342,9 +343,10 @@ class Task:
 
     # ---- predictions and write-back -----------------------------------------------------------------
     def predictions(
-        self, outputs: np.ndarray, embedding: np.ndarray, inputs, schema: FederationSchema
+        self, outputs: np.ndarray | None, embedding: np.ndarray, inputs, schema: FederationSchema
     ) -> Predictions:
-        """The network's outputs (``head``) and embeddings (``features``) of ``inputs`` as predictions."""
+        """The network's outputs (``head``; None where the task does not use them, :attr:`uses_outputs`) and
+        embeddings (``features``) of ``inputs`` as predictions."""
         return Predictions(probabilities=None, embedding=embedding, categories=schema.categories)
 
     def output_keys(self, key_added: str) -> dict[str, tuple[str, ...]]:

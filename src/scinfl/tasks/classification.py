@@ -52,6 +52,7 @@ class Classification(Task):
     name: ClassVar[str] = "classification"
     output: ClassVar[str] = "classes"
     needs_labels: ClassVar[bool] = True
+    uses_outputs: ClassVar[bool] = True
 
     def build_network(self, config: ModelConfig) -> nn.Module:
         if config.n_classes < 2:

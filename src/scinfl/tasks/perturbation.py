@@ -77,6 +77,7 @@ class Perturbation(Task):
     name: ClassVar[str] = "perturbation"
     output: ClassVar[str] = "profile"
     needs_labels: ClassVar[bool] = True
+    uses_outputs: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

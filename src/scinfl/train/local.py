@@ -201,11 +201,16 @@ def evaluate(
 
 
 @torch.no_grad()
-def infer(network: nn.Module, batches: Iterable, *, key_material) -> tuple[np.ndarray, np.ndarray]:
-    """Network outputs and embeddings (``features``) for every batch, in order, as CPU arrays.
+def infer(
+    network: nn.Module, batches: Iterable, *, key_material, outputs: bool = True
+) -> tuple[np.ndarray | None, np.ndarray]:
+    """Network outputs (``head``; None with ``outputs=False``) and embeddings (``features``) for every batch,
+    in order, as CPU arrays.
 
     Computed on the device of ``scinfl.settings.accelerator``; a network elsewhere is copied there for the
-    call and stays where it is.
+    call and stays where it is. Results come back without waiting for the device batch by batch (one
+    synchronisation at the end). ``outputs=False`` skips the head where a task reads only the embedding:
+    an autoencoder's head is its decoder, whose output has as many values per cell as the input.
     """
     network.eval()
     device = resolve_device()
@@ -215,19 +220,29 @@ def infer(network: nn.Module, batches: Iterable, *, key_material) -> tuple[np.nd
         network, key_material = plain, None
     if module_device(network) != device:
         network = copy.deepcopy(network).to(device)
-    outputs, embeddings = [], []
+    head, embeddings = [], []
     with use_key(key_on(key_material, device)):
         for x, _ in batches:
             x = to_device(x, device)
             if isinstance(network, KeyedModule):
                 features = network.call("features", x)
-                out = network.call("head", features)
+                out = network.call("head", features) if outputs else None
             else:
                 features = network.features(x)
-                out = network.head(features)
-            outputs.append(out.cpu().numpy())
-            embeddings.append(features.cpu().numpy())
-    return np.concatenate(outputs), np.concatenate(embeddings)
+                out = network.head(features) if outputs else None
+            embeddings.append(_to_host(features))
+            if outputs:
+                head.append(_to_host(out))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the copies above were queued without waiting
+    embedding = np.concatenate([t.numpy() for t in embeddings])
+    return (np.concatenate([t.numpy() for t in head]) if outputs else None), embedding
+
+
+def _to_host(tensor: Tensor) -> Tensor:
+    """``tensor`` on the CPU; from a CUDA device into pinned memory without waiting (read it after
+    synchronising)."""
+    return tensor.to("cpu", non_blocking=True) if tensor.device.type == "cuda" else tensor.cpu()
 
 
 def copy_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -138,18 +138,32 @@ def read_speed(path: str, batch_size: int, n_batches: int = 100) -> dict:
     rng = np.random.default_rng(0)
     batches = [np.sort(rng.choice(backed.n_obs, batch_size, replace=False)) for _ in range(n_batches)]
     names = tuple(backed.var_names)
+    # Schemas that differ from the site's gene order, as a federation's inner join often does.
+    reordered = tuple(np.random.default_rng(1).permutation(np.array(names)))
+    in_memory = AlignedMatrix(loaded.X, loaded.var_names, names)
     readers = {
         "anndata backed X[idx].toarray()": lambda idx: backed.X[idx].toarray(),
         "scinfl AlignedMatrix.rows, backed": AlignedMatrix(backed.X, backed.var_names, names).rows,
-        "scinfl AlignedMatrix.rows, in memory": AlignedMatrix(loaded.X, loaded.var_names, names).rows,
+        "scinfl AlignedMatrix.rows, in memory": in_memory.rows,
+        "scinfl AlignedMatrix.rows, in memory, genes reordered": AlignedMatrix(
+            loaded.X, loaded.var_names, reordered
+        ).rows,
+        "scinfl AlignedMatrix.rows, in memory, 3/4 of the genes": AlignedMatrix(
+            loaded.X, loaded.var_names, reordered[: 3 * len(names) // 4]
+        ).rows,
     }
+    if hasattr(in_memory, "sparse_rows"):  # a GPU site's batches (CSR parts; December 2026 on)
+        readers["scinfl AlignedMatrix.sparse_rows, in memory"] = in_memory.sparse_rows
     out = {}
     for name, read in readers.items():
         read(batches[0])
-        start = time.perf_counter()
-        for idx in batches:
-            read(idx)
-        out[name] = (time.perf_counter() - start) / n_batches * 1e3
+        passes = []
+        for _ in range(2):  # the faster of two passes: the first after another reader can run cold
+            start = time.perf_counter()
+            for idx in batches:
+                read(idx)
+            passes.append((time.perf_counter() - start) / n_batches * 1e3)
+        out[name] = min(passes)
     return out
 
 

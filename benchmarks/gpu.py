@@ -33,6 +33,7 @@ Run::
 
     python benchmarks/gpu.py                     # CPU: 20,000 cells, 2,000 genes, batches 128 and 1,024
     python benchmarks/gpu.py --cells 200000 --genes 2000 20000 --batches 128 1024 4096   # on a GPU
+    python benchmarks/gpu.py --precision bf16-mixed   # every arm under bf16 autocast
 
 Targets (issue 16, GPU): >= 250,000 cells/s per epoch for the classifier at 2,000 genes, batch 1,024, in
 memory, and >= 70% of the bare loop in the same run; backed >= 50% of in-memory.
@@ -56,7 +57,15 @@ from scinfl.data import batch_loader
 from scinfl.federation import RunSpec
 from scinfl.federation.site import build_site, initial_weights
 from scinfl.tasks import ModelConfig
-from scinfl.train import FitSettings, infer, resolve_device, sparse_batches_on, to_device
+from scinfl.train import (
+    FitSettings,
+    autocast,
+    full_precision,
+    infer,
+    resolve_device,
+    sparse_batches_on,
+    to_device,
+)
 
 TASKS = {
     "classifier": lambda: si.tasks.Classification(label_key="cell_type"),
@@ -149,7 +158,9 @@ def bare_rate(trainer, epochs: int, batch_size: int) -> float:
                 continue
             optimizer.zero_grad(set_to_none=True)
             xb, yb = x[batch], y[batch]
-            objective.loss(network(xb), xb, yb).backward()
+            with autocast(device):  # scinfl.settings.precision, as the scinfl arm
+                output = network(xb)
+            objective.loss(full_precision(output), xb, yb).backward()
             optimizer.step()
 
     epoch()
@@ -174,14 +185,21 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["memory", "backed"], choices=["memory", "backed"])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU")
+    parser.add_argument(
+        "--precision", default="32", choices=["32", "bf16-mixed"], help="scinfl.settings.precision, every arm"
+    )
     args = parser.parse_args()
+    si.settings.precision = args.precision
     logging.getLogger("scinfl").setLevel(logging.WARNING)
     si.settings.progress = False
     si.settings.torch_threads = args.threads
     torch.set_num_threads(args.threads)
     key = si.FederationKey(hashlib.sha256(b"gpu benchmark").digest(), scheme="hardened")
     where = torch.cuda.get_device_name(device) if on_gpu else "CPU only (no GPU here): CPU figures"
-    print(f"device: {device} ({where}); torch {torch.__version__}, {args.threads} CPU thread(s)")
+    print(
+        f"device: {device} ({where}); torch {torch.__version__}, {args.threads} CPU thread(s), "
+        f"precision {args.precision}"
+    )
 
     rows = []
     feeds: dict[tuple[int, int, str, bool], float] = {}

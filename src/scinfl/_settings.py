@@ -37,11 +37,18 @@ class Settings:
         Where sites train and models predict (:func:`scinfl.train.resolve_device`): ``"auto"`` (a CUDA
         GPU when torch sees one, else Apple's MPS, else the CPU), ``"cpu"``, ``"gpu"``/``"cuda"``,
         ``"cuda:1"`` or ``"mps"``.
+    precision
+        ``"32"`` (float32 throughout, the default) or ``"bf16-mixed"``: sites' forward passes (training,
+        validation, prediction) run under ``torch.autocast`` in bfloat16, where matrix products take
+        half the memory traffic and GPUs (and CPUs with AVX-512 BF16 or AMX) compute them faster.
+        Weights, gradients, optimiser state, losses, the hardened key's conversions and everything a
+        site sends stay float32. Not with DP-SGD. Accuracy and speed: docs/benchmarks.md.
     """
 
     torch_threads: int | None = 1
     progress: bool = True
     accelerator: str = "auto"
+    precision: str = "32"
 
 
 settings = Settings()

@@ -9,6 +9,7 @@ every site, every round (docs/architecture.md, docs/benchmarks.md).
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -18,9 +19,12 @@ from .._settings import settings
 from ..data import SparseRows
 
 __all__ = [
+    "autocast",
+    "full_precision",
     "manual_seed",
     "module_device",
     "resolve_device",
+    "resolve_precision",
     "seeded_generator",
     "sparse_batches_on",
     "to_device",
@@ -128,3 +132,37 @@ def seeded_generator(seed: int, device: torch.device) -> torch.Generator:
     """A random generator on ``device`` seeded with ``seed``, for random numbers drawn there (torch refuses
     a CPU generator for a GPU tensor)."""
     return torch.Generator(device=device).manual_seed(int(seed))
+
+
+PRECISIONS = ("32", "bf16-mixed")
+
+
+def resolve_precision(precision: str | None = None) -> str:
+    """``precision`` (default ``scinfl.settings.precision``), checked: ``"32"`` or ``"bf16-mixed"``."""
+    value = settings.precision if precision is None else precision
+    name = str(value).strip().lower()
+    if name in ("32", "32-true", "float32"):
+        return "32"
+    if name in ("bf16-mixed", "bf16"):
+        return "bf16-mixed"
+    raise ValueError(f"scinfl.settings.precision is {value!r}: use '32' or 'bf16-mixed'.")
+
+
+def autocast(device: torch.device, precision: str | None = None) -> AbstractContextManager:
+    """The context a forward pass on ``device`` runs in: ``torch.autocast`` to bfloat16 under
+    ``"bf16-mixed"`` (:func:`resolve_precision`), else nothing."""
+    if resolve_precision(precision) == "32":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def full_precision(output: Any) -> Any:
+    """``output`` (a tensor, or a tuple, list or dict of them) with low-precision floating tensors cast
+    to float32: losses, metrics and results are computed from float32 values."""
+    if isinstance(output, Tensor):
+        return output.float() if output.is_floating_point() and output.dtype != torch.float32 else output
+    if isinstance(output, tuple | list):
+        return type(output)(full_precision(item) for item in output)
+    if isinstance(output, dict):
+        return {name: full_precision(item) for name, item in output.items()}
+    return output

@@ -26,7 +26,15 @@ import torch
 from torch import Tensor, nn
 
 from ..nn import HardenedKey, HardenedNetwork, KeyedModule, use_key
-from .device import manual_seed, module_device, resolve_device, to_device
+from .device import (
+    autocast,
+    full_precision,
+    manual_seed,
+    module_device,
+    resolve_device,
+    resolve_precision,
+    to_device,
+)
 
 if TYPE_CHECKING:
     from .dp import PrivateTraining
@@ -65,6 +73,9 @@ class LocalFitResult:
 class TrainingPlan:
     """Loss and optimiser around a task network (Adam; a fresh optimiser each local fit).
 
+    ``precision`` (default ``scinfl.settings.precision``): under ``"bf16-mixed"`` the forward pass runs
+    under autocast to bfloat16 and the loss is computed from its float32 cast.
+
     Its two hooks are named as a LightningModule's: :meth:`training_step` (the loss of one batch) and
     :meth:`configure_optimizers`. ``fused=False`` gives the unfused Adam, which DP-SGD uses: Opacus's
     ``DPOptimizer`` wraps it, writes the clipped, noised gradient into each ``p.grad`` and calls its
@@ -74,13 +85,21 @@ class TrainingPlan:
     """
 
     def __init__(
-        self, network: nn.Module, objective: Objective, *, lr: float, weight_decay: float, fused: bool = True
+        self,
+        network: nn.Module,
+        objective: Objective,
+        *,
+        lr: float,
+        weight_decay: float,
+        fused: bool = True,
+        precision: str | None = None,
     ) -> None:
         self.network = network
         self.objective = objective
         self.lr = lr
         self.weight_decay = weight_decay
         self.fused = fused
+        self.precision = resolve_precision(precision)  # default: scinfl.settings.precision, read now
         self._loss_sum: Tensor | float = 0.0
         self.n_seen = 0
 
@@ -95,7 +114,9 @@ class TrainingPlan:
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        loss = self.objective.loss(self.network(x), x, y)
+        with autocast(x.device, self.precision):
+            output = self.network(x)
+        loss = self.objective.loss(full_precision(output), x, y)
         # Summed on the device, in float64 as a Python float would: reading each step's loss on the CPU
         # would wait for the GPU at every step.
         weighted = loss.detach().to(torch.float32 if loss.device.type == "mps" else torch.float64) * len(x)
@@ -185,8 +206,8 @@ def key_on(key_material, device: torch.device):
 def evaluate(
     network: nn.Module, batches: Iterable, objective: Objective, *, key_material
 ) -> dict[str, float]:
-    """Mean of each objective metric over ``batches`` (evaluation mode, on the network's device), plus the
-    cell count ``n``."""
+    """Mean of each objective metric over ``batches`` (evaluation mode, on the network's device, at
+    ``scinfl.settings.precision``), plus the cell count ``n``."""
     network.eval()
     device = module_device(network)
     sums: dict[str, float] = {}
@@ -194,7 +215,9 @@ def evaluate(
     with use_key(key_on(key_material, device)):
         for x, y in batches:
             x, y = to_device((x, y), device)
-            for name, value in objective.metric_sums(network(x), x, y).items():
+            with autocast(device):
+                output = network(x)
+            for name, value in objective.metric_sums(full_precision(output), x, y).items():
                 sums[name] = sums.get(name, 0.0) + value
             n += len(x)
     return {name: value / n for name, value in sums.items()} | {"n": float(n)} if n else {"n": 0.0}
@@ -207,8 +230,8 @@ def infer(
     """Network outputs (``head``; None with ``outputs=False``) and embeddings (``features``) for every batch,
     in order, as CPU arrays.
 
-    Computed on the device of ``scinfl.settings.accelerator``; a network elsewhere is copied there for the
-    call and stays where it is. Results come back without waiting for the device batch by batch (one
+    Computed on the device of ``scinfl.settings.accelerator`` at ``scinfl.settings.precision`` (returned
+    as float32); a network elsewhere is copied there for the call and stays where it is. Results come back without waiting for the device batch by batch (one
     synchronisation at the end). ``outputs=False`` skips the head where a task reads only the embedding:
     an autoencoder's head is its decoder, whose output has as many values per cell as the input.
     """
@@ -224,15 +247,16 @@ def infer(
     with use_key(key_on(key_material, device)):
         for x, _ in batches:
             x = to_device(x, device)
-            if isinstance(network, KeyedModule):
-                features = network.call("features", x)
-                out = network.call("head", features) if outputs else None
-            else:
-                features = network.features(x)
-                out = network.head(features) if outputs else None
-            embeddings.append(_to_host(features))
+            with autocast(device):
+                if isinstance(network, KeyedModule):
+                    features = network.call("features", x)
+                    out = network.call("head", features) if outputs else None
+                else:
+                    features = network.features(x)
+                    out = network.head(features) if outputs else None
+            embeddings.append(_to_host(full_precision(features)))
             if outputs:
-                head.append(_to_host(out))
+                head.append(_to_host(full_precision(out)))
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # the copies above were queued without waiting
     embedding = np.concatenate([t.numpy() for t in embeddings])

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..data import SiteDataset, batch_loader
 from ..nn import HardenedKey, HardenedNetwork
-from .device import resolve_device, sparse_batches_on
+from .device import resolve_device, resolve_precision, sparse_batches_on
 from .local import LocalFitResult, Objective, TrainingPlan, copy_state, evaluate, fit_plan, key_on
 from .settings import FitSettings
 
@@ -97,6 +97,11 @@ class SiteTrainer:
             if key_material is not None:
                 raise ValueError(f"Site {name!r}: DP-SGD is available for plain models only (key=None).")
             check_private_network(self.network)
+            if resolve_precision() != "32":
+                raise ValueError(
+                    f"Site {name!r}: DP-SGD trains in float32 (Opacus's per-cell gradients); set "
+                    "scinfl.settings.precision = '32'."
+                )
             if private.n_train != len(train):
                 raise ValueError(
                     f"Site {name!r}: the private-training state was built for {private.n_train} cells, "

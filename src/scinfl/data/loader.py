@@ -355,7 +355,7 @@ class SparseRows:
 
     A row's columns may come in any order, and repeated entries are summed (as scipy's ``toarray`` does).
 
-    It crosses to a device at its stored size (a tenth of the dense batch at 10% non-zeros), and
+    It crosses to a device at its stored size (a fifth of the dense batch at 10% non-zeros), and
     :meth:`dense` builds the dense float32 batch where its parts are; :func:`scinfl.train.to_device` does
     both. ``len`` is its number of rows.
     """

@@ -9,6 +9,7 @@ Each figure is a mean over victims (or keys) and seeds with a 95% percentile-boo
 
     python benchmarks/privacy_audit.py                  # full audit, writes docs/privacy.md
     python benchmarks/privacy_audit.py --quick          # a few minutes, prints only
+    python benchmarks/privacy_audit.py --configs "plain FedAvg" hardened --precision bf16-mixed  # prints only
     python benchmarks/privacy_audit.py --configs "embedding, plain FedAvg" "embedding, INFL s=1" \
         "embedding, hardened"                           # the embedding task, its own section
     python benchmarks/privacy_audit.py --configs "perturbation, plain FedAvg" "perturbation, INFL s=1" \
@@ -103,6 +104,7 @@ def audit_one(name: str, settings: dict, args: argparse.Namespace) -> tuple[str,
 
     torch.set_num_threads(1)
     si.settings.progress = False
+    si.settings.precision = args.precision
     start = time.perf_counter()
     key = si.FederationKey.generate(scheme=settings.get("scheme", "infl")) if settings["key"] else None
     options = {k: v for k, v in settings.items() if k not in ("key", "scheme", "task", "hidden", "n_latent")}
@@ -174,6 +176,7 @@ def membership_one(name: str, settings: dict, repeat: int, args: argparse.Namesp
 
     torch.set_num_threads(1)
     si.settings.progress = False
+    si.settings.precision = args.precision
     key = si.FederationKey.generate(scheme=settings.get("scheme", "infl")) if settings["key"] else None
     options = {k: v for k, v in settings.items() if k not in ("key", "scheme", "hidden")}
     adata = sc.datasets.pbmc68k_reduced()
@@ -268,7 +271,7 @@ def run_membership(args: argparse.Namespace) -> int:
     body = membership_report(table, configs)
     print(header)
     print(body)
-    if not args.quick:
+    if not args.quick and args.output is not None:
         _replace_section(Path(args.output), f"{header}\n\n{body}", *MEMBERSHIP_MARKERS)
         print(f"wrote {args.output}")
     return 0
@@ -325,7 +328,15 @@ def main() -> int:
     parser.add_argument("--membership", action="store_true", help="membership inference over draws and sites")
     parser.add_argument("--repeats", type=int, default=3, help="draws (split and key) with --membership")
     parser.add_argument("--output", default=str(Path(__file__).resolve().parents[1] / "docs" / "privacy.md"))
+    parser.add_argument(
+        "--precision",
+        default="32",
+        choices=["32", "bf16-mixed"],
+        help="scinfl.settings.precision of training and prediction; other than 32, prints only",
+    )
     args = parser.parse_args()
+    if args.precision != "32":  # docs/privacy.md holds the float32 audit
+        args.output = None
     if args.quick:
         args.victims, args.seeds, args.wrong_keys, args.inversion_victims, args.inversion_steps = (
             4,
@@ -375,7 +386,7 @@ def main() -> int:
     )
     print(header)
     print(body)
-    if not args.quick:
+    if not args.quick and args.output is not None:
         dp = "; ".join(f"{k}: {v['dp']}" for k, v in infos.items() if v.get("dp"))
         section = f"{header}\n\nDP-SGD accounting: {dp or 'no DP configuration run'}.\n\n{body}"
         _replace_section(Path(args.output), section, *markers)

@@ -31,9 +31,10 @@ def test_autocast_and_full_precision():
         full = layer(x)
     assert low.dtype == torch.bfloat16
     assert full.dtype == torch.float32
-    cast = full_precision({"a": (low, torch.arange(3)), "b": [low]})
+    cast = full_precision({"a": (low, torch.arange(3)), "b": [low, full.double()]})
     assert cast["a"][0].dtype == cast["b"][0].dtype == torch.float32
-    assert cast["a"][1].dtype == torch.int64  # integer tensors untouched
+    assert cast["a"][1].dtype == torch.int64  # integer and float64 tensors untouched
+    assert cast["b"][1].dtype == torch.float64
 
 
 def _train(sites, key, precision, monkeypatch):

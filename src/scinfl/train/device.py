@@ -1,5 +1,5 @@
-"""The device a site computes on: ``scinfl.settings.accelerator`` resolved to one torch device, and batches
-moved there.
+"""The device a site computes on: ``scinfl.settings.accelerator`` resolved to one torch device, batches
+moved there, and ``scinfl.settings.precision`` (float32, or bfloat16 autocast for forward passes).
 
 A site trains one small network on one device, so this is all the accelerator handling a local fit needs.
 It used to be Lightning Fabric's; importing Lightning cost each process about 2 s of CPU (it pulls in
@@ -134,9 +134,6 @@ def seeded_generator(seed: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int(seed))
 
 
-PRECISIONS = ("32", "bf16-mixed")
-
-
 def resolve_precision(precision: str | None = None) -> str:
     """``precision`` (default ``scinfl.settings.precision``), checked: ``"32"`` or ``"bf16-mixed"``."""
     value = settings.precision if precision is None else precision
@@ -160,7 +157,7 @@ def full_precision(output: Any) -> Any:
     """``output`` (a tensor, or a tuple, list or dict of them) with low-precision floating tensors cast
     to float32: losses, metrics and results are computed from float32 values."""
     if isinstance(output, Tensor):
-        return output.float() if output.is_floating_point() and output.dtype != torch.float32 else output
+        return output.float() if output.dtype in (torch.bfloat16, torch.float16) else output
     if isinstance(output, tuple | list):
         return type(output)(full_precision(item) for item in output)
     if isinstance(output, dict):

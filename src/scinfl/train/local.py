@@ -231,9 +231,10 @@ def infer(
     in order, as CPU arrays.
 
     Computed on the device of ``scinfl.settings.accelerator`` at ``scinfl.settings.precision`` (returned
-    as float32); a network elsewhere is copied there for the call and stays where it is. Results come back without waiting for the device batch by batch (one
-    synchronisation at the end). ``outputs=False`` skips the head where a task reads only the embedding:
-    an autoencoder's head is its decoder, whose output has as many values per cell as the input.
+    as float32); a network elsewhere is copied there for the call and stays where it is. Results come
+    back without waiting for the device batch by batch (one synchronisation at the end).
+    ``outputs=False`` skips the head where a task reads only the embedding: an autoencoder's head is its
+    decoder, whose output has as many values per cell as the input.
     """
     network.eval()
     device = resolve_device()

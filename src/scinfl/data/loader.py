@@ -379,7 +379,8 @@ class SparseRows:
 
         Each value is added at its row and column (``index_put_`` with ``accumulate``): no CSR kernel, so
         a row's columns need not be sorted (they are not after alignment) and any torch device can do
-        it; repeated entries are summed in their stored order, deterministically.
+        it. Repeated entries (a matrix not in canonical form) are summed; on a CUDA GPU deterministically
+        (a sorting kernel), on several CPU threads not necessarily in the same order.
         """
         device = self.values.device
         counts = self.crow[1:] - self.crow[:-1]

@@ -11,7 +11,10 @@ user's GPU.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
+import traceback
 
 import numpy as np
 import pytest
@@ -25,9 +28,11 @@ import scinfl as si
 from helpers import FAST
 from scinfl import model as model_module
 from scinfl.data import SparseRows
-from scinfl.privacy.audit import _probabilities
+from scinfl.privacy import audit as audit_module
+from scinfl.privacy.audit import AuditSettings, _probabilities
 from scinfl.privacy.membership import true_label_confidence
 from scinfl.privacy.utility import embed, predict_labels, train_fresh_model
+from scinfl.tl import _privacy as tl_privacy_module
 from scinfl.train import device as device_module
 from scinfl.train import dp as dp_module
 from scinfl.train import local as local_module
@@ -49,6 +54,7 @@ _CROSSING = {
     "detach",
     "__get__",
     "_has_compatible_shallow_copy_type",
+    "__deepcopy__",  # a copy stays on its tensor's device; the memo it is given holds other copies
 }
 
 
@@ -79,7 +85,18 @@ class FakeDevice(TorchFunctionMode):
         self.sparse_batches = 0  # batches that crossed as SparseRows
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+        n_before = len(self.problems)
+        try:
+            return self._torch_function(func, types, args, kwargs or {})
+        finally:
+            if len(self.problems) > n_before:  # name scinfl's line that made them
+                frames = [f for f in traceback.extract_stack() if f"{os.sep}scinfl{os.sep}" in f.filename]
+                where = (
+                    f" at {frames[-1].filename.rsplit('scinfl', 1)[-1]}:{frames[-1].lineno}" if frames else ""
+                )
+                self.problems[n_before:] = [problem + where for problem in self.problems[n_before:]]
+
+    def _torch_function(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", str(func))
         if func == Tensor.device.__get__ and _on_device(args[0]):
             return FAKE
@@ -117,7 +134,7 @@ class FakeDevice(TorchFunctionMode):
 def fake_device(monkeypatch):
     """The device scinfl resolves is FAKE; yields the FakeDevice recorder, active for the test."""
     recorder = FakeDevice()
-    for module in (device_module, local_module, site_module, model_module):
+    for module in (device_module, local_module, site_module, model_module, audit_module):
         monkeypatch.setattr(module, "resolve_device", lambda accelerator=None: FAKE)
 
     def recorded_generator(seed, device):
@@ -298,4 +315,32 @@ def test_audit_models_trained_on_the_device_are_read_there(fake_device, pbmc_sit
     assert embed(network, x).shape[0] == labels.shape[0] == site.n_obs
     confidence = true_label_confidence(_probabilities(network, None), x, y)
     assert ((confidence > 0) & (confidence < 1)).all()
+    assert not fake_device.problems, sorted(set(fake_device.problems))[:5]
+
+
+def test_privacy_audit_computes_on_the_device(fake_device, pbmc_split, monkeypatch):
+    """Every attack family of a hardened classifier's audit, on the device: the network is copied there,
+    cells and key views follow it, results come back explicitly; the caller's network stays put."""
+    key = si.FederationKey(hashlib.sha256(b"device audit").digest())
+    sites, public = pbmc_split
+    model = si.tl.train_federated(sites, key=key, copy=True, **FAST | {"rounds": 1})
+    tiny = {"key_recovery_steps": 3, "fresh_model_epochs": 1, "membership_reference_models": 4,
+            "membership_reference_epochs": 1, "n_boot": 10, "geometry_pool": 40, "secure_rounds": 1,
+            "inversion_restarts": 1}  # fmt: skip
+    monkeypatch.setattr(tl_privacy_module, "AuditSettings", functools.partial(AuditSettings, **tiny))
+    contexts = []
+
+    class Recorded(audit_module._Context):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            contexts.append(self)
+
+    monkeypatch.setattr(audit_module, "_Context", Recorded)
+    table = si.tl.privacy_audit(
+        model, model.sites["site_1"], key=key, public=public, seeds=(0,), n_victims=2, n_wrong_keys=1,
+        inversion_victims=1, inversion_batches=(2,), inversion_steps=3, geometry_victims=10,
+    )  # fmt: skip
+    assert {"utility", "key recovery", "analytic", "inversion", "membership", "geometry"} <= set(table.family)
+    assert _on_device(next(contexts[0].network.parameters()))  # the attacks' network
+    assert not _on_device(next(model.network.parameters()))
     assert not fake_device.problems, sorted(set(fake_device.problems))[:5]

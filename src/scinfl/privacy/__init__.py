@@ -32,10 +32,10 @@ hardened
 audit
     Runs the attacks for every attacker view and returns a tidy DataFrame.
 
-Devices: the audit's own training (key recovery's fresh model, membership's reference models, the server
-view's site fits) runs on the device of ``scinfl.settings.accelerator``, and those networks are read
-where they are. The attacks on the federation's weights (inversion, analytic, key-map fits) compute on the
-CPU, where a model's network is.
+Devices: the audit computes on the device of ``scinfl.settings.accelerator``. The attacks run on a copy of
+the model's network there (the model's own stays where it is), the cells and key views follow the network
+they are fed to, and results come back to the CPU as arrays; the audit's own training (key recovery's
+fresh model, membership's reference models, the server view's site fits) runs there too.
 """
 
 from . import (

@@ -8,6 +8,7 @@ keys) and seeds with a percentile-bootstrap 95% confidence interval.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import logging
@@ -27,7 +28,7 @@ from .._warnings import warn
 from ..key import FederationKey
 from ..nn import HardenedKey, HardenedNetwork, KeyedModule, MosaicAutoencoder, read_counts, use_key
 from ..tasks import AuditView, ModelConfig, build_network
-from ..train import FitSettings, key_material, key_on, module_device, to_device
+from ..train import FitSettings, key_material, key_on, module_device, resolve_device, to_device
 from .analytic import (
     calibrate_gain_offset,
     calibrate_principal_axes,
@@ -181,8 +182,15 @@ def wrong_key(key: FederationKey | None, seed: int, index: int) -> FederationKey
     return FederationKey(secret, scheme=scheme)
 
 
+def _on(tensor: Tensor | None, device: torch.device) -> Tensor | None:
+    return None if tensor is None else to_device(tensor, device)
+
+
 def _material(key: FederationKey | None, network: nn.Module):
-    return None if key is None or not isinstance(network, KeyedModule) else key_material(key, network)
+    """What ``key`` gives ``network``, on the network's device."""
+    if key is None or not isinstance(network, KeyedModule):
+        return None
+    return key_on(key_material(key, network), module_device(network))
 
 
 def _views(network: nn.Module, key: FederationKey | None, seed: int) -> dict[str, Tensor | None]:
@@ -316,6 +324,11 @@ class _Context:
         key: FederationKey | None,
         settings: AuditSettings,
     ):
+        # The attacks compute on the accelerator: the network is copied there (the caller's stays where
+        # it is); the cells stay on the CPU and go to the device where the network reads them.
+        self.device = resolve_device()
+        if module_device(network) != self.device:
+            network = copy.deepcopy(network).to(self.device)
         self.network = network
         self.config = config
         self.data = data
@@ -781,7 +794,7 @@ def _fit_scale(estimate: np.ndarray, truth: np.ndarray) -> np.ndarray:
 
 def _matched(ctx: _Context, reconstructed: Tensor, victims: np.ndarray) -> list[tuple[int, np.ndarray]]:
     """Pair each reconstruction with a victim (Hungarian assignment on Pearson), as an attacker can't know which."""
-    rec = reconstructed.numpy()
+    rec = reconstructed.cpu().numpy()
     truth = ctx.data.members_x[victims].numpy()
     similarity = np.array([[np.nan_to_num(pearson(r, t)) for t in truth] for r in rec])
     rows, cols = linear_sum_assignment(-similarity)
@@ -825,7 +838,7 @@ def _hardened_inversion(
             "inversion",
             "gradient, 1 cell, joint with key maps",
             "server",
-            ctx.metrics(rec[0].numpy(), victim),
+            ctx.metrics(rec[0].cpu().numpy(), victim),
         )
 
 
@@ -860,6 +873,7 @@ def _inversion(ctx: _Context, out: _Collector, seed: int) -> None:
             rec = invert_gradient(
                 ctx.network, grads, n_samples=1, labels=labels, key_material=guess, **common
             )
+            rec = rec.cpu()
             out.add("inversion", "gradient, 1 cell", view, ctx.metrics(rec[0].numpy(), int(victim)))
             out.example("gradient, 1 cell", view, x[0].numpy(), rec[0].numpy())
         for size in s.inversion_batches:
@@ -1283,6 +1297,7 @@ def run_audit(
     out = _Collector()
     was_training = network.training
     network.eval()
+    ctx.network.eval()
     steps = [(seed, family) for seed in settings.seeds for family in attacks]
     try:
         for done, (seed, family) in enumerate(steps, start=1):

@@ -110,6 +110,8 @@ def loss_gradients(
     task
         The model's objective (:meth:`scinfl.tasks.Task.objective`); None: a classifier's cross-entropy.
     """
+    device = next(iter(parameters.values())).device
+    x, y = x.to(device), y.to(device)  # the cells where the network is (differentiable: x may be a variable)
     with use_key(key_material):
         output = functional_call(network, dict(parameters), (x,))
     # Integer labels, or class probabilities (the attacker's soft labels when it optimises them too).

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..nn import HardenedKey, HardenedNetwork, KeyMaterial, use_key
+from ..train import module_device
 from .gradients import evaluation_mode, loss_gradients
 from .inversion import _attacked_parameters, _matcher
 from .utility import fit_frozen
@@ -55,17 +56,24 @@ class RelaxedHardenedKey(KeyMaterial):
     @classmethod
     def identity(cls, network: HardenedNetwork) -> RelaxedHardenedKey:
         """The keyless starting point: every map the identity."""
-        layout = network.layout
-        return cls([torch.eye(n) for n in layout.in_features], torch.eye(layout.n_outputs))
+        layout, device = network.layout, module_device(network)
+        return cls(
+            [torch.eye(n, device=device) for n in layout.in_features],
+            torch.eye(layout.n_outputs, device=device),
+        )
 
     @classmethod
     def from_key(cls, network: HardenedNetwork, material: HardenedKey) -> RelaxedHardenedKey:
         """The dense form of a hardened key (e.g. a wrong key, as a starting point)."""
-        layout = network.layout
+        layout, device = network.layout, module_device(network)
+        material = material.to(device)
         maps = [
-            material.layer_input(i, torch.eye(n)).T.contiguous() for i, n in enumerate(layout.in_features)
+            material.layer_input(i, torch.eye(n, device=device)).T.contiguous()
+            for i, n in enumerate(layout.in_features)
         ]
-        output = material.layer_output(len(maps) - 1, torch.eye(layout.n_outputs)).T.contiguous()
+        output = material.layer_output(
+            len(maps) - 1, torch.eye(layout.n_outputs, device=device)
+        ).T.contiguous()
         return cls(maps, output)
 
     def variables(self) -> list[Tensor]:
@@ -126,9 +134,10 @@ def invert_gradient_joint(
         [m.detach().clone() for m in init.input_maps], init.output_map.detach().clone()
     ).requires_grad_()
     generator = torch.Generator().manual_seed(seed)
-    x = (prior_mean.reshape(1, -1) + 0.5 * torch.randn(1, prior_mean.numel(), generator=generator)).clamp(
-        min=0
-    )
+    noise = torch.randn(
+        1, prior_mean.numel(), generator=generator
+    )  # drawn on the CPU: the same start anywhere
+    x = (prior_mean.reshape(1, -1) + 0.5 * noise.to(prior_mean)).clamp(min=0).to(module_device(network))
     x.requires_grad_(True)
     optimiser = torch.optim.Adam([{"params": [x], "lr": lr}, {"params": relaxed.variables(), "lr": key_lr}])
     with evaluation_mode(network):

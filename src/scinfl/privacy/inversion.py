@@ -107,7 +107,7 @@ def recover_labels(
     spill = scaled[absent].mean().clamp(min=0.0) if absent.any() else scaled.new_zeros(())
     share = (spill - scaled[classes]).clamp(min=1e-6)
     expected = n_samples * share / share.sum()
-    counts = torch.ones(len(classes), dtype=torch.float64)
+    counts = torch.ones(len(classes), dtype=torch.float64, device=scaled.device)
     for _ in range(n_samples - len(classes)):
         counts[torch.argmax(expected - counts)] += 1
     labels = torch.repeat_interleave(classes, counts.long())

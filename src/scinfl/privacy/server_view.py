@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ..data import SiteDataset
 from ..data.loader import AlignedMatrix
 from ..federation.secure import MaskedUpdate, MaskingKey, SecureRound, mask_update, unmask_sum
-from ..train import FitSettings, Objective, SiteTrainer
+from ..train import FitSettings, Objective, SiteTrainer, copy_state
 
 __all__ = ["secure_round_changes"]
 
@@ -85,7 +85,7 @@ def secure_round_changes(
         for name, (x, y) in zip(names, cohort, strict=True)
     ]
     masking_keys = {name: MaskingKey.generate() for name in names}
-    state = {name: tensor.detach().clone() for name, tensor in network.state_dict().items()}
+    state = copy_state(network.state_dict())  # on the CPU, as a site's updates are
     changes = []
     for round_index in range(rounds):
         secure = SecureRound(

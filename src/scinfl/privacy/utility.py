@@ -131,6 +131,7 @@ def fit_frozen(
     network's weights and their ``requires_grad`` flags are left as they were.
     """
     network.eval()
+    x, y = to_device((x, y), module_device(network))
     frozen = [p.requires_grad for p in network.parameters()]
     for p in network.parameters():
         p.requires_grad_(False)
@@ -158,7 +159,7 @@ def _fit_secret(
     lr: float,
 ) -> Tensor:
     """Fit ``secret`` (a key vector or coordinates) by cross-entropy on (x, y) with every weight frozen."""
-    secret = secret.detach().clone().requires_grad_(True)
+    secret = secret.detach().to(module_device(network)).clone().requires_grad_(True)
     fit_frozen(network, x, y, [secret], lambda: context(secret), steps=steps, lr=lr)
     return secret.detach()
 

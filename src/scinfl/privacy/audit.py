@@ -182,10 +182,6 @@ def wrong_key(key: FederationKey | None, seed: int, index: int) -> FederationKey
     return FederationKey(secret, scheme=scheme)
 
 
-def _on(tensor: Tensor | None, device: torch.device) -> Tensor | None:
-    return None if tensor is None else to_device(tensor, device)
-
-
 def _material(key: FederationKey | None, network: nn.Module):
     """What ``key`` gives ``network``, on the network's device."""
     if key is None or not isinstance(network, KeyedModule):

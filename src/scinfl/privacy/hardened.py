@@ -134,9 +134,8 @@ def invert_gradient_joint(
         [m.detach().clone() for m in init.input_maps], init.output_map.detach().clone()
     ).requires_grad_()
     generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn(
-        1, prior_mean.numel(), generator=generator
-    )  # drawn on the CPU: the same start anywhere
+    # Drawn on the CPU, so that the start is the same on any device.
+    noise = torch.randn(1, prior_mean.numel(), generator=generator)
     x = (prior_mean.reshape(1, -1) + 0.5 * noise.to(prior_mean)).clamp(min=0).to(module_device(network))
     x.requires_grad_(True)
     optimiser = torch.optim.Adam([{"params": [x], "lr": lr}, {"params": relaxed.variables(), "lr": key_lr}])

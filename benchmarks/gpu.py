@@ -110,7 +110,7 @@ def scinfl_rate(trainer, state, epochs: int) -> float:
     return trainer.n_train * epochs / (time.perf_counter() - started)
 
 
-def predict_rate(trainer, task, *, outputs: bool, epochs: int) -> float:
+def predict_rate(trainer, *, outputs: bool, epochs: int) -> float:
     """Cells/s of ``infer`` over the trainer's cells in batches of 1,024, as ``FederatedModel.predict``."""
     dataset = trainer.train.with_sparse_batches(sparse_batches_on(trainer.device))
 
@@ -225,11 +225,11 @@ def main() -> None:
                         if mode == args.modes[0]:
                             task = TASKS[name]()
                             rates["predict"] = predict_rate(
-                                trainer, task, outputs=task.uses_outputs, epochs=args.epochs
+                                trainer, outputs=task.uses_outputs, epochs=args.epochs
                             )
                             if not task.uses_outputs:
                                 rates["predict+head"] = predict_rate(
-                                    trainer, task, outputs=True, epochs=args.epochs
+                                    trainer, outputs=True, epochs=args.epochs
                                 )
                         if name == args.tasks[0]:
                             for sparse in (False, True):

@@ -136,12 +136,49 @@ def test_a_mosaic_site_sums_only_the_entries_it_trains():
     for name in names:
         if plain[name].is_floating_point():
             torch.testing.assert_close(out[name].double(), plain[name].double(), rtol=0, atol=1e-6)
-        else:  # BatchNorm's batch counter: the rounded weighted mean (FedAvg in the clear takes the maximum)
-            values = [s[name].item() for s in partial if name in s]
-            assert min(values) <= out[name].item() <= max(values)
+        else:  # BatchNorm's batch counter: the rounded weighted mean, in the clear as under masks
+            assert torch.equal(out[name], plain[name]), name
     nobody = [{k: v for k, v in p.items() if k != names[-1]} for p in partial[:2]]
     out = unmask_sum(_masked(nobody, [10, 20], base, _round(["a", "b"], keys), keys), base)
     assert torch.equal(out[names[-1]], base[names[-1]])  # no site trained it: the global value stays
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool],
+)
+def test_clear_and_secure_fedavg_are_one_rule_entry_by_entry_for_every_dtype(dtype):
+    """The clear and the secure path decode into the same weighted mean (``fedavg.weighted_mean``): a float
+    entry within the fixed point's resolution, an integer or boolean entry exactly, the rounded weighted mean
+    (cell counts 150/300/250 and BatchNorm batch counters 12/13/12 give 12: a maximum would give 13)."""
+    generator = torch.Generator().manual_seed(0)
+    counts = [150, 300, 250]
+    if dtype.is_floating_point:
+        values = [torch.randn(5, 7, generator=generator).to(dtype) for _ in counts]
+    elif dtype == torch.bool:
+        values = [torch.rand(5, 7, generator=generator) > 0.5 for _ in counts]
+    else:
+        values = [torch.tensor([12, 13, 12][i]).to(dtype) + torch.zeros(5, 7, dtype=dtype) for i in range(3)]
+        values[1][0, :3] = torch.tensor([-4, 0, 10**6], dtype=dtype)
+    states = [
+        {"entry": v, "num_batches_tracked": torch.tensor(c, dtype=torch.long)}
+        for v, c in zip(values, [12, 13, 12], strict=True)
+    ]
+    keys = {s: MaskingKey.generate() for s in "abc"}
+    secure = unmask_sum(_masked(states, counts, states[0], _round(list("abc"), keys), keys), states[0])
+    clear = fedavg(states, counts)
+    assert int(clear["num_batches_tracked"]) == int(secure["num_batches_tracked"]) == 12
+    exact = sum(v.double() * n for v, n in zip(values, counts, strict=True)) / sum(counts)
+    for out in (clear, secure):
+        assert out["entry"].dtype == dtype
+        assert out["entry"].shape == (5, 7)
+    if dtype.is_floating_point:
+        resolution = torch.finfo(dtype).eps * exact.abs().max().item()
+        assert (clear["entry"].double() - exact).abs().max() <= resolution
+        assert (secure["entry"].double() - clear["entry"].double()).abs().max() <= resolution + 2.0**-24
+    else:
+        assert torch.equal(clear["entry"], exact.round().to(dtype))
+        assert torch.equal(secure["entry"], clear["entry"])
 
 
 def test_values_beyond_the_fixed_point_range_are_refused_naming_the_site():

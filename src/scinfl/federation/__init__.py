@@ -1,15 +1,18 @@
 """One round loop over any transport: sampling, key-version gate, FedAvg, selection, checkpoint/resume.
 
-:func:`federate` runs a :class:`RunSpec` over a transport: :class:`InProcess` (``engine="local"``) or
+:func:`federate` (a :class:`RoundLoop`) runs a :class:`RunSpec` over a transport: :class:`InProcess` (``engine="local"``) or
 Flower's Grid (:mod:`scinfl.federation.flower`, ``engine="flower"``). Sites are built and answered by the
 same functions on every engine (:mod:`scinfl.federation.site`).
 """
 
-from .fedavg import fedavg
+from .fedavg import fedavg, weighted_mean
 from .local import InProcess
 from .rounds import (
     FederationRun,
     KeyVersionError,
+    LoopState,
+    RoundLoop,
+    RoundReplies,
     SiteFailureError,
     Transport,
     aggregate,
@@ -29,7 +32,10 @@ __all__ = [
     "InProcess",
     "Instruction",
     "KeyVersionError",
+    "LoopState",
     "Reply",
+    "RoundLoop",
+    "RoundReplies",
     "RunSpec",
     "SiteFailureError",
     "Transport",
@@ -43,4 +49,5 @@ __all__ = [
     "sample_sites",
     "site_seed",
     "site_split",
+    "weighted_mean",
 ]

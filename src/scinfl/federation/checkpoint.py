@@ -1,8 +1,8 @@
-"""Round checkpoints of a federation, shared by both engines: written atomically, read back for resuming.
+"""Round checkpoints of a federation, shared by every engine: written atomically, read back for resuming.
 
-A checkpoint holds what the server holds (global weights, the best round so far, the history, the
-sampling generator) and, for the in-process engine, each site's own running state (a DP-SGD site's
-accountant). Never a key: models and states are key-free by construction (``docs/architecture.md``).
+A checkpoint holds what the server holds (the round loop's :class:`~scinfl.federation.rounds.LoopState`:
+global weights, the best round so far, the history, the sampling generator) and, for the in-process
+engine, each site's own running state (a DP-SGD site's accountant). Never a key: models and states are key-free by construction (``docs/architecture.md``).
 
 The file is readable by its owner only (0600: it holds weights), and carries the SHA-256 of its content,
 checked when it is read: a damaged checkpoint is refused by name, never half-loaded.
@@ -17,7 +17,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 __all__ = [
@@ -25,7 +24,6 @@ __all__ = [
     "CheckpointError",
     "checkpoint_path",
     "load_checkpoint",
-    "round_checkpoint",
     "save_checkpoint",
 ]
 
@@ -40,31 +38,6 @@ class CheckpointError(ValueError):
 def checkpoint_path(directory: str | os.PathLike[str]) -> Path:
     """Where a run that checkpoints into ``directory`` keeps its checkpoint."""
     return Path(directory) / CHECKPOINT
-
-
-def round_checkpoint(
-    round_index: int,
-    *,
-    state: Mapping[str, torch.Tensor],
-    best_state: Mapping[str, torch.Tensor],
-    best_round: int,
-    best_loss: float,
-    rows: list[dict],
-    rng: np.random.Generator,
-    **extra: Any,
-) -> dict[str, Any]:
-    """What the server holds after ``round_index`` (the part both engines share), plus an engine's
-    ``extra`` entries: the content of a checkpoint."""
-    return {
-        "round": round_index,
-        "state": state,
-        "best_state": best_state,
-        "best_round": best_round,
-        "best_loss": best_loss,
-        "rows": rows,
-        "rng": rng.bit_generator.state,
-        **extra,
-    }
 
 
 def save_checkpoint(content: Mapping[str, Any], directory: str | os.PathLike[str]) -> Path:

@@ -1,4 +1,12 @@
-"""Federated averaging: the one aggregation rule every engine uses."""
+"""Federated averaging: the one aggregation rule every engine and both aggregation paths use.
+
+FedAvg is decided in one place, :func:`weighted_mean`: each entry of the global state is the sum of its
+holders' ``n * value`` divided by the sum of their ``n`` (``n``: each site's training cells). The clear
+path (:func:`fedavg`) forms those sums from the updates; secure aggregation
+(:func:`scinfl.federation.secure.unmask_sum`) decodes them from the masked vectors. Both then call
+:func:`weighted_mean`, so they agree entry by entry, every dtype: floating-point entries to the secure
+path's fixed-point resolution, integer entries exactly.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +15,33 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["fedavg"]
+__all__ = ["fedavg", "weighted_mean"]
+
+
+def weighted_mean(
+    sums: Mapping[str, Tensor], counts: Mapping[str, float], reference: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
+    """The global state from the holders' sums: ``sums[name] / counts[name]`` for every entry of
+    ``reference`` (the round's global state, which gives each entry's shape and dtype).
+
+    - Floating-point entries (weights, biases, key heads, BatchNorm running means and variances) are the
+      weighted mean, computed in float64 and cast to the entry's dtype.
+    - Integer and boolean entries (BatchNorm's ``num_batches_tracked``) are the weighted mean rounded to
+      the nearest integer (halves to even): the only rule a secure sum allows (a maximum would need each
+      site's value), and the same in the clear.
+    - An entry that no holder with cells sent (``counts`` 0 or absent) keeps its value in ``reference``.
+    """
+    out: dict[str, Tensor] = {}
+    for name, ref in reference.items():
+        count = float(counts.get(name, 0.0))
+        if count <= 0:
+            out[name] = ref.detach().clone()
+            continue
+        mean = sums[name].to(torch.float64).reshape(ref.shape) / count
+        if not ref.is_floating_point():
+            mean = mean.round()
+        out[name] = mean.to(ref.dtype)
+    return out
 
 
 def fedavg(
@@ -16,11 +50,8 @@ def fedavg(
     *,
     base: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
-    """Average state dicts, weighted by ``weights`` (each site's training cell count).
-
-    Every floating-point entry is averaged: weights, biases, key heads, the key encoder, and BatchNorm
-    running means and variances. Integer entries (BatchNorm's ``num_batches_tracked``) take the maximum,
-    as their average has no meaning.
+    """Average state dicts, weighted by ``weights`` (each site's training cell count), by
+    :func:`weighted_mean`'s rule.
 
     Each entry is averaged over the updates that hold it, weighted by their own weights: a site of a
     multi-omics mosaic sends only the modules of the modalities it has
@@ -42,8 +73,8 @@ def fedavg(
                 raise ValueError(
                     f"Update {i} has other parameters than update 0: the sites run different models."
                 )
+        reference = states[0]
     else:
-        names = list(base)
         for i, state in enumerate(states):
             unknown = sorted(set(state) - set(base))
             if unknown:
@@ -51,17 +82,14 @@ def fedavg(
                     f"Update {i} has parameters the global model lacks ({', '.join(unknown[:3])}): "
                     "the sites run different models."
                 )
-    averaged: dict[str, Tensor] = {}
-    for name in names:
-        holders = [(state[name], w) for state, w in zip(states, weights, strict=True) if name in state]
-        total = float(sum(w for _, w in holders))
-        if not holders or total <= 0:  # no update (with cells) holds it: the global value stays
-            averaged[name] = base[name].detach().clone()
-        elif holders[0][0].is_floating_point():
-            mean = holders[0][0] * (holders[0][1] / total)
-            for tensor, weight in holders[1:]:
-                mean.add_(tensor, alpha=weight / total)
-            averaged[name] = mean
-        else:
-            averaged[name] = torch.stack([tensor for tensor, _ in holders]).amax(dim=0)
-    return averaged
+        reference = base
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, float] = {}
+    for state, weight in zip(states, weights, strict=True):
+        if weight <= 0:
+            continue
+        for name, tensor in state.items():
+            value = tensor.detach().to(torch.float64) * float(weight)
+            sums[name] = sums[name].add_(value) if name in sums else value
+            counts[name] = counts.get(name, 0.0) + float(weight)
+    return weighted_mean(sums, counts, reference)

@@ -39,6 +39,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from torch import Tensor
 
+from .fedavg import weighted_mean
+
 __all__ = [
     "FRACTION_BITS",
     "MaskedUpdate",
@@ -170,7 +172,7 @@ def mask_update(
     offset = 0
     for index, (name, size) in enumerate(zip(names, sizes, strict=True)):
         if name in state:
-            values[offset : offset + size] = state[name].detach().cpu().reshape(-1).numpy()
+            values[offset : offset + size] = state[name].detach().cpu().reshape(-1).to(torch.float64).numpy()
             values[n_values + index] = 1.0
         offset += size
     largest = max(float(values.max()), -float(values.min()))  # without a temporary of |values|
@@ -248,9 +250,10 @@ def decode_wide(total: np.ndarray) -> np.ndarray:
 
 
 def unmask_sum(updates: Sequence[MaskedUpdate], base: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """FedAvg from the cohort's masked vectors: their sum modulo 2^64, decoded and divided per tensor by
-    the summed cell counts of the sites that trained it. A tensor no site trained keeps its value in
-    ``base``; integer entries (BatchNorm's batch counters) take the rounded weighted mean."""
+    """FedAvg from the cohort's masked vectors: their sum modulo 2^64, decoded into each tensor's sum of
+    ``n * value`` and its holders' summed cell counts, then averaged by the one rule,
+    :func:`~scinfl.federation.fedavg.weighted_mean` (a tensor no site trained keeps its value in ``base``;
+    integer entries take the rounded weighted mean, as in the clear)."""
     if not updates:
         raise ValueError("Secure aggregation needs at least one masked update.")
     names, sizes = _layout(base)
@@ -262,18 +265,8 @@ def unmask_sum(updates: Sequence[MaskedUpdate], base: Mapping[str, Tensor]) -> d
                 f"the global model {expected}: the sites run different models."
             )
     total = sum_integers([update.masked for update in updates])
-    decoded = total.view(np.int64).astype(np.float64) / _SCALE
-    counts = np.rint(decoded[sum(sizes) :])
-    out: dict[str, Tensor] = {}
-    offset = 0
-    for index, (name, size) in enumerate(zip(names, sizes, strict=True)):
-        reference = base[name]
-        if counts[index] <= 0:
-            out[name] = reference.detach().clone()
-        else:
-            mean = torch.from_numpy(decoded[offset : offset + size] / counts[index]).reshape(reference.shape)
-            if not reference.is_floating_point():
-                mean = mean.round()
-            out[name] = mean.to(reference.dtype)
-        offset += size
-    return out
+    decoded = torch.from_numpy(total.view(np.int64).astype(np.float64) / _SCALE)
+    n_values = sum(sizes)
+    counts = np.rint(decoded[n_values:].numpy())
+    sums = dict(zip(names, torch.split(decoded[:n_values], sizes), strict=True))
+    return weighted_mean(sums, dict(zip(names, counts.tolist(), strict=True)), base)

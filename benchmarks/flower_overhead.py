@@ -11,9 +11,9 @@ Sites: scanpy's bundled ``pbmc68k_reduced`` split into 3 label-skewed sites
     ``engine="flower"``: Flower's simulation runtime (ServerApp in this process, ClientApps in Ray workers).
     Its weights are checked to equal the in-process run's.
 ``deployment``
-    A SuperLink and one SuperNode per site on 127.0.0.1 (:class:`scinfl.federation.flower.deployment.
+    A SuperLink and one SuperNode per site on 127.0.0.1 (:class:`scinfl.deployment.
     LocalDeployment`) running ``scinfl.flower_apps``, then ``flwr run`` with the in-process run's spec as
-    run config (:func:`scinfl.federation.flower.deployment.run_config`): the time of the whole ``flwr run``,
+    run config (:func:`scinfl.deployment.run_config`): the time of the whole ``flwr run``,
     and per round as the ServerApp logs it (each round's exchange: the SuperNodes' poll, one ClientApp
     process per site and message, the local fit, the reply). Its weights are checked to equal the
     in-process run's.
@@ -61,7 +61,7 @@ import scanpy as sc
 import torch
 
 import scinfl as si
-from scinfl.federation.flower.deployment import LocalDeployment, run_config, site_nodes
+from scinfl.deployment import LocalDeployment, run_config, site_nodes
 
 SIMULATION_GOAL = 1.5  # x the in-process wall time
 DEPLOYMENT_GOAL = 5.0  # seconds per round

@@ -156,7 +156,7 @@ def accuracy_over_seeds(seeds: tuple[int, ...], rounds: int) -> list[tuple[int, 
 
 
 def deployment_round(n_sites: int, rounds: int, secure: bool) -> float:
-    from scinfl.federation.flower.deployment import LocalDeployment, run_config, site_nodes
+    from scinfl.deployment import LocalDeployment, run_config, site_nodes
 
     sites, _ = _sites(n_sites)
     spec = si.tl.train_federated(

@@ -26,6 +26,7 @@ LAYERS = {
     "tl": 5,
     "pl": 5,
     "flower_apps": 5,
+    "deployment": 6,  # the tooling of a deployment on one machine (CLI, tests, benchmarks)
     "__init__": 6,
     "_version": 0,
     "_warnings": -1,  # imports nothing of scinfl: every layer may warn

@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             output_dir=args.output_dir,
         )
     elif args.command == "flower-local":
-        from .federation.flower.deployment import run_local_deployment
+        from .deployment import run_local_deployment
 
         settings = {
             "task.name": args.task,

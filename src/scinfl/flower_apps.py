@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .federation import FederationRun, RunSpec
 from .federation.flower.client import make_client_app
-from .federation.flower.deployment import MODEL_DIR
+from .federation.flower.run_config import MODEL_DIR
 from .federation.flower.server import make_server_app
 from .model import FederatedModel
 

@@ -30,9 +30,9 @@ from helpers import (
     key_secrets,
     small_spec,
 )
+from scinfl.deployment import LocalDeployment, log_tail, run_config, site_nodes
 from scinfl.federation import InProcess, RunSpec, federate
 from scinfl.federation.checkpoint import CHECKPOINT, load_checkpoint
-from scinfl.federation.flower.deployment import LocalDeployment, log_tail, run_config, site_nodes
 from scinfl.federation.flower.server import GridTransport
 from scinfl.federation.flower.simulation import simulate
 from scinfl.train import key_material
@@ -236,7 +236,7 @@ def test_a_run_whose_serverapp_died_is_not_reported_as_done(tmp_path, monkeypatc
     not an earlier run's."""
     import subprocess
 
-    from scinfl.federation.flower import deployment
+    from scinfl import deployment
 
     class EndsWithoutModel:  # a deployment whose ServerApp died: flwr run still exits 0
         port = 0
@@ -374,7 +374,7 @@ def test_a_local_deployment_lets_in_only_registered_supernodes_that_verify_its_c
     import stat
     import subprocess
 
-    from scinfl.federation.flower.deployment import CONNECTION, free_port, write_supernode_key
+    from scinfl.deployment import CONNECTION, free_port, write_supernode_key
 
     bin_dir = Path(sys.executable).parent
     deployment = LocalDeployment(tmp_path / "flower", {})
@@ -468,7 +468,7 @@ def _wait_for_checkpoint(output_dir: Path, round_index: int, timeout: float) -> 
 
 def _arguments_of(deployment: LocalDeployment) -> bytes:
     """The command lines of every process of the deployment (all carry its FLWR_HOME)."""
-    from scinfl.federation.flower.deployment import _processes_with_environment
+    from scinfl.deployment import _processes_with_environment
 
     arguments = []
     for pid in _processes_with_environment("FLWR_HOME", deployment.env["FLWR_HOME"]):
@@ -604,7 +604,7 @@ def test_an_authenticated_supernode_killed_mid_run_rejoins_under_its_node_id(pbm
 
 def test_flwr_json_output_is_read_also_when_styled():
     """Under a Jupyter kernel (FORCE_COLOR=1) flwr styles its JSON output with ANSI escapes."""
-    from scinfl.federation.flower.deployment import _json_output
+    from scinfl.deployment import _json_output
 
     styled = '\x1b[1m{\x1b[0m\n  \x1b[1;34m"success"\x1b[0m: \x1b[3;92mtrue\x1b[0m,\n  \x1b[1;34m"node-id"\x1b[0m: \x1b[1;36m157\x1b[0m\n\x1b[1m}\x1b[0m\n'
     assert _json_output(styled) == {"success": True, "node-id": 157}

@@ -338,7 +338,7 @@ def test_a_deployment_step_is_a_run_config_and_a_result_file_that_each_site_appl
     what ``si.pp.pca`` writes."""
     import json
 
-    from scinfl.federation.flower.deployment import preprocessing_run_config
+    from scinfl.deployment import preprocessing_run_config
     from scinfl.federation.preprocessing import PreprocessingResult, run_recipe
 
     for site in count_sites.values():
@@ -387,7 +387,7 @@ def test_a_local_deployment_runs_a_preprocessing_step_that_each_site_applies(cou
     """A SuperLink and three SuperNodes as processes (TLS, SuperNode authentication): ``flwr run`` with a
     preprocessing run config; the deployed ServerApp saves the result, and each site's file applied gives
     the in-process result."""
-    from scinfl.federation.flower.deployment import LocalDeployment, preprocessing_run_config, site_nodes
+    from scinfl.deployment import LocalDeployment, preprocessing_run_config, site_nodes
 
     options = {"flavor": "seurat_v3", "n_top_genes": 100}
     local = si.pp.highly_variable_genes(count_sites, layer="counts", batch_key="site", copy=True, **options)

@@ -5,6 +5,7 @@ Flower's Grid (:mod:`scinfl.federation.flower`, ``engine="flower"``). Sites are 
 same functions on every engine (:mod:`scinfl.federation.site`).
 """
 
+from .engines import Engine, engine_names, get_engine, register_engine
 from .fedavg import fedavg, weighted_mean
 from .local import InProcess
 from .rounds import (
@@ -23,10 +24,8 @@ from .rounds import (
 from .site import Hello, Instruction, Reply, answer, build_site, hello, initial_weights, site_split
 from .spec import RunSpec
 
-ENGINES = ("local", "flower")  # "flower": scinfl.federation.flower (pip install 'scinfl[flower]')
-
 __all__ = [
-    "ENGINES",
+    "Engine",
     "FederationRun",
     "Hello",
     "InProcess",
@@ -42,10 +41,13 @@ __all__ = [
     "aggregate",
     "answer",
     "build_site",
+    "engine_names",
     "fedavg",
     "federate",
+    "get_engine",
     "hello",
     "initial_weights",
+    "register_engine",
     "sample_sites",
     "site_seed",
     "site_split",

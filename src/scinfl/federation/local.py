@@ -1,4 +1,4 @@
-"""The in-process transport (``engine="local"``): every site in this process, called directly."""
+"""The in-process transport (``engine="local"``, the default): every site in this process, called directly."""
 
 from __future__ import annotations
 
@@ -12,12 +12,15 @@ from ..data.statistics import StatisticRequest
 from ..key import FederationKey
 from ..tasks import ModelConfig
 from ..train import SiteTrainer
+from .engines import Engine
+from .preprocessing import PreprocessingResult, run_recipe
+from .rounds import FederationRun, federate
 from .secure import MaskingKey, SecureRound
 from .site import Hello, Instruction, Reply, answer, build_site, hello, initial_weights
 from .spec import RunSpec
-from .statistics import SiteProfile, StatisticsSpec, answer_statistic, profile_of
+from .statistics import SiteProfile, StatisticsExchange, StatisticsSpec, answer_statistic, profile_of
 
-__all__ = ["InProcess"]
+__all__ = ["ENGINE", "InProcess"]
 
 
 class InProcess:
@@ -85,3 +88,25 @@ class InProcess:
             site: answer_statistic(self.sites[site], site, spec, request, secure, self.masking_keys.get(site))
             for site in spec.sites
         }
+
+
+def train(
+    sites: Mapping[str, Any],
+    keys: Mapping[str, FederationKey | None],
+    spec: RunSpec,
+    *,
+    progress: bool = False,
+    **options: Any,
+) -> FederationRun:
+    """The round loop over the sites of this process (:attr:`scinfl.federation.Engine.train`)."""
+    return federate(InProcess(sites, keys), spec, progress=progress, **options)
+
+
+def statistics(
+    sites: Mapping[str, Any], spec: StatisticsSpec, step: str, options: Mapping[str, Any]
+) -> PreprocessingResult:
+    """A preprocessing recipe over the sites of this process (:attr:`scinfl.federation.Engine.statistics`)."""
+    return run_recipe(StatisticsExchange(InProcess(sites, {}), spec), step, options)
+
+
+ENGINE = Engine("local", train, statistics)

@@ -21,14 +21,14 @@ from scipy import sparse
 from .._warnings import warn
 from ..data import as_site_dict
 from ..data.statistics import chunks, matrix_of
-from ..federation import InProcess
-from ..federation.preprocessing import PreprocessingResult, run_recipe
-from ..federation.statistics import MIN_STATISTIC_CELLS, StatisticsExchange, StatisticsSpec
+from ..federation import get_engine
+from ..federation.preprocessing import PreprocessingResult
+from ..federation.statistics import MIN_STATISTIC_CELLS, StatisticsSpec
 
 __all__ = ["apply_preprocessing", "highly_variable_genes", "pca", "scale"]
 
 Join = Literal["inner", "outer"]
-Engine = Literal["local", "flower"]
+Engine = str  # a name of scinfl.federation.engine_names(): "local" (default) or "flower"
 SITES = "site"  # batch_key that means "each site is a batch" when no site has such a column
 _DEFAULT = object()
 
@@ -59,14 +59,7 @@ def _preprocess(
         min_cohort=min_cohort,
         min_cells=min_cells,
     )
-    if engine == "local":
-        result = run_recipe(StatisticsExchange(InProcess(sites, {}), spec), step, options)
-    elif engine == "flower":
-        from ..federation.flower import simulate_statistics
-
-        result = simulate_statistics(sites, spec, step, options)
-    else:
-        raise ValueError(f"Unknown engine {engine!r}; available: 'local', 'flower'.")
+    result = get_engine(engine).statistics(sites, spec, step, options)
     for name, data in targets.items():
         apply_preprocessing(data, result, site=name, layer=layer, key_added=key_added)
 

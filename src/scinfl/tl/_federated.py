@@ -14,7 +14,7 @@ from anndata import AnnData
 
 from .._settings import logger, settings, torch_threads
 from ..data import as_site_dict, is_mudata, scinfl_entry
-from ..federation import ENGINES, InProcess, RunSpec, federate
+from ..federation import RunSpec, get_engine
 from ..federation.spec import MIN_DELTA, PATIENCE
 from ..key import FederationKey, as_key
 from ..model import FederatedModel
@@ -131,7 +131,7 @@ def train_federated(
     weight_decay: float = 1e-5,
     key_strength: float = 1.0,
     validation_fraction: float = 0.1,
-    engine: Literal["local", "flower"] = "local",
+    engine: str = "local",
     dp: Mapping[str, float] | None = None,
     seed: int = 0,
     init: FederatedModel | None = None,
@@ -262,14 +262,8 @@ def train_federated(
     with a warning.
     """
     site_data, opened = as_site_dict(sites, "train_federated")
-    if engine not in ENGINES:
-        raise ValueError(f"Unknown engine {engine!r}; available: {', '.join(ENGINES)}.")
+    runner = get_engine(engine)
     key = as_key(key)
-    if engine == "flower":
-        try:
-            import flwr  # noqa: F401
-        except ImportError as err:
-            raise ImportError("engine='flower' needs Flower: pip install 'scinfl[flower]'.") from err
     if task is None:  # a classification, or the task of the model training starts from
         task = init.task if isinstance(init, FederatedModel) else "classification"
     task = get_task(task, label_key=label_key)
@@ -313,16 +307,7 @@ def train_federated(
         options |= {"initial_state": init.network.state_dict(), "signature": {"init": init.key_fingerprint}}
     keys = dict.fromkeys(site_data, key)
     with torch_threads(settings.torch_threads):
-        if engine == "flower":
-            from ..federation.flower.simulation import simulate
-
-            for name, data in site_data.items():  # a site's data errors, here rather than in a Ray worker
-                spec.task.inputs(data, name, schema)
-            run = simulate(site_data, keys, spec, progress=settings.progress, **options)
-            if run.schema != schema:
-                raise RuntimeError("The Flower run agreed another schema than train_federated computed.")
-        else:
-            run = federate(InProcess(site_data, keys), spec, progress=settings.progress, **options)
+        run = runner.train(site_data, keys, spec, progress=settings.progress, **options)
         params: dict[str, Any] = {"engine": engine}
         history = run.history
         if spec.dp is not None:

@@ -6,7 +6,7 @@ A consortium's Flower App is a ``pyproject.toml`` whose components point here::
     serverapp = "scinfl.flower_apps:server_app"
     clientapp = "scinfl.flower_apps:client_app"
 
-and whose ``[tool.flwr.app.config]`` is the run spec (:func:`~scinfl.federation.flower.deployment.run_config`).
+and whose ``[tool.flwr.app.config]`` is the run spec (:func:`~scinfl.federation.flower.run_config.run_config`).
 See ``docs/across_sites.md``. Needs ``pip install 'scinfl[flower]'``. Submodules are imported on use, so
 that a ClientApp process imports only :mod:`.client` and what it needs.
 """
@@ -22,7 +22,7 @@ def __getattr__(name: str):
 
         return GridTransport
     if name == "run_config":
-        from .deployment import run_config
+        from .run_config import run_config
 
         return run_config
     if name == "simulate":

@@ -313,7 +313,7 @@ def run_preprocessing(grid: Grid, run_config: Mapping[str, Any]) -> Path:
     ``preprocess-spec`` (:class:`~scinfl.federation.statistics.StatisticsSpec`), through the Grid. The
     result is written to ``<output-dir>/<step>.npz`` for the sites to apply
     (:func:`scinfl.pp.apply_preprocessing`). Build the run config with
-    :func:`scinfl.federation.flower.deployment.preprocessing_run_config`."""
+    :func:`scinfl.federation.flower.run_config.preprocessing_run_config`."""
     step = str(run_config["preprocess"])
     output_dir = str(run_config.get("output-dir", ""))
     if not output_dir:

@@ -37,7 +37,7 @@ from ..rounds import FederationRun
 from ..spec import RunSpec
 from ..statistics import StatisticsSpec
 from .client import make_client_app
-from .deployment import statistics_run_config
+from .run_config import statistics_run_config
 from .server import make_server_app, run_preprocessing
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""A Flower deployment on one machine: a SuperLink and one SuperNode per site on 127.0.0.1, then ``flwr run``.
+"""A Flower deployment on one machine (the tooling, not the protocol): a SuperLink and one SuperNode per site on 127.0.0.1, then ``flwr run``.
 
 For trying scinfl's apps out (``scinfl flower-local``), the tests and the benchmark. By default it runs
 TLS with a certificate authority of its own and SuperNode authentication with a key pair per site made for
@@ -29,8 +29,8 @@ from typing import Any
 
 import tomli_w
 
-from ..spec import RunSpec
-from ..statistics import StatisticsSpec
+from .federation.flower.run_config import MODEL_DIR, app_pyproject, preprocessing_run_config, run_config
+from .federation.spec import RunSpec
 
 __all__ = [
     "LocalDeployment",
@@ -38,6 +38,7 @@ __all__ = [
     "flower_environment",
     "free_port",
     "log_tail",
+    "preprocessing_run_config",
     "run_config",
     "run_local_deployment",
     "site_nodes",
@@ -48,7 +49,6 @@ __all__ = [
 logger = logging.getLogger("scinfl")
 
 CONNECTION = "scinfl-local"
-MODEL_DIR = "model"  # where scinfl.flower_apps.server_app writes the model, inside output-dir
 
 
 def free_port() -> int:
@@ -76,93 +76,6 @@ def flower_environment(flwr_home: Path, base: Mapping[str, str] | None = None) -
         FLWR_SUPEREXEC_TASK_POLL_INTERVAL=env.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2"),
     )
     return env
-
-
-def run_config(spec: RunSpec, output_dir: str | os.PathLike[str], *, resume: bool = False) -> dict[str, Any]:
-    """The run config of scinfl's ServerApp: the run spec (:meth:`~scinfl.federation.RunSpec.to_run_config`)
-    with ``output-dir`` (absolute, on the ServerApp's machine) and ``resume``."""
-    return {**spec.to_run_config(), "output-dir": str(Path(output_dir).absolute()), "resume": bool(resume)}
-
-
-def preprocessing_run_config(
-    step: str,
-    sites: Sequence[str],
-    output_dir: str | os.PathLike[str],
-    *,
-    layer: str | None = None,
-    batch_key: str | None = None,
-    secure_aggregation: bool = True,
-    min_cohort: int = 3,
-    min_cells: int = 20,
-    timeout: float = 600.0,
-    **options: Any,
-) -> dict[str, Any]:
-    """The run config of scinfl's ServerApp for one federated preprocessing step on a deployment.
-
-    ``step`` is ``"highly_variable_genes"``, ``"scale"`` or ``"pca"``; ``options`` are its recipe's
-    (:mod:`scinfl.federation.preprocessing`: e.g. ``flavor="seurat_v3", n_top_genes=2000``; for a PCA on
-    chosen genes, ``genes=[...]`` and ``mask_var="highly_variable"``). ``batch_key="site"`` makes each
-    site a batch. The ServerApp writes ``<output_dir>/<step>.npz``; each site applies it with
-    :func:`scinfl.pp.apply_preprocessing`. The SuperNodes' ``--node-config`` names each site's file, as for
-    training.
-    """
-    spec = StatisticsSpec(
-        sites=tuple(sites),
-        layer=layer,
-        batch_key=None if batch_key == "site" else batch_key,
-        batches_are_sites=batch_key == "site",
-        secure_aggregation=secure_aggregation,
-        min_cohort=min_cohort,
-        min_cells=min_cells,
-        timeout=timeout,
-    )
-    return statistics_run_config(step, spec, options, output_dir)
-
-
-def statistics_run_config(
-    step: str, spec: StatisticsSpec, options: Mapping[str, Any], output_dir: str | os.PathLike[str]
-) -> dict[str, Any]:
-    """The run config of a preprocessing ``step`` over ``spec``'s sites (see :func:`preprocessing_run_config`)."""
-    return {
-        "preprocess": step,
-        "preprocess-options": json.dumps(dict(options)),
-        "preprocess-spec": json.dumps(spec.to_dict()),
-        "output-dir": str(Path(output_dir).absolute()),
-    }
-
-
-def app_pyproject(
-    config: Mapping[str, Any], *, name: str = "scinfl-consortium", publisher: str = "consortium"
-) -> str:
-    """A consortium's whole Flower App: a ``pyproject.toml`` pointing at scinfl's ServerApp and ClientApp.
-
-    ``[tool.flwr.app.config]`` is ``config`` (:func:`run_config`): every setting, since ``flwr run
-    --run-config`` may only override keys declared there. It holds the key's fingerprint, never the key.
-    """
-    document = {
-        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
-        "project": {
-            "name": name,
-            "version": "1.0.0",
-            "description": "A consortium's scinfl federation (the apps come from the scinfl package).",
-            "license": "BSD-3-Clause",
-            "dependencies": ["scinfl[flower]"],
-        },
-        "tool": {
-            "hatch": {"build": {"targets": {"wheel": {"packages": ["."]}}}},
-            "flwr": {
-                "app": {
-                    "publisher": publisher,
-                    "components": {
-                        "serverapp": "scinfl.flower_apps:server_app",
-                        "clientapp": "scinfl.flower_apps:client_app",
-                    },
-                    "config": dict(config),
-                }
-            },
-        },
-    }
-    return tomli_w.dumps(document)
 
 
 def _wait_for_port(port: int, process: subprocess.Popen, timeout: float, what: str, log: Path) -> None:

@@ -71,7 +71,7 @@ def main() -> None:
                 key=key,
                 task=si.tasks.Embedding(likelihood=likelihood),
                 rounds=60,
-                min_cohort=2,
+                secure_aggregation={"min_cohort": 2},
                 seed=seed,
                 copy=True,
             )

@@ -67,7 +67,10 @@ def _sites(name: str, seed: int):
         sc.pp.highly_variable_genes(rna, flavor="seurat_v3", n_top_genes=2000)
         rna = rna[:, rna.var["highly_variable"]].copy()
         sites = {batch: rna[rna.obs["batch"] == batch].copy() for batch in ("pbmc10k", "pbmc5k")}
-        return sites, {"task": si.tasks.Embedding(likelihood="poisson"), "min_cohort": 2}
+        return sites, {
+            "task": si.tasks.Embedding(likelihood="poisson"),
+            "secure_aggregation": {"min_cohort": 2},
+        }
     adata = ad.read_h5ad(DATA / "datlinger2021_scperturb_subset.h5ad")
     sc.pp.normalize_total(adata, target_sum=1e4)
     sc.pp.log1p(adata)
@@ -75,7 +78,7 @@ def _sites(name: str, seed: int):
     adata = adata[:, np.sort(np.argsort(-mean, kind="stable")[:500])].copy()
     sites = si.pp.split_sites(adata, n_sites=2, label_key="perturbation", alpha=100.0, seed=seed)
     task = si.tasks.Perturbation(perturbation_key="perturbation", covariate_keys=("condition",), hidden=128)
-    return sites, {"task": task, "min_cohort": 2}
+    return sites, {"task": task, "secure_aggregation": {"min_cohort": 2}}
 
 
 def curve(job: tuple[str, int, int]) -> tuple[str, int, list[float], float]:

@@ -70,7 +70,12 @@ def train(sites: dict[str, AnnData], key: si.FederationKey, rounds: int) -> floa
     fresh = {name: adata.copy() for name, adata in sites.items()}
     t0 = time.perf_counter()
     si.tl.train_federated(
-        fresh, key=key, label_key="bulk_labels", rounds=rounds, local_epochs=1, secure_aggregation=False
+        fresh,
+        key=key,
+        label_key="bulk_labels",
+        rounds=rounds,
+        fit={"local_epochs": 1},
+        secure_aggregation=False,
     )
     return time.perf_counter() - t0
 

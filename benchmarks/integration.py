@@ -175,7 +175,13 @@ def scinfl_latent(sites, *, task, key, rounds, seed, central: bool, early_stoppi
         pooled = ad.concat(sites, label="site", index_unique="-")
         sites = {"pooled": pooled}
     # Two donors: a secure cohort of both; one pooled site: no secure sum to make.
-    cohort = {"min_cohort": 2} if len(sites) == 2 else {"secure_aggregation": False} if central else {}
+    cohort = (
+        {"secure_aggregation": {"min_cohort": 2}}
+        if len(sites) == 2
+        else {"secure_aggregation": False}
+        if central
+        else {}
+    )
     model = si.tl.train_federated(
         sites,
         key=key,

@@ -101,7 +101,9 @@ def main() -> None:
             hidden=128, n_latent=16, likelihood={"rna": "poisson", "prot": "clr"}, label_key=LABEL
         ),
         "rounds": args.rounds,
-        "min_cohort": 2,  # two donors: secure aggregation hides each from the server, not from each other
+        "secure_aggregation": {
+            "min_cohort": 2
+        },  # two donors: secure aggregation hides each from the server, not from each other
     }
 
     def score(model: si.FederatedModel, key: si.FederationKey | None) -> float:

@@ -75,7 +75,9 @@ def main() -> None:
     options = {
         "task": si.tasks.Perturbation(perturbation_key=pkey, covariate_keys=("condition",), hidden=128),
         "rounds": args.rounds,
-        "min_cohort": 2,  # two sites: secure aggregation hides each from the server, not from each other
+        "secure_aggregation": {
+            "min_cohort": 2
+        },  # two sites: secure aggregation hides each from the server, not from each other
     }
     tables = []
     for seed in range(args.seeds):

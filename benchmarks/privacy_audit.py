@@ -60,7 +60,7 @@ CONFIGS: dict[str, dict] = {
         f"DP-SGD eps={eps}": {
             "key": False,
             "hidden": 64,
-            "lr": 1e-2,
+            "fit": {"lr": 1e-2},
             "dp": {"epsilon": float(eps), "delta": 1e-5, "max_grad_norm": 1.0},
         }
         for eps in (1, 3, 8)
@@ -117,7 +117,7 @@ def audit_one(name: str, settings: dict, args: argparse.Namespace) -> tuple[str,
         adata = load(500)
         train, public = si.pp.split_holdout(adata, label_key="perturbation", fraction=0.2, seed=0)
         sites = si.pp.split_sites(train, n_sites=2, label_key="perturbation", alpha=100.0, seed=0)
-        options = {**options, "min_cohort": 2}
+        options = {**options, "secure_aggregation": {"min_cohort": 2}}
         task = si.tasks.Perturbation(
             perturbation_key="perturbation", covariate_keys=("condition",), **network
         )

@@ -329,8 +329,7 @@ def run_config(manifest: dict, mode: str, scheme: str, args: argparse.Namespace)
         key=si.FederationKey.generate(scheme=scheme),
         task=si.tasks.Classification(label_key="cell_type", hidden=args.hidden),
         rounds=args.rounds,
-        local_epochs=args.local_epochs,
-        batch_size=args.batch_size,
+        fit={"local_epochs": args.local_epochs, "batch_size": args.batch_size},
         seed=0,
     )
     total_s = time.perf_counter() - start

@@ -75,7 +75,7 @@ def main() -> None:
                     rounds=args.rounds,
                     seed=seed,
                     copy=True,
-                    min_cohort=2,  # two halves of a section
+                    secure_aggregation={"min_cohort": 2},  # two halves of a section
                 )
                 results.append(scores(model.predict(adata, key=key).embedding, adata, label))
             values = np.asarray(results)

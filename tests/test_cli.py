@@ -9,9 +9,8 @@ import anndata as ad
 import pytest
 
 import scinfl as si
-from scinfl import cli
+from scinfl import cli, deployment
 from scinfl.federation import RunSpec
-from scinfl.federation.flower import deployment
 
 
 def test_demo_runs_from_the_shell(tmp_path):

@@ -24,10 +24,10 @@ def test_warnings_from_deep_inside_a_run_name_the_callers_line():
     narrower = {**logged, "site_1": logged["site_1"][:, 5:].copy()}  # features not shared: the schema warns
     runs = {
         "not whole numbers": lambda: si.tl.train_federated(
-            logged, key=None, task=task, rounds=1, min_cohort=2
+            logged, key=None, task=task, rounds=1, secure_aggregation={"min_cohort": 2}
         ),
         "are left out": lambda: si.tl.train_federated(
-            narrower, key=None, **{**FAST, "rounds": 1}, min_cohort=2
+            narrower, key=None, **{**FAST, "rounds": 1}, secure_aggregation={"min_cohort": 2}
         ),
     }
     for phrase, run in runs.items():

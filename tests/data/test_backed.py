@@ -23,7 +23,12 @@ from scinfl.data import loader as loader_module
 from scinfl.data.loader import _BackedRows, _DiskRuns
 
 LABEL = "bulk_labels"
-TINY = {"task": si.tasks.Classification(label_key=LABEL, hidden=32), "rounds": 2, "seed": 0, "min_cohort": 2}
+TINY = {
+    "task": si.tasks.Classification(label_key=LABEL, hidden=32),
+    "rounds": 2,
+    "seed": 0,
+    "secure_aggregation": {"min_cohort": 2},
+}
 
 
 def _counts(pbmc) -> sparse.csr_matrix:

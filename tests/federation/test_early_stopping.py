@@ -15,7 +15,7 @@ import pytest
 import scinfl as si
 from helpers import FAST
 
-RUN = {**FAST, "rounds": 14, "seed": 3, "lr": 1e-2}  # converges (and overfits) within the rounds
+RUN = {**FAST, "rounds": 14, "seed": 3, "fit": {"lr": 1e-2}}  # converges (and overfits) within the rounds
 RULE = {"patience": 2, "min_delta": 0.01}
 
 
@@ -41,7 +41,7 @@ def _expected_stop(losses: list[float], patience: int, min_delta: float) -> int 
 def runs(pbmc_split):
     sites, _ = pbmc_split
     fixed = si.tl.train_federated(sites, key=None, copy=True, **RUN)
-    stopped = si.tl.train_federated(sites, key=None, copy=True, early_stopping=True, **RULE, **RUN)
+    stopped = si.tl.train_federated(sites, key=None, copy=True, early_stopping=RULE, **RUN)
     return fixed, stopped
 
 
@@ -77,7 +77,7 @@ def test_the_stop_is_drawn_and_saved(runs, tmp_path):
 def test_resuming_a_stopped_run_returns_it(pbmc_split, runs, tmp_path):
     sites, _ = pbmc_split
     _, stopped = runs
-    options = {"key": None, "copy": True, "early_stopping": True, "checkpoint_dir": tmp_path, **RULE, **RUN}
+    options = {"key": None, "copy": True, "early_stopping": RULE, "checkpoint_dir": tmp_path, **RUN}
     si.tl.train_federated(sites, **options)
     again = si.tl.train_federated(sites, resume=True, **options)
     pd.testing.assert_frame_equal(again.history, stopped.history)
@@ -86,9 +86,16 @@ def test_resuming_a_stopped_run_returns_it(pbmc_split, runs, tmp_path):
 
 @pytest.mark.parametrize(
     ("option", "message"),
-    [({"patience": 0}, "patience must be"), ({"min_delta": 1.5}, "min_delta is relative")],
+    [
+        ({"patience": 0}, "patience must be"),
+        ({"min_delta": 1.5}, "min_delta is relative"),
+        (
+            {"patients": 3},
+            r"Unknown early_stopping setting\(s\) \['patients'\]; allowed: patience, min_delta",
+        ),
+    ],
 )
 def test_bad_stopping_settings_are_refused(pbmc_split, option, message):
     sites, _ = pbmc_split
     with pytest.raises(ValueError, match=message):
-        si.tl.train_federated(sites, key=None, early_stopping=True, **{**RUN, **option})
+        si.tl.train_federated(sites, key=None, early_stopping=option, **RUN)

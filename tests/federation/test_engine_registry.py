@@ -48,15 +48,19 @@ def counting_engine():
 def test_a_registered_engine_trains_and_preprocesses_as_the_built_in_one(pbmc_split, counting_engine):
     sites, _ = pbmc_split
     assert counting_engine in engine_names()
-    model = si.tl.train_federated(sites, key=None, engine=counting_engine, **FAST, min_cohort=2)
+    model = si.tl.train_federated(
+        sites, key=None, engine=counting_engine, **FAST, secure_aggregation={"min_cohort": 2}
+    )
     assert CountingSites.exchanges == FAST["rounds"] + 1  # a round each and the final evaluation
     assert model.params["engine"] == "counting"
-    local = si.tl.train_federated(sites, key=None, **FAST, min_cohort=2, copy=True)
+    local = si.tl.train_federated(sites, key=None, **FAST, secure_aggregation={"min_cohort": 2}, copy=True)
     for name, tensor in local.network.state_dict().items():  # the same round loop: the same weights
         assert np.array_equal(tensor.numpy(), model.network.state_dict()[name].numpy()), name
     before = CountingSites.exchanges
     labs = {name: site.raw.to_adata() for name, site in sites.items()}
-    si.pp.highly_variable_genes(labs, n_top_genes=50, engine=counting_engine, min_cohort=3)
+    si.pp.highly_variable_genes(
+        labs, n_top_genes=50, engine=counting_engine, secure_aggregation={"min_cohort": 3}
+    )
     assert CountingSites.exchanges > before
     assert all(lab.var["highly_variable"].sum() == 50 for lab in labs.values())
 

@@ -27,7 +27,11 @@ pytestmark = pytest.mark.slow
 
 HARDENED = si.FederationKey(hashlib.sha256(b"engine matrix key").digest(), scheme="hardened")
 INFL = si.FederationKey(hashlib.sha256(b"engine matrix key").digest(), scheme="infl")
-RUN = {"rounds": 2, "seed": 3, "min_cohort": 2}  # masked updates on both engines (secure aggregation)
+RUN = {
+    "rounds": 2,
+    "seed": 3,
+    "secure_aggregation": {"min_cohort": 2},
+}  # masked updates on both engines (secure aggregation)
 
 
 def _pbmc_sites(pbmc):
@@ -80,7 +84,7 @@ def test_flower_simulation_gives_the_in_process_model(pbmc, case):
     options = {**RUN, "task": task, "copy": True}
     if case.endswith("DP-SGD"):
         pytest.importorskip("opacus")
-        options |= {"dp": {"epsilon": 8.0}, "lr": 1e-2}
+        options |= {"dp": {"epsilon": 8.0}, "fit": {"lr": 1e-2}}
     sites = make_sites(pbmc)
     local = si.tl.train_federated(sites, key=key, engine="local", **options)
     flower = si.tl.train_federated(sites, key=key, engine="flower", **options)

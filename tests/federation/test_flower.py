@@ -549,7 +549,9 @@ def test_deployed_hardened_perturbation_run_survives_a_killed_supernode_and_equa
 
     assert (output_dir / "model" / "model.json").is_file(), log_tail(tmp_path / "flower" / "flwr-run.log")
     deployed = si.FederatedModel.load(output_dir / "model")
-    local = si.tl.train_federated(sites, key=key, task=task, rounds=2, seed=1, copy=True, min_cohort=2)
+    local = si.tl.train_federated(
+        sites, key=key, task=task, rounds=2, seed=1, copy=True, secure_aggregation={"min_cohort": 2}
+    )
     assert deployed.task == task
     assert deployed.params["engine"] == "flower"
     assert deployed.spec == local.spec.replace(round_timeout=30, connect_timeout=120)

@@ -20,7 +20,7 @@ from scinfl.federation.checkpoint import CHECKPOINT, CheckpointError, load_check
 from scinfl.train import SiteTrainer, key_material
 
 # Sampling a fraction of sites per round makes the sampling generator part of what a resume must restore.
-RUN = {**FAST, "rounds": 5, "fraction": 0.67, "min_cohort": 2, "seed": 11}
+RUN = {**FAST, "rounds": 5, "fraction": 0.67, "secure_aggregation": {"min_cohort": 2}, "seed": 11}
 N_SITES = 3
 
 # Trains RUN in a fresh interpreter and kills itself with SIGKILL, a crash that runs no cleanup, in the
@@ -146,7 +146,7 @@ def test_resume_refuses_another_run_and_a_fresh_run_keeps_an_old_checkpoint(pbmc
             checkpoint_dir=tmp_path,
             resume=True,
             copy=True,
-            **{**short, "lr": 0.1},
+            **{**short, "fit": {"lr": 0.1}},
         )
     with pytest.raises(ValueError, match=r"spec\.key_fingerprint"):
         si.tl.train_federated(

@@ -311,7 +311,9 @@ def test_a_reused_checkpoint_directory_is_refused_unless_resuming(pbmc_sites, tm
 def test_a_site_of_a_few_cells_trains_with_a_warning_that_names_it(pbmc_sites):
     sites = {"big": pbmc_sites["site_1"], "tiny": pbmc_sites["site_2"][:4].copy()}
     with pytest.warns(UserWarning, match=r"Site 'tiny' has 4 cells \(fewer than 20\)") as record:
-        model = si.tl.train_federated(sites, key=None, **{**FAST, "rounds": 2}, min_cohort=2)
+        model = si.tl.train_federated(
+            sites, key=None, **{**FAST, "rounds": 2}, secure_aggregation={"min_cohort": 2}
+        )
     assert [w.filename for w in record if "'tiny'" in str(w.message)] == [__file__]  # the user's call
     assert not any("'big'" in str(w.message) for w in record)
     assert set(model.history["site"]) == {"big", "tiny"}
@@ -321,7 +323,7 @@ def test_a_non_finite_update_stops_the_run_naming_site_and_round(pbmc_sites):
     with pytest.raises(
         FloatingPointError, match=r"Round 1: site 'site_0' trained to a non-finite .*lr=1e\+12"
     ):
-        si.tl.train_federated(pbmc_sites, key=None, **{**FAST, "rounds": 3}, lr=1e12)
+        si.tl.train_federated(pbmc_sites, key=None, **{**FAST, "rounds": 3}, fit={"lr": 1e12})
     assert "X_scinfl" not in pbmc_sites["site_0"].obsm
 
 

@@ -96,7 +96,8 @@ def test_secure_aggregation_refuses_a_cohort_smaller_than_min_cohort():
     task = si.tasks.Classification()
     assert RunSpec(task=task, sites=("a", "b", "c")).secure_aggregation  # the default
     with pytest.raises(
-        ValueError, match=r"min_cohort=3 .* 2 site\(s\).*learn the other's.*Pass min_cohort=2"
+        ValueError,
+        match=r"min_cohort=3 .* 2 site\(s\).*learn the other's.*Pass secure_aggregation=\{'min_cohort': 2\}",
     ):
         RunSpec(task=task, sites=("a", "b"))
     with pytest.raises(ValueError, match=r"samples 1 of 3 .*alone\. Raise fraction"):

@@ -328,7 +328,7 @@ def test_bad_input_is_refused_naming_the_site_and_nothing_changes(count_sites):
     _assert_unchanged(count_sites, before)
     # two sites can agree to a cohort of two (each then learns the other's sums)
     pair = {"A": count_sites["A"], "C": count_sites["C"]}
-    si.pp.highly_variable_genes(pair, n_top_genes=50, min_cohort=2)
+    si.pp.highly_variable_genes(pair, n_top_genes=50, secure_aggregation={"min_cohort": 2})
     assert count_sites["A"].var["highly_variable"].sum() == 50
 
 
@@ -463,10 +463,12 @@ def test_citeseq_donors_select_genes_and_run_a_randomized_pca_over_every_gene():
     pooled = _pooled(sites)
     options = {"flavor": "seurat_v3", "layer": "counts", "n_top_genes": 2000}
     expected = _scanpy_hvg(pooled, **options)
-    si.pp.highly_variable_genes(sites, min_cohort=2, **options)
+    si.pp.highly_variable_genes(sites, secure_aggregation={"min_cohort": 2}, **options)
     _assert_same_genes_and_statistics(sites["pbmc5k"], expected)
     sc.pp.pca(pooled, n_comps=30, mask_var=None)
-    si.pp.pca(sites, n_comps=30, mask_var=None, min_cohort=2)  # 15,792 genes: method="auto" is randomized
+    si.pp.pca(
+        sites, n_comps=30, mask_var=None, secure_aggregation={"min_cohort": 2}
+    )  # 15,792 genes: method="auto" is randomized
     assert _principal_angle(sites["pbmc10k"].varm["PCs"], pooled.varm["PCs"]) < 1e-3
 
 

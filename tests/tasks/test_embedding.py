@@ -23,7 +23,12 @@ pytest.importorskip("igraph")  # scanpy's Leiden
 
 # 60 rounds: where the federated autoencoder's validation loss levels off on these 700 cells.
 N_LATENT = 16
-EMBED = {"task": si.tasks.Embedding(hidden=128, n_latent=N_LATENT), "rounds": 60, "seed": 0, "min_cohort": 2}
+EMBED = {
+    "task": si.tasks.Embedding(hidden=128, n_latent=N_LATENT),
+    "rounds": 60,
+    "seed": 0,
+    "secure_aggregation": {"min_cohort": 2},
+}
 SECRET = bytes(range(32))  # a fixed hardened key; hardened training does not depend on the key's bytes
 
 
@@ -305,11 +310,11 @@ def test_a_count_likelihood_checks_for_counts():
     task = si.tasks.Embedding(likelihood="poisson", hidden=32, n_latent=4)
     scaled = si.pp.split_sites(pbmc, n_sites=2, label_key="bulk_labels", alpha=100.0, seed=0)
     with pytest.raises(ValueError, match=r"Site 'site_0': likelihood='poisson' models raw counts.*negative"):
-        si.tl.train_federated(scaled, key=None, task=task, rounds=1, min_cohort=2)
+        si.tl.train_federated(scaled, key=None, task=task, rounds=1, secure_aggregation={"min_cohort": 2})
     assert "X_scinfl" not in scaled["site_0"].obsm
     logged = si.pp.split_sites(pbmc.raw.to_adata(), n_sites=2, label_key="bulk_labels", alpha=100.0, seed=0)
     with pytest.warns(UserWarning, match=r"Site 'site_1': likelihood='poisson'.*not whole numbers"):
-        si.tl.train_federated(logged, key=None, task=task, rounds=1, min_cohort=2)
+        si.tl.train_federated(logged, key=None, task=task, rounds=1, secure_aggregation={"min_cohort": 2})
     counts = np.round(np.expm1(logged["site_0"].X.toarray()))  # whole numbers again
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)

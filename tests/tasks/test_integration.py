@@ -226,7 +226,13 @@ def test_a_new_site_maps_into_the_latent_without_changing_the_consortium(trained
     """scArches-style query mapping: the new site trains only its own batch parameters."""
     key, full, unaware = trained
     two = {name: site for name, site in sites.items() if name != "site_2"}
-    options = {"key": key, "task": _task(site_effects=True), "min_cohort": 2, "copy": True, **FIT}
+    options = {
+        "key": key,
+        "task": _task(site_effects=True),
+        "secure_aggregation": {"min_cohort": 2},
+        "copy": True,
+        **FIT,
+    }
     consortium = si.tl.train_federated(two, **options)
     before = {name: tensor.clone() for name, tensor in consortium.network.state_dict().items()}
     new_site = sites["site_2"].copy()

@@ -57,7 +57,7 @@ def pseudo_mosaic(pbmc):
 
 
 MOSAIC_TASK = si.tasks.Mosaic(hidden=128, n_latent=8, label_key="bulk_labels")
-MOSAIC = {"task": MOSAIC_TASK, "rounds": 30, "seed": 0, "min_cohort": 2}
+MOSAIC = {"task": MOSAIC_TASK, "rounds": 30, "seed": 0, "secure_aggregation": {"min_cohort": 2}}
 
 
 def _small(rounds: int, **options) -> dict:
@@ -299,7 +299,9 @@ def test_mosaic_errors_name_the_site_and_the_problem(pseudo_mosaic, key):
     with pytest.raises(
         ValueError, match="Site 'paired' is a MuData: multi-omics sites train with task='mosaic'"
     ):
-        si.tl.train_federated(sites, key=key, task="embedding", rounds=1, min_cohort=2)
+        si.tl.train_federated(
+            sites, key=key, task="embedding", rounds=1, secure_aggregation={"min_cohort": 2}
+        )
     atac = sites["rna_only"].copy()
     si.pp.register_site(
         atac, site="rna_only", modality="atac"
@@ -338,7 +340,9 @@ def test_citeseq_rna_only_site_lands_next_to_paired_cell_types():
     task = si.tasks.Mosaic(
         hidden=128, n_latent=16, label_key=GATE, likelihood={"rna": "poisson", "prot": "clr"}
     )
-    model = si.tl.train_federated(sites, key=key, task=task, rounds=40, copy=True, seed=0, min_cohort=2)
+    model = si.tl.train_federated(
+        sites, key=key, task=task, rounds=40, copy=True, seed=0, secure_aggregation={"min_cohort": 2}
+    )
     out = model.sites
     labels = {name: site.obs[GATE].astype(str).to_numpy() for name, site in out.items()}
     right = _transfer(

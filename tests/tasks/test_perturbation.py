@@ -40,7 +40,7 @@ METRICS = ["mse", "mse_top_de", "pearson_delta", "pearson_delta_top_de"]
 PBMC_TASK = si.tasks.Perturbation(
     perturbation_key="bulk_labels", control="Dendritic", covariate_keys=("phase",), hidden=64
 )
-PBMC = {"task": PBMC_TASK, "rounds": 120, "seed": 0, "min_cohort": 2}
+PBMC = {"task": PBMC_TASK, "rounds": 120, "seed": 0, "secure_aggregation": {"min_cohort": 2}}
 
 
 def _summary(scores: pd.DataFrame) -> pd.DataFrame:

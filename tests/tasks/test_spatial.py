@@ -26,7 +26,7 @@ pytest.importorskip("igraph")  # scanpy's Leiden
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"  # /work/shared/data beside the checkout
 PLAIN_TASK = si.tasks.Embedding(hidden=128, n_latent=16)
 SPATIAL_TASK = PLAIN_TASK.replace(spatial_key="spatial")
-SPATIAL = {"task": SPATIAL_TASK, "rounds": 60, "seed": 0, "min_cohort": 2}
+SPATIAL = {"task": SPATIAL_TASK, "rounds": 60, "seed": 0, "secure_aggregation": {"min_cohort": 2}}
 
 
 def test_graph_and_convolution_read_each_spot_with_its_neighbours(pbmc):

@@ -510,10 +510,10 @@ def _train(spec: FedSpec, sites: dict[str, ad.AnnData]) -> si.FederatedModel:
         task=task,
         join=spec.join,
         rounds=1,
-        batch_size=16,
+        fit={"batch_size": 16},
+        secure_aggregation={"min_cohort": 2},
         key_added=spec.key_added,
         copy=spec.copy,
-        min_cohort=2,
         **labels,
     )
 
@@ -733,10 +733,19 @@ def test_what_is_not_an_anndata_is_refused_by_name():
         si.pp.register_site(sites["site_0"].X, site="site_0", label_key=LABEL)
     with pytest.raises(TypeError, match="Site 'site_1' is a DataFrame, not an AnnData"):
         si.tl.train_federated(
-            {**sites, "site_1": sites["site_1"].to_df()}, key=None, label_key=LABEL, min_cohort=2
+            {**sites, "site_1": sites["site_1"].to_df()},
+            key=None,
+            label_key=LABEL,
+            secure_aggregation={"min_cohort": 2},
         )
     model = si.tl.train_federated(
-        sites, key=None, task=TASK, label_key=LABEL, rounds=1, batch_size=16, min_cohort=2
+        sites,
+        key=None,
+        task=TASK,
+        label_key=LABEL,
+        rounds=1,
+        fit={"batch_size": 16},
+        secure_aggregation={"min_cohort": 2},
     )
     with pytest.raises(TypeError, match="adata must be an AnnData, got ndarray"):
         si.tl.predict(sites["site_0"].X, model, key=None)
@@ -754,7 +763,14 @@ def test_sites_cut_from_one_anndata_leave_it_alone():
     assert_unchanged(parent, parent_before)
     assert [halves[n].uns["scinfl"]["registration"]["site"] for n in halves] == ["left", "right"]
     assert all(v.uns["scinfl"]["user_entry"] == [1, 2] for v in halves.values())
-    model = si.tl.train_federated(halves, key=KEYS["infl"], task=TASK, rounds=1, batch_size=16, min_cohort=2)
+    model = si.tl.train_federated(
+        halves,
+        key=KEYS["infl"],
+        task=TASK,
+        rounds=1,
+        fit={"batch_size": 16},
+        secure_aggregation={"min_cohort": 2},
+    )
     assert_unchanged(parent, parent_before)
     for name, site in halves.items():
         assert not site.is_view
@@ -769,7 +785,13 @@ def test_values_beyond_float32_raise_naming_the_site(where):
     sites = built.sites
     if where == "predict":
         model = si.tl.train_federated(
-            sites, key=None, task=TASK, label_key=LABEL, rounds=1, batch_size=16, min_cohort=2
+            sites,
+            key=None,
+            task=TASK,
+            label_key=LABEL,
+            rounds=1,
+            fit={"batch_size": 16},
+            secure_aggregation={"min_cohort": 2},
         )
         query = build_site(replace(TWO_SITES[1], dtype="float64"), "X", "query")[0]
         query.X[0, 0] = 1e39
@@ -782,7 +804,13 @@ def test_values_beyond_float32_raise_naming_the_site(where):
         before = sites["site_1"].copy()
         with pytest.raises(ValueError, match="Site 'site_1'.*(infinite|float32)"):
             si.tl.train_federated(
-                sites, key=None, task=TASK, label_key=LABEL, rounds=1, batch_size=16, min_cohort=2
+                sites,
+                key=None,
+                task=TASK,
+                label_key=LABEL,
+                rounds=1,
+                fit={"batch_size": 16},
+                secure_aggregation={"min_cohort": 2},
             )
         assert_unchanged(sites["site_1"], before)
 
@@ -805,6 +833,13 @@ def test_a_registration_that_no_longer_holds_names_the_site(source):
     before, _ = snapshot(built)
     problem = {"layer": "missing_layer", "raw": "missing_raw", "labels": "missing_label"}[source]
     with pytest.raises(ValueError, match=f"Site 'site_1'.*{SITE_PROBLEMS[problem]}"):
-        si.tl.train_federated(built.sites, key=KEYS["infl"], task=TASK, rounds=1, batch_size=16, min_cohort=2)
+        si.tl.train_federated(
+            built.sites,
+            key=KEYS["infl"],
+            task=TASK,
+            rounds=1,
+            fit={"batch_size": 16},
+            secure_aggregation={"min_cohort": 2},
+        )
     for name, adata in built.sites.items():
         assert_unchanged(adata, before[name])

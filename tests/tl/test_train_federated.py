@@ -172,7 +172,7 @@ def test_key_errors_say_what_to_pass(trained, pbmc_split, key, tmp_path):
     model, _ = trained
     _, test = pbmc_split
     plain = si.tl.train_federated(
-        {"a": test[:70].copy(), "b": test[70:].copy()}, key=None, **FAST, min_cohort=2
+        {"a": test[:70].copy(), "b": test[70:].copy()}, key=None, **FAST, secure_aggregation={"min_cohort": 2}
     )
     with pytest.raises(KeyMismatchError, match=r"plain model \(trained without a key\).*pass key=None"):
         si.tl.predict(test.copy(), plain, key=key)
@@ -259,15 +259,12 @@ def test_spec_round_trips_through_save_and_load_without_key_bytes(pbmc_sites, ke
         task=task,
         join="outer",
         rounds=2,
-        local_epochs=2,
+        fit={"local_epochs": 2, "batch_size": 64, "lr": 2e-3, "weight_decay": 0.0},
+        secure_aggregation={"min_cohort": 2},
         fraction=0.67,
-        batch_size=64,
-        lr=2e-3,
-        weight_decay=0.0,
         key_strength=0.5,
         validation_fraction=0.2,
         seed=3,
-        min_cohort=2,
     )
     expected = RunSpec(
         task=task,

@@ -20,7 +20,7 @@ from scinfl.train.dp import EPSILON_TOLERANCE, DPSettings, PrivateTraining
 
 # Large Poisson batches and a larger step than the default suit DP-SGD on these small sites (measured over
 # seeds); the non-private baseline uses the same settings.
-SETTINGS = {**FAST, "rounds": 10, "batch_size": 128, "lr": 1e-2}
+SETTINGS = {**FAST, "rounds": 10, "fit": {"batch_size": 128, "lr": 1e-2}}
 DELTA = 1e-5
 # Calibrating a few steps on tiny test sites: Opacus notes its bound could be tighter with higher orders.
 few_steps = pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")
@@ -122,7 +122,7 @@ def test_sites_that_sit_out_spend_nothing(split):
         copy=True,
         dp={"epsilon": 3.0},
         **{**SETTINGS, "rounds": 4, "fraction": 0.5},
-        min_cohort=2,
+        secure_aggregation={"min_cohort": 2},
     )
     steps = _check_accounting(model, target=3.0)
     history = model.history.sort_values(["site", "round"])

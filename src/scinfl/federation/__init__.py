@@ -21,10 +21,12 @@ from .rounds import (
     sample_sites,
     site_seed,
 )
+from .secure import SecureAggregation
 from .site import Hello, Instruction, Reply, answer, build_site, hello, initial_weights, site_split
-from .spec import RunSpec
+from .spec import EarlyStopping, RunSpec
 
 __all__ = [
+    "EarlyStopping",
     "Engine",
     "FederationRun",
     "Hello",
@@ -36,6 +38,7 @@ __all__ = [
     "RoundLoop",
     "RoundReplies",
     "RunSpec",
+    "SecureAggregation",
     "SiteFailureError",
     "Transport",
     "aggregate",

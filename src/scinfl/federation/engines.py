@@ -1,7 +1,7 @@
 """The engines: every way to deliver the round loop's messages, by name (``engine=`` of ``tl`` and ``pp``).
 
-An engine runs a training federation (:attr:`Engine.train`) and a federated preprocessing step
-(:attr:`Engine.statistics`) over its transport; the round loop and the statistics recipes are the same on
+An engine runs a training federation (:attr:`~scinfl.federation.Engine.train`) and a federated preprocessing step
+(:attr:`~scinfl.federation.Engine.statistics`) over its transport; the round loop and the statistics recipes are the same on
 every engine. ``scinfl.tl`` and ``scinfl.pp`` only ask :func:`get_engine` for one by name, so a new
 transport is one module that defines an ``ENGINE`` (and its tests), named once in ``_BUILT_IN`` below, or
 registered from outside with :func:`register_engine`.

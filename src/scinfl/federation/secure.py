@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,12 +40,15 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from torch import Tensor
 
+from ..train.settings import settings_from
 from .fedavg import weighted_mean
 
 __all__ = [
     "FRACTION_BITS",
+    "MIN_COHORT",
     "MaskedUpdate",
     "MaskingKey",
+    "SecureAggregation",
     "SecureRound",
     "decode_wide",
     "encode_wide",
@@ -54,9 +58,35 @@ __all__ = [
     "unmask_sum",
 ]
 
+# The fewest sites a secure sum may hold by default: of two, each can subtract its own update from the sum
+# and learn the other's.
+MIN_COHORT = 3
 FRACTION_BITS = 24  # fixed point: values are carried as round(value * 2^24) in int64, modulo 2^64
 _SCALE = float(2**FRACTION_BITS)
 _LIMIT = float(2 ** (63 - FRACTION_BITS))  # |sum of n * x| must stay below this to decode
+
+
+@dataclass(frozen=True)
+class SecureAggregation:
+    """Secure aggregation's settings (``secure_aggregation=`` of ``tl.train_federated`` and ``pp``'s
+    functions: ``True`` for these defaults, or a dict of them).
+
+    Attributes
+    ----------
+    min_cohort
+        The fewest sites a round (or a statistic) sums; fewer is an error, never a smaller sum. With two
+        sites the server still sees only their sum, but each site can subtract its own update and learn
+        the other's: a two-site federation passes ``{"min_cohort": 2}`` to accept that.
+    """
+
+    min_cohort: int = MIN_COHORT  # (checked where it is used: RunSpec, StatisticsSpec)
+
+    @classmethod
+    def from_option(cls, value: bool | Mapping[str, Any] | SecureAggregation) -> SecureAggregation | None:
+        """``secure_aggregation=`` as settings: None for ``False`` (updates in the clear)."""
+        if isinstance(value, bool):
+            return cls() if value else None
+        return settings_from(cls, value, "secure_aggregation", "{'min_cohort': 2}")
 
 
 class MaskingKey:

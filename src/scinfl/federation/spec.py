@@ -18,15 +18,42 @@ from typing import Any
 from ..key import SCHEMES
 from ..tasks import ModelConfig, Task, get_task
 from ..tasks._base import _coerce
-from ..train import DPSettings, FitSettings
+from ..train import DPSettings, FitSettings, settings_from
+from .secure import MIN_COHORT
 
-__all__ = ["MIN_DELTA", "PATIENCE", "RunSpec"]
+__all__ = ["MIN_DELTA", "PATIENCE", "ROUNDS", "EarlyStopping", "RunSpec"]
 
 # Early stopping's defaults, measured on every data set here (benchmarks/early_stopping.py,
 # docs/benchmarks.md): the longest patience that stopped within 1.5x the best round in hindsight on every
 # run (8 ran to 1.6x); its selected loss was within 0.2% of the fixed 20 rounds', and lower on average.
 PATIENCE = 5
 MIN_DELTA = 0.0
+ROUNDS = 20  # federated rounds of a run (with early stopping, at most)
+
+
+@dataclass(frozen=True)
+class EarlyStopping:
+    """Early stopping's settings (``early_stopping=`` of ``tl.train_federated``: ``True`` for these
+    defaults, or a dict of them).
+
+    Attributes
+    ----------
+    patience
+        Stop once the validation loss (weighted over sites, the loss that selects the round) has not
+        improved for this many rounds.
+    min_delta
+        What counts as an improvement: a fall below the best loss by more than this fraction of it.
+    """
+
+    patience: int = PATIENCE
+    min_delta: float = MIN_DELTA
+
+    @classmethod
+    def from_option(cls, value: bool | Mapping[str, Any] | EarlyStopping) -> EarlyStopping | None:
+        """``early_stopping=`` as settings: None for ``False`` (every round runs)."""
+        if isinstance(value, bool):
+            return cls() if value else None
+        return settings_from(cls, value, "early_stopping", "{'patience': 10}")
 
 
 @dataclass(frozen=True)
@@ -75,7 +102,7 @@ class RunSpec:
     sites: tuple[str, ...]
     key_fingerprint: str | None = None
     scheme: str | None = None
-    rounds: int = 20
+    rounds: int = ROUNDS
     fraction: float = 1.0
     fit: FitSettings = field(default_factory=FitSettings)
     key_strength: float = 1.0
@@ -87,7 +114,7 @@ class RunSpec:
     round_timeout: float = 600.0
     connect_timeout: float = 120.0
     secure_aggregation: bool = True
-    min_cohort: int = 3
+    min_cohort: int = MIN_COHORT
     early_stopping: bool = False
     patience: int = PATIENCE
     min_delta: float = MIN_DELTA
@@ -167,7 +194,7 @@ class RunSpec:
                         else "One site's update would reach the server alone. "
                     )
                     + ", or ".join(
-                        (["Pass min_cohort=2 to accept that"] if cohort == 2 else [])
+                        (["Pass secure_aggregation={'min_cohort': 2} to accept that"] if cohort == 2 else [])
                         + ([("R" if cohort < 2 else "r") + "aise fraction"] if self.fraction < 1 else [])
                         + [
                             ("P" if cohort < 2 and self.fraction == 1 else "p")

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..data.statistics import StatisticRequest, site_profile, site_statistic, unpack_statistic
-from .secure import MaskingKey, SecureRound, decode_wide, encode_wide, mask_integers, sum_integers
+from .secure import MIN_COHORT, MaskingKey, SecureRound, decode_wide, encode_wide, mask_integers, sum_integers
 
 __all__ = [
     "MIN_STATISTIC_CELLS",
@@ -56,7 +56,7 @@ class StatisticsSpec:
     batch_key: str | None = None
     batches_are_sites: bool = False
     secure_aggregation: bool = True
-    min_cohort: int = 3
+    min_cohort: int = MIN_COHORT
     min_cells: int = MIN_STATISTIC_CELLS
     timeout: float = 600.0
 
@@ -146,7 +146,7 @@ class StatisticsExchange:
         if spec.secure_aggregation and len(spec.sites) < max(2, spec.min_cohort):
             raise ValueError(
                 f"{len(spec.sites)} site(s), but secure aggregation sums at least min_cohort="
-                f"{max(2, spec.min_cohort)} sites: a smaller sum hides too little. Pass min_cohort=2 for two "
+                f"{max(2, spec.min_cohort)} sites: a smaller sum hides too little. Pass secure_aggregation={'min_cohort': 2} for two "
                 "sites (each then learns the other's statistics from the sum and its own), or "
                 "secure_aggregation=False."
             )

@@ -21,7 +21,7 @@ from scipy import sparse
 from .._warnings import warn
 from ..data import as_site_dict
 from ..data.statistics import chunks, matrix_of
-from ..federation import get_engine
+from ..federation import SecureAggregation, get_engine
 from ..federation.preprocessing import PreprocessingResult
 from ..federation.statistics import MIN_STATISTIC_CELLS, StatisticsSpec
 
@@ -40,8 +40,7 @@ def _preprocess(
     options: Mapping[str, Any],
     *,
     layer: str | None,
-    secure_aggregation: bool,
-    min_cohort: int,
+    secure_aggregation: bool | SecureAggregation | Mapping[str, int],
     min_cells: int,
     engine: Engine,
     batch_key: str | None = None,
@@ -50,13 +49,14 @@ def _preprocess(
     """Run the recipe of ``step`` with ``options`` over ``sites`` on the chosen engine, and write its result
     into each of ``targets`` (the sites, or their copies)."""
     batches_are_sites = batch_key == SITES and not any(SITES in data.obs for data in sites.values())
+    secure = SecureAggregation.from_option(secure_aggregation)
     spec = StatisticsSpec(
         sites=tuple(sites),
         layer=layer,
         batch_key=None if batches_are_sites else batch_key,
         batches_are_sites=batches_are_sites,
-        secure_aggregation=secure_aggregation,
-        min_cohort=min_cohort,
+        secure_aggregation=secure is not None,
+        min_cohort=(secure or SecureAggregation()).min_cohort,
         min_cells=min_cells,
     )
     result = get_engine(engine).statistics(sites, spec, step, options)
@@ -110,8 +110,7 @@ def highly_variable_genes(
     flavor: Literal["seurat", "cell_ranger", "seurat_v3"] = "seurat",
     batch_key: str | None = None,
     join: Join = "inner",
-    secure_aggregation: bool = True,
-    min_cohort: int = 3,
+    secure_aggregation: bool | SecureAggregation | Mapping[str, int] = True,
     min_cells: int = MIN_STATISTIC_CELLS,
     engine: Engine = "local",
     copy: bool = False,
@@ -143,9 +142,10 @@ def highly_variable_genes(
         counts as zero in each of its cells, which is what ``anndata.concat(join="outer")`` of sparse
         matrices pools (a panel that did not measure a gene is not the same as no expression: prefer
         ``"inner"`` unless the panels differ by unexpressed genes only).
-    secure_aggregation, min_cohort
-        Sum the statistics under pairwise masks (:mod:`scinfl.federation.secure`) over at least
-        ``min_cohort`` sites; ``secure_aggregation=False`` sends each site's sums in the clear.
+    secure_aggregation
+        Sum the statistics under pairwise masks (:mod:`scinfl.federation.secure`) over at least 3 sites,
+        or ``{"min_cohort": 2}`` (:class:`~scinfl.federation.secure.SecureAggregation`); ``False`` sends each
+        site's sums in the clear.
     min_cells
         Refuse a site (or a batch) with fewer cells: its statistics would be close to the cells.
     engine
@@ -186,7 +186,6 @@ def highly_variable_genes(
         options,
         layer=layer,
         secure_aggregation=secure_aggregation,
-        min_cohort=min_cohort,
         min_cells=min_cells,
         engine=engine,
         batch_key=batch_key,
@@ -201,8 +200,7 @@ def scale(
     max_value: float | None = None,
     layer: str | None = None,
     join: Join = "inner",
-    secure_aggregation: bool = True,
-    min_cohort: int = 3,
+    secure_aggregation: bool | SecureAggregation | Mapping[str, int] = True,
     min_cells: int = MIN_STATISTIC_CELLS,
     engine: Engine = "local",
     copy: bool = False,
@@ -218,7 +216,7 @@ def scale(
         Site name -> AnnData (in memory: scaling rewrites its values).
     zero_center, max_value, layer
         As in :func:`scanpy.pp.scale` (a sparse matrix becomes dense when zero-centred, as there).
-    join, secure_aggregation, min_cohort, min_cells, engine, copy
+    join, secure_aggregation, min_cells, engine, copy
         As in :func:`highly_variable_genes`. Genes outside the pooled set (``join="inner"``: one some
         site lacks) are left as they are, with NaN ``mean`` and ``std``.
 
@@ -239,7 +237,6 @@ def scale(
         {"join": join, "zero_center": zero_center, "max_value": max_value},
         layer=layer,
         secure_aggregation=secure_aggregation,
-        min_cohort=min_cohort,
         min_cells=min_cells,
         engine=engine,
     )
@@ -257,8 +254,7 @@ def pca(
     random_state: int = 0,
     key_added: str | None = None,
     join: Join = "inner",
-    secure_aggregation: bool = True,
-    min_cohort: int = 3,
+    secure_aggregation: bool | SecureAggregation | Mapping[str, int] = True,
     min_cells: int = MIN_STATISTIC_CELLS,
     engine: Engine = "local",
     copy: bool = False,
@@ -282,7 +278,7 @@ def pca(
         As in :func:`scanpy.pp.pca`; ``mask_var`` defaults to ``"highly_variable"`` when every site has it.
     method, n_iter, random_state
         How the axes are found (above); ``random_state`` seeds the randomized start.
-    join, secure_aggregation, min_cohort, min_cells, engine, copy
+    join, secure_aggregation, min_cells, engine, copy
         As in :func:`highly_variable_genes`.
 
     Returns
@@ -311,7 +307,6 @@ def pca(
         options,
         layer=layer,
         secure_aggregation=secure_aggregation,
-        min_cohort=min_cohort,
         min_cells=min_cells,
         engine=engine,
         key_added=key_added,

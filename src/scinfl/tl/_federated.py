@@ -14,12 +14,12 @@ from anndata import AnnData
 
 from .._settings import logger, settings, torch_threads
 from ..data import as_site_dict, is_mudata, scinfl_entry
-from ..federation import RunSpec, get_engine
-from ..federation.spec import MIN_DELTA, PATIENCE
+from ..federation import EarlyStopping, RunSpec, SecureAggregation, get_engine
+from ..federation.spec import ROUNDS
 from ..key import FederationKey, as_key
 from ..model import FederatedModel
 from ..tasks import Task, get_task
-from ..train import DPSettings, FitSettings
+from ..train import DPSettings, FitSettings, settings_from
 
 if TYPE_CHECKING:
     from mudata import MuData
@@ -118,17 +118,11 @@ def train_federated(
     task: str | Task | None = None,
     label_key: str | None = None,
     join: Literal["inner", "outer"] = "inner",
-    rounds: int = 20,
-    early_stopping: bool = False,
-    patience: int = PATIENCE,
-    min_delta: float = MIN_DELTA,
-    local_epochs: int = 1,
+    rounds: int = ROUNDS,
     fraction: float = 1.0,
-    secure_aggregation: bool = True,
-    min_cohort: int = 3,
-    batch_size: int = 128,
-    lr: float = 1e-3,
-    weight_decay: float = 1e-5,
+    fit: FitSettings | Mapping[str, float] | None = None,
+    early_stopping: bool | EarlyStopping | Mapping[str, float] = False,
+    secure_aggregation: bool | SecureAggregation | Mapping[str, int] = True,
     key_strength: float = 1.0,
     validation_fraction: float = 0.1,
     engine: str = "local",
@@ -175,27 +169,29 @@ def train_federated(
     join
         Features used: ``"inner"`` (shared by every site) or ``"outer"`` (all, zero-filled; each site's loss
         then covers only the features it measures).
-    rounds, local_epochs, fraction
-        Federated rounds (with ``early_stopping``, at most), local epochs per round, fraction of sites
-        sampled per round.
-    early_stopping, patience, min_delta
+    rounds, fraction
+        Federated rounds (with ``early_stopping``, at most), and the fraction of sites sampled per round.
+    fit
+        Local optimisation at every site (:class:`~scinfl.train.FitSettings`, or a dict of its fields):
+        ``local_epochs`` per round (1), Adam's ``batch_size`` (128), ``lr`` (1e-3) and ``weight_decay``
+        (1e-5), e.g. ``fit={"lr": 1e-2, "local_epochs": 2}``.
+    early_stopping
         Stop when the validation loss has converged: once the loss that selects the round (each site's
         validation loss, weighted by its validation cells) has not fallen below its best value by more
-        than ``min_delta`` of it (relative) for ``patience`` rounds. The selected round is then the best
-        one seen, as without stopping; ``model.params["stopped_round"]`` and :func:`scinfl.pl.history`
-        show where the run ended. The defaults were measured on every data set here
-        (docs/benchmarks.md, early stopping).
+        than ``min_delta`` of it (relative) for ``patience`` rounds. ``True`` for the defaults (patience
+        5, min_delta 0, measured on every data set here: docs/benchmarks.md, early stopping), or a dict
+        (:class:`~scinfl.federation.EarlyStopping`), e.g. ``{"patience": 10}``. The selected round is
+        then the best one seen, as without stopping; ``model.params["stopped_round"]`` and
+        :func:`scinfl.pl.history` show where the run ended.
     secure_aggregation
         Sites send their updates masked, so the aggregator learns only each round's weighted sum over the
         sampled sites, never one site's update (pairwise masking: :mod:`scinfl.federation.secure`). The
-        sum equals FedAvg's to within 2^-25 per cell, far below float32's resolution. ``False`` sends
-        updates in the clear. What each setting leaves to a server: docs/privacy.md.
-    min_cohort
-        With secure aggregation, the fewest sites a round sums (default 3). With two sites the server
-        still sees only their sum, but each site can subtract its own update and learn the other's: a
-        two-site federation must pass ``min_cohort=2`` to accept that.
-    batch_size, lr, weight_decay
-        Local optimisation (Adam).
+        sum equals FedAvg's to within 2^-25 per cell, far below float32's resolution. ``True`` sums at
+        least 3 sites per round; a dict (:class:`~scinfl.federation.secure.SecureAggregation`) sets
+        ``min_cohort``: with two sites the server still sees only their sum, but each site can subtract
+        its own update and learn the other's, so a two-site federation passes ``{"min_cohort": 2}`` to
+        accept that. ``False`` sends updates in the clear. What each setting leaves to a server:
+        docs/privacy.md.
     key_strength
         Strength ``s`` of the paper scheme's key modulation (``scheme="infl"``).
     validation_fraction
@@ -267,19 +263,20 @@ def train_federated(
     if task is None:  # a classification, or the task of the model training starts from
         task = init.task if isinstance(init, FederatedModel) else "classification"
     task = get_task(task, label_key=label_key)
+    stopping = EarlyStopping.from_option(early_stopping)
+    secure = SecureAggregation.from_option(secure_aggregation)
     spec = RunSpec(
         task=task,
         sites=tuple(site_data),
         key_fingerprint=None if key is None else key.fingerprint,
         scheme=None if key is None else key.scheme,
         rounds=rounds,
-        early_stopping=early_stopping,
-        patience=patience,
-        min_delta=min_delta,
+        early_stopping=stopping is not None,
+        **dataclasses.asdict(stopping or EarlyStopping()),
         fraction=fraction,
-        secure_aggregation=secure_aggregation,
-        min_cohort=min_cohort,
-        fit=FitSettings(local_epochs=local_epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay),
+        secure_aggregation=secure is not None,
+        **dataclasses.asdict(secure or SecureAggregation()),
+        fit=FitSettings() if fit is None else settings_from(FitSettings, fit, "fit", "{'lr': 1e-2}"),
         key_strength=key_strength if init is None else init.config.key_strength,
         validation_fraction=validation_fraction,
         join=join,

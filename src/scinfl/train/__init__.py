@@ -24,7 +24,7 @@ from .local import (
     infer,
     key_on,
 )
-from .settings import DPSettings, FitSettings
+from .settings import DPSettings, FitSettings, settings_from
 from .site import SiteTrainer
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "resolve_device",
     "resolve_precision",
     "seeded_generator",
+    "settings_from",
     "sparse_batches_on",
     "to_device",
 ]

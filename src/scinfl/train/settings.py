@@ -12,12 +12,34 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-__all__ = ["DPSettings", "FitSettings"]
+__all__ = ["DPSettings", "FitSettings", "settings_from"]
+
+
+def settings_from(cls, value, name: str, example: str):
+    """``value`` as a ``cls`` settings object: one already, or a dict of its fields (an unknown field is
+    an error naming the allowed ones). ``name`` and ``example`` are the argument's, for the error."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{name} must be a dict such as {example}, got {type(value).__name__}.")
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(set(value) - set(known), key=str)
+    if unknown:
+        raise ValueError(f"Unknown {name} setting(s) {unknown}; allowed: {', '.join(known)}.")
+    return cls(**value)
 
 
 @dataclass(frozen=True)
 class FitSettings:
-    """Local optimisation settings, the same at every site (Adam, a fresh optimiser each local fit)."""
+    """Local optimisation settings, the same at every site (Adam, a fresh optimiser each local fit).
+
+    Attributes
+    ----------
+    local_epochs
+        Passes over a site's training cells per round.
+    batch_size, lr, weight_decay
+        Adam's batches, learning rate and weight decay.
+    """
 
     local_epochs: int = 1
     batch_size: int = 128
@@ -76,17 +98,9 @@ class DPSettings:
     @classmethod
     def from_mapping(cls, dp: Mapping[str, float] | DPSettings) -> DPSettings:
         """Settings from ``{"epsilon": ..., "delta": ..., "max_grad_norm": ...}`` (epsilon required)."""
-        if isinstance(dp, DPSettings):
-            return dp
-        if not isinstance(dp, Mapping):
-            raise TypeError(f"dp must be a dict such as {{'epsilon': 8.0}}, got {type(dp).__name__}.")
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(dp) - set(known), key=str)
-        if unknown:
-            raise ValueError(f"Unknown dp setting(s) {unknown}; allowed: {', '.join(known)}.")
-        if "epsilon" not in dp:
+        if isinstance(dp, Mapping) and not set(dp) - {f.name for f in fields(cls)} and "epsilon" not in dp:
             raise ValueError("dp needs a target 'epsilon', e.g. dp={'epsilon': 8.0, 'delta': 1e-5}.")
-        return cls(**dp)
+        return settings_from(cls, dp, "dp", "{'epsilon': 8.0}")
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)

@@ -15,6 +15,7 @@ from typing import Any
 
 import tomli_w
 
+from ..secure import MIN_COHORT
 from ..spec import RunSpec
 from ..statistics import StatisticsSpec
 
@@ -37,7 +38,7 @@ def preprocessing_run_config(
     layer: str | None = None,
     batch_key: str | None = None,
     secure_aggregation: bool = True,
-    min_cohort: int = 3,
+    min_cohort: int = MIN_COHORT,
     min_cells: int = 20,
     timeout: float = 600.0,
     **options: Any,

@@ -13,6 +13,7 @@ from matplotlib.axes import Axes
 from matplotlib.ticker import MaxNLocator
 
 from .model import FederatedModel
+from .privacy.metrics import pearson
 
 __all__ = ["history", "perturbation", "privacy", "reconstruction"]
 
@@ -353,9 +354,9 @@ def perturbation(
         axis.plot(lim, lim, color="C0", linewidth=0.8, linestyle="--")
         axis.axhline(0, color="0.8", linewidth=0.6)
         axis.axvline(0, color="0.8", linewidth=0.6)
-        pearson = np.corrcoef(x, y)[0, 1] if np.std(y) > 0 else float("nan")
+        correlation = pearson(x, y)  # NaN for a constant (no-change) prediction
         axis.set_title(
-            f"{obs.index[i]}\nPearson delta {pearson:.2f}, {int(obs['n_observed'].iloc[i])} cells",
+            f"{obs.index[i]}\nPearson delta {correlation:.2f}, {int(obs['n_observed'].iloc[i])} cells",
             fontsize="x-small",
         )
         axis.set_xlabel("observed change from control")

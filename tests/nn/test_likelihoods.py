@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.special
+import scipy.stats
 import torch
 
 from scinfl.nn.likelihoods import LIKELIHOODS, cell_losses, clr, read_counts
@@ -136,18 +138,14 @@ def test_unknown_likelihood_raises(counts):
 
 
 def _nb_by_hand(output: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Mean over genes of -log NB(x | mu, theta) + log(x!), mu = softmax(logits) * library size, from
-    torch.distributions (total_count theta, success logits log(mu / theta))."""
+    """Mean over genes of -log NB(x | mu, theta), mu = softmax(logits) * library size, from scipy (n = theta,
+    p = theta / (theta + mu)) in float64: a library independent of the torch distribution scinfl uses."""
     logits, log_theta = np.split(output, 2, axis=1)
     log_share = logits - logits.max(axis=1, keepdims=True)
     log_share -= np.log(np.exp(log_share).sum(axis=1, keepdims=True))
     mu = np.exp(log_share) * x.sum(axis=1, keepdims=True)
     theta = np.exp(log_theta)
-    distribution = torch.distributions.NegativeBinomial(
-        total_count=torch.from_numpy(theta), logits=torch.from_numpy(np.log(mu) - log_theta)
-    )
-    log_factorial = torch.lgamma(torch.from_numpy(x) + 1)
-    return -(distribution.log_prob(torch.from_numpy(x)) + log_factorial).numpy().mean(axis=1)
+    return -scipy.stats.nbinom.logpmf(x, theta, theta / (theta + mu)).mean(axis=1)
 
 
 def _nb_output(shape, log_theta: float | np.ndarray = 0.0, seed: int = 0) -> np.ndarray:
@@ -159,10 +157,13 @@ def test_negative_binomial_is_the_nll_of_softmax_means_with_a_dispersion_per_gen
     rng = np.random.default_rng(3)
     output = _nb_output(counts.shape, rng.normal(0.0, 1.0, counts.shape[1]))
     np.testing.assert_allclose(_losses("nb", output, counts), _nb_by_hand(output, counts), rtol=1e-9)
-    # a huge inverse dispersion is a Poisson
+    # the whole negative log-likelihood, log(x!) included: positive, as a probability is at most 1
+    assert (_losses("nb", output, counts) > 0).all()
+    # a huge inverse dispersion is a Poisson (whose loss leaves out log(x!), as torch's poisson_nll_loss)
     poisson = _losses("poisson", output[:, : counts.shape[1]], counts)
+    log_factorial = scipy.special.gammaln(counts + 1).mean(axis=1)
     nearly = _losses("nb", _nb_output(counts.shape, 20.0), counts)  # theta = 5e8
-    np.testing.assert_allclose(nearly, poisson, rtol=1e-5)
+    np.testing.assert_allclose(nearly, poisson + log_factorial, rtol=1e-5)
     # real cells vary around their cohort's mean shares more than a Poisson allows: with the cohort's
     # shares as every cell's mean, a dispersion (theta = 1) scores the counts better than a Poisson
     x = counts

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import numpy as np
 import pytest
+import scipy.stats
 
 from scinfl.privacy.metrics import (
     bootstrap_ci,
@@ -244,3 +246,28 @@ def test_membership_metrics_reject_nan_and_empty():
         membership_metrics([1.0, np.nan], [0.0])
     with pytest.raises(ValueError, match="at least one"):
         membership_metrics([], [0.0])
+
+
+def test_the_metrics_are_the_libraries_on_real_cells(pbmc):
+    """pearson, bootstrap_ci and membership_metrics call scipy and scikit-learn; checked here against an
+    independent computation of each on real PBMC values (numpy's corrcoef, a resampling loop by hand, the
+    Mann-Whitney U statistic and a threshold sweep)."""
+    cells = pbmc.raw.X[:60].toarray().astype(np.float64)
+    for a, b in itertools.pairwise(cells):
+        assert pearson(a, b) == pytest.approx(np.corrcoef(a, b)[0, 1], abs=1e-12)
+    per_cell = cells.mean(axis=1)
+    mean, low, high = bootstrap_ci(per_cell, n_boot=400, seed=5)
+    rng = np.random.default_rng(5)  # the same draws as scipy's percentile bootstrap
+    means = per_cell[rng.integers(0, per_cell.size, size=(400, per_cell.size))].mean(axis=1)
+    assert (mean, low, high) == pytest.approx(
+        (per_cell.mean(), *np.percentile(means, [2.5, 97.5])), abs=1e-12
+    )
+    members, nonmembers = cells[:30, 0] + cells[:30, 1], cells[30:, 0] + cells[30:, 1]  # real ties (zeros)
+    metrics = membership_metrics(members, nonmembers)
+    u = scipy.stats.mannwhitneyu(members, nonmembers).statistic
+    assert metrics["auc"] == pytest.approx(u / (members.size * nonmembers.size), abs=1e-12)
+    thresholds = np.unique(np.concatenate([members, nonmembers]))
+    tpr = np.array([(members >= t).mean() for t in thresholds])
+    fpr = np.array([(nonmembers >= t).mean() for t in thresholds])
+    assert metrics["advantage"] == pytest.approx(np.max(tpr - fpr), abs=1e-12)
+    assert metrics["tpr_at_1pct_fpr"] == pytest.approx(max([0.0, *tpr[fpr <= 0.01]]), abs=1e-12)

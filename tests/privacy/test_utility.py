@@ -100,3 +100,13 @@ def test_key_recovery_reaches_right_key_accuracy(trained, key):
     assert fresh > majority + 0.1  # the baseline genuinely learns from the auxiliary cells
     # the network's weights were left as they were
     assert all(p.requires_grad for p in model.network.parameters())
+
+
+def test_balanced_accuracy_is_the_mean_recall_on_real_labels(pbmc):
+    """sklearn's balanced accuracy, checked by hand on real PBMC labels against clusters as predictions,
+    one predicted class absent from the truth (as a wrong key predicts) included."""
+    truth = pbmc.obs["bulk_labels"].cat.codes.to_numpy()
+    predicted = pbmc.obs["louvain"].cat.codes.to_numpy() % 12  # codes 10 and 11 are no label's
+    recalls = [(predicted[truth == c] == c).mean() for c in np.unique(truth)]
+    assert 10 in predicted
+    assert balanced_accuracy(truth, predicted) == pytest.approx(np.mean(recalls), abs=1e-12)

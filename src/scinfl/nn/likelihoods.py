@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.distributions import NegativeBinomial
 
 __all__ = ["LIKELIHOODS", "cell_losses", "clr", "read_counts"]
 
@@ -17,7 +18,8 @@ __all__ = ["LIKELIHOODS", "cell_losses", "clr", "read_counts"]
 # "poisson": raw counts; the network reads log1p(x) and outputs logits of each feature's share of the cell's
 #   counts (rates: share x library size, as scVI's decoder), Poisson negative log-likelihood up to log(x!).
 # "nb": raw counts, as "poisson" with a negative binomial of one inverse dispersion per feature (scVI's
-#   gene-wise dispersion): the output holds the share logits, then each feature's log inverse dispersion.
+#   gene-wise dispersion): the output holds the share logits, then each feature's log inverse dispersion;
+#   the whole negative log-likelihood (torch.distributions.NegativeBinomial).
 # "clr": raw counts read and reconstructed as their per-cell centred log-ratio (the usual ADT transform),
 #   mean squared error.
 LIKELIHOODS = ("gaussian", "poisson", "nb", "clr")
@@ -64,15 +66,8 @@ def cell_losses(likelihood: str, output: Tensor, target: Tensor, measured: Tenso
     log_rate = torch.log_softmax(output, dim=1) + torch.log(library)
     if likelihood == "poisson":
         return F.poisson_nll_loss(log_rate, target, log_input=True, full=False, reduction="none").mean(dim=1)
-    # Negative binomial with mean mu and inverse dispersion theta, as scVI's (log-sum-exp for stability):
-    # log p = theta (log theta - log(theta + mu)) + x (log mu - log(theta + mu))
-    #         + lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)
-    theta = log_theta.exp()
-    log_theta_mu = torch.logaddexp(log_theta, log_rate)
-    log_likelihood = (
-        theta * (log_theta - log_theta_mu)
-        + target * (log_rate - log_theta_mu)
-        + torch.lgamma(target + theta)
-        - torch.lgamma(theta)
-    )
-    return -log_likelihood.mean(dim=1)
+    # Negative binomial with mean mu and inverse dispersion theta (scVI's): torch's, whose logits are
+    # log(mu / theta). The whole log-likelihood, log(x!) included, so the loss is a real negative
+    # log-likelihood (positive); its gradient is that of the hand-written form it replaced.
+    counts = NegativeBinomial(total_count=log_theta.exp(), logits=log_rate - log_theta, validate_args=False)
+    return -counts.log_prob(target).mean(dim=1)

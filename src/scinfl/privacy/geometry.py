@@ -216,6 +216,17 @@ def entropic_gromov_wasserstein(
     -------
     numpy.ndarray
         ``(n1, n2)`` coupling; rows sum to ``p``, columns to ``q`` (up to ``tol``).
+
+    Notes
+    -----
+    Why not POT's ``ot.gromov.entropic_gromov_wasserstein`` (0.9.7), measured 2026-12-08 on 150 leaked vs
+    400 public PBMC profiles (``.raw``, Euclidean distances normalised to mean 1, ``epsilon=3e-3``, one
+    split): POT's projected gradient took 8.3 s against 0.8 s here (its inner Sinkhorn is not
+    warm-started, and it cannot run in the log domain: it passes ``method="sinkhorn"`` itself), for a
+    coupling of similar use (label transfer 0.71 against 0.67, within the split's standard error of
+    0.04) and a lower objective (0.0101 against 0.0128). At ``epsilon=1e-2`` POT is fast (0.5 s) but
+    blurred (0.57); its proximal solver takes 13-23 s. The audit solves many such couplings, so the
+    attack keeps this solver; its figures are an attack's lower bound, not a ceiling.
     """
     coupling, _, _ = _coupling(
         C1,

@@ -13,7 +13,8 @@ All inputs are plain arrays (numpy, or anything ``np.asarray`` accepts, e.g. CPU
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import rankdata
+from scipy.stats import bootstrap, pearsonr, rankdata
+from sklearn.metrics import roc_auc_score, roc_curve
 
 __all__ = [
     "bootstrap_ci",
@@ -34,18 +35,16 @@ def _vector(values, name: str) -> np.ndarray:
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
-    """Pearson correlation of two vectors; NaN (without a warning) if either is constant or non-finite."""
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
+    """Pearson correlation of two vectors (``scipy.stats.pearsonr``); NaN, without a warning, if either is
+    constant or non-finite (a no-change prediction, a reconstruction that did not move)."""
+    a = np.asarray(a, dtype=np.float64).ravel()
+    b = np.asarray(b, dtype=np.float64).ravel()
     if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
         return float("nan")
     # Test constancy on the raw values: centring a constant vector can leave rounding residue.
     if a.size < 2 or np.ptp(a) == 0.0 or np.ptp(b) == 0.0:
         return float("nan")
-    a = a - a.mean()
-    b = b - b.mean()
-    norm = np.sqrt((a @ a) * (b @ b))
-    return float(np.clip((a @ b) / norm, -1.0, 1.0))
+    return float(pearsonr(a, b).statistic)
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -253,7 +252,8 @@ def prior_baselines(
 def bootstrap_ci(
     values, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0
 ) -> tuple[float, float, float]:
-    """Mean of ``values`` and its percentile-bootstrap confidence interval, resampling the items.
+    """Mean of ``values`` and its percentile-bootstrap confidence interval, resampling the items
+    (``scipy.stats.bootstrap``, ``method="percentile"``).
 
     NaN items are ignored (an undefined metric is not a zero). All NaN (or empty) gives three NaNs; a single
     item gives a zero-width interval.
@@ -270,22 +270,18 @@ def bootstrap_ci(
     items = items[~np.isnan(items)]
     if items.size == 0:
         return float("nan"), float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = items[rng.integers(0, items.size, size=(n_boot, items.size))].mean(axis=1)
-    tail = 100.0 * (1.0 - level) / 2.0
-    low, high = np.percentile(means, [tail, 100.0 - tail])
-    return float(items.mean()), float(low), float(high)
-
-
-def _roc(scores_members: np.ndarray, scores_nonmembers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Exact ROC of "member if score >= t" over every distinct threshold t, from (0, 0) to (1, 1)."""
-    thresholds = np.unique(np.concatenate([scores_members, scores_nonmembers]))[::-1]
-    members = np.sort(scores_members)
-    nonmembers = np.sort(scores_nonmembers)
-    # Number of scores >= t for each threshold, by binary search on the sorted scores.
-    tpr = (members.size - np.searchsorted(members, thresholds, side="left")) / members.size
-    fpr = (nonmembers.size - np.searchsorted(nonmembers, thresholds, side="left")) / nonmembers.size
-    return np.concatenate([[0.0], fpr]), np.concatenate([[0.0], tpr])
+    mean = float(items.mean())
+    if items.size == 1 or np.ptp(items) == 0.0:  # every resample has the same mean
+        return mean, mean, mean
+    result = bootstrap(
+        (items,),
+        np.mean,
+        n_resamples=n_boot,
+        confidence_level=level,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
+    return mean, float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
 def membership_metrics(scores_members, scores_nonmembers) -> dict[str, float]:
@@ -306,13 +302,12 @@ def membership_metrics(scores_members, scores_nonmembers) -> dict[str, float]:
         raise ValueError("Membership metrics need at least one member and one non-member score.")
     if np.isnan(members).any() or np.isnan(nonmembers).any():
         raise ValueError("Membership scores contain NaN: drop or impute the undefined candidates first.")
-    ranks = rankdata(np.concatenate([members, nonmembers]))
-    auc = (ranks[: members.size].sum() - members.size * (members.size + 1) / 2) / (
-        members.size * nonmembers.size
-    )
-    fpr, tpr = _roc(members, nonmembers)
+    truth = np.concatenate([np.ones(members.size), np.zeros(nonmembers.size)])
+    scores = np.concatenate([members, nonmembers])
+    # the exact ROC: every distinct threshold, from (0, 0) to (1, 1)
+    fpr, tpr, _ = roc_curve(truth, scores, drop_intermediate=False)
     return {
-        "auc": float(auc),
+        "auc": float(roc_auc_score(truth, scores)),
         "tpr_at_1pct_fpr": float(tpr[fpr <= 0.01].max()),
         "tpr_at_0.1pct_fpr": float(tpr[fpr <= 0.001].max()),
         "advantage": float(np.max(tpr - fpr)),

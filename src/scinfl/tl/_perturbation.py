@@ -12,6 +12,7 @@ from anndata import AnnData
 from .._settings import settings, torch_threads
 from ..key import FederationKey, as_key
 from ..model import FederatedModel
+from ..privacy.metrics import pearson
 from ._federated import _h5ad_safe
 
 __all__ = ["predict_perturbation", "score_perturbation"]
@@ -104,13 +105,6 @@ def predict_perturbation(
     return out
 
 
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    """Pearson correlation; NaN when either side is constant (a no-change prediction has none)."""
-    a, b = a - a.mean(), b - b.mean()
-    denominator = np.sqrt((a @ a) * (b @ b))
-    return float(a @ b / denominator) if denominator > 0 else float("nan")
-
-
 def score_perturbation(pseudobulk: AnnData, *, top_de: int = 20, min_cells: int = 2) -> pd.DataFrame:
     """Score predicted perturbation effects as the perturbation literature does, next to two baselines.
 
@@ -184,8 +178,8 @@ def score_perturbation(pseudobulk: AnnData, *, top_de: int = 20, min_cells: int 
                     "predictor": predictor,
                     "mse": float(error.mean()),
                     "mse_top_de": float(error[top].mean()),
-                    "pearson_delta": _pearson(change, observed[i]),
-                    "pearson_delta_top_de": _pearson(change[top], observed[i][top]),
+                    "pearson_delta": pearson(change, observed[i]),
+                    "pearson_delta_top_de": pearson(change[top], observed[i][top]),
                 }
             )
     if not rows:

@@ -633,7 +633,7 @@ def run_local_deployment(
     supernode_keys
         Site -> its SuperNode's private key file; default: a key pair made for this deployment.
     """
-    from ...key import FederationKey
+    from .key import FederationKey
 
     paths = [Path(p).expanduser().absolute() for p in data_paths]
     names = [p.stem for p in paths]

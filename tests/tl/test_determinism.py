@@ -31,7 +31,7 @@ PIPELINE = textwrap.dedent(
         task=si.tasks.Classification(hidden=64),
         rounds=3,
         fraction=0.67,
-        min_cohort=2,
+        secure_aggregation={"min_cohort": 2},
         seed=seed,
     )
     si.tl.predict(query, model, key=si.FederationKey.load(key_path))

@@ -146,7 +146,7 @@ class StatisticsExchange:
         if spec.secure_aggregation and len(spec.sites) < max(2, spec.min_cohort):
             raise ValueError(
                 f"{len(spec.sites)} site(s), but secure aggregation sums at least min_cohort="
-                f"{max(2, spec.min_cohort)} sites: a smaller sum hides too little. Pass secure_aggregation={'min_cohort': 2} for two "
+                f"{max(2, spec.min_cohort)} sites: a smaller sum hides too little. Pass secure_aggregation={{'min_cohort': 2}} for two "
                 "sites (each then learns the other's statistics from the sum and its own), or "
                 "secure_aggregation=False."
             )

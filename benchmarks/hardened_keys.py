@@ -48,8 +48,7 @@ def audit_key(index: int, rounds: int, seeds: int, victims: int) -> pd.DataFrame
         key=key,
         public=public,
         attacks=["analytic"],
-        n_victims=victims,
-        seeds=range(seeds),
+        settings={"n_victims": victims, "seeds": range(seeds)},
     )
     return table.assign(key=index)
 

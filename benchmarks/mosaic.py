@@ -188,7 +188,7 @@ def audit(sites, options, n_seeds: int, n_genes: int = 2000) -> None:
             model = si.tl.train_federated(
                 {"paired": members, "rna_only": sites["rna_only"]}, key=key, seed=seed, copy=True, **options
             )
-            table = si.tl.privacy_audit(model, members, key=key, public=public, seeds=(seed,))
+            table = si.tl.privacy_audit(model, members, key=key, public=public, settings={"seeds": (seed,)})
             tables.append(table.assign(scheme=scheme))
     table = pd.concat(tables)
     keep = table["metric"].isin(["accuracy", "pearson_minus_mean", "reidentified"])

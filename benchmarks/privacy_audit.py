@@ -140,12 +140,16 @@ def audit_one(name: str, settings: dict, args: argparse.Namespace) -> tuple[str,
         public=public,
         site=audited,
         attacks=attacks,
-        n_victims=args.victims,
-        seeds=tuple(range(args.seeds)),
-        n_wrong_keys=args.wrong_keys,
-        inversion_victims=args.inversion_victims,
-        inversion_batches=tuple(args.inversion_batches),
-        inversion_steps=args.inversion_steps,
+        settings={
+            "n_victims": args.victims,
+            "seeds": tuple(range(args.seeds)),
+            "utility": {"n_wrong_keys": args.wrong_keys},
+            "inversion": {
+                "victims": args.inversion_victims,
+                "batches": tuple(args.inversion_batches),
+                "steps": args.inversion_steps,
+            },
+        },
     )
     info = {"audited site": f"{audited} ({sites[audited].n_obs} cells)", "dp": model.params.get("dp")}
     return name, table, time.perf_counter() - start, info
@@ -200,7 +204,7 @@ def membership_one(name: str, settings: dict, repeat: int, args: argparse.Namesp
             site=site,
             nonmembers=held[site],
             attacks=("membership",),
-            seeds=tuple(range(args.seeds)),
+            settings={"seeds": tuple(range(args.seeds))},
         )
         rows.append(table.assign(config=name, repeat=repeat, site=site))
         # The earlier design: public cells as non-members, unmatched, scored by the site's label mix.

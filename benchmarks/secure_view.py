@@ -7,7 +7,7 @@ the secure rounds), the rest split into 3 sites, label-skewed (``split_sites(alp
 (``alpha=100``); a classifier (default network) trained 20 rounds with secure aggregation, under each key
 scheme. Every site is audited (seeds 0 and 1 of the audit: 200 victims each).
 
-Two server views of the same victims (see ``scinfl.privacy.audit._geometry``):
+Two server views of the same victims (see ``scinfl.privacy.audit.gradient_geometry``):
 
 ``per-site``  one site's single-cell gradients (``dW / db`` of each victim's first layer), coupled as a
               set with the attacker's cohort: the worst case of ``secure_aggregation=False``, and the
@@ -93,7 +93,9 @@ def run_draw(job: tuple[str, str, int]) -> list[dict]:
     model = si.tl.train_federated(sites, label_key="bulk_labels", key=key, rounds=20, seed=draw, copy=True)
     rows = []
     for site, cells in model.sites.items():
-        table = si.tl.privacy_audit(model, cells, key=key, public=public, attacks=["geometry"], seeds=(0, 1))
+        table = si.tl.privacy_audit(
+            model, cells, key=key, public=public, attacks=["geometry"], settings={"seeds": (0, 1)}
+        )
         for view in (PER_SITE, SECURE):
             for label, attack, figure_view, metric in FIGURES:
                 if (

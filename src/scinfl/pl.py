@@ -119,14 +119,11 @@ def history(
 
 
 # What each family's panel shows: the metric, and the reference line an attack must beat to mean anything.
-_PRIVACY_PANELS = {
-    "utility": ("accuracy", "accuracy on never-trained cells"),
-    "key recovery": ("accuracy", "accuracy on never-trained cells"),
-    "analytic": ("pearson_minus_mean", "Pearson (minus public mean) with the victim"),
-    "inversion": ("pearson_minus_mean", "Pearson (minus public mean) with the victim"),
-    "membership": ("auc", "membership AUC"),
-    "geometry": ("mrr_x_chance", "linkage to the victim's own cell (reciprocal rank / chance)"),
-}
+def _privacy_panels() -> dict[str, tuple[str, str]]:
+    """Each attack family's panel (its metric and axis label), by its name in an audit table."""
+    from .privacy.audit import family_names, get_family
+
+    return {get_family(name).table_name: get_family(name).panel for name in family_names()}
 
 
 def _finish(fig, axes, show: bool | None, save: str | Path | None, ax_given: bool) -> None:
@@ -168,13 +165,14 @@ def privacy(
     -------
     The Axes, one per family.
     """
-    present = [f for f in _PRIVACY_PANELS if f in set(audit["family"])]
+    panels = _privacy_panels()
+    present = [f for f in panels if f in set(audit["family"])]
     families = list(families) if families is not None else present
     missing = [f for f in families if f not in present]
     if missing or not families:
         raise ValueError(f"The audit has no family {missing or families}; it has {', '.join(present)}.")
     n_bars = [  # a perturbation model's utility panel shows its Pearson delta instead of accuracy
-        int(((audit["family"] == f) & audit["metric"].isin((_PRIVACY_PANELS[f][0], "pearson_delta"))).sum())
+        int(((audit["family"] == f) & audit["metric"].isin((panels[f][0], "pearson_delta"))).sum())
         for f in families
     ]
     # Two columns, each panel as tall as its bars need, so that every label stays readable in a notebook.
@@ -182,7 +180,7 @@ def privacy(
         ax, len(families), "families", (6.5, 3.0), ncols=2, heights=[1.2 + 0.32 * n for n in n_bars]
     )
     for axis, family in zip(axes, families, strict=True):
-        metric, label = _PRIVACY_PANELS[family]
+        metric, label = panels[family]
         if family == "utility" and not ((audit["family"] == family) & (audit["metric"] == metric)).any():
             # a perturbation model's utility
             metric, label = "pearson_delta", "Pearson delta on never-trained cells"

@@ -389,12 +389,12 @@ def test_audit_at_ci_size_passes_the_main_checks_with_working_positive_controls(
         key=hardened_key,
         public=public,
         attacks=("utility", "analytic", "inversion"),
-        seeds=(0,),
-        n_victims=12,
-        n_wrong_keys=4,
-        inversion_victims=3,
-        inversion_batches=(8,),
-        inversion_steps=150,
+        settings={
+            "seeds": (0,),
+            "n_victims": 12,
+            "utility": {"n_wrong_keys": 4},
+            "inversion": {"victims": 3, "batches": (8,), "steps": 150},
+        },
     )
     chance = _row(table, "accuracy", "chance", "balanced_accuracy")
     assert _row(table, "accuracy", "right key", "balanced_accuracy") > chance + 0.3

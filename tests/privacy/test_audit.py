@@ -24,12 +24,12 @@ from scinfl.privacy.gradients import PrivateGradient, client_gradient
 from scinfl.privacy.metrics import membership_metrics
 
 SMALL = {
-    "seeds": (0,),
-    "n_victims": 6,
-    "n_wrong_keys": 4,
-    "inversion_victims": 2,
-    "inversion_batches": (8,),
-    "inversion_steps": 150,
+    "settings": {
+        "seeds": (0,),
+        "n_victims": 6,
+        "utility": {"n_wrong_keys": 4},
+        "inversion": {"victims": 2, "batches": (8,), "steps": 150},
+    }
 }
 
 
@@ -224,7 +224,7 @@ def test_membership_compares_like_with_like_on_a_label_skewed_site(pbmc_split, s
             site=site,
             nonmembers=held,
             attacks=("membership",),
-            seeds=(0, 1),
+            settings={"seeds": (0, 1)},
         )
     assert _value(table, "label frequency", "no model", "auc") == 0.5
     assert abs(_value(table, "untrained network", "no model", "auc") - 0.5) < 0.1
@@ -240,5 +240,11 @@ def test_membership_compares_like_with_like_on_a_label_skewed_site(pbmc_split, s
     other_batch.raw = ad.AnnData(held.raw.X * 1.3, var=held.raw.var)
     with pytest.warns(UserWarning, match="values alone .* separates members from non-members"):
         si.tl.privacy_audit(
-            model, kept, key=None, public=public, nonmembers=other_batch, attacks=("membership",), seeds=(0,)
+            model,
+            kept,
+            key=None,
+            public=public,
+            nonmembers=other_batch,
+            attacks=("membership",),
+            settings={"seeds": (0,)},
         )

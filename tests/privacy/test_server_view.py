@@ -114,7 +114,7 @@ def geometry_audit(_pbmc):
     model = si.tl.train_federated(sites, label_key="bulk_labels", key=key, rounds=20, seed=0, copy=True)
     site = max(model.sites, key=lambda name: model.sites[name].n_obs)
     table = si.tl.privacy_audit(
-        model, model.sites[site], key=key, public=public, attacks=["geometry"], seeds=(0,)
+        model, model.sites[site], key=key, public=public, attacks=["geometry"], settings={"seeds": (0,)}
     )
     return table
 

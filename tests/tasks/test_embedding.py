@@ -209,9 +209,7 @@ def audited(_pbmc):
             key=key,
             public=public,
             label_key="bulk_labels",
-            seeds=(0,),
-            n_victims=8,
-            n_wrong_keys=3,
+            settings={"seeds": (0,), "n_victims": 8, "utility": {"n_wrong_keys": 3}},
         )
     return tables
 

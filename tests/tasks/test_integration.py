@@ -213,7 +213,7 @@ def test_the_audit_attacks_the_features_of_a_site_aware_model(trained, sites):
         site="site_0",
         label_key="bulk_labels",
         attacks=("analytic",),
-        seeds=(0,),
+        settings={"seeds": (0,)},
     )
     truth = audited.uns["scinfl_privacy_examples"]["truth"]
     assert len(truth) == aware.schema.n_features

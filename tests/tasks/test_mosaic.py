@@ -260,7 +260,11 @@ def test_mosaic_privacy_audit_runs_wrong_key_and_analytic(pseudo_mosaic):
     public = pseudo_mosaic["paired"][300:].copy()
     model = si.tl.train_federated({"a": members, "b": pseudo_mosaic["rna_only"]}, key=key, **MOSAIC)
     table = si.tl.privacy_audit(
-        model, members, key=key, public=public, seeds=(0,), n_victims=6, n_wrong_keys=2
+        model,
+        members,
+        key=key,
+        public=public,
+        settings={"seeds": (0,), "n_victims": 6, "utility": {"n_wrong_keys": 2}},
     )
     attacks = set(table["attack"])
     assert {"first layer (dW / db) [rna]", "first layer (dW / db) [prot]"} <= attacks

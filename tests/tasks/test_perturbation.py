@@ -378,7 +378,11 @@ def audited(screen):
             warnings.filterwarnings("ignore", message=".*have no control cells")
             model = si.tl.train_federated(sites, key=key, copy=True, **{**PBMC, "rounds": 40})
             tables[scheme] = si.tl.privacy_audit(
-                model, sites["site_0"], key=key, public=held, seeds=(0,), n_victims=12, n_wrong_keys=3
+                model,
+                sites["site_0"],
+                key=key,
+                public=held,
+                settings={"seeds": (0,), "n_victims": 12, "utility": {"n_wrong_keys": 3}},
             )
     return tables
 

@@ -93,7 +93,9 @@ def test_privacy_audit_on_the_gpu(pbmc_split, monkeypatch):
     sites, public = pbmc_split
     key = si.FederationKey(hashlib.sha256(b"cuda audit").digest())
     model = _trained(sites, key, "cuda", monkeypatch, rounds=10)
-    table = si.tl.privacy_audit(model, model.sites["site_1"], key=key, public=public, seeds=(0,), n_victims=8)
+    table = si.tl.privacy_audit(
+        model, model.sites["site_1"], key=key, public=public, settings={"seeds": (0,), "n_victims": 8}
+    )
     assert set(table.family) >= {"utility", "analytic", "inversion", "membership", "geometry"}
     rows = table[(table.attack == "accuracy") & (table.metric == "accuracy")].set_index("view")["mean"]
     assert rows["right key"] > 0.6

@@ -11,7 +11,6 @@ user's GPU.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import traceback
@@ -29,10 +28,10 @@ from helpers import FAST
 from scinfl import model as model_module
 from scinfl.data import SparseRows
 from scinfl.privacy import audit as audit_module
-from scinfl.privacy.audit import AuditSettings, _probabilities
+from scinfl.privacy.audit import class_probabilities
+from scinfl.privacy.audit import core as audit_core
 from scinfl.privacy.membership import true_label_confidence
 from scinfl.privacy.utility import embed, predict_labels, train_fresh_model
-from scinfl.tl import _privacy as tl_privacy_module
 from scinfl.train import device as device_module
 from scinfl.train import dp as dp_module
 from scinfl.train import local as local_module
@@ -134,7 +133,7 @@ class FakeDevice(TorchFunctionMode):
 def fake_device(monkeypatch):
     """The device scinfl resolves is FAKE; yields the FakeDevice recorder, active for the test."""
     recorder = FakeDevice()
-    for module in (device_module, local_module, site_module, model_module, audit_module):
+    for module in (device_module, local_module, site_module, model_module, audit_core):
         monkeypatch.setattr(module, "resolve_device", lambda accelerator=None: FAKE)
 
     def recorded_generator(seed, device):
@@ -313,7 +312,7 @@ def test_audit_models_trained_on_the_device_are_read_there(fake_device, pbmc_sit
     assert _on_device(next(network.parameters()))
     labels = predict_labels(network, x)
     assert embed(network, x).shape[0] == labels.shape[0] == site.n_obs
-    confidence = true_label_confidence(_probabilities(network, None), x, y)
+    confidence = true_label_confidence(class_probabilities(network, None), x, y)
     assert ((confidence > 0) & (confidence < 1)).all()
     assert not fake_device.problems, sorted(set(fake_device.problems))[:5]
 
@@ -324,22 +323,30 @@ def test_privacy_audit_computes_on_the_device(fake_device, pbmc_split, monkeypat
     key = si.FederationKey(hashlib.sha256(b"device audit").digest())
     sites, public = pbmc_split
     model = si.tl.train_federated(sites, key=key, copy=True, **FAST | {"rounds": 1})
-    tiny = {"key_recovery_steps": 3, "fresh_model_epochs": 1, "membership_reference_models": 4,
-            "membership_reference_epochs": 1, "n_boot": 10, "geometry_pool": 40, "secure_rounds": 1,
-            "inversion_restarts": 1}  # fmt: skip
-    monkeypatch.setattr(tl_privacy_module, "AuditSettings", functools.partial(AuditSettings, **tiny))
     contexts = []
 
-    class Recorded(audit_module._Context):
+    class Recorded(audit_module.AuditContext):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             contexts.append(self)
 
-    monkeypatch.setattr(audit_module, "_Context", Recorded)
+    monkeypatch.setattr(audit_module, "AuditContext", Recorded)
     table = si.tl.privacy_audit(
-        model, model.sites["site_1"], key=key, public=public, seeds=(0,), n_victims=2, n_wrong_keys=1,
-        inversion_victims=1, inversion_batches=(2,), inversion_steps=3, geometry_victims=10,
-    )  # fmt: skip
+        model,
+        model.sites["site_1"],
+        key=key,
+        public=public,
+        settings={
+            "seeds": (0,),
+            "n_victims": 2,
+            "n_boot": 10,
+            "utility": {"n_wrong_keys": 1},
+            "key_recovery": {"steps": 3, "fresh_model_epochs": 1},
+            "inversion": {"victims": 1, "batches": (2,), "steps": 3, "restarts": 1},
+            "membership": {"reference_models": 4, "reference_epochs": 1},
+            "geometry": {"victims": 10, "pool": 40, "secure_rounds": 1},
+        },
+    )
     assert {"utility", "key recovery", "analytic", "inversion", "membership", "geometry"} <= set(table.family)
     assert _on_device(next(contexts[0].network.parameters()))  # the attacks' network
     assert not _on_device(next(model.network.parameters()))

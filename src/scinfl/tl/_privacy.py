@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from anndata import AnnData
 
-from .._settings import settings, torch_threads
+from .._settings import settings as scinfl_settings
+from .._settings import torch_threads
 from ..data import label_codes
 from ..key import FederationKey, as_key
 from ..model import FederatedModel
@@ -72,13 +75,7 @@ def privacy_audit(
     nonmembers: AnnData | None = None,
     attacks: Sequence[str] | None = None,
     label_key: str | None = None,
-    n_victims: int = 32,
-    seeds: Sequence[int] = (0, 1, 2),
-    n_wrong_keys: int = 10,
-    inversion_victims: int = 8,
-    inversion_batches: Sequence[int] = (8, 32),
-    inversion_steps: int = 300,
-    geometry_victims: int = 200,
+    settings: AuditSettings | Mapping[str, Any] | None = None,
     key_added: str = "scinfl",
 ) -> pd.DataFrame:
     """Measure what an attacker learns from the model and from the sites' updates.
@@ -147,19 +144,14 @@ def privacy_audit(
     label_key
         ``.obs`` column of labels in both ``adata`` and ``public``: needed for a model trained without
         labels (embedding); default: the model's own label column.
-    n_victims
-        Victims per seed for the analytic attacks.
-    seeds
-        Seeds of victim draws, wrong keys and attack initialisations.
-    n_wrong_keys
-        Wrong keys (and one-bit flips) per seed.
-    inversion_victims, inversion_steps
-        Victims per seed and optimisation steps of the (slower) gradient-inversion attacks.
-    inversion_batches
-        Batch sizes of the batch-gradient inversions (one batch of each size per seed and view).
-    geometry_victims
-        Victims per seed of the geometry attacks (their leaks are matched together; the independent
-        attack that motivated them used 128 to 558).
+    settings
+        The audit's sizes (:class:`~scinfl.privacy.audit.AuditSettings`, or a dict): ``n_victims`` per seed
+        for the analytic attacks (32), the ``seeds`` of victim draws, wrong keys and attack
+        initialisations ((0, 1, 2)), and each family's own settings by its name, e.g.
+        ``{"n_victims": 8, "seeds": (0,), "utility": {"n_wrong_keys": 3}, "inversion": {"victims": 4,
+        "steps": 50, "batches": (8,)}, "geometry": {"victims": 100}}`` (the families' settings:
+        :mod:`scinfl.privacy.audit`). How the model trained (its fit, its secure cohort, DP-SGD's clipping
+        and noise) is taken from the model.
     key_added
         Prefix of the ``.uns`` keys written.
 
@@ -179,7 +171,8 @@ def privacy_audit(
     key = as_key(key)
     model.check_key(key)
     view = model.task.audit_view(model.config)
-    if attacks is not None:  # before any data is read
+    sizes = AuditSettings.from_mapping(settings)  # before any data is read
+    if attacks is not None:
         check_attacks(view, attacks)
     wants_membership = "membership" in (attacks_for(view) if attacks is None else attacks)
     held_out = np.zeros(adata.n_obs, bool) if site is None else model.validation_mask(adata, site=site)
@@ -209,19 +202,10 @@ def privacy_audit(
         if dp
         else None
     )
-    audit_settings = AuditSettings(
-        private=private,
-        fit=model.spec.fit,
-        cohort=model.spec.min_cohort,
-        geometry_victims=geometry_victims,
-        n_victims=n_victims,
-        seeds=tuple(seeds),
-        n_wrong_keys=n_wrong_keys,
-        inversion_victims=inversion_victims,
-        inversion_batches=tuple(inversion_batches),
-        inversion_steps=inversion_steps,
+    audit_settings = dataclasses.replace(
+        sizes, private=private, fit=model.spec.fit, cohort=model.spec.min_cohort, seeds=tuple(sizes.seeds)
     )
-    with torch_threads(settings.torch_threads):
+    with torch_threads(scinfl_settings.torch_threads):
         table = run_audit(
             model.network,
             model.config,

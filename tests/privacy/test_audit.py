@@ -248,3 +248,61 @@ def test_membership_compares_like_with_like_on_a_label_skewed_site(pbmc_split, s
             attacks=("membership",),
             settings={"seeds": (0,)},
         )
+
+
+def test_a_family_of_ones_own_is_one_registration(keyed_audit, key, pbmc_split):
+    """A new attack family is one Family: tl.privacy_audit runs it by name with its own settings, its rows
+    join the table, pl.privacy draws its panel; unknown settings and families are refused by name."""
+    from dataclasses import dataclass
+
+    import matplotlib.pyplot as plt
+
+    from scinfl.privacy.audit import Family, family_names, register_family
+    from scinfl.privacy.audit.core import _FAMILIES
+
+    @dataclass(frozen=True)
+    class GuessSettings:
+        guesses: int = 3
+
+    def guess_labels(ctx, out, seed):
+        rng = np.random.default_rng(seed)
+        truth = ctx.data.public_y.numpy()
+        for _ in range(ctx.options("guess").guesses):
+            out.add(
+                "guess",
+                "random labels",
+                "server",
+                {"accuracy": float((rng.permutation(truth) == truth).mean())},
+            )
+
+    register_family(
+        Family("guess", runs={"classes": guess_labels}, panel=("accuracy", "guessed"), settings=GuessSettings)
+    )
+    try:
+        model, site, _ = keyed_audit
+        _, public = pbmc_split
+        assert family_names()[-1] == "guess"
+        table = si.tl.privacy_audit(
+            model,
+            site,
+            key=key,
+            public=public,
+            attacks=["guess"],
+            settings={"seeds": (0,), "guess": {"guesses": 5}},
+        )
+        row = table.set_index("family").loc["guess"]
+        assert (row["attack"], row["n"]) == ("random labels", 5)
+        assert 0.0 < row["mean"] < 0.6  # a permutation of the labels, not the labels
+        axes = si.pl.privacy(table, show=False)
+        assert [axis.get_xlabel() for axis in axes] == ["guessed"]
+        plt.close("all")
+        with pytest.raises(
+            ValueError, match=r"Unknown 'guess' audit setting\(s\) \['tries'\]; allowed: guesses"
+        ):
+            si.tl.privacy_audit(
+                model, site, key=key, public=public, attacks=["guess"], settings={"guess": {"tries": 1}}
+            )
+        with pytest.raises(ValueError, match=r"Unknown audit setting\(s\) \['victims'\]"):
+            si.tl.privacy_audit(model, site, key=key, public=public, settings={"victims": 1})
+    finally:
+        _FAMILIES.pop("guess")

@@ -189,3 +189,32 @@ def test_flower_local_set_needs_key_value_pairs(flower_local):
 def test_flower_local_unknown_task_option_is_named(flower_local):
     with pytest.raises(ValueError, match="has no option 'n_latent'"):
         flower_local("--set", "task.n-latent=32")  # a classification has no latent
+
+
+def test_identities_and_a_roster_from_the_shell(tmp_path):
+    """What each site runs once, and what the consortium assembles: the roster a SuperNode names."""
+
+    def scinfl(*args, check=True):
+        result = subprocess.run(
+            [sys.executable, "-m", "scinfl", *args], capture_output=True, text=True, cwd=tmp_path
+        )
+        assert (result.returncode == 0) == check, result.stderr
+        assert "Traceback" not in result.stderr
+        return result
+
+    publics = {}
+    for site in ("charite", "ucl"):
+        made = scinfl("identity", "create", f"{site}.identity").stdout
+        assert oct((tmp_path / f"{site}.identity").stat().st_mode & 0o777) == "0o600"
+        publics[site] = scinfl("identity", "public", f"{site}.identity").stdout.split()[0]
+        assert publics[site] in made
+    again = scinfl("identity", "create", "ucl.identity", check=False)
+    assert "ucl.identity exists: a site keeps one identity; remove it first" in again.stderr
+    scinfl("roster", "create", "roster.json", *(f"--site={s}={k}" for s, k in publics.items()))
+    roster = si.federation.identity.Roster.load(tmp_path / "roster.json")
+    assert {s: k.hex() for s, k in roster.identities.items()} == publics
+    shown = scinfl("roster", "show", "roster.json").stdout
+    assert f"roster: {roster.fingerprint}" in shown
+    assert "charite: " + roster.fingerprints()["charite"] in shown
+    bad = scinfl("roster", "create", "x.json", "--site=a=abcd", check=False)
+    assert "--site: Roster: site 'a''s identity key has 2 bytes, not 32." in bad.stderr

@@ -1,4 +1,4 @@
-"""Command line: ``scinfl demo``, ``scinfl flower-local``, ``scinfl key``."""
+"""Command line: ``scinfl demo``, ``scinfl flower-local``, ``scinfl key``, ``scinfl identity``, ``scinfl roster``."""
 
 from __future__ import annotations
 
@@ -120,6 +120,39 @@ def main(argv: list[str] | None = None) -> int:
     rotate.add_argument("old")
     rotate.add_argument("new")
     rotate.add_argument("--protect", action="store_true", help="encrypt the new key under a passphrase")
+    identity = commands.add_parser(
+        "identity",
+        help="a site's identity key, which signs its masking keys (secure aggregation)",
+        description="Each site makes its own identity once and keeps it (0600); the consortium collects the "
+        "public halves into a roster (`scinfl roster create`) that every site holds. A SuperNode names both in "
+        "its --node-config (identity-path, roster-path).",
+    )
+    identity_verbs = identity.add_subparsers(dest="verb", required=True)
+    create_identity = identity_verbs.add_parser("create", help="write a new identity file (0600)")
+    create_identity.add_argument("path", help="where to write it, e.g. /secure/charite.identity")
+    show_identity = identity_verbs.add_parser(
+        "public", help="print the identity's public key (hex, for the roster) and its fingerprint"
+    )
+    show_identity.add_argument("path")
+    roster = commands.add_parser(
+        "roster",
+        help="the consortium's roster: every site's name and identity public key",
+        description="Every site holds the same roster and compares its fingerprint with the others' out of band.",
+    )
+    roster_verbs = roster.add_subparsers(dest="verb", required=True)
+    create_roster = roster_verbs.add_parser("create", help="write a roster from each site's public key")
+    create_roster.add_argument("path", help="where to write it, e.g. roster.json")
+    create_roster.add_argument(
+        "--site",
+        action="append",
+        required=True,
+        metavar="NAME=PUBLIC_KEY",
+        help="a site and its identity public key (hex, from `scinfl identity public`); repeat for each site",
+    )
+    show_roster = roster_verbs.add_parser(
+        "show", help="print each site's identity fingerprint and the roster's"
+    )
+    show_roster.add_argument("path")
     args = parser.parse_args(argv)
 
     if args.command == "demo":
@@ -161,7 +194,41 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Model written to {model} (load it with scinfl.FederatedModel.load).")
     elif args.command == "key":
         _key_command(args)
+    elif args.command in ("identity", "roster"):
+        _identity_command(args)
     return 0
+
+
+def _identity_command(args) -> None:
+    from .federation.identity import Roster, SiteIdentity
+
+    if args.command == "identity" and args.verb == "create":
+        made = SiteIdentity.generate()
+        try:
+            made.save(args.path)
+        except FileExistsError:
+            raise SystemExit(
+                f"{args.path} exists: a site keeps one identity; remove it first to make a new one."
+            ) from None
+        print(
+            f"Wrote a site identity to {args.path} (0600); public key {made.public.hex()}, fingerprint {made.fingerprint}."
+        )
+    elif args.command == "identity":
+        loaded = SiteIdentity.load(args.path)
+        print(f"{loaded.public.hex()} (fingerprint {loaded.fingerprint})")
+    elif args.verb == "create":
+        try:
+            sites = {name: bytes.fromhex(key) for name, key in _assignments(args.site, "--site").items()}
+            made = Roster(sites)
+        except ValueError as err:
+            raise SystemExit(f"--site: {err}") from None
+        made.save(args.path)
+        print(f"Wrote the roster of {len(sites)} sites to {args.path}; fingerprint {made.fingerprint}.")
+    else:
+        loaded = Roster.load(args.path)
+        for name, fingerprint in loaded.fingerprints().items():
+            print(f"{name}: {fingerprint}")
+        print(f"roster: {loaded.fingerprint}")
 
 
 def _tls_option(args) -> bool | dict[str, str]:

@@ -30,6 +30,7 @@ from typing import Any
 import tomli_w
 
 from .federation.flower.run_config import MODEL_DIR, app_pyproject, preprocessing_run_config, run_config
+from .federation.identity import write_consortium
 from .federation.spec import RunSpec
 
 __all__ = [
@@ -288,6 +289,17 @@ class LocalDeployment:
         self.workdir = Path(workdir).absolute()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.nodes = {site: {**config, "site": site} for site, config in nodes.items()}
+        # Each SuperNode's site identity and the consortium's roster (secure aggregation checks its peers'
+        # masking keys against them): made here for every site unless the node configs name their own.
+        named = [site for site, config in self.nodes.items() if config.get("identity-path")]
+        if named and len(named) < len(self.nodes):
+            raise ValueError(
+                f"Sites {named} name an identity-path and the others do not: give every site its identity and "
+                "the consortium's roster, or none (the deployment then makes them)."
+            )
+        if not named:
+            consortium = write_consortium(self.workdir / "identities", list(self.nodes))
+            self.nodes = {site: {**config, **consortium[site]} for site, config in self.nodes.items()}
         self.start_timeout = start_timeout
         self.env = flower_environment(self.workdir / "flwr_home")
         self.port = 0

@@ -20,8 +20,7 @@ from scinfl.federation import (
     federate,
     sample_sites,
 )
-from scinfl.federation.secure import MaskingKey
-from scinfl.federation.site import hello
+from scinfl.federation.site import hello, site_secrets
 from scinfl.train import LocalFitResult
 
 
@@ -240,9 +239,10 @@ class ComingBack(FailingSite):
             self.sites[self.failing] = self.data
             self.trainers.pop(self.failing, None)
         if spec.secure_aggregation:  # a restarted site draws a new masking key; the others keep theirs
-            self.masking_keys[self.failing] = MaskingKey.generate()
+            identity = self.identities[self.failing]
+            self.secrets[self.failing] = site_secrets(spec, self.failing, identity, self.roster)
         data, key = self.sites[self.failing], self.keys.get(self.failing)
-        return {self.failing: hello(spec, data, self.failing, key, self.masking_keys.get(self.failing))}
+        return {self.failing: hello(spec, data, self.failing, key, self.secrets.get(self.failing))}
 
 
 @pytest.mark.parametrize("secure", [True, False])

@@ -238,10 +238,11 @@ def test_the_server_receives_no_site_update_and_its_sum_is_fedavg(pbmc_sites, ke
     )
     for name, tensor in plain.items():
         torch.testing.assert_close(run.final_state[name].double(), tensor.double(), rtol=0, atol=1e-6)
-    # the masking keys' private halves never leave the sites
+    # the masking keys' and identities' private halves never leave the sites
     received_blob = serialised([{s: r.update.masked for s, r in masked_replies.items()}])
-    for masking_key in masked.masking_keys.values():
-        assert masking_key.to_bytes() not in received_blob
+    for secrets in masked.secrets.values():
+        assert secrets.masking_key.to_bytes() not in received_blob
+        assert secrets.identity.to_bytes() not in received_blob
 
 
 def test_secure_and_clear_runs_reach_the_same_accuracy(pbmc_split, key):

@@ -483,7 +483,8 @@ def test_a_clientapp_answers_statistics_masked_and_names_itself_when_it_cannot(
 
     from scinfl.federation.flower import protocol
     from scinfl.federation.flower.client import make_client_app
-    from scinfl.federation.secure import SecureRound
+    from scinfl.federation.identity import write_consortium
+    from scinfl.federation.secure import MaskingKey, SecureRound
 
     for name in ("_run_id", "_node_id", "_task_id"):  # what a ClientApp process is given by Flower
         monkeypatch.setattr(TaskIdentity, name, 1, raising=False)
@@ -492,8 +493,11 @@ def test_a_clientapp_answers_statistics_masked_and_names_itself_when_it_cannot(
         paths[name] = tmp_path / f"{name}.h5ad"
         site.write_h5ad(paths[name])
     spec = StatisticsSpec(tuple(count_sites), layer="counts")
+    consortium = write_consortium(tmp_path / "identities", list(paths))  # each site's identity, the roster
     apps = {
-        name: make_client_app(lambda context, n=name: {"site": n, "data-path": str(paths[n])})
+        name: make_client_app(
+            lambda context, n=name: {"site": n, "data-path": str(paths[n]), **consortium[n]}
+        )
         for name in paths
     }
     contexts = {
@@ -514,7 +518,21 @@ def test_a_clientapp_answers_statistics_masked_and_names_itself_when_it_cannot(
     profiles = {name: protocol.decode_profile(ask(name, None, None))[1] for name in paths}
     assert profiles["B"].description["n_obs"] == count_sites["B"].n_obs
     request = StatisticRequest("moments", tuple(count_sites["A"].var_names), layer="counts")
-    secure = SecureRound(1, 0, tuple(paths), {n: p.masking_key for n, p in profiles.items()}, "exchange")
+    keys = {n: p.masking_key for n, p in profiles.items()}
+    signatures = {n: p.masking_signature for n, p in profiles.items()}
+    secure = SecureRound(1, 0, tuple(paths), keys, "exchange", signatures)
+    # a server that swaps in a masking key of its own, or invents a site, is refused by every site, by name
+    forged = SecureRound(
+        1, 0, tuple(paths), {**keys, "A": MaskingKey.generate().public}, "exchange", signatures
+    )
+    refusal = protocol.decode_statistic(ask("B", request, forged))
+    assert refusal.startswith(
+        "SiteRefusal: Site 'B' refuses to mask: the masking key given for 'A' does not carry"
+    )
+    invented = SecureRound(
+        1, 0, (*paths, "Z"), {**keys, "Z": keys["A"]}, "exchange", {**signatures, "Z": signatures["A"]}
+    )
+    assert "'Z', not on its roster" in protocol.decode_statistic(ask("C", request, invented))
     masked = [protocol.decode_statistic(ask(name, request, secure)) for name in paths]
     assert all(vector.dtype == np.uint64 for vector in masked)
     total = np.zeros(len(masked[0]), dtype=np.uint64)

@@ -7,6 +7,7 @@ same functions on every engine (:mod:`scinfl.federation.site`).
 
 from .engines import Engine, engine_names, get_engine, register_engine
 from .fedavg import fedavg, weighted_mean
+from .identity import Roster, SiteIdentity, SiteRefusal
 from .local import InProcess
 from .rounds import (
     FederationRun,
@@ -35,11 +36,14 @@ __all__ = [
     "KeyVersionError",
     "LoopState",
     "Reply",
+    "Roster",
     "RoundLoop",
     "RoundReplies",
     "RunSpec",
     "SecureAggregation",
     "SiteFailureError",
+    "SiteIdentity",
+    "SiteRefusal",
     "Transport",
     "aggregate",
     "answer",

@@ -13,12 +13,20 @@ from ..key import FederationKey
 from ..tasks import ModelConfig
 from ..train import SiteTrainer
 from .engines import Engine
+from .identity import Roster, SiteIdentity, SiteSecrets
 from .preprocessing import PreprocessingResult, run_recipe
 from .rounds import FederationRun, federate
-from .secure import MaskingKey, SecureRound
-from .site import Hello, Instruction, Reply, answer, build_site, hello, initial_weights
+from .secure import SecureRound
+from .site import Hello, Instruction, Reply, answer, build_site, hello, initial_weights, site_secrets
 from .spec import RunSpec
-from .statistics import SiteProfile, StatisticsExchange, StatisticsSpec, answer_statistic, profile_of
+from .statistics import (
+    SiteProfile,
+    StatisticsExchange,
+    StatisticsSpec,
+    answer_statistic,
+    profile_of,
+    statistics_secrets,
+)
 
 __all__ = ["ENGINE", "InProcess"]
 
@@ -37,21 +45,36 @@ class InProcess:
         Site name -> its data (AnnData, MuData, backed AnnData).
     keys
         Site name -> the key that site holds (None: no key; sites not named hold none).
+    identities
+        Site name -> its identity (:class:`~scinfl.federation.identity.SiteIdentity`); default: one made
+        here for each site. The roster every site checks its cohorts against is theirs.
     """
 
     remote = False
 
-    def __init__(self, sites: Mapping[str, Any], keys: Mapping[str, FederationKey | None]) -> None:
+    def __init__(
+        self,
+        sites: Mapping[str, Any],
+        keys: Mapping[str, FederationKey | None],
+        identities: Mapping[str, SiteIdentity] | None = None,
+    ) -> None:
         self.sites = dict(sites)
         self.keys = dict(keys)
+        # Each site's identity (made here, as each site would make its own) and the consortium's roster of
+        # their public keys, which every site holds: what lets a site refuse a masking key the server made.
+        self.identities = (
+            dict(identities) if identities is not None else {s: SiteIdentity.generate() for s in sites}
+        )
+        self.roster = Roster.of(self.identities)
         self.trainers: dict[str, SiteTrainer] = {}
-        self.masking_keys: dict[str, MaskingKey] = {}  # each site's, for a run with secure aggregation
+        self.secrets: dict[str, SiteSecrets] = {}  # each site's, for a run with secure aggregation
 
     def connect(self, spec: RunSpec) -> dict[str, Hello | str]:
+        self.secrets = {}
         if spec.secure_aggregation:
-            self.masking_keys = {site: MaskingKey.generate() for site in spec.sites}
+            self.secrets = {s: site_secrets(spec, s, self.identities[s], self.roster) for s in spec.sites}
         return {
-            site: hello(spec, self.sites[site], site, self.keys.get(site), self.masking_keys.get(site))
+            site: hello(spec, self.sites[site], site, self.keys.get(site), self.secrets.get(site))
             for site in spec.sites
         }
 
@@ -72,20 +95,23 @@ class InProcess:
         instructions: Mapping[str, Instruction],
     ) -> dict[str, Reply | str]:
         return {
-            site: answer(self.trainer(site, spec, config), state, instruction, self.masking_keys.get(site))
+            site: answer(self.trainer(site, spec, config), state, instruction, self.secrets.get(site))
             for site, instruction in instructions.items()
         }
 
     def profiles(self, spec: StatisticsSpec) -> dict[str, SiteProfile | str]:
-        keys = {site: MaskingKey.generate() for site in spec.sites} if spec.secure_aggregation else {}
-        self.masking_keys = keys
-        return {site: profile_of(self.sites[site], site, spec, keys.get(site)) for site in spec.sites}
+        self.secrets = {}
+        if spec.secure_aggregation:
+            self.secrets = {
+                s: statistics_secrets(spec, s, self.identities[s], self.roster) for s in spec.sites
+            }
+        return {site: profile_of(self.sites[site], site, spec, self.secrets.get(site)) for site in spec.sites}
 
     def statistics(
         self, spec: StatisticsSpec, request: StatisticRequest, secure: SecureRound | None
     ) -> dict[str, np.ndarray | str]:
         return {
-            site: answer_statistic(self.sites[site], site, spec, request, secure, self.masking_keys.get(site))
+            site: answer_statistic(self.sites[site], site, spec, request, secure, self.secrets.get(site))
             for site in spec.sites
         }
 

@@ -507,7 +507,8 @@ class RoundLoop:
                     "and resume the run."
                 )
             keys = {s: loop.hellos[s].masking_key for s in cohort}
-            secure = SecureRound(round_index, attempt, tuple(cohort), keys, self.digest)
+            signatures = {s: loop.hellos[s].masking_signature for s in cohort}
+            secure = SecureRound(round_index, attempt, tuple(cohort), keys, self.digest, signatures)
             targets = list(loop.nodes) if attempt == 0 else cohort
             evaluate = round_index > 1 and attempt == 0
             instructions = self.configure(loop, round_index, targets, cohort, evaluate, attempt, secure)

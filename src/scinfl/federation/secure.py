@@ -128,13 +128,16 @@ class MaskingKey:
 @dataclass(frozen=True)
 class SecureRound:
     """What a cohort site needs to mask its update: the round, the attempt and the cohort (roster order)
-    with each member's public masking key; ``run`` identifies the run (a digest of its spec)."""
+    with each member's public masking key and that member's signature of it
+    (:func:`scinfl.federation.identity.check_cohort` checks them); ``run`` identifies the run (a digest of
+    its spec)."""
 
     round_index: int
     attempt: int
     cohort: tuple[str, ...]
     public_keys: Mapping[str, bytes]
     run: str
+    signatures: Mapping[str, bytes] = field(default_factory=dict)  # each member's, over its key (identity.py)
 
     def context(self) -> bytes:
         """What the pair seeds are bound to: a mask is never reused across runs, rounds, attempts or

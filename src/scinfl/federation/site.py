@@ -22,7 +22,8 @@ from ..key import FederationKey
 from ..nn import HardenedNetwork
 from ..tasks import ModelConfig, build_network
 from ..train import LocalFitResult, SiteTrainer, copy_state, key_material
-from .secure import MaskedUpdate, MaskingKey, SecureRound, mask_update
+from .identity import Roster, SiteIdentity, SiteRefusal, SiteSecrets, check_cohort
+from .secure import MaskedUpdate, MaskingKey, SecureRound, mask_update, run_digest
 from .spec import RunSpec
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "build_site",
     "hello",
     "initial_weights",
+    "site_secrets",
     "site_split",
 ]
 
@@ -43,11 +45,13 @@ logger = logging.getLogger("scinfl")
 class Hello:
     """A site's answer to the first exchange: its description (:meth:`scinfl.tasks.Task.describe`), the
     fingerprint of the key it holds (None without a key) and, for a run with secure aggregation, the
-    public half of its masking key for the run (:class:`~scinfl.federation.secure.MaskingKey`)."""
+    public half of its masking key for the run (:class:`~scinfl.federation.secure.MaskingKey`), signed by
+    its identity (:mod:`scinfl.federation.identity`)."""
 
     description: dict[str, Any]
     key_fingerprint: str | None
     masking_key: bytes | None = None
+    masking_signature: bytes | None = None  # the site's identity signature of its masking key for the run
 
 
 @dataclass(frozen=True)
@@ -79,15 +83,23 @@ class Reply:
 
 
 def hello(
-    spec: RunSpec, data, site: str, key: FederationKey | None, masking_key: MaskingKey | None = None
+    spec: RunSpec, data, site: str, key: FederationKey | None, secrets: SiteSecrets | None = None
 ) -> Hello:
-    """What ``site`` publishes before training: names and counts, its key's fingerprint, and the public
-    half of its masking key for a run with secure aggregation."""
+    """What ``site`` publishes before training: names and counts, its key's fingerprint, and for a run
+    with secure aggregation the public half of its masking key, signed (``secrets``: what the site holds
+    for the run's masks, :func:`site_secrets`)."""
     return Hello(
         spec.task.describe(data, site),
         None if key is None else key.fingerprint,
-        None if masking_key is None else masking_key.public,
+        None if secrets is None else secrets.masking_key.public,
+        None if secrets is None else secrets.signature,
     )
+
+
+def site_secrets(spec: RunSpec, site: str, identity: SiteIdentity, roster: Roster) -> SiteSecrets:
+    """A fresh masking key for ``spec``'s run at ``site``, with the identity that signs it, the roster the
+    site checks its cohorts against, and the run it is for (a digest of the spec the site was shown)."""
+    return SiteSecrets(site, MaskingKey.generate(), identity, roster, run_digest(spec.to_json()))
 
 
 def initial_weights(config: ModelConfig, seed: int, key: FederationKey | None = None) -> dict[str, Tensor]:
@@ -179,16 +191,29 @@ def answer(
     trainer: SiteTrainer,
     state: Mapping[str, Tensor],
     instruction: Instruction,
-    masking_key: MaskingKey | None = None,
+    secrets: SiteSecrets | None = None,
 ) -> Reply:
     """Carry out ``instruction``: evaluate the received weights, then train on them, as asked; in a
-    secure round, mask the update with ``masking_key`` (the site's, from its hello)."""
+    secure round, check the cohort against the site's roster and its members' signatures
+    (:func:`~scinfl.federation.identity.check_cohort`), then mask the update with the site's masking key
+    (``secrets``, from its hello)."""
+    secure = instruction.secure
+    if secure is not None:  # before anything is computed: a refused round costs the site nothing
+        if secrets is None:
+            raise SiteRefusal(
+                f"Site {trainer.name!r} was asked for a masked update but holds no masking key for the run."
+            )
+        if secure.run != secrets.run:
+            raise SiteRefusal(
+                f"Site {trainer.name!r} refuses to mask for run {secure.run!r}: it joined run {secrets.run!r}."
+            )
+        check_cohort(secure.cohort, secure.public_keys, secure.signatures, secrets)
     if instruction.restore is not None:
         trainer.restore_local_state(instruction.restore)
     evaluation = trainer.evaluate(state) if instruction.evaluate else None
     update = trainer.fit(state, seed=instruction.fit_seed) if instruction.train else None
-    if update is not None and instruction.secure is not None:
-        update = _masked(trainer.name, update, state, instruction.secure, masking_key)
+    if update is not None and secure is not None:
+        update = _masked(trainer.name, update, state, secure, secrets.masking_key)
     return Reply(
         n_train=trainer.n_train,
         key_fingerprint=trainer.key_fingerprint,
@@ -203,14 +228,10 @@ def _masked(
     update: LocalFitResult,
     state: Mapping[str, Tensor],
     secure: SecureRound,
-    masking_key: MaskingKey | None,
+    masking_key: MaskingKey,
 ) -> MaskedUpdate:
     """``update`` as a secure round sends it. A non-finite update is not masked: the site says so, and
     the round loop stops naming it."""
-    if masking_key is None:
-        raise RuntimeError(
-            f"Site {site!r} was asked for a masked update but holds no masking key for the run."
-        )
     finite = all(bool(torch.isfinite(t).all()) for t in update.state.values())
     finite = finite and bool(np.isfinite(update.metrics.get("train_loss", 0.0)))
     return MaskedUpdate(

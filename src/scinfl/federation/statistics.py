@@ -19,6 +19,7 @@ sent, and so is a batch of fewer cells (a batch's statistics are released per ba
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 from collections.abc import Mapping, Sequence
@@ -28,7 +29,17 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..data.statistics import StatisticRequest, site_profile, site_statistic, unpack_statistic
-from .secure import MIN_COHORT, MaskingKey, SecureRound, decode_wide, encode_wide, mask_integers, sum_integers
+from .identity import Roster, SiteIdentity, SiteRefusal, SiteSecrets, check_cohort
+from .secure import (
+    MIN_COHORT,
+    MaskingKey,
+    SecureRound,
+    decode_wide,
+    encode_wide,
+    mask_integers,
+    run_digest,
+    sum_integers,
+)
 
 __all__ = [
     "MIN_STATISTIC_CELLS",
@@ -80,10 +91,12 @@ class StatisticsSpec:
 @dataclass(frozen=True)
 class SiteProfile:
     """What a site publishes before the statistics: :func:`~scinfl.data.statistics.site_profile`'s names
-    and counts, and the public half of its masking key for the exchange (secure aggregation)."""
+    and counts, and the public half of its masking key for the exchange (secure aggregation), signed by the
+    site's identity (:mod:`scinfl.federation.identity`)."""
 
     description: dict[str, Any]
     masking_key: bytes | None = None
+    masking_signature: bytes | None = None  # the site's identity signature of its masking key
 
 
 class StatisticsTransport(Protocol):
@@ -105,15 +118,18 @@ def answer_statistic(
     spec: StatisticsSpec,
     request: StatisticRequest,
     secure: SecureRound | None,
-    masking_key: MaskingKey | None,
+    secrets: SiteSecrets | None,
 ) -> np.ndarray:
     """A site's answer, for every transport: its statistic in the clear (float64), or in a secure
-    exchange its wide fixed-point encoding plus its pairwise masks (uint64)."""
+    exchange, once the cohort checks out against its roster (:func:`~scinfl.federation.identity.check_cohort`),
+    its wide fixed-point encoding plus its pairwise masks (uint64)."""
+    if secure is not None:
+        if secrets is None:
+            raise SiteRefusal(f"Site {site!r} was asked for a masked statistic but holds no masking key.")
+        check_cohort(secure.cohort, secure.public_keys, secure.signatures, secrets)
     values = site_statistic(data, site, request)
     if secure is None:
         return values
-    if masking_key is None:
-        raise RuntimeError(f"Site {site!r} was asked for a masked statistic but holds no masking key.")
     try:
         encoded = encode_wide(values)
     except OverflowError:
@@ -122,14 +138,23 @@ def answer_statistic(
             "(2^76): are the values what the function expects (log-normalised for flavor='seurat', raw counts "
             "for 'seurat_v3')?"
         ) from None
-    return mask_integers(encoded, secure, site, masking_key)
+    return mask_integers(encoded, secure, site, secrets.masking_key)
 
 
-def profile_of(data, site: str, spec: StatisticsSpec, masking_key: MaskingKey | None) -> SiteProfile:
-    """A site's :class:`SiteProfile` for ``spec``."""
+def statistics_secrets(
+    spec: StatisticsSpec, site: str, identity: SiteIdentity, roster: Roster
+) -> SiteSecrets:
+    """A fresh masking key for one statistics exchange over ``spec`` at ``site``, signed for that spec."""
+    return SiteSecrets(site, MaskingKey.generate(), identity, roster, run_digest(json.dumps(spec.to_dict())))
+
+
+def profile_of(data, site: str, spec: StatisticsSpec, secrets: SiteSecrets | None) -> SiteProfile:
+    """A site's :class:`SiteProfile` for ``spec`` (with its signed masking key in a secure exchange)."""
     batch_key = None if spec.batches_are_sites else spec.batch_key
     description = site_profile(data, site, layer=spec.layer, batch_key=batch_key)
-    return SiteProfile(description, None if masking_key is None else masking_key.public)
+    if secrets is None:
+        return SiteProfile(description)
+    return SiteProfile(description, secrets.masking_key.public, secrets.signature)
 
 
 class StatisticsExchange:
@@ -213,6 +238,7 @@ class StatisticsExchange:
                 tuple(self.spec.sites),
                 {s: self.profiles[s].masking_key for s in self.spec.sites},
                 self._exchange_id,
+                {s: self.profiles[s].masking_signature for s in self.spec.sites},
             )
         replies = self.transport.statistics(self.spec, request, secure)
         failed = {

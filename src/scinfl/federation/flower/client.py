@@ -5,7 +5,12 @@ A SuperNode names its site, its data file and its key file in its own ``--node-c
 data fields (what :func:`scinfl.pp.register_site` records) where the file does not carry them::
 
     flower-supernode ... --node-config 'site="A" data-path="/data/A.h5ad" key-path="/secure/consortium.key"
+                                        identity-path="/secure/A.identity" roster-path="/secure/roster.json"
                                         use-raw=true'
+
+``identity-path`` is the site's identity key and ``roster-path`` the consortium's roster
+(:mod:`scinfl.federation.identity`): with them the site signs its masking keys and refuses a cohort whose
+keys its peers did not sign (a server's own keys) or whose members are not on its roster.
 
 The key file is read here, at the site, and never leaves it: replies carry descriptions, weights, the
 training cell count, metrics, DP accounting and the key's fingerprint. A site's running state (a DP-SGD
@@ -33,9 +38,10 @@ from flwr.clientapp import ClientApp
 from ..._settings import settings, torch_threads
 from ...key import FederationKey
 from ...train import SiteTrainer
+from ..identity import Roster, SiteIdentity, SiteRefusal, SiteSecrets
 from ..secure import MaskingKey
-from ..site import answer, build_site, hello, initial_weights
-from ..statistics import answer_statistic, profile_of
+from ..site import answer, build_site, hello, initial_weights, site_secrets
+from ..statistics import answer_statistic, profile_of, statistics_secrets
 from . import protocol
 
 __all__ = ["SiteNode", "make_client_app"]
@@ -64,6 +70,8 @@ class SiteNode:
     data_path: Path
     key_path: Path | None
     registration: tuple[tuple[str, Any], ...] = field(default=())
+    identity_path: Path | None = None
+    roster_path: Path | None = None
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> SiteNode:
@@ -74,6 +82,8 @@ class SiteNode:
                 '--node-config \'site="A" data-path="/data/A.h5ad" key-path="/secure/consortium.key"\'.'
             )
         key_path = str(node_config.get("key-path", "")).strip()
+        identity_path = str(node_config.get("identity-path", "")).strip()
+        roster_path = str(node_config.get("roster-path", "")).strip()
         registration = []
         for name, field_name in _REGISTRATION.items():
             value = node_config.get(name, "")
@@ -87,6 +97,8 @@ class SiteNode:
             data_path=Path(str(node_config["data-path"])).expanduser(),
             key_path=Path(key_path).expanduser() if key_path else None,
             registration=tuple(registration),
+            identity_path=Path(identity_path).expanduser() if identity_path else None,
+            roster_path=Path(roster_path).expanduser() if roster_path else None,
         )
 
     def read_data(self):
@@ -114,17 +126,47 @@ class SiteNode:
     def read_key(self) -> FederationKey | None:
         return None if self.key_path is None else FederationKey.load(self.key_path)
 
+    def read_identity(self) -> tuple[SiteIdentity, Roster]:
+        """The site's identity and the consortium's roster, which secure aggregation needs: without them
+        the site cannot tell a peer's masking key from one the server made."""
+        missing = [
+            name
+            for name, path in (("identity-path", self.identity_path), ("roster-path", self.roster_path))
+            if path is None
+        ]
+        if missing:
+            raise SiteRefusal(
+                f"Site {self.site!r} cannot take part in secure aggregation: its --node-config lacks "
+                f"{' and '.join(missing)} (its identity key and the consortium's roster; `scinfl identity "
+                "create` and `scinfl roster create` make them, docs/across_sites.md)."
+            )
+        return SiteIdentity.load(self.identity_path), Roster.load(self.roster_path)
+
+    def secrets(self, context: Context, slot: str, what: str) -> SiteSecrets:
+        """The site's secrets for this run, kept in ``slot`` of its run context since its hello."""
+        if slot not in context.state:
+            raise SiteRefusal(
+                f"Site {self.site!r} was asked for a masked {what} but drew no masking key in this run "
+                "(its SuperNode restarted since the run began): resume the run to reconnect it."
+            )
+        record = context.state[slot]
+        identity, roster = self.read_identity()
+        masking_key = MaskingKey.from_bytes(bytes(record["private"]))
+        return SiteSecrets(self.site, masking_key, identity, roster, str(record["run"]))
+
 
 def answer_hello(message: Message, node: SiteNode, context: Context) -> Message:
     """Name the site and publish what the schema is agreed from, with the key's fingerprint and, for a
     run with secure aggregation, the public half of a masking key drawn for the run (the private half
     stays in this SuperNode's run context)."""
     spec, _ = protocol.read_run(message.content[protocol.SITE])
-    masking_key = None
+    secrets = None
     if spec.secure_aggregation:
-        masking_key = MaskingKey.generate()
-        context.state[_MASKING_KEY] = ConfigRecord({"private": masking_key.to_bytes()})
-    answer_ = hello(spec, node.read_data(), node.site, node.read_key(), masking_key)
+        secrets = site_secrets(spec, node.site, *node.read_identity())
+        context.state[_MASKING_KEY] = ConfigRecord(
+            {"private": secrets.masking_key.to_bytes(), "run": secrets.run}
+        )
+    answer_ = hello(spec, node.read_data(), node.site, node.read_key(), secrets)
     return Message(protocol.encode_hello(node.site, answer_), reply_to=message)
 
 
@@ -180,15 +222,8 @@ def answer_train(message: Message, node: SiteNode, context: Context) -> Message:
         if instruction.restore is None and _LOCAL_STATE in context.state:
             # This run's state of the site, wherever the previous message was served.
             trainer.restore_local_state(json.loads(str(context.state[_LOCAL_STATE]["state"])))
-        masking_key = None
-        if instruction.secure is not None:
-            if _MASKING_KEY not in context.state:
-                raise RuntimeError(
-                    f"Site {node.site!r} was asked for a masked update but drew no masking key in this run "
-                    "(its SuperNode restarted since the run began): resume the run to reconnect it."
-                )
-            masking_key = MaskingKey.from_bytes(bytes(context.state[_MASKING_KEY]["private"]))
-        reply = answer(trainer, state, instruction, masking_key)
+        secrets = None if instruction.secure is None else node.secrets(context, _MASKING_KEY, "update")
+        reply = answer(trainer, state, instruction, secrets)
     context.state[_LOCAL_STATE] = ConfigRecord({"state": json.dumps(reply.local_state)})
     done = time.perf_counter()
     logger.info(
@@ -210,16 +245,15 @@ def answer_statistics(message: Message, node: SiteNode, context: Context) -> Mes
         spec, request, secure = protocol.decode_statistics_request(message.content)
         data = node.read_data()
         if request is None:
-            masking_key = None
+            secrets = None
             if spec.secure_aggregation:
-                masking_key = MaskingKey.generate()
-                context.state[_STATISTICS_KEY] = ConfigRecord({"private": masking_key.to_bytes()})
-            content = protocol.encode_profile(node.site, profile_of(data, node.site, spec, masking_key))
+                secrets = statistics_secrets(spec, node.site, *node.read_identity())
+                record = {"private": secrets.masking_key.to_bytes(), "run": secrets.run}
+                context.state[_STATISTICS_KEY] = ConfigRecord(record)
+            content = protocol.encode_profile(node.site, profile_of(data, node.site, spec, secrets))
         else:
-            masking_key = None
-            if secure is not None and _STATISTICS_KEY in context.state:
-                masking_key = MaskingKey.from_bytes(bytes(context.state[_STATISTICS_KEY]["private"]))
-            vector = answer_statistic(data, node.site, spec, request, secure, masking_key)
+            secrets = None if secure is None else node.secrets(context, _STATISTICS_KEY, "statistic")
+            vector = answer_statistic(data, node.site, spec, request, secure, secrets)
             content = protocol.encode_statistic(node.site, vector)
     except Exception as error:  # the server knows only a node ID: name the site and the cause
         content = protocol.encode_failure(node.site, f"{type(error).__name__}: {error}")

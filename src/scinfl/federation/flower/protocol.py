@@ -95,6 +95,7 @@ def encode_hello(site: str, answer: Hello) -> RecordDict:
                     "key-fingerprint": answer.key_fingerprint or "",
                     "description": json.dumps(answer.description),
                     "masking-key": answer.masking_key or b"",
+                    "masking-signature": answer.masking_signature or b"",
                 }
             )
         }
@@ -113,8 +114,12 @@ def decode_hello(content: RecordDict) -> tuple[str, Hello | str]:
     if "failure" in record:
         return str(record["site"]), str(record["failure"])
     masking_key = bytes(record["masking-key"]) if "masking-key" in record else b""
+    signature = bytes(record["masking-signature"]) if "masking-signature" in record else b""
     hello = Hello(
-        json.loads(str(record["description"])), str(record["key-fingerprint"]) or None, masking_key or None
+        json.loads(str(record["description"])),
+        str(record["key-fingerprint"]) or None,
+        masking_key or None,
+        signature or None,
     )
     return str(record["site"]), hello
 
@@ -145,13 +150,14 @@ def encode_instruction(
 
 
 def _secure_record(secure: SecureRound) -> ConfigRecord:
-    """A secure round's cohort and their public masking keys."""
+    """A secure round's cohort, their public masking keys and each member's signature of its key."""
     return ConfigRecord(
         {
             "round": secure.round_index,
             "attempt": secure.attempt,
             "cohort": list(secure.cohort),
             "public-keys": [bytes(secure.public_keys[s]) for s in secure.cohort],
+            "signatures": [bytes(secure.signatures.get(s) or b"") for s in secure.cohort],
             "run": secure.run,
         }
     )
@@ -168,6 +174,7 @@ def _read_secure(content: RecordDict) -> SecureRound | None:
         cohort=cohort,
         public_keys=dict(zip(cohort, (bytes(k) for k in record["public-keys"]), strict=True)),
         run=str(record["run"]),
+        signatures=dict(zip(cohort, (bytes(k) for k in record.get("signatures", [])), strict=False)),
     )
 
 
@@ -282,6 +289,7 @@ def encode_profile(site: str, profile: SiteProfile) -> RecordDict:
                     "site": site,
                     "profile": json.dumps(profile.description),
                     "masking-key": profile.masking_key or b"",
+                    "masking-signature": profile.masking_signature or b"",
                 }
             )
         }
@@ -294,7 +302,10 @@ def decode_profile(content: RecordDict) -> tuple[str, SiteProfile | str]:
     if "failure" in record:
         return str(record["site"]), str(record["failure"])
     masking_key = bytes(record["masking-key"]) or None
-    return str(record["site"]), SiteProfile(json.loads(str(record["profile"])), masking_key)
+    signature = bytes(record["masking-signature"]) if "masking-signature" in record else b""
+    return str(record["site"]), SiteProfile(
+        json.loads(str(record["profile"])), masking_key, signature or None
+    )
 
 
 def encode_statistic(site: str, vector: np.ndarray) -> RecordDict:

@@ -32,6 +32,7 @@ from flwr.simulation import run_simulation
 from ...data import feature_source, is_mudata, scinfl_entry
 from ...key import FederationKey
 from ...tasks import Task
+from ..identity import write_consortium
 from ..preprocessing import PreprocessingResult
 from ..rounds import FederationRun
 from ..spec import RunSpec
@@ -206,8 +207,9 @@ def simulate(
     finished: list[FederationRun] = []
     with private_workspace() as workspace:
         node_configs = []
+        consortium = write_consortium(workspace / "identities", list(sites))
         for index, (name, data) in enumerate(sites.items()):
-            node = {"site": name, **node_config(data, name)}
+            node = {"site": name, **node_config(data, name), **consortium[name]}
             if getattr(data, "isbacked", False):  # its file, read backed by the ClientApp as here
                 node["data-path"] = str(Path(data.filename).absolute())
             else:
@@ -273,12 +275,13 @@ def simulate_statistics(
                 failures.append(error)
 
         node_configs = []
+        consortium = write_consortium(workspace / "identities", list(sites))
         for index, (name, data) in enumerate(sites.items()):
             if getattr(data, "isbacked", False):
                 path = Path(data.filename).absolute()
             else:
                 path = _write_statistics_site(data, spec, workspace / f"site{index}.h5ad")
-            node_configs.append({"site": name, "data-path": str(path)})
+            node_configs.append({"site": name, "data-path": str(path), **consortium[name]})
         _run_simulation(server_app, node_configs, num_cpus)
         if failures:
             raise failures[0]

@@ -277,12 +277,16 @@ def test_the_grid_transport_takes_back_a_restarted_supernode(pbmc, tmp_path, mon
     from flwr.supercore.task_identity import TaskIdentity
 
     from scinfl.federation.flower.client import make_client_app
+    from scinfl.federation.identity import write_consortium
 
     for name in ("_run_id", "_node_id", "_task_id"):
         monkeypatch.setattr(TaskIdentity, name, 1, raising=False)
     path = tmp_path / "site_1.h5ad"
     pbmc.write_h5ad(path)
-    app = make_client_app(lambda context: {"site": "site_1", "data-path": str(path), "use-raw": True})
+    identity = write_consortium(tmp_path / "identities", ["site_0", "site_1", "site_2"])["site_1"]
+    app = make_client_app(
+        lambda context: {"site": "site_1", "data-path": str(path), "use-raw": True, **identity}
+    )
 
     class Grid:  # node 3 serves site_0; node 7 served site_1 and died
         def __init__(self, nodes: list[int]) -> None:

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 __all__ = [
+    "KeyPair",
     "Roster",
     "SiteIdentity",
     "SiteRefusal",
@@ -50,20 +51,23 @@ def _fingerprint(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
-class SiteIdentity:
-    """A site's long-term identity key pair (Ed25519): it signs the site's masking keys. The private half
-    never leaves the site; the public half goes into the consortium's :class:`Roster`."""
+class KeyPair:
+    """A key pair of ``cryptography``'s raw kind (X25519, Ed25519: ``_kind``), made, kept and shown the
+    same way; its private half is never printed or pickled."""
 
-    def __init__(self, private: Ed25519PrivateKey) -> None:
+    _kind: type
+
+    def __init__(self, private) -> None:
         self._private = private
 
     @classmethod
-    def generate(cls) -> SiteIdentity:
-        return cls(Ed25519PrivateKey.generate())
+    def generate(cls):
+        return cls(cls._kind.generate())
 
     @classmethod
-    def from_bytes(cls, raw: bytes) -> SiteIdentity:
-        return cls(Ed25519PrivateKey.from_private_bytes(bytes(raw)))
+    def from_bytes(cls, raw: bytes):
+        """A key pair kept by :meth:`to_bytes` (a file, a SuperNode's run context)."""
+        return cls(cls._kind.from_private_bytes(bytes(raw)))
 
     def to_bytes(self) -> bytes:
         return self._private.private_bytes(
@@ -72,9 +76,23 @@ class SiteIdentity:
 
     @property
     def public(self) -> bytes:
+        """The public half, as raw bytes."""
         return self._private.public_key().public_bytes(
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
         )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(public={self.public.hex()[:16]}...)"
+
+    def __reduce__(self):
+        raise TypeError(f"A {type(self).__name__} is not pickled: its private half stays at its site.")
+
+
+class SiteIdentity(KeyPair):
+    """A site's long-term identity key pair (Ed25519): it signs the site's masking keys. The private half
+    never leaves the site; the public half goes into the consortium's :class:`Roster`."""
+
+    _kind = Ed25519PrivateKey
 
     @property
     def fingerprint(self) -> str:
@@ -103,12 +121,6 @@ class SiteIdentity:
         if content.get("format") != _IDENTITY_HEADER:
             raise ValueError(f"{path} is not a scinfl site identity ({_IDENTITY_HEADER}).")
         return cls.from_bytes(bytes.fromhex(content["private"]))
-
-    def __repr__(self) -> str:  # never print the private half
-        return f"SiteIdentity(fingerprint={self.fingerprint})"
-
-    def __reduce__(self):
-        raise TypeError("A SiteIdentity is not pickled: its private half stays at its site.")
 
 
 @dataclass(frozen=True)

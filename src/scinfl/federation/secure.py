@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -42,6 +42,7 @@ from torch import Tensor
 
 from ..train.settings import settings_from
 from .fedavg import weighted_mean
+from .identity import KeyPair
 
 __all__ = [
     "FRACTION_BITS",
@@ -89,40 +90,15 @@ class SecureAggregation:
         return settings_from(cls, value, "secure_aggregation", "{'min_cohort': 2}")
 
 
-class MaskingKey:
+class MaskingKey(KeyPair):
     """A site's X25519 key pair for one run's pairwise masks (see the module docstring)."""
 
-    def __init__(self, private: X25519PrivateKey) -> None:
-        self._private = private
-
-    @classmethod
-    def generate(cls) -> MaskingKey:
-        return cls(X25519PrivateKey.generate())
-
-    @classmethod
-    def from_bytes(cls, raw: bytes) -> MaskingKey:
-        """A key pair kept by :meth:`to_bytes` (a SuperNode's run context, between messages)."""
-        return cls(X25519PrivateKey.from_private_bytes(bytes(raw)))
-
-    def to_bytes(self) -> bytes:
-        return self._private.private_bytes(
-            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
-        )
-
-    @property
-    def public(self) -> bytes:
-        """The public half, published with the site's description."""
-        return self._private.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
+    _kind = X25519PrivateKey
 
     def pair_seed(self, peer_public: bytes, context: bytes) -> bytes:
         """The 32-byte seed this site shares with the holder of ``peer_public`` for ``context``."""
         shared = self._private.exchange(X25519PublicKey.from_public_bytes(bytes(peer_public)))
         return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=context).derive(shared)
-
-    def __repr__(self) -> str:  # never print the private half
-        return f"MaskingKey(public={self.public.hex()[:16]}...)"
 
 
 @dataclass(frozen=True)

@@ -160,13 +160,14 @@ def answer_hello(message: Message, node: SiteNode, context: Context) -> Message:
     run with secure aggregation, the public half of a masking key drawn for the run (the private half
     stays in this SuperNode's run context)."""
     spec, _ = protocol.read_run(message.content[protocol.SITE])
+    data = node.read_data()  # a missing data file is the first thing to say
     secrets = None
     if spec.secure_aggregation:
         secrets = site_secrets(spec, node.site, *node.read_identity())
         context.state[_MASKING_KEY] = ConfigRecord(
             {"private": secrets.masking_key.to_bytes(), "run": secrets.run}
         )
-    answer_ = hello(spec, node.read_data(), node.site, node.read_key(), secrets)
+    answer_ = hello(spec, data, node.site, node.read_key(), secrets)
     return Message(protocol.encode_hello(node.site, answer_), reply_to=message)
 
 

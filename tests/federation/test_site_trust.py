@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from helpers import small_spec
-from scinfl.data.statistics import StatisticRequest
+from scinfl.data.statistics import StatisticRequest, site_statistic
 from scinfl.federation import InProcess, federate
 from scinfl.federation.identity import Roster, SiteIdentity, SiteRefusal, masking_statement
-from scinfl.federation.secure import FRACTION_BITS, MaskingKey, SecureRound, mask_update
+from scinfl.federation.secure import FRACTION_BITS, MaskingKey, SecureRound, encode_wide, mask_update
 from scinfl.federation.statistics import StatisticsExchange, StatisticsSpec
 
 
@@ -173,3 +173,34 @@ def test_identities_and_rosters_round_trip_and_keep_their_secret(tmp_path):
     roster = Roster.of({"a": identity, "b": SiteIdentity.generate()})
     assert Roster.load(roster.save(tmp_path / "roster.json")) == roster
     assert identity.to_bytes().hex() not in (tmp_path / "roster.json").read_text()
+
+
+def test_statistics_masks_are_never_reused_for_another_request(pbmc_sites):
+    """A server that sends two requests under one round's context would subtract one masked answer from the
+    other and read a site's own sums: the request's digest joins the masks, so two requests never share
+    them, and a site refuses a context it already masked another request under."""
+    sites = {name: site.raw.to_adata() for name, site in pbmc_sites.items()}
+    transport = InProcess(sites, {})
+    exchange = StatisticsExchange(transport, StatisticsSpec(tuple(sites)))
+    genes = tuple(exchange.var_names["site_0"])
+    first, other = StatisticRequest("moments", genes), StatisticRequest("moments", (*genes[:-1], "absent"))
+    secure = SecureRound(1, 0, tuple(sites), {s: p.masking_key for s, p in exchange.profiles.items()}, "x",
+                         {s: p.masking_signature for s, p in exchange.profiles.items()})  # fmt: skip
+    one = transport.statistics(exchange.spec, first, secure)
+    again = transport.statistics(exchange.spec, first, secure)  # the same request again: the same answer
+    assert all(np.array_equal(one[s], again[s]) for s in sites)
+    with pytest.raises(
+        SiteRefusal, match="Site 'site_0' refuses to mask: the round .* was used for another request"
+    ):
+        transport.statistics(exchange.spec, other, secure)
+    # and the masks differ between requests even where a site has not seen the context before
+    fresh = InProcess(sites, {})
+    fresh.identities, fresh.roster, fresh.secrets = (
+        transport.identities,
+        transport.roster,
+        {s: dataclasses.replace(secret, answered={}) for s, secret in transport.secrets.items()},
+    )
+    twin = fresh.statistics(exchange.spec, other, secure)
+    encodings = [encode_wide(site_statistic(sites["site_0"], "site_0", r)) for r in (first, other)]
+    shared_masks = (encodings[1] - encodings[0]).view(np.int64)  # what reused masks would let through
+    assert not np.array_equal((twin["site_0"] - one["site_0"]).view(np.int64), shared_masks)

@@ -540,6 +540,9 @@ def test_a_clientapp_answers_statistics_masked_and_names_itself_when_it_cannot(
         total += vector
     clear = sum(site_statistic(site, name, request) for name, site in count_sites.items())
     np.testing.assert_allclose(decode_wide(total), clear, rtol=1e-12)
+    # the round's masks served one request: the SuperNode remembers it across messages, and refuses another
+    other = StatisticRequest("moments", request.genes[:5], layer="counts")
+    assert "was used for another request" in protocol.decode_statistic(ask("B", other, secure))
     # a site without the layer names itself and the cause
     missing = StatisticRequest("moments", request.genes, layer="spliced")
     failure = protocol.decode_statistic(ask("C", missing, None))

@@ -14,35 +14,15 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from collections.abc import Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .preprocessing import PreprocessingResult
     from .rounds import FederationRun
-    from .spec import RunSpec
-    from .statistics import StatisticsSpec
 
 __all__ = ["Engine", "engine_names", "get_engine", "register_engine"]
-
-
-class TrainFederation(Protocol):
-    def __call__(
-        self,
-        sites: Mapping[str, Any],
-        keys: Mapping[str, Any],
-        spec: RunSpec,
-        *,
-        progress: bool = False,
-        **options: Any,
-    ) -> FederationRun: ...
-
-
-class RunStatistics(Protocol):
-    def __call__(
-        self, sites: Mapping[str, Any], spec: StatisticsSpec, step: str, options: Mapping[str, Any]
-    ) -> PreprocessingResult: ...
 
 
 @dataclass(frozen=True)
@@ -64,8 +44,8 @@ class Engine:
     """
 
     name: str
-    train: TrainFederation
-    statistics: RunStatistics
+    train: Callable[..., FederationRun]
+    statistics: Callable[..., PreprocessingResult]
 
 
 # Built-in engines: name -> (the module that defines its ENGINE, and the extra it needs with the package

@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -198,6 +198,17 @@ class SiteSecrets:
     identity: SiteIdentity
     roster: Roster
     run: str
+    answered: dict[str, str] = field(default_factory=dict)  # masks' context -> the request it masked
+
+    def record(self, context: str, request: str) -> None:
+        """Note that the masks of ``context`` were used for ``request``; refuse (:class:`SiteRefusal`) a
+        context the site already masked another request under: a server that reuses a round's context
+        for two requests would subtract one masked answer from the other."""
+        if self.answered.setdefault(context, request) != request:
+            raise SiteRefusal(
+                f"Site {self.site!r} refuses to mask: the round {context!r} was used for another request "
+                "already (a server that reuses masks reads the difference of the two answers)."
+            )
 
     def __post_init__(self) -> None:
         if self.roster.identities.get(self.site) != self.identity.public:

@@ -198,16 +198,20 @@ def mask_update(
     return mask_integers(values.astype(np.int64).view(np.uint64), secure, site, masking_key)
 
 
-def mask_integers(vector: np.ndarray, secure: SecureRound, site: str, masking_key: MaskingKey) -> np.ndarray:
+def mask_integers(
+    vector: np.ndarray, secure: SecureRound, site: str, masking_key: MaskingKey, request: bytes = b""
+) -> np.ndarray:
     """``vector`` (uint64, modified in place) plus ``site``'s pairwise masks with the rest of
-    ``secure.cohort``, modulo 2^64: the one masking step of updates and statistics."""
+    ``secure.cohort``, modulo 2^64: the one masking step of updates and statistics. ``request`` (a digest
+    of what is asked) joins the masks' context: two requests never share masks, whatever round the server
+    names."""
     if site not in secure.cohort:
         raise ValueError(f"Site {site!r} is not in the round's cohort ({', '.join(secure.cohort)}).")
     if len(secure.cohort) < 2:  # a server that names a cohort of one would receive the values themselves
         raise ValueError(
             f"Site {site!r} refuses to mask its values for a cohort of one: that sum is the values."
         )
-    context = secure.context()
+    context = secure.context() + (b"/" + request if request else b"")
     zeros, stream = bytes(8 * len(vector)), bytearray(8 * len(vector))
     position = secure.cohort.index(site)
     for peer in secure.cohort:
@@ -261,7 +265,7 @@ def decode_wide(total: np.ndarray) -> np.ndarray:
 def unmask_sum(updates: Sequence[MaskedUpdate], base: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """FedAvg from the cohort's masked vectors: their sum modulo 2^64, decoded into each tensor's sum of
     ``n * value`` and its holders' summed cell counts, then averaged by the one rule,
-    :func:`~scinfl.federation.fedavg.weighted_mean` (a tensor no site trained keeps its value in ``base``;
+    :func:`~scinfl.federation.weighted_mean` (a tensor no site trained keeps its value in ``base``;
     integer entries take the rounded weighted mean, as in the clear)."""
     if not updates:
         raise ValueError("Secure aggregation needs at least one masked update.")

@@ -19,6 +19,7 @@ sent, and so is a batch of fewer cells (a batch's statistics are released per ba
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import secrets
@@ -122,11 +123,15 @@ def answer_statistic(
 ) -> np.ndarray:
     """A site's answer, for every transport: its statistic in the clear (float64), or in a secure
     exchange, once the cohort checks out against its roster (:func:`~scinfl.federation.identity.check_cohort`),
-    its wide fixed-point encoding plus its pairwise masks (uint64)."""
+    its wide fixed-point encoding plus its pairwise masks (uint64), bound to the request: the site masks
+    each round's context once, for one request (``SiteSecrets.record``), and the request's digest joins the
+    masks' context."""
+    digest = hashlib.sha256(request.to_json().encode() + _arrays_digest(request)).hexdigest()
     if secure is not None:
         if secrets is None:
             raise SiteRefusal(f"Site {site!r} was asked for a masked statistic but holds no masking key.")
         check_cohort(secure.cohort, secure.public_keys, secure.signatures, secrets)
+        secrets.record(secure.context().decode(), digest)
     values = site_statistic(data, site, request)
     if secure is None:
         return values
@@ -138,7 +143,16 @@ def answer_statistic(
             "(2^76): are the values what the function expects (log-normalised for flavor='seurat', raw counts "
             "for 'seurat_v3')?"
         ) from None
-    return mask_integers(encoded, secure, site, secrets.masking_key)
+    return mask_integers(encoded, secure, site, secrets.masking_key, digest.encode())
+
+
+def _arrays_digest(request: StatisticRequest) -> bytes:
+    """The request's arrays (a PCA's basis, seurat_v3's clipping values), in a stable byte form."""
+    out = hashlib.sha256()
+    for name in sorted(request.arrays):
+        array = np.ascontiguousarray(request.arrays[name], dtype=np.float64)
+        out.update(name.encode() + str(array.shape).encode() + array.tobytes())
+    return out.digest()
 
 
 def statistics_secrets(

@@ -152,7 +152,8 @@ class SiteNode:
         record = context.state[slot]
         identity, roster = self.read_identity()
         masking_key = MaskingKey.from_bytes(bytes(record["private"]))
-        return SiteSecrets(self.site, masking_key, identity, roster, str(record["run"]))
+        answered = json.loads(str(record["answered"])) if "answered" in record else {}
+        return SiteSecrets(self.site, masking_key, identity, roster, str(record["run"]), answered)
 
 
 def answer_hello(message: Message, node: SiteNode, context: Context) -> Message:
@@ -255,6 +256,8 @@ def answer_statistics(message: Message, node: SiteNode, context: Context) -> Mes
         else:
             secrets = None if secure is None else node.secrets(context, _STATISTICS_KEY, "statistic")
             vector = answer_statistic(data, node.site, spec, request, secure, secrets)
+            if secrets is not None:  # the contexts it masked under, for every later message of the exchange
+                context.state[_STATISTICS_KEY]["answered"] = json.dumps(secrets.answered)
             content = protocol.encode_statistic(node.site, vector)
     except Exception as error:  # the server knows only a node ID: name the site and the cause
         content = protocol.encode_failure(node.site, f"{type(error).__name__}: {error}")

@@ -53,6 +53,7 @@ def test_describe_site_publishes_names_and_counts_only(pbmc):
     assert description == {
         "var_names": list(pbmc.raw.var_names),
         "categories": list(pbmc.obs[LABEL].cat.categories),
+        "label_coding": "names",  # how the column writes its labels (names, not numeric codes)
         "covariates": {"phase": ["G1", "G2M", "S"]},
         "label_key": LABEL,
         "layer": None,

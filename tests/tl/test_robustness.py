@@ -261,12 +261,22 @@ def problem_of(site: SiteSpec, source: str) -> str | None:
     return site.problem
 
 
+def label_coding_of(adata: ad.AnnData) -> str:
+    """Whether a site writes its labels as numbers (integer codes, a float column with NaN) or names."""
+    column = adata.obs[LABEL]
+    values = column.cat.categories if isinstance(column.dtype, pd.CategoricalDtype) else column
+    return "numbers" if pd.api.types.is_numeric_dtype(values.dtype) else "names"
+
+
 def expected_training_errors(spec: FedSpec, built: Built) -> list[str]:
     """Regular expressions, one of which the error must match; empty if training must work."""
     errors = []
     for (name, _adata), site in zip(built.sites.items(), spec.sites, strict=True):
         if problem_of(site, spec.source) in SITE_PROBLEMS:
             errors.append(f"Site '{name}'.*{SITE_PROBLEMS[problem_of(site, spec.source)]}")
+    codings = {label_coding_of(adata) for adata in built.sites.values() if LABEL in adata.obs}
+    if len(codings) > 1:  # integer codes at one site, names at another: both spellings would be classes
+        errors.append(f"code the label column '{LABEL}' differently")
     unusable = ("empty", "missing_layer", "missing_raw", "no_genes")
     usable = [s for s in spec.sites if problem_of(s, spec.source) not in unusable]
     if spec.join == "inner":

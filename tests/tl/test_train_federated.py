@@ -393,3 +393,39 @@ def test_predict_reads_the_values_where_the_query_keeps_them(trained, pbmc_split
     del in_layer.raw
     got = si.tl.predict(in_layer, model, key=key, layer="lognorm", copy=True).obsm["scinfl_probabilities"]
     np.testing.assert_array_equal(got, expected)
+
+
+def test_a_truncated_site_file_names_the_site_and_the_path(pbmc_sites, tmp_path):
+    """A site file cut short (a copy that did not finish) is refused before anything runs, by site and
+    path, not with h5py's own message alone."""
+    paths = {}
+    for name, site in pbmc_sites.items():
+        paths[name] = tmp_path / f"{name}.h5ad"
+        site.write_h5ad(paths[name])
+    whole = paths["site_1"].read_bytes()
+    paths["site_1"].write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(
+        ValueError, match=r"Site 'site_1': .*site_1\.h5ad cannot be read as an h5ad file .*truncated"
+    ):
+        si.tl.train_federated(paths, key=None, **FAST)
+
+
+def test_the_same_anndata_given_for_two_sites_is_said(pbmc_sites):
+    sites = {"a": pbmc_sites["site_0"], "b": pbmc_sites["site_1"], "c": pbmc_sites["site_0"]}
+    with pytest.warns(UserWarning, match="Sites 'a' and 'c' are the same AnnData object"):
+        si.tl.train_federated(sites, key=None, **{**FAST, "rounds": 1})
+
+
+def test_labels_coded_as_numbers_at_one_site_and_names_at_another_are_refused(pbmc_sites):
+    """Integer codes at one site and the names elsewhere would make a model of every class twice."""
+    sites = {name: site.copy() for name, site in pbmc_sites.items()}
+    labels = sites["site_0"].obs["bulk_labels"]
+    sites["site_0"].obs["bulk_labels"] = labels.cat.codes.astype(int)
+    before = {name: site.obs["bulk_labels"].copy() for name, site in sites.items()}
+    with pytest.raises(
+        ValueError,
+        match=r"code the label column 'bulk_labels' differently \(site_0: numbers such as '0', '1'.*site_1: names such as",
+    ):
+        si.tl.train_federated(sites, key=None, **FAST)
+    for name, site in sites.items():  # nothing was changed
+        pd.testing.assert_series_equal(site.obs["bulk_labels"], before[name])

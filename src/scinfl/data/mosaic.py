@@ -26,9 +26,11 @@ from .schema import (
     Join,
     SiteFields,
     build_schema,
+    check_label_coding,
     check_unique_features,
     column_categories,
     feature_source,
+    label_coding,
     validate_fields,
 )
 
@@ -131,6 +133,7 @@ def describe_mosaic_site(
     return {
         "modalities": described,
         "categories": column_categories(data, site, label_key, what="label column") if label_key else [],
+        "label_coding": label_coding(data, label_key),
         "label_key": label_key,
         "n_obs": int(data.n_obs),
     }
@@ -186,6 +189,7 @@ def build_mosaic_schema(
     label_keys = {d.get("label_key") for d in descriptions.values()}
     if len(label_keys) > 1:
         raise ValueError(f"Sites disagree on the label column: {sorted(map(str, label_keys))}.")
+    check_label_coding(descriptions, next(iter(label_keys)))
     return FederationSchema(
         var_names=tuple(var_names),
         categories=tuple(sorted(set().union(*(d.get("categories", ()) for d in descriptions.values())))),

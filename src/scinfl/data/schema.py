@@ -205,13 +205,42 @@ def column_categories(adata: AnnData, site: str, key: str, *, what: str = "colum
     return sorted({str(v) for v in values.unique()})
 
 
+def label_coding(adata, key: str | None) -> str | None:
+    """How a site writes its labels: ``"numbers"`` (integer or float codes) or ``"names"`` (text,
+    categories of text); None without a label column. Sites that code the same column differently would
+    train a model with both spellings of every class as separate classes."""
+    if key is None or key not in adata.obs:
+        return None
+    column = adata.obs[key]
+    dtype = column.cat.categories.dtype if isinstance(column.dtype, pd.CategoricalDtype) else column.dtype
+    return "numbers" if pd.api.types.is_numeric_dtype(dtype) else "names"
+
+
+def check_label_coding(descriptions: Mapping[str, Mapping[str, Any]], label_key: str | None) -> None:
+    """Refuse sites whose label column is coded differently (numbers at one, names at another), naming
+    the sites and showing examples of each."""
+    codings = {site: d["label_coding"] for site, d in descriptions.items() if d.get("label_coding")}
+    if len(set(codings.values())) < 2:
+        return
+    examples = "; ".join(
+        f"{site}: {coding} such as {', '.join(map(repr, list(descriptions[site]['categories'])[:3]))}"
+        for site, coding in codings.items()
+    )
+    raise ValueError(
+        f"The sites code the label column {label_key!r} differently ({examples}): the model would learn "
+        "every class twice, once under each spelling. Recode the sites that use numbers to the names "
+        "(e.g. adata.obs[key] = adata.obs[key].map(code_to_name)) before training."
+    )
+
+
 def describe_site(
     adata: AnnData, site: str, fields: SiteFields, *, covariate_keys: Sequence[str] = ()
 ) -> dict[str, Any]:
     """What a site publishes for the schema to be agreed: names and counts, never values (JSON-able).
 
-    ``var_names`` (of the matrix ``fields`` point at), ``categories`` (of the label column, if any),
-    ``covariates`` (column -> categories), ``layer``/``use_raw`` and ``n_obs``.
+    ``var_names`` (of the matrix ``fields`` point at), ``categories`` (of the label column, if any) and
+    ``label_coding`` (:func:`label_coding`), ``covariates`` (column -> categories), ``layer``/``use_raw``
+    and ``n_obs``.
     """
     names = pd.Index(feature_source(adata, fields)[1]).astype(str)
     if not len(names):
@@ -222,6 +251,7 @@ def describe_site(
         "categories": column_categories(adata, site, fields.label_key, what="label column")
         if fields.label_key is not None
         else [],
+        "label_coding": label_coding(adata, fields.label_key),
         "covariates": {key: column_categories(adata, site, key) for key in covariate_keys},
         "label_key": fields.label_key,
         "layer": fields.layer,
@@ -254,6 +284,7 @@ def build_schema(descriptions: Mapping[str, Mapping[str, Any]], *, join: Join = 
         )
         raise ValueError(f"Sites disagree on the label column, layer or use_raw: {detail}.")
     label_key, layer, use_raw = next(iter(distinct))
+    check_label_coding(descriptions, label_key)
 
     ordered: list[str] = []
     seen: set[str] = set()

@@ -10,9 +10,10 @@ from typing import Any
 import anndata
 from anndata import AnnData
 
+from .._warnings import warn
 from .mosaic import is_mudata
 
-__all__ = ["as_site_dict"]
+__all__ = ["as_site_dict", "read_site_file"]
 
 
 def as_site_dict(sites, caller: str) -> tuple[dict[str, Any], set[str]]:
@@ -29,13 +30,32 @@ def as_site_dict(sites, caller: str) -> tuple[dict[str, Any], set[str]]:
             path = Path(data)
             if not path.is_file():
                 raise FileNotFoundError(f"Site {name!r}: no h5ad file at {path}.")
-            data = anndata.read_h5ad(path, backed="r")  # the matrix stays on disk; read batch by batch
+            data = read_site_file(path, name)
             opened.add(name)
         if not isinstance(data, AnnData) and not is_mudata(data):
             raise TypeError(
                 f"Site {name!r} is a {type(data).__name__}, not an AnnData, a MuData or an h5ad path."
             )
+        twin = next((other for other, seen in out.items() if seen is data), None)
+        if twin is not None:
+            warn(
+                f"Sites {twin!r} and {name!r} are the same AnnData object: the federation would count its "
+                "cells twice. Pass each site's own data."
+            )
         out[name] = data
     if not out:
         raise ValueError("No sites given.")
     return out, opened
+
+
+def read_site_file(path: Path, site: str):
+    """An h5ad site file, opened backed (the matrix stays on disk, read batch by batch); a file that h5py
+    cannot open (truncated, still being copied, not an h5ad) is an error naming the site and the path."""
+    try:
+        return anndata.read_h5ad(path, backed="r")
+    except (OSError, KeyError) as err:
+        reason = str(err).split("(", 1)[-1].rstrip(")") if "(" in str(err) else str(err)
+        raise ValueError(
+            f"Site {site!r}: {path} cannot be read as an h5ad file ({reason}). Is it truncated, or still "
+            "being copied? Write it again from the site's AnnData (adata.write_h5ad)."
+        ) from None

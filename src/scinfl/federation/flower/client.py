@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import anndata as ad
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from ..._settings import settings, torch_threads
+from ...data.sites import read_site_file
 from ...key import FederationKey
 from ...train import SiteTrainer
 from ..identity import Roster, SiteIdentity, SiteRefusal, SiteSecrets
@@ -111,7 +111,7 @@ class SiteNode:
 
             data = mudata.read_h5mu(self.data_path)
         else:
-            data = ad.read_h5ad(self.data_path, backed="r")
+            data = read_site_file(self.data_path, self.site)
         if self.registration:
             entry = data.uns.get("scinfl", {})
             entry = dict(entry) if isinstance(entry, Mapping) else {}

@@ -40,6 +40,8 @@ LABEL = "cell_type"
 LAYER = "counts"
 VALIDATION_FRACTION = 0.1  # train_federated's default
 TASK = si.tasks.Classification(hidden=16)
+# One quick round of two sites, masked (a two-site cohort: each site may learn the other's update).
+ONE_ROUND = {"task": TASK, "rounds": 1, "fit": {"batch_size": 16}, "secure_aggregation": {"min_cohort": 2}}
 KEYS = {
     "none": None,
     "infl": si.FederationKey(bytes(range(32)), scheme="infl"),
@@ -751,11 +753,8 @@ def test_what_is_not_an_anndata_is_refused_by_name():
     model = si.tl.train_federated(
         sites,
         key=None,
-        task=TASK,
         label_key=LABEL,
-        rounds=1,
-        fit={"batch_size": 16},
-        secure_aggregation={"min_cohort": 2},
+        **ONE_ROUND,
     )
     with pytest.raises(TypeError, match="adata must be an AnnData, got ndarray"):
         si.tl.predict(sites["site_0"].X, model, key=None)
@@ -776,10 +775,7 @@ def test_sites_cut_from_one_anndata_leave_it_alone():
     model = si.tl.train_federated(
         halves,
         key=KEYS["infl"],
-        task=TASK,
-        rounds=1,
-        fit={"batch_size": 16},
-        secure_aggregation={"min_cohort": 2},
+        **ONE_ROUND,
     )
     assert_unchanged(parent, parent_before)
     for name, site in halves.items():
@@ -797,11 +793,8 @@ def test_values_beyond_float32_raise_naming_the_site(where):
         model = si.tl.train_federated(
             sites,
             key=None,
-            task=TASK,
             label_key=LABEL,
-            rounds=1,
-            fit={"batch_size": 16},
-            secure_aggregation={"min_cohort": 2},
+            **ONE_ROUND,
         )
         query = build_site(replace(TWO_SITES[1], dtype="float64"), "X", "query")[0]
         query.X[0, 0] = 1e39
@@ -816,11 +809,8 @@ def test_values_beyond_float32_raise_naming_the_site(where):
             si.tl.train_federated(
                 sites,
                 key=None,
-                task=TASK,
                 label_key=LABEL,
-                rounds=1,
-                fit={"batch_size": 16},
-                secure_aggregation={"min_cohort": 2},
+                **ONE_ROUND,
             )
         assert_unchanged(sites["site_1"], before)
 
@@ -846,10 +836,7 @@ def test_a_registration_that_no_longer_holds_names_the_site(source):
         si.tl.train_federated(
             built.sites,
             key=KEYS["infl"],
-            task=TASK,
-            rounds=1,
-            fit={"batch_size": 16},
-            secure_aggregation={"min_cohort": 2},
+            **ONE_ROUND,
         )
     for name, adata in built.sites.items():
         assert_unchanged(adata, before[name])

@@ -126,15 +126,14 @@ def answer_statistic(
     its wide fixed-point encoding plus its pairwise masks (uint64), bound to the request: the site masks
     each round's context once, for one request (``SiteSecrets.record``), and the request's digest joins the
     masks' context."""
-    digest = hashlib.sha256(request.to_json().encode() + _arrays_digest(request)).hexdigest()
-    if secure is not None:
-        if secrets is None:
-            raise SiteRefusal(f"Site {site!r} was asked for a masked statistic but holds no masking key.")
-        check_cohort(secure.cohort, secure.public_keys, secure.signatures, secrets)
-        secrets.record(secure.context().decode(), digest)
-    values = site_statistic(data, site, request)
     if secure is None:
-        return values
+        return site_statistic(data, site, request)
+    if secrets is None:
+        raise SiteRefusal(f"Site {site!r} was asked for a masked statistic but holds no masking key.")
+    check_cohort(secure.cohort, secure.public_keys, secure.signatures, secrets)
+    digest = hashlib.sha256(request.to_json().encode() + _arrays_digest(request)).hexdigest()
+    secrets.record(secure.context().decode(), digest)
+    values = site_statistic(data, site, request)
     try:
         encoded = encode_wide(values)
     except OverflowError:

@@ -59,10 +59,10 @@ from scinfl.federation.site import build_site, initial_weights
 from scinfl.tasks import ModelConfig
 from scinfl.train import (
     FitSettings,
-    autocast,
     full_precision,
     infer,
     resolve_device,
+    site_fabric,
     sparse_batches_on,
     to_device,
 )
@@ -158,7 +158,7 @@ def bare_rate(trainer, epochs: int, batch_size: int) -> float:
                 continue
             optimizer.zero_grad(set_to_none=True)
             xb, yb = x[batch], y[batch]
-            with autocast(device):  # scinfl.settings.precision, as the scinfl arm
+            with site_fabric(device).autocast():  # scinfl.settings.precision, as the scinfl arm
                 output = network(xb)
             objective.loss(full_precision(output), xb, yb).backward()
             optimizer.step()

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from threadpoolctl import threadpool_limits
@@ -42,13 +43,30 @@ class Settings:
         validation, prediction) run under ``torch.autocast`` in bfloat16, where matrix products take
         half the memory traffic and GPUs (and CPUs with AVX-512 BF16 or AMX) compute them faster.
         Weights, gradients, optimiser state, losses, the hardened key's conversions and everything a
-        site sends stay float32. Not with DP-SGD. Accuracy and speed: docs/benchmarks.md.
+        site sends stay float32. Not with DP-SGD. Accuracy and speed: docs/benchmarks.md. Applied by
+        Lightning Fabric's precision plugin (:func:`scinfl.train.site_fabric`).
+    devices
+        How many devices (GPUs, or CPU processes) one site's local fit runs on. Above 1 the fit is
+        data-parallel inside the site (DDP through Lightning Fabric, ``strategy``): each process takes
+        its share of every batch and the gradients are averaged, so the federation still sees one update
+        per site (:func:`scinfl.train.fit_plan`).
+    strategy
+        Lightning Fabric's strategy for ``devices > 1``: ``"ddp_spawn"`` (the default for ``"auto"``:
+        processes started for each fit, safe in notebooks and with CUDA) or ``"ddp_fork"`` (forked,
+        CPU only, no start-up imports).
+    logger
+        A Lightning logger (``lightning.pytorch.loggers.CSVLogger``, TensorBoard, W&B, MLflow, or
+        ``lightning.fabric.loggers``'s), or None. Each site's training loss and validation metrics of
+        every round land there, named ``<site>/<metric>``, at step = the site's round.
     """
 
     torch_threads: int | None = 1
     progress: bool = True
     accelerator: str = "auto"
     precision: str = "32"
+    devices: int = 1
+    strategy: str = "auto"
+    logger: Any = None
 
 
 settings = Settings()

@@ -11,7 +11,7 @@ import torch
 
 import scinfl as si
 from helpers import FAST
-from scinfl.train import autocast, full_precision, resolve_precision
+from scinfl.train import full_precision, resolve_precision, site_fabric
 
 
 def test_resolve_precision_names_and_errors(monkeypatch):
@@ -22,12 +22,12 @@ def test_resolve_precision_names_and_errors(monkeypatch):
         resolve_precision()
 
 
-def test_autocast_and_full_precision():
+def test_site_fabric_autocasts_at_the_precision_and_full_precision_casts_back():
     layer = torch.nn.Linear(4, 3)
     x = torch.ones(2, 4)
-    with autocast(torch.device("cpu"), "bf16-mixed"):
+    with site_fabric(torch.device("cpu"), "bf16-mixed").autocast():
         low = layer(x)
-    with autocast(torch.device("cpu"), "32"):
+    with site_fabric(torch.device("cpu"), "32").autocast():
         full = layer(x)
     assert low.dtype == torch.bfloat16
     assert full.dtype == torch.float32

@@ -1,8 +1,11 @@
-"""Local training, shared by every engine and task: the training plan, fit/evaluate/infer on a device, the site
-trainer."""
+"""Local training, shared by every engine and task: the training plan (a LightningModule), fit/evaluate/infer
+on Lightning Fabric, the site trainer.
+
+:class:`TrainingPlan` loads on first use: it imports Lightning, which a Flower ClientApp answering a hello or
+a statistics request does not need (docs/benchmarks.md).
+"""
 
 from .device import (
-    autocast,
     full_precision,
     manual_seed,
     module_device,
@@ -16,13 +19,14 @@ from .keys import key_material
 from .local import (
     LocalFitResult,
     Objective,
-    TrainingPlan,
     copy_state,
     evaluate,
     fit_local,
     fit_plan,
     infer,
     key_on,
+    site_fabric,
+    training_plan,
 )
 from .settings import DPSettings, FitSettings, settings_from
 from .site import SiteTrainer
@@ -34,7 +38,6 @@ __all__ = [
     "Objective",
     "SiteTrainer",
     "TrainingPlan",
-    "autocast",
     "copy_state",
     "evaluate",
     "fit_local",
@@ -49,6 +52,16 @@ __all__ = [
     "resolve_precision",
     "seeded_generator",
     "settings_from",
+    "site_fabric",
     "sparse_batches_on",
     "to_device",
+    "training_plan",
 ]
+
+
+def __getattr__(name: str):
+    if name == "TrainingPlan":
+        from .plan import TrainingPlan
+
+        return TrainingPlan
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

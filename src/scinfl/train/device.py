@@ -1,15 +1,13 @@
 """The device a site computes on: ``scinfl.settings.accelerator`` resolved to one torch device, batches
-moved there, and ``scinfl.settings.precision`` (float32, or bfloat16 autocast for forward passes).
+moved there, and ``scinfl.settings.precision`` checked (Lightning Fabric's precision plugin applies it:
+:func:`scinfl.train.site_fabric`).
 
-A site trains one small network on one device, so this is all the accelerator handling a local fit needs.
-It used to be Lightning Fabric's; importing Lightning cost each process about 2 s of CPU (it pulls in
-torchmetrics, matplotlib and scikit-learn), and a Flower deployment starts a process for every message, at
-every site, every round (docs/architecture.md, docs/benchmarks.md).
+These are plain torch, so that the parts of a site that do not train (a Flower ClientApp answering a hello
+or a statistics request) never import Lightning (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -19,7 +17,6 @@ from .._settings import settings
 from ..data import SparseRows
 
 __all__ = [
-    "autocast",
     "full_precision",
     "manual_seed",
     "module_device",
@@ -143,14 +140,6 @@ def resolve_precision(precision: str | None = None) -> str:
     if name in ("bf16-mixed", "bf16"):
         return "bf16-mixed"
     raise ValueError(f"scinfl.settings.precision is {value!r}: use '32' or 'bf16-mixed'.")
-
-
-def autocast(device: torch.device, precision: str | None = None) -> AbstractContextManager:
-    """The context a forward pass on ``device`` runs in: ``torch.autocast`` to bfloat16 under
-    ``"bf16-mixed"`` (:func:`resolve_precision`), else nothing."""
-    if resolve_precision(precision) == "32":
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def full_precision(output: Any) -> Any:

@@ -1,12 +1,16 @@
-"""Local training at one site: the training plan and plain functions any engine can call.
+"""Local training at one site: fits, evaluations and predictions of a training plan, on Lightning Fabric.
+
+The plan is a LightningModule (:class:`scinfl.train.TrainingPlan`, loaded on first use); these functions
+run its ``training_step``, ``validation_step`` and ``predict_step`` on the Fabric of the site's device
+(:func:`site_fabric`): Fabric's precision plugin gives the autocast of ``scinfl.settings.precision``, its
+``backward`` and its optimiser wrapper step the plan's Adam. A federation makes hundreds of short fits, so
+a site keeps one plan for the whole federation (:class:`~scinfl.train.SiteTrainer`) and a fit is Fabric's
+own loop, not a ``Trainer`` per fit (which cost more than the training itself on small sites:
+docs/benchmarks.md). The same loop runs DP-SGD when given a site's private-training state
+(:mod:`scinfl.train.dp`): Opacus then wraps the optimiser the plan configures.
 
 The key enters only through :func:`scinfl.nn.use_key` around the call; neither the plan nor the network
-stores it. Local fits run on the device of ``scinfl.settings.accelerator``
-(:func:`scinfl.train.resolve_device`). A federation makes hundreds of short fits, so a site keeps one plan
-for the whole federation (:class:`~scinfl.train.SiteTrainer`) and a fit is a plain loop: a new Lightning
-``Trainer`` per fit cost more than the training itself on small sites, and importing Lightning cost more
-than a deployed round's training (docs/benchmarks.md). The same loop runs DP-SGD when given a site's
-private-training state (:mod:`scinfl.train.dp`): Opacus then wraps the optimiser the plan configures.
+stores it.
 
 What a task contributes is an *objective*: ``loss(output, x, y)`` (the mean loss of a batch) and
 ``metric_sums(output, x, y)`` (per-batch sums of each metric), where ``x, y`` are the batch's rows and
@@ -16,6 +20,11 @@ labels (:meth:`scinfl.tasks.Task.objective`).
 from __future__ import annotations
 
 import copy
+import functools
+import logging
+import multiprocessing
+import pickle
+import threading
 from collections.abc import Iterable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -25,30 +34,29 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..nn import HardenedKey, HardenedNetwork, KeyedModule, use_key
-from .device import (
-    autocast,
-    full_precision,
-    manual_seed,
-    module_device,
-    resolve_device,
-    resolve_precision,
-    to_device,
-)
+from .._settings import settings
+from ..nn import HardenedKey, HardenedNetwork, use_key
+from .device import manual_seed, module_device, resolve_device, resolve_precision, to_device
 
 if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+
+    from lightning.fabric import Fabric
+
     from .dp import PrivateTraining
+    from .plan import TrainingPlan
 
 __all__ = [
     "LocalFitResult",
     "Objective",
-    "TrainingPlan",
     "copy_state",
     "evaluate",
     "fit_local",
     "fit_plan",
     "infer",
     "key_on",
+    "site_fabric",
+    "training_plan",
 ]
 
 
@@ -70,80 +78,38 @@ class LocalFitResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-class TrainingPlan:
-    """Loss and optimiser around a task network (Adam; a fresh optimiser each local fit).
+# Fabric's precision strings for scinfl.settings.precision's.
+_FABRIC_PRECISION = {"32": "32-true", "bf16-mixed": "bf16-mixed"}
 
-    ``precision`` (default ``scinfl.settings.precision``): under ``"bf16-mixed"`` the forward pass runs
-    under autocast to bfloat16 and the loss is computed from its float32 cast.
 
-    Its two hooks are named as a LightningModule's: :meth:`training_step` (the loss of one batch) and
-    :meth:`configure_optimizers`. ``fused=False`` gives the unfused Adam, which DP-SGD uses: Opacus's
-    ``DPOptimizer`` wraps it, writes the clipped, noised gradient into each ``p.grad`` and calls its
-    ``step``. Opacus 1.6 accepts the fused kernel too, but a DP step's time goes to per-sample gradients
-    (about 65 ms against 4 ms for a non-private step of 128 cells, hidden 64, fused or not), so the DP path
-    does not depend on it.
+def site_fabric(device: torch.device | None = None, precision: str | None = None) -> Fabric:
+    """The Lightning Fabric a site computes with on ``device`` (default: ``scinfl.settings.accelerator``'s)
+    at ``precision`` (default ``scinfl.settings.precision``): one device, its precision plugin.
+
+    Built once per device and precision in a process (building one takes about 12 ms); Fabric holds no
+    data, weights or key. scinfl moves networks and batches itself (:func:`~scinfl.train.to_device`: a
+    sparse batch crosses to a GPU at its stored size), so Fabric is not asked to.
     """
+    device = resolve_device() if device is None else device
+    return _fabric(device.type, device.index, _FABRIC_PRECISION[resolve_precision(precision)])
 
-    def __init__(
-        self,
-        network: nn.Module,
-        objective: Objective,
-        *,
-        lr: float,
-        weight_decay: float,
-        fused: bool = True,
-        precision: str | None = None,
-    ) -> None:
-        self.network = network
-        self.objective = objective
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.fused = fused
-        self.precision = resolve_precision(precision)  # default: scinfl.settings.precision, read now
-        self._loss_sum: Tensor | float = 0.0
-        self.n_seen = 0
-        self._optimizer: torch.optim.Optimizer | None = None
 
-    def reset(self) -> None:
-        """Start a new fit's running loss."""
-        self._loss_sum, self.n_seen = 0.0, 0
+@functools.cache
+def _fabric(device_type: str, index: int | None, precision: str) -> Fabric:
+    from lightning.fabric import Fabric
 
-    @property
-    def mean_loss(self) -> float:
-        """The mean training loss per cell since :meth:`reset` (one copy from the device)."""
-        return float(self._loss_sum) / max(self.n_seen, 1)
+    # Fabric announces its precision and devices at INFO on every construction; a site says nothing.
+    for name in ("lightning.fabric", "lightning.pytorch"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    devices = [index] if device_type == "cuda" and index is not None else 1
+    return Fabric(accelerator=device_type, devices=devices, precision=precision)
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
-        with autocast(x.device, self.precision):
-            output = self.network(x)
-        loss = self.objective.loss(full_precision(output), x, y)
-        # Summed on the device, in float64 as a Python float would: reading each step's loss on the CPU
-        # would wait for the GPU at every step.
-        weighted = loss.detach().to(torch.float32 if loss.device.type == "mps" else torch.float64) * len(x)
-        self._loss_sum = self._loss_sum + weighted
-        self.n_seen += len(x)
-        return loss
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        # The fused kernel makes a step of the paper's classifier about a quarter faster on a CPU.
-        return torch.optim.Adam(
-            self.network.parameters(), lr=self.lr, weight_decay=self.weight_decay, fused=self.fused
-        )
+def training_plan(network: nn.Module, objective=None, **options) -> TrainingPlan:
+    """A :class:`~scinfl.train.TrainingPlan` (imports Lightning on first use; see :mod:`scinfl.train.plan`)."""
+    from .plan import TrainingPlan
 
-    def fresh_optimizer(self) -> torch.optim.Optimizer:
-        """The plan's optimiser with the state of a new one (every local fit starts Adam's moments and
-        step count from zero, as FedAvg prescribes): built once by :meth:`configure_optimizers`, then its
-        state zeroed in place, which gives the same numbers as a new optimiser. Building one per fit cost
-        about 1 ms (docs/benchmarks.md), more than a small site's fit spends on some of its batches."""
-        if self._optimizer is None:
-            self._optimizer = self.configure_optimizers()
-            return self._optimizer
-        for state in self._optimizer.state.values():
-            for value in state.values():
-                if isinstance(value, Tensor):
-                    value.zero_()
-        return self._optimizer
+    return TrainingPlan(network, objective, **options)
 
 
 def fit_plan(
@@ -157,14 +123,29 @@ def fit_plan(
 ) -> float:
     """Train ``plan``'s network in place for ``epochs`` epochs of ``batches``; return the mean training loss.
 
-    The fit runs on the device the network is on; every batch is moved there
-    (:func:`~scinfl.train.to_device`). With ``private`` (one site's :class:`~scinfl.train.dp.PrivateTraining`), the fit is
-    DP-SGD: the optimiser the plan configures (unfused Adam) is wrapped by Opacus to clip per-cell gradients
-    and add noise, every step is recorded in the site's accountant, and ``private.steps_taken`` counts the
-    steps. ``batches`` should then be ``private.loader(...)``; its empty Poisson batches are skipped. Keyed
-    networks cannot be trained privately (see :mod:`scinfl.train.dp`).
+    The fit runs on the device the network is on, with that device's Fabric (:func:`site_fabric`); every
+    batch is moved there (:func:`~scinfl.train.to_device`). With ``private`` (one site's
+    :class:`~scinfl.train.dp.PrivateTraining`), the fit is DP-SGD: the optimiser the plan configures
+    (unfused Adam) is wrapped by Opacus to clip per-cell gradients and add noise, every step is recorded in
+    the site's accountant, and ``private.steps_taken`` counts the steps. ``batches`` should then be
+    ``private.loader(...)``; its empty Poisson batches are skipped. Keyed networks cannot be trained
+    privately (see :mod:`scinfl.train.dp`).
+
+    With ``scinfl.settings.devices > 1`` the fit is data-parallel inside the site: Fabric launches that
+    many processes (``scinfl.settings.strategy``), each takes its contiguous share of every batch, DDP
+    averages their gradients (each share's loss weighted by its size, so the step is the whole batch's),
+    and the network gets rank 0's weights. It gives the one-process update up to float rounding when
+    nothing in the network draws random numbers per cell and no layer mixes the cells of a batch:
+    dropout masks are drawn per process, and BatchNorm becomes SyncBatchNorm on CUDA (torch runs
+    SyncBatchNorm on CUDA only, so a BatchNorm network is refused on CPU processes). DP-SGD trains on
+    one device per site.
     """
+    if settings.devices > 1:
+        return _fit_data_parallel(
+            plan, batches, epochs=epochs, seed=seed, key_material=key_material, private=private
+        )
     device = module_device(plan.network)
+    fabric = site_fabric(device)
     manual_seed(seed, device)
     plan.reset()
     plan.network.train()
@@ -173,19 +154,117 @@ def fit_plan(
         optimizer = plan.fresh_optimizer()
         if private is not None:
             optimizer = stack.enter_context(private.attach(plan.network, optimizer, seed=seed))
+        optimizer = fabric.setup_optimizers(optimizer)
         stack.enter_context(use_key(key_material))
         for _ in range(epochs):
             for index, batch in enumerate(batches):
                 if len(batch[0]) == 0:  # an empty Poisson batch (DP-SGD): skipped, not accounted
                     continue
                 optimizer.zero_grad(set_to_none=True)
-                loss = plan.training_step(to_device(batch, device), index)
-                loss.backward()
+                with fabric.autocast():
+                    loss = plan.training_step(to_device(batch, device), index)
+                fabric.backward(loss)
                 optimizer.step()
                 steps += 1
     if private is not None:
         private.steps_taken += steps
     return plan.mean_loss
+
+
+# Fabric's launchers that start processes from inside a running program; "ddp" re-runs the script.
+_DATA_PARALLEL = {
+    "auto": "ddp_spawn",
+    "ddp_spawn": "ddp_spawn",
+    "ddp_fork": "ddp_fork",
+    "ddp_notebook": "ddp_notebook",
+}
+
+
+def _fit_data_parallel(
+    plan: TrainingPlan, batches: Iterable, *, epochs: int, seed: int, key_material, private
+) -> float:
+    """:func:`fit_plan` on ``scinfl.settings.devices`` processes (see its docstring)."""
+    from lightning.fabric import Fabric
+
+    devices, strategy = int(settings.devices), str(settings.strategy).strip().lower()
+    if strategy not in _DATA_PARALLEL:
+        raise ValueError(
+            f"scinfl.settings.strategy is {settings.strategy!r}: with devices={devices} use 'auto', "
+            "'ddp_spawn', 'ddp_fork' or 'ddp_notebook' (Fabric's 'ddp' re-runs the calling script)."
+        )
+    if private is not None:
+        raise ValueError("DP-SGD trains on one device per site: set scinfl.settings.devices = 1.")
+    device = module_device(plan.network)
+    if device.type != "cuda" and any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in plan.network.modules()
+    ):
+        raise ValueError(
+            f"scinfl.settings.devices = {devices} on {device.type} processes cannot train a BatchNorm network as "
+            "one process would: torch runs SyncBatchNorm on CUDA only, and each process's BatchNorm would "
+            "normalise with its share of the batch. Build the network with ModelConfig(norm='layer')."
+        )
+    fabric = Fabric(
+        accelerator=device.type,
+        devices=devices,
+        strategy=_DATA_PARALLEL[strategy],
+        precision=_FABRIC_PRECISION[resolve_precision()],
+    )
+    threads = settings.torch_threads or torch.get_num_threads()
+    # In as one pickle, not as arguments: torch.multiprocessing would pass each tensor through a
+    # shared-memory file. Out through a pipe read while the processes run: Fabric's own return queue is
+    # read only after they exit, so a result larger than a pipe's buffer would block rank 0 forever.
+    work = pickle.dumps((plan, batches, key_material))
+    reader, writer = multiprocessing.get_context("spawn").Pipe(duplex=False)
+    received: list[bytes] = []
+    receiving = threading.Thread(target=lambda: received.append(reader.recv_bytes()), daemon=True)
+    receiving.start()
+    try:
+        fabric.launch(_fit_share, work, writer, epochs, seed, threads)
+    finally:
+        writer.close()  # a failed launch ends the reader with EOFError
+        receiving.join()
+        reader.close()
+    state, mean_loss = pickle.loads(received[0])
+    with torch.no_grad():
+        for name, tensor in plan.network.state_dict(keep_vars=True).items():
+            tensor.copy_(state[name])
+    return mean_loss
+
+
+def _fit_share(fabric: Fabric, work: bytes, result: Connection, epochs: int, seed: int, threads: int) -> None:
+    """One process of :func:`_fit_data_parallel`: its share of every batch; rank 0 sends the weights and the
+    mean training loss over every process's cells through ``result``."""
+    torch.set_num_threads(threads)
+    plan, batches, key_material = pickle.loads(work)
+    device = fabric.device
+    plan.network.to(device)
+    if device.type == "cuda":
+        plan.network = nn.SyncBatchNorm.convert_sync_batchnorm(plan.network)
+    module = fabric.setup_module(plan, move_to_device=False)
+    manual_seed(seed, device)
+    plan.reset()
+    plan.network.train()
+    optimizer = fabric.setup_optimizers(plan.fresh_optimizer())
+    rank, world = fabric.global_rank, fabric.world_size
+    with use_key(key_on(key_material, device)):
+        for _ in range(epochs):
+            for index, batch in enumerate(batches):
+                x, y = to_device(batch, device)
+                n = len(x)
+                if n < world:  # a last batch smaller than the processes: skipped by all of them alike
+                    continue
+                low, high = rank * n // world, (rank + 1) * n // world
+                share = (x[low:high], y[low:high] if len(y) == n else y)
+                optimizer.zero_grad(set_to_none=True)
+                loss = module.training_step(share, index)  # through DDP's forward: its gradients are averaged
+                fabric.backward(loss * ((high - low) * world / n))
+                optimizer.step()
+    totals = torch.tensor([float(plan._loss_sum), float(plan.n_seen)], dtype=torch.float64, device=device)
+    totals = fabric.all_reduce(totals, reduce_op="sum")
+    if rank == 0:
+        mean_loss = float(totals[0] / max(float(totals[1]), 1.0))
+        result.send_bytes(pickle.dumps((copy_state(plan.network.state_dict()), mean_loss)))
+    result.close()
 
 
 def fit_local(
@@ -205,7 +284,7 @@ def fit_local(
     training loss."""
     device = resolve_device()
     network.to(device)
-    plan = TrainingPlan(network, objective, lr=lr, weight_decay=weight_decay, fused=private is None)
+    plan = training_plan(network, objective, lr=lr, weight_decay=weight_decay, fused=private is None)
     return fit_plan(
         plan, batches, epochs=epochs, seed=seed, key_material=key_on(key_material, device), private=private
     )
@@ -218,24 +297,18 @@ def key_on(key_material, device: torch.device):
 
 
 @torch.no_grad()
-def evaluate(
-    network: nn.Module, batches: Iterable, objective: Objective, *, key_material
-) -> dict[str, float]:
-    """Mean of each objective metric over ``batches`` (evaluation mode, on the network's device, at
-    ``scinfl.settings.precision``), plus the cell count ``n``."""
-    network.eval()
-    device = module_device(network)
-    sums: dict[str, float] = {}
-    n = 0
+def evaluate(plan: TrainingPlan, batches: Iterable, *, key_material) -> dict[str, float]:
+    """Mean of each of the plan's objective metrics over ``batches`` (its ``validation_step``, in evaluation
+    mode, on the network's device, at ``scinfl.settings.precision``), plus the cell count ``n``."""
+    plan.network.eval()
+    device = module_device(plan.network)
+    fabric = site_fabric(device)
+    plan.on_validation_epoch_start()
     with use_key(key_on(key_material, device)):
-        for x, y in batches:
-            x, y = to_device((x, y), device)
-            with autocast(device):
-                output = network(x)
-            for name, value in objective.metric_sums(full_precision(output), x, y).items():
-                sums[name] = sums.get(name, 0.0) + value
-            n += len(x)
-    return {name: value / n for name, value in sums.items()} | {"n": float(n)} if n else {"n": 0.0}
+        for index, batch in enumerate(batches):
+            with fabric.autocast():
+                plan.validation_step(to_device(batch, device), index)
+    return plan.validation_metrics
 
 
 @torch.no_grad()
@@ -243,7 +316,7 @@ def infer(
     network: nn.Module, batches: Iterable, *, key_material, outputs: bool = True
 ) -> tuple[np.ndarray | None, np.ndarray]:
     """Network outputs (``head``; None with ``outputs=False``) and embeddings (``features``) for every batch,
-    in order, as CPU arrays.
+    in order, as CPU arrays: a plan's ``predict_step`` (:class:`~scinfl.train.TrainingPlan`).
 
     Computed on the device of ``scinfl.settings.accelerator`` at ``scinfl.settings.precision`` (returned
     as float32); a network elsewhere is copied there for the call and stays where it is. Results come
@@ -259,20 +332,16 @@ def infer(
         network, key_material = plain, None
     if module_device(network) != device:
         network = copy.deepcopy(network).to(device)
+    plan = training_plan(network, predict_outputs=outputs)
+    fabric = site_fabric(device)
     head, embeddings = [], []
     with use_key(key_on(key_material, device)):
-        for x, _ in batches:
-            x = to_device(x, device)
-            with autocast(device):
-                if isinstance(network, KeyedModule):
-                    features = network.call("features", x)
-                    out = network.call("head", features) if outputs else None
-                else:
-                    features = network.features(x)
-                    out = network.head(features) if outputs else None
-            embeddings.append(_to_host(full_precision(features)))
+        for index, (x, _) in enumerate(batches):
+            with fabric.autocast():
+                features, out = plan.predict_step(to_device(x, device), index)
+            embeddings.append(_to_host(features))
             if outputs:
-                head.append(_to_host(full_precision(out)))
+                head.append(_to_host(out))
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # the copies above were queued without waiting
     embedding = np.concatenate([t.numpy() for t in embeddings])

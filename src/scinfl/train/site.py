@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ..data import SiteDataset, batch_loader
 from ..nn import HardenedKey, HardenedNetwork
 from .device import resolve_device, resolve_precision, sparse_batches_on
-from .local import LocalFitResult, Objective, TrainingPlan, copy_state, evaluate, fit_plan, key_on
+from .local import LocalFitResult, Objective, copy_state, evaluate, fit_plan, key_on, training_plan
 from .settings import FitSettings
 
 if TYPE_CHECKING:
@@ -108,7 +108,7 @@ class SiteTrainer:
                     f"the site trains on {len(train)}."
                 )
         self.private = private
-        self.plan = TrainingPlan(
+        self.plan = training_plan(
             self.network, objective, lr=settings.lr, weight_decay=settings.weight_decay, fused=private is None
         )
         # The network's own tensors, to receive global weights by in-place copies: a federation loads
@@ -219,4 +219,4 @@ class SiteTrainer:
             return {"n": 0.0}
         self._load(global_state)
         loader = batch_loader(self.validation, batch_size=max(self.settings.batch_size, 512), shuffle=False)
-        return evaluate(self.network, loader, self.objective, key_material=self._training_key)
+        return evaluate(self.plan, loader, key_material=self._training_key)

@@ -5,21 +5,29 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+import torch
 from anndata import AnnData
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.data import DataLoader
 
 from ._version import __version__
 from .data import FederationSchema, SiteDataset, batch_loader
 from .federation import FederationRun, RunSpec, site_split
 from .key import FederationKey, as_key
+from .nn import use_key
 from .tasks import ModelConfig, Predictions, Task, build_network
-from .train import infer, key_material, resolve_device, sparse_batches_on
+from .train import infer, key_material, key_on, resolve_device, sparse_batches_on, training_plan
+
+if TYPE_CHECKING:
+    from .train import TrainingPlan
 
 __all__ = ["FederatedModel", "KeyMismatchError", "ModelFileError", "Predictions"]
 
@@ -190,18 +198,81 @@ class FederatedModel:
         key = as_key(key)
         if check_key:
             self.check_key(key)
-        fields = {
-            k: v for k, v in (("layer", layer), ("use_raw", use_raw), ("modality", modality)) if v is not None
-        }
-        inputs = self.inputs(adata, site=site, min_overlap=min_overlap, **fields)
-        cells = SiteDataset(
-            inputs, np.arange(inputs.n_obs), sparse_batches=sparse_batches_on(resolve_device())
-        )
-        loader = batch_loader(cells, batch_size=batch_size, shuffle=False)
+        inputs, loader = self._loader(adata, batch_size, min_overlap, site, layer, use_raw, modality)
         outputs, embedding = infer(
             self.network, loader, key_material=self.key_material(key), outputs=self.task.uses_outputs
         )
         return self.task.predictions(outputs, embedding, inputs, self.schema)
+
+    def _loader(self, adata, batch_size, min_overlap, site, layer, use_raw, modality, labels=False):
+        fields = {
+            k: v for k, v in (("layer", layer), ("use_raw", use_raw), ("modality", modality)) if v is not None
+        }
+        inputs = self.inputs(adata, site=site, min_overlap=min_overlap, **fields)
+        codes = self.task.labels(adata, site, self.schema) if labels else None
+        cells = SiteDataset(
+            inputs, np.arange(inputs.n_obs), codes, sparse_batches=sparse_batches_on(resolve_device())
+        )
+        return inputs, batch_loader(cells, batch_size=batch_size, shuffle=False)
+
+    def dataloader(
+        self,
+        adata: AnnData,
+        *,
+        batch_size: int = 1024,
+        min_overlap: float = 0.5,
+        site: str = "query",
+        layer: str | None = None,
+        use_raw: bool | None = None,
+        modality: str | None = None,
+        labels: bool = False,
+    ) -> DataLoader:
+        """A ``torch`` DataLoader of ``adata``'s cells as this model's input rows, in obs order: batches
+        ``(x, y)`` as :meth:`predict` reads them (options as there), for your own Lightning code
+        (:meth:`lightning_module`). ``labels=True``: ``y`` holds each cell's label code as the sites
+        trained on it (its ``label_key`` column must be there), for ``Trainer.validate`` or ``fit``."""
+        return self._loader(adata, batch_size, min_overlap, site, layer, use_raw, modality, labels)[1]
+
+    def lightning_module(self) -> TrainingPlan:
+        """This model's network as a ``lightning.LightningModule`` (:class:`scinfl.train.TrainingPlan`): the
+        task's loss and metrics (``training_step``, ``validation_step``), Adam with the run's settings
+        (``configure_optimizers``) and ``predict_step`` (embeddings and outputs, float32).
+
+        The module holds this model's network itself, not a copy, and no key: run it under the key with
+        :meth:`keyed` (a hardened model's plan computes as the keyed network does, inputs mixed)::
+
+            plan = model.lightning_module()
+            with model.keyed(key):
+                batches = lightning.Trainer(accelerator="cpu", logger=False).predict(
+                    plan, model.dataloader(adata)
+                )
+            embedding = torch.cat([features for features, _ in batches])
+        """
+        fit = self.spec.fit
+        return training_plan(
+            self.network,
+            self.task.objective(self.config),
+            lr=fit.lr,
+            weight_decay=fit.weight_decay,
+            predict_outputs=self.task.uses_outputs,
+        )
+
+    @contextmanager
+    def keyed(
+        self,
+        key: FederationKey | str | os.PathLike[str] | None,
+        *,
+        device: str | torch.device = "cpu",
+        check_key: bool = True,
+    ) -> Iterator[None]:
+        """Run the block with ``key`` in force for this model's network on ``device`` (where the block
+        computes: a ``Trainer``'s accelerator), as :func:`scinfl.nn.use_key` does; the key material is
+        derived here and dropped when the block ends, never stored in the network or a plan."""
+        key = as_key(key)
+        if check_key:
+            self.check_key(key)
+        with use_key(key_on(self.key_material(key), torch.device(device))):
+            yield
 
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
         """Write weights (safetensors), architecture, run spec and history to the directory ``path``.

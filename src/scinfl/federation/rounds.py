@@ -428,6 +428,7 @@ class RoundLoop:
                 else 0,
                 restore=loop.restore.get(site),
                 secure=secure if site in cohort else None,
+                round_index=round_index,
             )
             for site in targets
         }

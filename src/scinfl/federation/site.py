@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._settings import settings
 from ..data import SiteDataset, stratified_split
 from ..key import FederationKey
 from ..nn import HardenedNetwork
@@ -61,12 +62,14 @@ class Instruction:
     ``evaluate``: validation metrics of the weights sent (the previous round's aggregate); ``train``:
     then train on them with ``fit_seed``; ``restore``: the site's running state to continue from (after a
     resume), as its :meth:`~scinfl.train.SiteTrainer.local_state` gave it; ``secure``: send the update
-    masked for this cohort (:mod:`scinfl.federation.secure`), not in the clear.
+    masked for this cohort (:mod:`scinfl.federation.secure`), not in the clear. ``round_index``: the
+    round this exchange belongs to (the site's logger files its metrics under it).
     """
 
     train: bool
     evaluate: bool
     fit_seed: int = 0
+    round_index: int = 0
     restore: Mapping[str, Any] | None = None
     secure: SecureRound | None = None
 
@@ -212,6 +215,7 @@ def answer(
         trainer.restore_local_state(instruction.restore)
     evaluation = trainer.evaluate(state) if instruction.evaluate else None
     update = trainer.fit(state, seed=instruction.fit_seed) if instruction.train else None
+    log_site_metrics(trainer.name, instruction.round_index, evaluation, update)
     if update is not None and secure is not None:
         update = _masked(trainer.name, update, state, secure, secrets.masking_key)
     return Reply(
@@ -221,6 +225,27 @@ def answer(
         evaluation=evaluation,
         local_state=trainer.local_state(),
     )
+
+
+def log_site_metrics(
+    site: str, round_index: int, evaluation: Mapping[str, float] | None, update: LocalFitResult | None
+) -> None:
+    """Send one exchange's metrics to the site's Lightning logger (``scinfl.settings.logger``), if it has
+    one: validation metrics of the weights it received, at the step of the round that made them
+    (``round_index - 1``, as the run's history files them), as ``<site>/val_<metric>``; its training
+    metrics at ``round_index``, as ``<site>/<metric>``. The logger is the site's: in a deployment, its
+    own process's settings."""
+    logger = settings.logger
+    if logger is None:
+        return
+    if evaluation is not None and evaluation.get("n", 0.0):
+        values = {f"{site}/val_{name}": float(value) for name, value in evaluation.items() if name != "n"}
+        logger.log_metrics(values, step=max(round_index - 1, 0))
+    if update is not None:
+        logger.log_metrics(
+            {f"{site}/{name}": float(v) for name, v in update.metrics.items()}, step=round_index
+        )
+    logger.save()
 
 
 def _masked(

@@ -125,7 +125,7 @@ def decode_hello(content: RecordDict) -> tuple[str, Hello | str]:
 
 
 def encode_instruction(
-    site: str, round_index: int, state: Mapping[str, Tensor], run: ConfigRecord, instruction: Instruction
+    site: str, state: Mapping[str, Tensor], run: ConfigRecord, instruction: Instruction
 ) -> RecordDict:
     secure = instruction.secure
     content = RecordDict(
@@ -135,7 +135,7 @@ def encode_instruction(
             INSTRUCTION: ConfigRecord(
                 {
                     "site": site,
-                    "round": round_index,
+                    "round": instruction.round_index,
                     "train": instruction.train,
                     "evaluate": instruction.evaluate,
                     "fit-seed": instruction.fit_seed,
@@ -188,6 +188,7 @@ def decode_instruction(content: RecordDict) -> tuple[str, dict[str, Tensor], Ins
         fit_seed=int(record["fit-seed"]),
         restore=json.loads(restore) if restore else None,
         secure=secure,
+        round_index=int(record["round"]),
     )
     return str(record["site"]), arrays_to_state(content[WEIGHTS]), instruction
 

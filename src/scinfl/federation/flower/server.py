@@ -222,7 +222,7 @@ class GridTransport:
         run = protocol.run_record(spec, config)
         messages = {
             site: Message(
-                protocol.encode_instruction(site, round_index, state, run, instruction),
+                protocol.encode_instruction(site, state, run, instruction),
                 dst_node_id=self.nodes[site],
                 message_type=protocol.TRAIN,
                 group_id=str(round_index),

@@ -53,9 +53,8 @@ def test_a_users_trainer_predicts_with_the_model_under_its_key_and_the_plan_hold
     unkeyed = torch.cat([features for features, _ in batches]).numpy()
     assert np.abs(unkeyed - expected).max() > 0.1
     wrong = si.FederationKey(hashlib.sha256(b"another key").digest())
-    with pytest.raises(si.model.KeyMismatchError):
-        with model.keyed(wrong):
-            pass
+    with pytest.raises(si.model.KeyMismatchError), model.keyed(wrong):
+        pass
     blob = serialised(plan) + serialised(plan.state_dict())
     assert_no_secret(blob, key_secrets(key))
 

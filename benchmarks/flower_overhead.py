@@ -23,10 +23,10 @@ Each call's wall time includes setup and writing predictions; the simulation's i
 Per phase:
 
 ``ClientApp imports``
-    A fresh interpreter importing ``scinfl.flower_apps`` and building one Adam optimiser (torch imports
-    ``torch._dynamo`` there), as every deployed message's process does: each step's seconds, the whole
-    process's wall and CPU seconds (with interpreter start-up and exit), and each heavy package's share by
-    ``python -X importtime`` (cumulative, so nested packages overlap). Beside it, the wall time of
+    A fresh interpreter importing ``scinfl.flower_apps``, building one Adam optimiser (torch imports
+    ``torch._dynamo`` there) and importing the training plan (Lightning), as every deployed training
+    message's process does: each step's seconds, the whole process's wall and CPU seconds (with
+    interpreter start-up and exit), and each heavy package's share by ``python -X importtime`` (cumulative, so nested packages overlap). Beside it, the wall time of
     ``python -c "import scinfl"`` and of ``python -m scinfl`` (its usage message), as a user meets them.
 ``deployment phases``
     From each site's log (one line per training message, :func:`scinfl.federation.flower.client.
@@ -65,9 +65,13 @@ from scinfl.deployment import LocalDeployment, run_config, site_nodes
 
 SIMULATION_GOAL = 1.5  # x the in-process wall time
 DEPLOYMENT_GOAL = 5.0  # seconds per round
+# A training message's process: the ClientApp's imports, its first optimiser (torch._dynamo), then the
+# training plan (Lightning; absent before 2026-12-08, when a site trained without Lightning).
 CLIENT_IMPORT = (
     "import time; t = time.perf_counter(); import scinfl.flower_apps, torch; i = time.perf_counter(); "
-    "torch.optim.Adam([torch.zeros(1, requires_grad=True)]); print(i - t, time.perf_counter() - i)"
+    "torch.optim.Adam([torch.zeros(1, requires_grad=True)]); o = time.perf_counter()\n"
+    "try:\n    import scinfl.train.plan\nexcept ImportError:\n    pass\n"
+    "print(i - t, o - i, time.perf_counter() - o)"
 )
 HEAVY = (
     "torch",
@@ -87,7 +91,7 @@ PHASE = re.compile(
 
 def client_import(repeats: int = 3) -> None:
     """Wall and CPU seconds of a fresh ClientApp process's imports, and the heavy packages' shares."""
-    walls, cpus, imports, optimisers = [], [], [], []
+    walls, cpus, imports, optimisers, plans = [], [], [], [], []
     for _ in range(repeats):
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
@@ -95,9 +99,10 @@ def client_import(repeats: int = 3) -> None:
             [sys.executable, "-c", CLIENT_IMPORT], check=True, capture_output=True, text=True
         )
         walls.append(time.perf_counter() - started)
-        imported, optimiser = (float(v) for v in child.stdout.split())
+        imported, optimiser, plan = (float(v) for v in child.stdout.split())
         imports.append(imported)
         optimisers.append(optimiser)
+        plans.append(plan)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpus.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
     for label, command in (
@@ -123,7 +128,7 @@ def client_import(repeats: int = 3) -> None:
     shares = ", ".join(f"{name} {cumulative[name]:.2f}" for name in HEAVY if name in cumulative)
     print(
         f"ClientApp imports       {statistics.median(imports):7.2f} s, first optimiser "
-        f"{statistics.median(optimisers):.2f} s; the whole process (interpreter start and exit included) "
+        f"{statistics.median(optimisers):.2f} s, training plan (Lightning) {statistics.median(plans):.2f} s; the whole process (interpreter start and exit included) "
         f"{statistics.median(walls):.2f} s wall, {statistics.median(cpus):.2f} s CPU (medians of {repeats}); "
         f"by -X importtime, cumulative s: {shares}"
     )

@@ -3,12 +3,87 @@
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 
 __all__ = ["main"]
 
+# Set to see the traceback behind a command's one-line error.
+DEBUG_ENV = "SCINFL_DEBUG"
+
+
+class UsageError(Exception):
+    """A command given what it cannot use: one line to the user, exit status 2 (as argparse's own)."""
+
+
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value:g}")
+    return value
+
+
+# The library's advice names Python arguments; a command line user needs the flags (flower-local's).
+_FLAG_SPELLINGS = (
+    (re.compile(r"\bmin_cohort=(\d+)"), r"--min-cohort \1"),
+    (re.compile(r"\bsecure_aggregation=False\b"), "--no-secure-aggregation"),
+    (re.compile(r"\bsecure_aggregation=\{'min_cohort': (\d+)\}"), r"--min-cohort \1"),
+    (re.compile(r"\bresume=True\b( \(scinfl flower-local --resume\))?"), "--resume"),
+    (re.compile(r"\bmin_sites=(\d+)"), r"--min-sites \1"),
+    (re.compile(r"\bround_timeout=([\d.]+)"), r"--round-timeout \1"),
+    (re.compile(r"\bcheckpoint_dir=?"), "--output-dir"),
+)
+
+
+def command_line_advice(message: str) -> str:
+    """``message`` with the Python arguments it advises spelled as ``scinfl flower-local``'s flags."""
+    for pattern, flag in _FLAG_SPELLINGS:
+        message = pattern.sub(flag, message)
+    return message
+
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; an error the user can act on is one line on stderr (no traceback; set
+    ``SCINFL_DEBUG=1`` to see it), exit status 2 for bad input and 1 for a run that failed."""
+    args = _parser().parse_args(argv)
+    try:
+        _run(args)
+    except KeyboardInterrupt:
+        print(f"scinfl {args.command}: interrupted.", file=sys.stderr)
+        return 130
+    except (UsageError, ValueError, FileExistsError, FileNotFoundError, PermissionError) as err:
+        return _fail(args, err, status=2)
+    except (RuntimeError, OSError, TimeoutError) as err:
+        return _fail(args, err, status=1)
+    return 0
+
+
+def _fail(args, err: BaseException, *, status: int) -> int:
+    if os.environ.get(DEBUG_ENV):
+        raise err
+    message = command_line_advice(str(err)).strip() or type(err).__name__
+    print(f"scinfl {args.command}: error: {message}", file=sys.stderr)
+    return status
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scinfl", description="Key-embedded federated learning for omics.")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(
@@ -16,10 +91,12 @@ def main(argv: list[str] | None = None) -> int:
         help="train centralised, per-site, FedAvg and INFL models on real PBMCs and compare them",
         description="Real data (scanpy's pbmc68k_reduced), 3 label-skewed sites, a 20% held-out test set.",
     )
-    demo.add_argument("--rounds", type=int, default=20, help="federated rounds (default 20)")
-    demo.add_argument("--seeds", type=int, default=3, help="training seeds to average over (default 3)")
-    demo.add_argument("--wrong-keys", type=int, default=10, help="wrong keys per seed (default 10)")
-    demo.add_argument("--hidden", type=int, default=256, help="network width (default 256)")
+    demo.add_argument("--rounds", type=_at_least(1), default=20, help="federated rounds (default 20)")
+    demo.add_argument(
+        "--seeds", type=_at_least(1), default=3, help="training seeds to average over (default 3)"
+    )
+    demo.add_argument("--wrong-keys", type=_at_least(1), default=10, help="wrong keys per seed (default 10)")
+    demo.add_argument("--hidden", type=_at_least(1), default=256, help="network width (default 256)")
     demo.add_argument("--output-dir", default=".", help="where to write scinfl_demo.h5ad and the PNG")
     flower = commands.add_parser(
         "flower-local",
@@ -40,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     flower.add_argument("--layer", default=None, help="layer with the features (default .X)")
     flower.add_argument("--use-raw", action="store_true", help="use .raw")
     flower.add_argument("--modality", default=None, help="the modality of .h5ad sites of a mosaic")
-    flower.add_argument("--rounds", type=int, default=20, help="federated rounds (default 20)")
+    flower.add_argument("--rounds", type=_at_least(1), default=20, help="federated rounds (default 20)")
     flower.add_argument(
         "--early-stopping",
         action="store_true",
@@ -48,11 +125,15 @@ def main(argv: list[str] | None = None) -> int:
         "patience=N min-delta=X)",
     )
     flower.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    flower.add_argument("--min-sites", type=int, default=0, help="sites that must answer each round (0: all)")
-    flower.add_argument("--round-timeout", type=float, default=600.0, help="seconds per round (default 600)")
+    flower.add_argument(
+        "--min-sites", type=_at_least(0), default=0, help="sites that must answer each round (0: all)"
+    )
+    flower.add_argument(
+        "--round-timeout", type=_positive_seconds, default=600.0, help="seconds per round (default 600)"
+    )
     flower.add_argument(
         "--min-cohort",
-        type=int,
+        type=_at_least(2),
         default=3,
         help="fewest sites a round sums under secure aggregation (default 3; 2 lets each of two sites "
         "learn the other's update)",
@@ -153,8 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         "show", help="print each site's identity fingerprint and the roster's"
     )
     show_roster.add_argument("path")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def _run(args) -> None:
     if args.command == "demo":
         from .demo import run_demo
 
@@ -196,7 +279,6 @@ def main(argv: list[str] | None = None) -> int:
         _key_command(args)
     elif args.command in ("identity", "roster"):
         _identity_command(args)
-    return 0
 
 
 def _identity_command(args) -> None:
@@ -207,7 +289,7 @@ def _identity_command(args) -> None:
         try:
             made.save(args.path)
         except FileExistsError:
-            raise SystemExit(
+            raise UsageError(
                 f"{args.path} exists: a site keeps one identity; remove it first to make a new one."
             ) from None
         print(
@@ -221,7 +303,7 @@ def _identity_command(args) -> None:
             sites = {name: bytes.fromhex(key) for name, key in _assignments(args.site, "--site").items()}
             made = Roster(sites)
         except ValueError as err:
-            raise SystemExit(f"--site: {err}") from None
+            raise UsageError(f"--site: {err}") from None
         made.save(args.path)
         print(f"Wrote the roster of {len(sites)} sites to {args.path}; fingerprint {made.fingerprint}.")
     else:
@@ -233,7 +315,7 @@ def _identity_command(args) -> None:
 
 def _tls_option(args) -> bool | dict[str, str]:
     if args.insecure and args.tls_certificates:
-        raise SystemExit("--insecure and --tls-certificates exclude each other.")
+        raise UsageError("--insecure and --tls-certificates exclude each other.")
     if args.tls_certificates:
         return dict(zip(("ca", "certificate", "private_key"), args.tls_certificates, strict=True))
     return not args.insecure
@@ -247,7 +329,7 @@ def _assignments(
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not name.strip() or not (value or empty):
-            raise SystemExit(f"{flag} takes {form}, got {item!r}.")
+            raise UsageError(f"{flag} takes {form}, got {item!r}.")
         pairs[name.strip()] = value
     return pairs
 
@@ -255,7 +337,6 @@ def _assignments(
 def _new_passphrase() -> str:
     """A passphrase to protect a key with: from the environment, else typed twice on the terminal."""
     import getpass
-    import os
 
     from .key import PASSPHRASE_ENV
 
@@ -264,9 +345,14 @@ def _new_passphrase() -> str:
         from pathlib import Path
 
         return value or Path(file).read_text().rstrip("\r\n")
+    if not sys.stdin.isatty():  # no terminal to ask on
+        raise UsageError(
+            f"No passphrase given: set {PASSPHRASE_ENV[0]} (or {PASSPHRASE_ENV[1]}, a file holding it), or run "
+            "the command on a terminal."
+        )
     first = getpass.getpass("Passphrase for the key file: ")
     if first != getpass.getpass("The same passphrase again: "):
-        raise SystemExit("The two passphrases differ; nothing was written.")
+        raise UsageError("The two passphrases differ; nothing was written.")
     return first
 
 
@@ -274,24 +360,36 @@ def _load_key(path: str):
     """A key file, asking for its passphrase on the terminal if it is protected and none is set."""
     import getpass
 
-    from .key import FederationKey, KeyFileError
+    from .key import PASSPHRASE_ENV, FederationKey, KeyFileError
 
     try:
         return FederationKey.load(path)
     except KeyFileError as err:
         if "protected by a passphrase" not in str(err):
-            raise SystemExit(str(err)) from None
+            raise UsageError(str(err)) from None
+        if not sys.stdin.isatty():  # no terminal to ask on
+            raise UsageError(
+                f"{path} is protected by a passphrase and none was given: set {PASSPHRASE_ENV[0]} (or "
+                f"{PASSPHRASE_ENV[1]}, a file holding it), or run the command on a terminal."
+            ) from None
         try:
             return FederationKey.load(path, passphrase=getpass.getpass(f"Passphrase of {path}: "))
         except KeyFileError as again:
-            raise SystemExit(str(again)) from None
+            raise UsageError(str(again)) from None
     except FileNotFoundError as err:
-        raise SystemExit(str(err)) from None
+        raise UsageError(str(err)) from None
 
 
 def _key_command(args) -> None:
     from .key import FederationKey
 
+    if args.verb in ("generate", "rotate"):
+        target = args.path if args.verb == "generate" else args.new
+        if os.path.exists(target):
+            raise UsageError(
+                f"{target} exists: scinfl never overwrites a key file (the models trained under it need it); "
+                "choose another path, or move it away first."
+            )
     if args.verb == "generate":
         key = FederationKey.generate(scheme=args.scheme)
         key.save(args.path, passphrase=_new_passphrase() if args.protect else None)

@@ -29,6 +29,8 @@ from typing import Any
 
 import tomli_w
 
+from .data.sites import check_site_file
+from .federation.checkpoint import checkpoint_path
 from .federation.flower.run_config import MODEL_DIR, app_pyproject, preprocessing_run_config, run_config
 from .federation.identity import write_consortium
 from .federation.spec import RunSpec
@@ -663,6 +665,17 @@ def run_local_deployment(
         }
     )
     del key  # only its public fingerprint and scheme go into the run
+    # Every input is checked before any process starts: a SuperNode that cannot read its file would
+    # otherwise surface only as a site that never joined, minutes later.
+    for name, path in zip(names, paths, strict=True):
+        check_site_file(path, name)
+    if not resume and checkpoint_path(output_dir).exists():
+        raise FileExistsError(
+            f"{output_dir} holds an earlier run's checkpoint ({checkpoint_path(output_dir).name}): pass "
+            "resume=True to continue it, or choose another output directory."
+        )
+    if resume and not checkpoint_path(output_dir).exists():
+        raise FileNotFoundError(f"resume=True, but {output_dir} holds no checkpoint to continue from.")
     node_fields = {
         name.replace("_", "-"): value
         for name, value in dict(fields or {}).items()

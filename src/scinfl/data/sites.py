@@ -48,6 +48,25 @@ def as_site_dict(sites, caller: str) -> tuple[dict[str, Any], set[str]]:
     return out, opened
 
 
+def check_site_file(path: Path, site: str) -> None:
+    """Raise an error naming ``site`` and ``path`` unless ``path`` is a file that h5py opens (an .h5ad or
+    .h5mu), without reading its data."""
+    import h5py
+
+    if not path.is_file():
+        where = "is a directory" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"Site {site!r}: {path} {where}; give one .h5ad (or .h5mu) file per site.")
+    try:
+        with h5py.File(path, "r"):
+            pass
+    except OSError as err:
+        reason = str(err).split("(", 1)[-1].rstrip(")") if "(" in str(err) else str(err)
+        raise ValueError(
+            f"Site {site!r}: {path} cannot be read as an h5ad file ({reason}). Is it truncated, or still "
+            "being copied? Write it again from the site's AnnData (adata.write_h5ad)."
+        ) from None
+
+
 def read_site_file(path: Path, site: str):
     """An h5ad site file, opened backed (the matrix stays on disk, read batch by batch); a file that h5py
     cannot open (truncated, still being copied, not an h5ad) is an error naming the site and the path."""

@@ -35,6 +35,14 @@ EXAMPLES = {
     "mosaic": si.tasks.Mosaic(
         n_latent=12, likelihood={"rna": "poisson", "prot": "clr"}, modality_dropout=0.25, alignment=2.0
     ),
+    "lightning": si.tasks.Lightning(
+        module="user_modules:CellTypeMLP", options={"hidden": 16}, label_key="cell_type"
+    ),
+}
+# Options a task has no default for.
+REQUIRED = {
+    "perturbation": {"perturbation_key": "guide"},
+    "lightning": {"module": "user_modules:CellTypeMLP"},
 }
 
 
@@ -42,7 +50,7 @@ def test_every_registered_task_has_an_example():
     assert set(EXAMPLES) == set(TASKS)  # a newly registered task needs its round-trip example here
     for name, task in EXAMPLES.items():
         assert type(task) is TASKS[name]
-        assert task != type(task)(**({"perturbation_key": "guide"} if name == "perturbation" else {}))
+        assert task != type(task)(**REQUIRED.get(name, {}))
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
@@ -67,8 +75,8 @@ def test_task_options_round_trip_through_json(name):
 
 def test_defaults_round_trip_and_a_name_gives_the_defaults():
     for name, cls in TASKS.items():
-        if name == "perturbation":
-            continue  # has no default perturbation column
+        if name in REQUIRED:
+            continue  # no default perturbation column, no default module
         task = get_task(name)
         assert task == cls()
         assert Task.from_dict({"name": name}) == task
@@ -238,6 +246,7 @@ def _schemas() -> dict[str, FederationSchema]:
     plain = FederationSchema(genes, ("B", "T"), "cell_type", None, True, "outer")
     return {
         "classification": plain,
+        "lightning": plain,
         "embedding": FederationSchema(genes, (), None, "counts", False, "inner"),
         "perturbation": FederationSchema(
             genes,

@@ -8,6 +8,7 @@ a task name (``task="embedding"``) takes the task's defaults. A new task is one 
 from ._base import TASKS, AuditView, ModelConfig, Predictions, Task, build_network, get_task, register
 from .classification import Classification
 from .embedding import Embedding
+from .lightning import Lightning
 from .mosaic import Mosaic
 from .perturbation import Perturbation
 
@@ -16,6 +17,7 @@ __all__ = [
     "AuditView",
     "Classification",
     "Embedding",
+    "Lightning",
     "ModelConfig",
     "Mosaic",
     "Perturbation",

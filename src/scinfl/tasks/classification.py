@@ -71,11 +71,7 @@ class Classification(Task):
         return Predictions(probabilities=probabilities, embedding=embedding, categories=schema.categories)
 
     def output_keys(self, key_added: str) -> dict[str, tuple[str, ...]]:
-        keys = super().output_keys(key_added)
-        return keys | {
-            "obs": (f"{key_added}_prediction", f"{key_added}_confidence"),
-            "obsm": (*keys["obsm"], f"{key_added}_probabilities"),
-        }
+        return classifier_output_keys(self, key_added)
 
     def write(
         self,
@@ -87,6 +83,21 @@ class Classification(Task):
         schema: FederationSchema,
     ) -> None:
         super().write(data, predictions, key_added=key_added, uns=uns, schema=schema)
-        data.obs[f"{key_added}_prediction"] = predictions.labels  # categorical, positional
-        data.obs[f"{key_added}_confidence"] = predictions.confidence.astype(np.float32, copy=False)
-        data.obsm[f"{key_added}_probabilities"] = predictions.probabilities.astype(np.float32, copy=False)
+        write_classes(data, predictions, key_added)
+
+
+def classifier_output_keys(task: Task, key_added: str) -> dict[str, tuple[str, ...]]:
+    """What a classifier writes under ``key_added`` (:meth:`Task.output_keys`): the embedding and the
+    classes' predictions, confidence and probabilities."""
+    keys = Task.output_keys(task, key_added)
+    return keys | {
+        "obs": (f"{key_added}_prediction", f"{key_added}_confidence"),
+        "obsm": (*keys["obsm"], f"{key_added}_probabilities"),
+    }
+
+
+def write_classes(data, predictions: Predictions, key_added: str) -> None:
+    """A classifier's predictions, confidence and probabilities in ``.obs``/``.obsm`` under ``key_added``."""
+    data.obs[f"{key_added}_prediction"] = predictions.labels  # categorical, positional
+    data.obs[f"{key_added}_confidence"] = predictions.confidence.astype(np.float32, copy=False)
+    data.obsm[f"{key_added}_probabilities"] = predictions.probabilities.astype(np.float32, copy=False)

@@ -61,7 +61,10 @@ __all__ = [
 
 
 class Objective(Protocol):
-    """What a task network is trained and evaluated on (see the module docstring)."""
+    """What a task network is trained and evaluated on (see the module docstring). An objective may
+    instead compute from the network and the batch, ``step_loss(network, batch, batch_idx)`` and
+    ``step_metric_sums(network, batch, batch_idx)``: a user's own LightningModule's ``training_step``
+    (:class:`scinfl.tasks.Lightning`)."""
 
     def loss(self, output, x: Tensor, y: Tensor) -> Tensor: ...
 

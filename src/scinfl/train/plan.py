@@ -95,9 +95,13 @@ class TrainingPlan(LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        output = self.network(x)
-        with torch.autocast(x.device.type, enabled=False):
-            loss = self.objective.loss(full_precision(output), x, y)
+        step_loss = getattr(self.objective, "step_loss", None)
+        if step_loss is not None:  # an objective that runs the network itself (a user's LightningModule)
+            loss = full_precision(step_loss(self.network, batch, batch_idx))
+        else:
+            output = self.network(x)
+            with torch.autocast(x.device.type, enabled=False):
+                loss = self.objective.loss(full_precision(output), x, y)
         # Summed on the device, in float64 as a Python float would: reading each step's loss on the CPU
         # would wait for the GPU at every step.
         weighted = loss.detach().to(torch.float32 if loss.device.type == "mps" else torch.float64) * len(x)
@@ -130,9 +134,13 @@ class TrainingPlan(LightningModule):
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
-        output = self.network(x)
-        with torch.autocast(x.device.type, enabled=False):
-            sums = self.objective.metric_sums(full_precision(output), x, y)
+        step_metric_sums = getattr(self.objective, "step_metric_sums", None)
+        if step_metric_sums is not None:
+            sums = step_metric_sums(self.network, batch, batch_idx)
+        else:
+            output = self.network(x)
+            with torch.autocast(x.device.type, enabled=False):
+                sums = self.objective.metric_sums(full_precision(output), x, y)
         for name, value in sums.items():
             self._metric_sums[name] = self._metric_sums.get(name, 0.0) + value
         self.n_validated += len(x)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import scinfl as si
-from helpers import assert_no_secret, key_secrets
+from helpers import assert_no_secret, assert_same_weights, key_secrets
 from scinfl.nn import HardenedLinear, KeyedLinear
 from user_modules import CellTypeMLP
 
@@ -62,3 +62,23 @@ def test_the_task_names_what_it_cannot_use(pbmc_sites):
         si.tl.train_federated(pbmc_sites, key=None, task=missing, rounds=1)
     with pytest.raises(ValueError, match="options must be JSON-able"):
         si.tasks.Lightning(module=CellTypeMLP, options={"hidden": object()})
+
+
+@pytest.mark.slow
+def test_a_users_lightning_module_trains_the_same_on_flower(pbmc_sites, monkeypatch):
+    """Same seed, same weights on Flower's simulation runtime; its Ray workers import the user's module as
+    a deployment's sites would, from the module path (here the tests folder, on their PYTHONPATH)."""
+    import os
+    from pathlib import Path
+
+    tests = str(Path(__file__).resolve().parents[1])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")])))
+    key = si.FederationKey(hashlib.sha256(b"user module on flower").digest())
+    task = si.tasks.Lightning(module=CellTypeMLP, label_key="bulk_labels")
+    models = [
+        si.tl.train_federated(
+            {k: v.copy() for k, v in pbmc_sites.items()}, key=key, task=task, rounds=2, engine=engine
+        )
+        for engine in ("local", "flower")
+    ]
+    assert_same_weights(*models)

@@ -109,7 +109,7 @@ def _fabric(device_type: str, index: int | None, precision: str) -> Fabric:
 
 
 def training_plan(network: nn.Module, objective=None, **options) -> TrainingPlan:
-    """A :class:`~scinfl.train.TrainingPlan` (imports Lightning on first use; see :mod:`scinfl.train.plan`)."""
+    """A :class:`~scinfl.train.TrainingPlan` (imports Lightning on first use: ``scinfl.train.plan``)."""
     from .plan import TrainingPlan
 
     return TrainingPlan(network, objective, **options)

@@ -101,11 +101,16 @@ def site_fabric(device: torch.device | None = None, precision: str | None = None
 def _fabric(device_type: str, index: int | None, precision: str) -> Fabric:
     from lightning.fabric import Fabric
 
-    # Fabric announces its precision and devices at INFO on every construction; a site says nothing.
-    for name in ("lightning.fabric", "lightning.pytorch"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    devices = [index] if device_type == "cuda" and index is not None else 1
-    return Fabric(accelerator=device_type, devices=devices, precision=precision)
+    # Fabric announces its precision at INFO when built; a site says nothing (the user's own Lightning
+    # logging is left as it was).
+    announcer = logging.getLogger("lightning.pytorch.utilities.rank_zero")  # Fabric's too, in this package
+    level = announcer.level
+    announcer.setLevel(logging.WARNING)
+    try:
+        devices = [index] if device_type == "cuda" and index is not None else 1
+        return Fabric(accelerator=device_type, devices=devices, precision=precision)
+    finally:
+        announcer.setLevel(level)
 
 
 def training_plan(network: nn.Module, objective=None, **options) -> TrainingPlan:

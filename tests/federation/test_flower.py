@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import pytest
 import torch
@@ -255,6 +256,8 @@ def test_a_run_whose_serverapp_died_is_not_reported_as_done(tmp_path, monkeypatc
 
     monkeypatch.setattr(deployment, "LocalDeployment", EndsWithoutModel)
     files = [tmp_path / f"{name}.h5ad" for name in ("a", "b", "c")]
+    for file in files:  # checked before any process starts: real, if tiny, site files
+        ad.AnnData(np.zeros((2, 3), dtype=np.float32)).write_h5ad(file)
     output = tmp_path / "run"
     with pytest.raises(RuntimeError, match=r"did not produce a model \(flwr run exited with 0\).*--resume"):
         deployment.run_local_deployment(files, key_path=None, output_dir=output)

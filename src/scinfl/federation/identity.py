@@ -117,9 +117,7 @@ class SiteIdentity(KeyPair):
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SiteIdentity:
-        content = json.loads(Path(path).read_text())
-        if content.get("format") != _IDENTITY_HEADER:
-            raise ValueError(f"{path} is not a scinfl site identity ({_IDENTITY_HEADER}).")
+        content = _read_format(path, _IDENTITY_HEADER, "site identity")
         return cls.from_bytes(bytes.fromhex(content["private"]))
 
 
@@ -175,9 +173,7 @@ class Roster:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Roster:
-        content = json.loads(Path(path).read_text())
-        if content.get("format") != _ROSTER_HEADER:
-            raise ValueError(f"{path} is not a scinfl roster ({_ROSTER_HEADER}).")
+        content = _read_format(path, _ROSTER_HEADER, "roster")
         return cls({site: bytes.fromhex(key) for site, key in content["sites"].items()})
 
 
@@ -273,3 +269,11 @@ def write_consortium(
         }
         for site, identity in identities.items()
     }
+
+
+def _read_format(path: str | os.PathLike[str], header: str, what: str) -> dict:
+    """The JSON content of one of scinfl's identity files, refused unless it says it is ``header``."""
+    content = json.loads(Path(path).read_text())
+    if content.get("format") != header:
+        raise ValueError(f"{path} is not a scinfl {what} ({header}).")
+    return content
